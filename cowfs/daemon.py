@@ -1,0 +1,105 @@
+"""Lifecycle of one mount: start, readiness, signals, clean unmount.
+
+`serve` runs in the daemon process (``cowfs mount --foreground``, which is
+also what the background mode re-executes).  It reports readiness, or the
+one-line reason it could not mount, through a callback, so that the parent
+``cowfs mount`` returns only once the mount is usable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from .base import BaseDir
+from .fuse_ops import CowfsOperations
+from .namespace import Namespace
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+CONTROL_XATTR = b"user.cowfs.control"
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    base_dir: Path
+    mountpoint: Path
+    store_dir: Path
+    max_store: int | None = None
+    allow_other: bool = False
+
+
+def _raise_fd_limit() -> None:
+    """Each changed file holds a base and a store descriptor: allow many."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = set(pyfuse3.default_options) | {"fsname=cowfs", "subtype=cowfs"}
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
+    """Mount and serve until unmounted or signalled.  ``report(None)`` says
+    "ready", ``report(message)`` says why mounting failed.  Returns the exit code."""
+    _raise_fd_limit()
+    try:
+        base = BaseDir(config.base_dir)
+        store = Store(config.store_dir, config.max_store)
+    except OSError as error:
+        report(f"cannot open {error.filename}: {error.strerror}")
+        return 1
+    namespace = Namespace(base, store)
+    control = {"pid": os.getpid(), "base_dir": str(config.base_dir), "store_dir": str(config.store_dir),
+               "max_store": config.max_store}
+    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR: json.dumps(control).encode()})
+    try:
+        pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
+    except RuntimeError:
+        report(f"cannot mount on {config.mountpoint}: FUSE refused the mount (see the daemon log, or run with -f)")
+        return 1
+    log.info("mounted %s on %s, store in %s", config.base_dir, config.mountpoint, config.store_dir)
+    code = 0
+    try:
+        trio.run(_main, report)
+    except Exception:
+        log.exception("the FUSE main loop failed")
+        code = 1
+    finally:
+        pyfuse3.close(unmount=True)
+        for node in namespace.nodes.values():
+            if node.data is not None:
+                node.data.close()
+        store.close()
+        base.close()
+    log.info("unmounted %s", config.mountpoint)
+    return code
+
+
+async def _main(report: Callable[[str | None], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signals)
+        report(None)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()

@@ -1,0 +1,286 @@
+"""The FUSE adapter: translates kernel requests into namespace calls.
+
+It owns only what is FUSE-specific: file handles, directory snapshots for
+readdir, cache flags and timeouts, and turning errors into errno replies in
+one place (`_errno_replies`).  Every handler runs in the trio thread and
+calls the namespace synchronously, with no await in between, so each request
+is atomic with respect to the others (the concurrency model of
+docs/design.md).  Reads and writes are plain pread/pwrite on the page cache:
+a thread hop would cost more than the call.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+
+from .namespace import Namespace, Node, Stat
+
+log = logging.getLogger(__name__)
+
+# Names in the mount may change under us (BASE_DIR is live, `cowfs reset`
+# changes files), so the kernel may cache entries and attributes only briefly.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+
+# Errors that are a normal answer, not worth a log line above debug.
+_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
+                           errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EACCES,
+                           errno.ENOSPC, errno.EXDEV})
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _errno_replies(
+    handler: Callable[Concatenate[CowfsOperations, P], Awaitable[R]],
+) -> Callable[Concatenate[CowfsOperations, P], Awaitable[R]]:
+    """Let only FUSEError leave a handler: anything else would end the mount."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: CowfsOperations, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as error:
+            code = error.errno or errno.EIO
+            if code not in _QUIET_ERRNOS:
+                log.warning("%s: %s", handler.__name__, error)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("internal error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _entry(st: Stat) -> pyfuse3.EntryAttributes:
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = st.ino  # type: ignore[assignment]
+    entry.st_mode = st.mode  # type: ignore[assignment]
+    entry.st_nlink = st.nlink
+    entry.st_uid = st.uid
+    entry.st_gid = st.gid
+    entry.st_size = st.size
+    entry.st_blocks = st.blocks
+    entry.st_blksize = 4096
+    entry.st_atime_ns = st.atime_ns
+    entry.st_mtime_ns = st.mtime_ns
+    entry.st_ctime_ns = st.ctime_ns
+    entry.entry_timeout = ENTRY_TIMEOUT
+    entry.attr_timeout = ATTR_TIMEOUT
+    return entry
+
+
+class CowfsOperations(pyfuse3.Operations):
+    """pyfuse3 operations over a `Namespace`."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = True  # the kernel batches small writes into pages
+
+    def __init__(self, namespace: Namespace, virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None) -> None:
+        super().__init__()
+        self.ns = namespace
+        self._open_files: dict[int, Node] = {}
+        self._open_dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self._next_handle = 0
+        # Read-only attributes of the mount root that the control commands use.
+        self._virtual_xattrs = virtual_xattrs or dict
+
+    def _new_handle(self) -> int:
+        self._next_handle += 1
+        return self._next_handle
+
+    def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        return _entry(self.ns.getattr(node.ino))
+
+    # -- names -------------------------------------------------------------
+
+    @_errno_replies
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        node = self.ns.lookup(parent_inode, name)
+        try:
+            return self._reply_entry(node)
+        except BaseException:
+            self.ns.forget(node.ino, 1)  # the kernel will not count a failed lookup
+            raise
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
+        for inode, count in inode_list:
+            try:
+                self.ns.forget(inode, count)
+            except Exception:
+                log.exception("forget(%d, %d) failed", inode, count)
+
+    @_errno_replies
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        return _entry(self.ns.getattr(inode))
+
+    @_errno_replies
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,  # type: ignore[override]
+                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        st = self.ns.setattr(
+            inode,
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return _entry(st)
+
+    @_errno_replies
+    async def readlink(self, inode: int, ctx: Any) -> bytes:  # type: ignore[override]
+        return self.ns.readlink(inode)
+
+    @_errno_replies
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        return self._reply_entry(self.ns.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_errno_replies
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        return self._reply_entry(self.ns.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_errno_replies
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        return self._reply_entry(self.ns.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_errno_replies
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:  # type: ignore[override]
+        self.ns.unlink(parent_inode, name)
+
+    @_errno_replies
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:  # type: ignore[override]
+        self.ns.rmdir(parent_inode, name)
+
+    @_errno_replies
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,  # type: ignore[override]
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errno_replies
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+        raise OSError(errno.EPERM, "hard links are not supported in a cowfs mount")
+
+    # -- files ---------------------------------------------------------------
+
+    @_errno_replies
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:  # type: ignore[override]
+        node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
+        handle = self._new_handle()
+        self._open_files[handle] = node
+        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)  # type: ignore[arg-type]
+
+    @_errno_replies
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,  # type: ignore[override]
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        node.opens += 1
+        handle = self._new_handle()
+        self._open_files[handle] = node
+        return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)  # type: ignore[arg-type]
+
+    @_errno_replies
+    async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
+        data = self._open_files[fh].data
+        assert data is not None
+        return data.read(off, size)
+
+    @_errno_replies
+    async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
+        return self.ns.write(self._open_files[fh], off, buf)
+
+    async def flush(self, fh: int) -> None:  # type: ignore[override]
+        pass  # data is in the store's page cache, readable by every later request
+
+    @_errno_replies
+    async def fsync(self, fh: int, datasync: bool) -> None:  # type: ignore[override]
+        pass  # the store is disposable: nothing to make durable (as QEMU's -snapshot)
+
+    @_errno_replies
+    async def release(self, fh: int) -> None:  # type: ignore[override]
+        node = self._open_files.pop(fh)
+        self.ns.release(node.ino)
+
+    # -- directories -----------------------------------------------------------
+
+    @_errno_replies
+    async def opendir(self, inode: int, ctx: Any) -> int:  # type: ignore[override]
+        # A snapshot of the names: offsets stay valid however the directory changes.
+        names = [name for name, _, _ in self.ns.listdir(inode)]
+        handle = self._new_handle()
+        self._open_dirs[handle] = (inode, names)
+        return handle
+
+    @_errno_replies
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:  # type: ignore[override]
+        parent_ino, listing = self._open_dirs[fh]
+        for index in range(start_id, len(listing)):
+            name = listing[index]
+            # pyfuse3 answers with READDIRPLUS: every entry it accepts is a lookup.
+            try:
+                node = self.ns.lookup(parent_ino, name)
+                entry = self._reply_entry(node)
+            except OSError:
+                continue  # gone since opendir
+            if not pyfuse3.readdir_reply(token, name, entry, index + 1):  # type: ignore[arg-type]
+                self.ns.forget(node.ino, 1)
+                break
+
+    async def releasedir(self, fh: int) -> None:  # type: ignore[override]
+        self._open_dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:  # type: ignore[override]
+        pass
+
+    @_errno_replies
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:  # type: ignore[override]
+        store = self.ns.store
+        vfs = store.statvfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = vfs.f_bsize
+        data.f_frsize = vfs.f_frsize
+        blocks, free, avail = vfs.f_blocks, vfs.f_bfree, vfs.f_bavail
+        if store.limit is not None:  # with --max-store, df shows the limit
+            limit_blocks = store.limit // vfs.f_frsize
+            left = max(0, (store.limit - store.bytes_held) // vfs.f_frsize)
+            blocks, free, avail = min(blocks, limit_blocks), min(free, left), min(avail, left)
+        data.f_blocks, data.f_bfree, data.f_bavail = blocks, free, avail
+        data.f_files, data.f_ffree, data.f_favail = vfs.f_files, vfs.f_ffree, vfs.f_favail
+        data.f_namemax = 255
+        return data
+
+    # -- extended attributes ------------------------------------------------------
+
+    @_errno_replies
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:  # type: ignore[override]
+        if inode == pyfuse3.ROOT_INODE:
+            value = self._virtual_xattrs().get(name)
+            if value is not None:
+                return value
+        return self.ns.getxattr(inode, name)
+
+    @_errno_replies
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:  # type: ignore[override]
+        return self.ns.listxattr(inode)
+
+    @_errno_replies
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:  # type: ignore[override]
+        if inode == pyfuse3.ROOT_INODE and name in self._virtual_xattrs():
+            raise OSError(errno.EPERM, "read-only attribute")
+        self.ns.setxattr(inode, name, value)
+
+    @_errno_replies
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:  # type: ignore[override]
+        if inode == pyfuse3.ROOT_INODE and name in self._virtual_xattrs():
+            raise OSError(errno.EPERM, "read-only attribute")
+        self.ns.removexattr(inode, name)
+

@@ -1,0 +1,57 @@
+"""Fixtures: real mounts that are always unmounted, and a daemon log that must stay clean."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .helpers import Mount, force_unmount, tree_fingerprint
+
+MountFactory = Callable[..., Mount]
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "base"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MountFactory]:
+    """Start mounts with ``mount_factory(base, *extra_args)``; every one is unmounted
+    in teardown, the base tree must be unchanged, and the daemon must log no warning."""
+    started: list[tuple[Mount, dict[str, tuple[object, ...]]]] = []
+
+    def start(base: Path, *extra_args: str, mountpoint: Path | None = None) -> Mount:
+        index = len(started)
+        path = mountpoint or tmp_path / f"mnt{index}"
+        path.mkdir(exist_ok=True)
+        fingerprint = tree_fingerprint(base)
+        mount = Mount(base, path, tmp_path / f"daemon{index}.log", list(extra_args))
+        started.append((mount, fingerprint))
+        mount.start()
+        return mount
+
+    yield start
+    failures = []
+    for mount, fingerprint in started:
+        try:
+            mount.stop()
+        except AssertionError as error:
+            failures.append(str(error))
+        finally:
+            force_unmount(mount.path)
+        if not request.node.get_closest_marker("base_may_change") and tree_fingerprint(mount.base) != fingerprint:
+            failures.append(f"base tree {mount.base} changed during the test")
+        failures.extend(f"daemon log: {line}" for line in mount.log_problems())
+    if failures:
+        pytest.fail("\n".join(failures))
+
+
+@pytest.fixture
+def mounted(base_dir: Path, mount_factory: MountFactory) -> Mount:
+    """A mount of an (initially empty) base_dir; fill base_dir before touching the mount."""
+    return mount_factory(base_dir)

@@ -1,0 +1,171 @@
+"""Shared test helpers: real cowfs mounts driven through the installed command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COWFS = str(Path(sys.executable).parent / "cowfs")
+SOAK = bool(os.environ.get("COWFS_SOAK"))
+
+
+def run(argv: Sequence[str], check: bool = True, timeout: float = 120,
+        **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # type: ignore[call-overload, no-any-return]
+        list(argv), capture_output=True, text=True, check=check, timeout=timeout, **kwargs)
+
+
+def is_mounted(path: Path) -> bool:
+    wanted = os.path.abspath(path)
+    with open("/proc/self/mounts", encoding="utf-8") as table:
+        return any(line.split()[1] == wanted for line in table)
+
+
+def force_unmount(path: Path) -> None:
+    """Last-resort cleanup: never leave a mount behind."""
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True, check=False)
+    if is_mounted(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+@dataclass
+class Mount:
+    """One cowfs mount of ``base`` on ``path``, with its daemon log."""
+
+    base: Path
+    path: Path
+    log: Path
+    extra_args: list[str] = field(default_factory=list)
+    pid: int | None = None
+    allowed_log_problems: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        argv = [COWFS, "-v", "mount", "--log-file", str(self.log), *self.extra_args, str(self.base), str(self.path)]
+        result = run(argv, check=False, timeout=60)
+        assert result.returncode == 0, f"cowfs mount failed: {result.stderr}"
+        assert is_mounted(self.path)
+        self.pid = int(json.loads(os.getxattr(self.path, "user.cowfs.control"))["pid"])
+
+    def stop(self) -> None:
+        if is_mounted(self.path):
+            result = run([COWFS, "umount", str(self.path)], check=False, timeout=60)
+            assert result.returncode == 0, f"cowfs umount failed: {result.stderr}"
+
+    def daemon_alive(self) -> bool:
+        return self.pid is not None and Path(f"/proc/{self.pid}").exists() and _state(self.pid) != "Z"
+
+    def rss_kib(self, peak: bool = False) -> int:
+        key = "VmHWM:" if peak else "VmRSS:"
+        assert self.pid is not None
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1])
+        raise AssertionError("no RSS line")
+
+    def store_fds(self) -> list[tuple[str, os.stat_result, int]]:
+        """(link target, stat, open flags) of the daemon's deleted store files."""
+        assert self.pid is not None
+        found = []
+        for fd_link in Path(f"/proc/{self.pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd_link)
+                st = os.stat(fd_link)
+                flags = fd_flags(self.pid, int(fd_link.name))
+            except (FileNotFoundError, IndexError):
+                continue
+            if target.endswith("(deleted)"):
+                found.append((target, st, flags))
+        return found
+
+    def log_problems(self) -> list[str]:
+        if not self.log.exists():
+            return []
+        problems = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if (" WARNING " in line or " ERROR " in line or "Traceback" in line) and not any(
+                allowed in line for allowed in self.allowed_log_problems
+            ):
+                problems.append(line)
+        return problems
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "X"
+
+
+def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(interval)
+    return False
+
+
+def tree_fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
+    """Names, types, modes, sizes, times and content hashes of a tree (symlinks not followed)."""
+    result: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            digest = ""
+            if path.is_symlink():
+                digest = os.readlink(path)
+            elif path.is_file():
+                digest = sha256(path)
+            # A directory's atime is left out: walking the tree here updates it.
+            atime = None if stat.S_ISDIR(st.st_mode) else st.st_atime_ns
+            result[str(path.relative_to(root))] = (st.st_mode, st.st_size, st.st_mtime_ns, atime, st.st_ino, digest)
+    st = root.stat()
+    result["."] = (st.st_mode, st.st_mtime_ns)
+    return result
+
+
+def sha256(path: Path) -> str:
+    """Content hash of the data regions (holes are skipped, so a sparse 1 TiB image
+    hashes fast), read with O_NOATIME so that hashing a base leaves its atime alone."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+    try:
+        size = os.fstat(fd).st_size
+        digest.update(str(size).encode())
+        offset = 0
+        while offset < size:
+            try:
+                offset = os.lseek(fd, offset, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole is left
+                break
+            end = os.lseek(fd, offset, os.SEEK_HOLE)
+            digest.update(str(offset).encode())
+            while offset < end:
+                chunk = os.pread(fd, min(1 << 20, end - offset), offset)
+                digest.update(chunk)
+                offset += len(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
+
+
+def read_base(path: Path) -> bytes:
+    """Read a base file the way the tests must: without changing its atime."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def fd_flags(pid: int, fd: int) -> int:
+    """The open flags of a descriptor of another process, from /proc/PID/fdinfo."""
+    return int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
