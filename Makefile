@@ -29,7 +29,7 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
-	./examples/demo.sh
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./examples/demo.sh
 
 bench: setup
 	$(PY) bench/bench.py $(BENCH_ARGS)
