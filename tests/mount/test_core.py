@@ -254,10 +254,9 @@ def test_memory_stays_small_with_many_scattered_writes(base_dir: Path, mount_fac
     assert m.rss_kib(peak=True) < 150 * 1024
 
 
-def test_unreadable_base_file_gives_eacces(base_dir: Path, mount_factory: MountFactory, tmp_path: Path) -> None:
-    """Run as an unprivileged user would be needed to see EACCES as root; so check the errno mapping
-    with a base file that the daemon (root) can read but the kernel check refuses to others: the
-    mount's own permission checks follow the modes it shows."""
+def test_modes_changed_in_the_mount_are_enforced(base_dir: Path, mount_factory: MountFactory) -> None:
+    """The mount's permission checks follow the modes it shows (default_permissions); the
+    chmod stays in the mount."""
     secret = base_dir / "secret.img"
     secret.write_bytes(b"s")
     m = mount_factory(base_dir)
