@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import Mount, is_mounted, read_base, run, sha256, wait_until
+from ..helpers import COWFS, Mount, force_unmount, is_mounted, read_base, run, sha256, wait_until
 from .test_core import make_file
 
 MiB = 1 << 20
@@ -82,6 +82,33 @@ def test_signal_or_lazy_umount_while_writing_unmounts_cleanly(how: str, base_dir
             assert f"received {how}: unmounting" in m.log.read_text()
     finally:
         _stop(writer)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_foreground_daemon_exits_zero_on_signal_while_writing(signum: signal.Signals, base_dir: Path,
+                                                              tmp_path: Path) -> None:
+    """In the foreground the daemon is our child, so its exit status can be read directly."""
+    make_file(base_dir / "disk.raw", 16 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    daemon = subprocess.Popen([COWFS, "-v", "mount", "--foreground", str(base_dir), str(mnt)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        assert wait_until(lambda: is_mounted(mnt), timeout=30)
+        writer = _start_writer(mnt / "disk.raw")
+        daemon.send_signal(signum)
+        _, log = daemon.communicate(timeout=60)
+        assert daemon.returncode == 0, log
+        assert not is_mounted(mnt)
+        assert f"unmounted {mnt}" in log and "Traceback" not in log, log
+    finally:
+        if writer is not None:
+            _stop(writer)
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        force_unmount(mnt)
 
 
 @pytest.fixture
