@@ -84,7 +84,7 @@ def test_signal_or_lazy_umount_while_writing_unmounts_cleanly(how: str, base_dir
         _stop(writer)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_foreground_daemon_exits_zero_on_signal_while_writing(signum: signal.Signals, base_dir: Path,
                                                               tmp_path: Path) -> None:
     """In the foreground the daemon is our child, so its exit status can be read directly."""
