@@ -37,7 +37,7 @@ def parse_size(text: str) -> int:
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line, not usage plus a line: say what is wrong and where help is."""
-        self.exit(2, f"cowfs: {message} (see cowfs --help)\n")
+        self.exit(2, f"cowfs: {one_line(message)} (see cowfs --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +99,22 @@ def _inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _check_log_file(path: Path) -> None:
+    """The daemon appends to it after detaching: find out now if it cannot."""
+    if os.path.isdir(path):
+        raise UserError(f"log file {path} is a directory: pass a file to --log-file")
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise UserError(f"log file {path}: {error.strerror}") from None
+
+
+def one_line(message: str) -> str:
+    """Control characters (a newline in a path) would split the message: show them escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in message)
+
+
 def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     """Validate everything before anything is changed; raise UserError."""
     base_dir = _directory(args.base_dir, "BASE_DIR")
@@ -107,12 +123,12 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     mountpoint = _directory(args.mountpoint, "MOUNTPOINT")
     if mounts.is_mounted(mountpoint):
         raise UserError(f"MOUNTPOINT {mountpoint} is already a mount: unmount it first or pick another directory")
-    if os.listdir(mountpoint):
-        raise UserError(f"MOUNTPOINT {mountpoint} is not empty: use an empty directory")
     if _inside(mountpoint, base_dir):
         raise UserError(f"MOUNTPOINT {mountpoint} is inside BASE_DIR {base_dir}: put it outside")
     if _inside(base_dir, mountpoint):
         raise UserError(f"BASE_DIR {base_dir} is inside MOUNTPOINT {mountpoint}: put it outside")
+    if os.listdir(mountpoint):
+        raise UserError(f"MOUNTPOINT {mountpoint} is not empty: use an empty directory")
     store_dir = args.store if args.store is not None else default_store_directory()
     try:
         check_store_directory(store_dir)
@@ -125,6 +141,8 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
         raise UserError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) and install fuse3")
     if not os.access("/dev/fuse", os.R_OK | os.W_OK):
         raise UserError("/dev/fuse is not accessible to you: ask root to run chmod 0666 /dev/fuse (as udev does)")
+    if args.log_file is not None:
+        _check_log_file(args.log_file)
     mounts.fusermount()
     return MountConfig(base_dir, mountpoint, store_dir, args.max_store, args.allow_other)
 
@@ -189,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mounts.unmount(args.mountpoint, lazy=args.lazy)
             return 0
     except UserError as error:
-        print(f"cowfs: {error}", file=sys.stderr)
+        print(f"cowfs: {one_line(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         return 130

@@ -38,10 +38,18 @@ class BaseIdentity:
     size: int
     mtime_ns: int
     ctime_ns: int
+    nlink: int
 
     @classmethod
     def of(cls, st: os.stat_result) -> BaseIdentity:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+
+    def modified_in(self, st: os.stat_result) -> bool:
+        """Did the file's data (maybe) change since?  A ctime change that a lost link explains
+        (the file was renamed over or deleted: replaced, not modified) does not count."""
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            return True
+        return st.st_ctime_ns != self.ctime_ns and st.st_nlink >= self.nlink
 
 
 class OverlayFile:
@@ -110,12 +118,7 @@ class OverlayFile:
         assert self.base_fd is not None and self.base_identity is not None
         if self.base_changed:
             raise OSError(errno.EIO, "base file changed under the mount")
-        st = os.fstat(self.base_fd)
-        if (st.st_size, st.st_mtime_ns, st.st_ctime_ns) != (
-            self.base_identity.size,
-            self.base_identity.mtime_ns,
-            self.base_identity.ctime_ns,
-        ):
+        if self.base_identity.modified_in(os.fstat(self.base_fd)):
             self.base_changed = True
             log.error("base file %s was modified while mounted; its view now fails with EIO", self.name)
             raise OSError(errno.EIO, "base file changed under the mount")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, Mount, fd_flags, is_mounted, read_base, run, sha256, wait_until
+from ..helpers import COWFS, fd_flags, is_mounted, read_base, run, sha256, wait_until
 
 MiB = 1 << 20
 
@@ -266,47 +266,3 @@ def test_modes_changed_in_the_mount_are_enforced(base_dir: Path, mount_factory: 
     assert result.returncode != 0
     assert "Permission denied" in result.stderr
     assert stat.S_IMODE(secret.stat().st_mode) != 0  # the chmod stayed in the mount
-
-
-def _mount_with(args: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return run([COWFS, *args], check=False, cwd=cwd, timeout=30)
-
-
-def test_bad_input_gets_one_clear_line(base_dir: Path, tmp_path: Path) -> None:
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    full = tmp_path / "full"
-    full.mkdir()
-    (full / "x").write_text("x")
-    a_file = tmp_path / "file"
-    a_file.write_text("x")
-    inside = base_dir / "inner"
-    inside.mkdir()
-    cases = [
-        (["mount", str(tmp_path / "nope"), str(mnt)], "does not exist"),
-        (["mount", str(a_file), str(mnt)], "not a directory"),
-        (["mount", str(base_dir), str(tmp_path / "nope")], "does not exist"),
-        (["mount", str(base_dir), str(a_file)], "not a directory"),
-        (["mount", str(base_dir), str(full)], "not empty"),
-        (["mount", str(base_dir), str(inside)], "inside BASE_DIR"),
-        (["mount", "--store", str(tmp_path / "nope"), str(base_dir), str(mnt)], "store directory"),
-        (["mount", "--store", str(a_file), str(base_dir), str(mnt)], "not a directory"),
-        (["mount", "--max-store", "lots", str(base_dir), str(mnt)], "invalid size"),
-        (["mount", "--bogus", str(base_dir), str(mnt)], "unrecognized arguments"),
-        (["umount", str(mnt)], "not mounted"),
-        (["frobnicate"], "invalid choice"),
-    ]
-    for args, expected in cases:
-        result = _mount_with(args)
-        assert result.returncode != 0, args
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and expected in lines[0], (args, result.stderr)
-        assert "Traceback" not in result.stderr
-        assert not is_mounted(mnt)
-    assert os.listdir(mnt) == []
-
-
-def test_mountpoint_already_mounted_is_refused(base_dir: Path, mounted: Mount) -> None:
-    result = _mount_with(["mount", str(base_dir), str(mounted.path)])
-    assert result.returncode != 0
-    assert "already a mount" in result.stderr and len(result.stderr.strip().splitlines()) == 1
