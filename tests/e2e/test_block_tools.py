@@ -110,7 +110,8 @@ def test_fio_random_writes_verify_with_crc32c(engine: str, direct: str, base_dir
     result = run(["fio", "--name=cowfs-verify", f"--filename={image}", f"--ioengine={engine}", f"--direct={direct}",
                   "--rw=randwrite", "--bs=4k", "--bsrange=4k-64k", f"--size={per_job}",
                   f"--offset_increment={per_job}", f"--numjobs={jobs}", "--iodepth=8", "--verify=crc32c",
-                  "--verify_fatal=1", "--do_verify=1", "--group_reporting", "--output-format=json"], timeout=300)
+                  "--verify_fatal=1", "--verify_state_save=0", "--do_verify=1", "--group_reporting",
+                  "--output-format=json"], timeout=300)
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["jobs"][0]["error"] == 0
     assert report["jobs"][0]["write"]["io_bytes"] >= jobs * per_job

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, is_mounted, read_base, run, sha256, wait_until
+from ..helpers import COWFS, force_unmount, is_mounted, read_base, run, sha256, wait_until
 from .guest import BASE_APPEND, GuestAssets, fill_byte, parse_report
 from .test_block_tools import make_ext4_image
 from .test_guest_boot import DISK_SIZE, OFFSET, make_base_disk, new_marker
@@ -52,10 +53,23 @@ def assert_nothing_left(scratch: Path, image_dir: Path) -> None:
 
 
 @pytest.fixture
-def scratch(tmp_path: Path) -> Path:
+def scratch(tmp_path: Path) -> Iterator[Path]:
+    """The examples' $TMPDIR; whatever a failing example leaves there is cleaned up."""
     path = tmp_path / "scratch"
     path.mkdir()
-    return path
+    yield path
+    # Innermost first: filesystems on loop devices, the loop devices, then cowfs mounts.
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for _, where, fstype, *_ in mounts:
+        if where.startswith(f"{path}/") and fstype != "fuse.cowfs":
+            subprocess.run(["umount", "-l", where], check=False, capture_output=True)
+    for device in run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"]).stdout.splitlines():
+        name, _, backing = device.partition(" ")
+        if backing.strip().startswith(f"{path}/"):
+            subprocess.run(["losetup", "--detach", name], check=False, capture_output=True)
+    for _, where, fstype, *_ in mounts:
+        if where.startswith(f"{path}/") and fstype == "fuse.cowfs":
+            force_unmount(Path(where))
 
 
 @pytest.mark.e2e
