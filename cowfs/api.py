@@ -250,4 +250,5 @@ def _unmount(target: Path) -> None:
                 break
             time.sleep(0.05)
     if mounts.is_mounted(target):
-        mounts.unmount(target, lazy=True)
+        # Detach now; the daemon exits (and frees its store) once the last file is closed.
+        subprocess.run([mounts.fusermount(), "-u", "-z", "-q", str(target)], capture_output=True, check=False)

@@ -190,10 +190,13 @@ def test_reset_one_file_shows_the_base_and_frees_its_store(images: Path, mount_f
     disk = m.path / "disk.raw"
     write_at(disk, 0, b"z" * 2 * MiB)
     write_at(m.path / "a.txt", 0, b"J")
+    os.truncate(disk, 65 * MiB)
     assert (disk.open("rb").read(4)) == b"zzzz"  # now in the kernel's page cache
+    assert disk.stat().st_size == 65 * MiB  # and its size in the attribute cache
     assert len(m.store_fds()) == 2
     result = cowfs("reset", str(disk))
     assert result.stdout == f"threw away the changes of {disk}\n"
+    assert disk.stat().st_size == 64 * MiB
     with disk.open("rb") as f:
         assert f.read(MiB) == b"B" * MiB
     assert len(m.store_fds()) == 1  # freed at once
@@ -341,10 +344,10 @@ def test_export_qcow2_holds_only_the_changes_over_the_base(images: Path, tmp_pat
                                                            mount_factory: MountFactory) -> None:
     m = mount_factory(images)
     disk = m.path / "disk.raw"
-    write_at(disk, 20 * MiB, b"e" * MiB)
     write_at(disk, 5, b"five")
-    os.truncate(disk, 40 * MiB + 100)  # base bytes past here must read as zeros in the overlay
+    os.truncate(disk, 100)  # base bytes past here must read as zeros in the overlay
     os.truncate(disk, 80 * MiB)
+    write_at(disk, 20 * MiB, b"e" * MiB)
     dest = tmp_path / "out.qcow2"
     cowfs("export", "--format", "qcow2", str(disk), str(dest))
     run(["qemu-img", "check", str(dest)])
