@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -168,14 +168,18 @@ class Mount:
         an error; resetting everything when nothing changed is not."""
         self._request("reset", path="/" if path is None else self._inside(path), force=force)
 
-    def commit(self, path: StrPath, progress: transfer.Progress | None = None) -> None:
+    def commit(self, path: StrPath, progress: transfer.Progress | None = None,
+               confirm: Callable[[transfer.Plan], bool] | None = None) -> None:
         """Write the changes of one file into its base file (only the changed ranges, then fsync).
 
         Refuses, writing nothing, when the base changed since the mount used
-        it, is not writable, or the file is open.  Afterwards the view is
-        unchanged and the file's store space is freed."""
+        it, is not writable, or the file is open.  ``confirm(plan)``, when
+        given, is asked once the checks pass; False cancels (UserError).
+        Afterwards the view is unchanged and the file's store space is freed."""
         inside = self._inside(path)
         plan = transfer.Plan.from_reply(self._request("commit_plan", path=inside))
+        if confirm is not None and not confirm(plan):
+            raise UserError("commit cancelled, nothing written")
         identity = transfer.commit(plan, self.path / inside.lstrip("/"), progress or transfer._no_progress)
         self._request("commit_done", path=inside, token=plan.token, identity=identity)
 

@@ -220,6 +220,8 @@ def reset(namespace: Namespace, path: str, force: bool = False) -> ResetResult:
         result.inodes.add(ROOT_INO)
         return result
     if not _has_changes(namespace, place):
+        if place.node is None:
+            raise ChangeError(f"{path}: no such file in the mount")
         raise ChangeError(f"{path}: not changed in the mount, nothing to reset")
     involved = []
     if place.node is not None and place.parent.entries.get(place.name) == place.node.ino:
@@ -269,7 +271,7 @@ def _check_not_open(namespace: Namespace, nodes: list[Node], path: str, force: b
     if open_nodes and not force:
         names = ", ".join(os.fsdecode(node.name) for node in open_nodes[:3])
         more = f" and {len(open_nodes) - 3} more" if len(open_nodes) > 3 else ""
-        raise ChangeError(f"{path}: {names}{more} open in the mount: close it first, or use --force "
+        raise ChangeError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
                           "(open handles then see the base)")
 
 

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 from .api import FileDiff, Mount, Status, locate
 from .errors import UserError
+from .transfer import Plan
 
 
 def human(size: int | None) -> str:
@@ -229,21 +230,19 @@ def _confirm(question: str) -> bool:
 
 def _commit(args: argparse.Namespace) -> int:
     mount, inside = _file_argument(args.file)
-    diff = mount.diff(inside.lstrip("/"))
-    if not args.yes:
-        status = {change.path: change for change in mount.status().changes}
-        change = status.get(inside)
-        written = human(change.bytes_written) if change is not None else "?"
-        if not _confirm(f"Write the changes of {args.file} ({written} in {len(diff.ranges)} range(s), "
-                        f"size {human(diff.size)}) into its base file? This cannot be undone."):
-            raise UserError("commit cancelled, nothing written")
+
+    def confirm(plan: Plan) -> bool:
+        count = len(plan.written)
+        question = (f"Write {human(plan.written_bytes)} of changes ({count} range{'s' if count != 1 else ''}, "
+                    f"size {human(plan.size)}) of {args.file} into {plan.base_file}? This cannot be undone.")
+        return args.yes or _confirm(question)
+
     progress = ProgressBar(f"committing {inside.lstrip('/')}")
     try:
-        mount.commit(inside.lstrip("/"), progress=progress)
+        mount.commit(inside.lstrip("/"), progress=progress, confirm=confirm)
     finally:
         progress.finish()
-    print(f"committed {args.file} into its base file ({human(diff.changed_bytes)} in {len(diff.ranges)} "
-          f"range{'s' if len(diff.ranges) != 1 else ''})")
+    print(f"committed {args.file} into its base file")
     return 0
 
 

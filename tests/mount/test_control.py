@@ -210,7 +210,8 @@ def test_reset_refuses_an_open_file_unless_forced(images: Path, mount_factory: M
     fd = os.open(disk, os.O_RDWR)
     try:
         os.pwrite(fd, b"q" * 4096, 0)
-        one_line_error(cowfs("reset", str(disk), check=False), "open in the mount: close it first, or use --force")
+        one_line_error(cowfs("reset", str(disk), check=False),
+                       "open in the mount (disk.raw): close it first, or use --force")
         assert os.pread(fd, 4, 0) == b"qqqq"
         cowfs("reset", "--force", str(disk))
         assert os.pread(fd, 4, 0) == b"BBBB"  # the open handle sees the base again
@@ -279,7 +280,8 @@ def test_commit_asks_first(images: Path, mount_factory: MountFactory) -> None:
     m = mount_factory(images)
     write_at(m.path / "a.txt", 0, b"H")
     result = cowfs("commit", str(m.path / "a.txt"), check=False, input="n\n")
-    assert "into its base file? This cannot be undone. [y/N]" in result.stderr
+    assert result.stderr.startswith(f"Write 6 B of changes (1 range, size 6 B) of {m.path / 'a.txt'} into "
+                                    f"{images / 'a.txt'}? This cannot be undone. [y/N] ")
     assert result.returncode == 1 and "commit cancelled, nothing written" in result.stderr
     assert read_base(images / "a.txt") == b"hello\n"
     cowfs("commit", str(m.path / "a.txt"), input="y\n")
