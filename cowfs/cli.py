@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import mounts
+from .control_cli import add_control_commands, run_control_command
 from .daemon import MountConfig, serve
 from .errors import UserError
 from .store import check_store_directory, default_store_directory
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Unmount a cowfs mount; every write made in it is gone.")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     umount.add_argument("-l", "--lazy", action="store_true", help="detach now even if files are open")
+    add_control_commands(commands)
     return parser
 
 
@@ -206,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "umount":
             mounts.unmount(args.mountpoint, lazy=args.lazy)
             return 0
+        if hasattr(args, "control_command"):
+            return run_control_command(args)
     except UserError as error:
         print(f"cowfs: {one_line(str(error))}", file=sys.stderr)
         return error.exit_code

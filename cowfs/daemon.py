@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from .base import BaseDir
+from .control import ControlServer
 from .fuse_ops import CowfsOperations
 from .namespace import Namespace
 from .store import Store
@@ -66,21 +67,25 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     namespace = Namespace(base, store)
     control = {"pid": os.getpid(), "base_dir": str(config.base_dir), "store_dir": str(config.store_dir),
                "max_store": config.max_store}
+    control_server = ControlServer(namespace, dict(control))
+    control["socket"] = control_server.name
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR: json.dumps(control).encode()})
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
     except RuntimeError:
         report(f"cannot mount on {config.mountpoint}: FUSE refused the mount (see the daemon log, or run with -f)")
+        control_server.close()
         return 1
     log.info("mounted %s on %s, store in %s", config.base_dir, config.mountpoint, config.store_dir)
     code = 0
     try:
-        trio.run(_main, report)
+        trio.run(_main, report, control_server)
     except Exception:
         log.exception("the FUSE main loop failed")
         code = 1
     finally:
         pyfuse3.close(unmount=True)
+        control_server.close()
         for node in namespace.nodes.values():
             if node.data is not None:
                 node.data.close()
@@ -90,9 +95,10 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     return code
 
 
-async def _main(report: Callable[[str | None], None]) -> None:
+async def _main(report: Callable[[str | None], None], control_server: ControlServer) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(control_server.serve)
         report(None)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

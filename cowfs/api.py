@@ -1,0 +1,258 @@
+"""The Python API: mount a directory of images, look at and control the mount.
+
+Example::
+
+    import cowfs
+
+    with cowfs.mount("/srv/images") as m:          # a temporary mountpoint
+        run_my_vm(m.path / "disk.raw")
+        print(m.status().store_bytes)
+        m.export("disk.raw", "/tmp/after-test.qcow2", format="qcow2")
+        m.reset()                                   # pristine again, still mounted
+    # unmounted here, every write gone (also on exceptions and Ctrl-C)
+
+Errors a user can fix raise `cowfs.UserError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from . import control, mounts, transfer
+from .errors import UserError
+
+StrPath = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One changed path of a mount (see `cowfs.changes` for the states)."""
+
+    path: str  # in the mount, starting with "/"
+    state: Literal["modified", "created", "renamed", "deleted"]
+    type: str | None  # "file", "directory", "symlink", ... (None when deleted)
+    renamed_from: str | None  # the base path of a renamed entry
+    size: int | None  # the view's size (files only)
+    base_size: int | None  # the base file's size when the mount first used it
+    bytes_written: int  # bytes the store holds for it
+    extents: int  # changed byte ranges
+    open_handles: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """What a mount changed and how much store it uses."""
+
+    mountpoint: Path
+    base_dir: Path
+    store_dir: Path
+    store_bytes: int  # bytes written and held in the store
+    store_disk_bytes: int  # what the store files take on disk
+    max_store: int | None  # --max-store, None when unlimited
+    changes: list[FileChange]
+
+    def as_json(self) -> dict[str, Any]:
+        """The stable JSON form (`cowfs status --json`)."""
+        return {"mountpoint": str(self.mountpoint), "base_dir": str(self.base_dir), "store_dir": str(self.store_dir),
+                "store_bytes": self.store_bytes, "store_disk_bytes": self.store_disk_bytes,
+                "max_store": self.max_store,
+                "changes": [{"path": c.path, "state": c.state, "type": c.type, "renamed_from": c.renamed_from,
+                             "size": c.size, "base_size": c.base_size, "bytes_written": c.bytes_written,
+                             "extents": c.extents, "open_handles": c.open_handles} for c in self.changes]}
+
+
+@dataclass(frozen=True)
+class FileDiff:
+    """The changed byte ranges of one file: ``[start, end)`` in offset order."""
+
+    path: str
+    size: int
+    base_size: int | None  # None: created in the mount
+    ranges: list[tuple[int, int]]
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "base_size": self.base_size,
+                "changed_bytes": self.changed_bytes, "ranges": [list(r) for r in self.ranges]}
+
+
+def locate(path: StrPath) -> tuple[Path, str]:
+    """(mountpoint, path inside it) of a path in a cowfs mount; UserError otherwise.
+
+    The last component is not followed (it may be a symlink, or deleted)."""
+    absolute = Path(os.path.abspath(path))
+    if absolute != absolute.parent:
+        absolute = Path(os.path.realpath(absolute.parent)) / absolute.name
+    entries = mounts.mount_table()
+    for candidate in [absolute, *absolute.parents]:
+        matching = [entry for entry in entries if entry.mountpoint == str(candidate)]
+        if not matching:
+            continue
+        entry = matching[-1]
+        if entry.fstype != mounts.FSTYPE:
+            where = "" if candidate == absolute else f", it is on the {entry.fstype} mount {candidate}"
+            raise UserError(f"{path} is not in a cowfs mount{where}")
+        inside = "/" + str(absolute.relative_to(candidate)) if candidate != absolute else "/"
+        return candidate, inside
+    raise UserError(f"{path} is not in a cowfs mount")
+
+
+class Mount:
+    """A handle on a live cowfs mount (``cowfs.attach(path)`` or ``cowfs.mount(...)``)."""
+
+    def __init__(self, mountpoint: StrPath) -> None:
+        root, inside = locate(mountpoint)
+        if inside != "/":
+            raise UserError(f"{mountpoint} is inside the cowfs mount {root}, not its mountpoint")
+        self.path = root
+        info = mounts.control_info(root)
+        if "socket" not in info:
+            raise UserError(f"{root}: its cowfs daemon is too old for control commands")
+        self._socket = str(info["socket"])
+
+    def __repr__(self) -> str:
+        return f"<cowfs.Mount {self.path}>"
+
+    def _request(self, operation: str, **arguments: Any) -> Any:
+        try:
+            return control.request(self.path, self._socket, operation, **arguments)
+        except UserError as error:
+            # The daemon speaks of paths in the mount ("/disk.raw:"); the user knows full paths.
+            inside = arguments.get("path")
+            if isinstance(inside, str) and str(error).startswith(f"{inside}:"):
+                full = self.path if inside == "/" else self.path / inside.lstrip("/")
+                raise UserError(f"{full}{str(error)[len(inside):]}") from None
+            raise
+
+    def _inside(self, path: StrPath) -> str:
+        """A path inside the mount: relative to it, or absolute under it."""
+        text = os.fspath(path)
+        if os.path.isabs(text):
+            root, inside = locate(text)
+            if root != self.path:
+                raise UserError(f"{text} is not in the mount {self.path}")
+            return inside
+        return "/" + text.lstrip("/")
+
+    def status(self) -> Status:
+        """Base, store usage and every changed path."""
+        reply = self._request("status")
+        return Status(self.path, Path(reply["base_dir"]), Path(reply["store_dir"]), int(reply["store_bytes"]),
+                      int(reply["store_disk_bytes"]), reply["max_store"],
+                      [FileChange(c["path"], c["state"], c["type"], c["from"], c["size"], c["base_size"],
+                                  c["bytes_written"], c["extents"], c["open"]) for c in reply["changes"]])
+
+    def diff(self, path: StrPath) -> FileDiff:
+        """The byte ranges of one file that differ from (or are not backed by) its base."""
+        reply = self._request("diff", path=self._inside(path))
+        return FileDiff(reply["path"], reply["size"], None if reply["created"] else reply["base_size"],
+                        [(start, end) for start, end in reply["ranges"]])
+
+    def reset(self, path: StrPath | None = None, force: bool = False) -> None:
+        """Throw away the changes of ``path`` (everything when None), freeing their store space.
+
+        Refuses (UserError) while an affected file is open, unless ``force``:
+        then its open handles read the base again.  A path with no changes is
+        an error; resetting everything when nothing changed is not."""
+        self._request("reset", path="/" if path is None else self._inside(path), force=force)
+
+    def commit(self, path: StrPath, progress: transfer.Progress | None = None,
+               confirm: Callable[[transfer.Plan], bool] | None = None) -> None:
+        """Write the changes of one file into its base file (only the changed ranges, then fsync).
+
+        Refuses, writing nothing, when the base changed since the mount used
+        it, is not writable, or the file is open.  ``confirm(plan)``, when
+        given, is asked once the checks pass; False cancels (UserError).
+        Afterwards the view is unchanged and the file's store space is freed."""
+        inside = self._inside(path)
+        plan = transfer.Plan.from_reply(self._request("commit_plan", path=inside))
+        if confirm is not None and not confirm(plan):
+            raise UserError("commit cancelled, nothing written")
+        identity = transfer.commit(plan, self.path / inside.lstrip("/"), progress or transfer._no_progress)
+        self._request("commit_done", path=inside, token=plan.token, identity=identity)
+
+    def export(self, path: StrPath, dest: StrPath, format: Literal["raw", "qcow2"] = "raw", force: bool = False,
+               progress: transfer.Progress | None = None) -> None:
+        """Save the current view of one file to ``dest`` without touching the base.
+
+        ``raw``: a sparse full copy.  ``qcow2``: an overlay whose backing file is
+        the base (``-F raw``), holding only the changed ranges.  ``dest`` must not
+        exist unless ``force``."""
+        inside = self._inside(path)
+        plan = transfer.Plan.from_reply(self._request("export_plan", path=inside))
+        view = self.path / inside.lstrip("/")
+        exporter = {"raw": transfer.export_raw, "qcow2": transfer.export_qcow2}.get(format)
+        if exporter is None:
+            raise UserError(f"unknown export format {format!r}: use raw or qcow2")
+        exporter(plan, view, Path(dest), force, progress or transfer._no_progress)
+
+
+def attach(mountpoint: StrPath) -> Mount:
+    """A handle on an existing cowfs mount."""
+    return Mount(mountpoint)
+
+
+@contextlib.contextmanager
+def mount(base_dir: StrPath, mountpoint: StrPath | None = None, *, store: StrPath | None = None,
+          max_store: int | None = None, allow_other: bool = False, log_file: StrPath | None = None,
+          verbose: int = 0) -> Iterator[Mount]:
+    """Mount ``base_dir`` (on a temporary directory when ``mountpoint`` is None) for the
+    duration of a ``with`` block; unmount on exit, also on exceptions and KeyboardInterrupt.
+
+    Files still open at exit are detached lazily (the mount disappears, the
+    daemon exits once they are closed)."""
+    temporary = mountpoint is None
+    target = Path(tempfile.mkdtemp(prefix="cowfs-")) if mountpoint is None else Path(mountpoint)
+    argv = [sys.executable, "-m", "cowfs"] + ["-v"] * verbose + ["mount"]
+    if store is not None:
+        argv += ["--store", os.fspath(store)]
+    if max_store is not None:
+        argv += ["--max-store", str(max_store)]
+    if allow_other:
+        argv.append("--allow-other")
+    if log_file is not None:
+        argv += ["--log-file", os.fspath(log_file)]
+    try:
+        result = subprocess.run(argv + ["--", os.fspath(base_dir), str(target)], capture_output=True, text=True,
+                                check=False, stdin=subprocess.DEVNULL)
+        if result.returncode != 0:
+            message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "cowfs mount failed"
+            raise UserError(message.removeprefix("cowfs: "))
+        try:
+            handle = Mount(target)
+            yield handle
+        finally:
+            _unmount(target)
+    finally:
+        if temporary:
+            with contextlib.suppress(OSError):
+                target.rmdir()
+
+
+def _unmount(target: Path) -> None:
+    """Unmount, retrying briefly while files close, then lazily."""
+    for attempt in range(20):
+        if not mounts.is_mounted(target):
+            return
+        try:
+            mounts.unmount(target)
+            return
+        except UserError as error:
+            if "busy" not in str(error) or attempt == 19:
+                break
+            time.sleep(0.05)
+    if mounts.is_mounted(target):
+        # Detach now; the daemon exits (and frees its store) once the last file is closed.
+        subprocess.run([mounts.fusermount(), "-u", "-z", "-q", str(target)], capture_output=True, check=False)

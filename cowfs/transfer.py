@@ -1,0 +1,355 @@
+"""Moving a file's changes out of a mount: `cowfs commit` and `cowfs export`.
+
+These run in the *client* process, never in the daemon (which only ever
+opens base files read-only).  The daemon hands over a *plan*: the base file
+and the identity it had when the mount first used it, the view's size, the
+base limit (below it the view shows the base) and the written ranges.  The
+client reads the changed bytes through the mount and writes them where they
+belong.  Cost is proportional to the changed data, not to the image.
+
+Changed bytes are read from the view with O_DIRECT and exactly inside the
+written ranges, so the daemon serves them from its store alone: no readahead
+drags base bytes along (during a commit the base is being rewritten, and the
+daemon would rightly take a changed base for an error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .nbd import MAX_REQUEST, NbdClient
+
+CHUNK = 4 << 20
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the daemon says about one file (see `cowfs.changes.file_plan`)."""
+
+    path: str
+    base_file: Path | None
+    identity: dict[str, int] | None
+    size: int
+    base_limit: int
+    written: list[tuple[int, int]]
+    token: list[int]
+
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any]) -> Plan:
+        return cls(reply["path"], Path(reply["base_file"]) if reply["base_file"] else None, reply["identity"],
+                   int(reply["size"]), int(reply["base_limit"]),
+                   [(int(start), min(int(end), int(reply["size"]))) for start, end in reply["written"]
+                    if int(start) < int(reply["size"])], list(reply["token"]))
+
+    @property
+    def written_bytes(self) -> int:
+        return sum(end - start for start, end in self.written)
+
+
+def identity_of(fd: int) -> dict[str, int]:
+    st = os.fstat(fd)
+    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns}
+
+
+def _check_identity(plan: Plan, fd: int) -> None:
+    if identity_of(fd) != plan.identity:
+        raise UserError(f"{plan.path}: its base file {plan.base_file} changed since the mount started using it: "
+                        "refusing (nothing written)")
+
+
+@contextlib.contextmanager
+def _open_view(view: Path) -> Iterator[int]:
+    try:
+        fd = os.open(view, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        fd = os.open(view, os.O_RDONLY | os.O_CLOEXEC)  # a kernel without FUSE O_DIRECT
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _chunks(ranges: list[tuple[int, int]], size: int = CHUNK) -> Iterator[tuple[int, int]]:
+    for start, end in ranges:
+        for offset in range(start, end, size):
+            yield offset, min(size, end - offset)
+
+
+def _read_exact(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise UserError(f"short read from the mount at offset {offset}: the file changed meanwhile?")
+    return data
+
+
+# -- commit ----------------------------------------------------------------------------
+
+
+def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[str, int]:
+    """Write the changes of ``view`` into its base file; return the base's new identity."""
+    assert plan.base_file is not None
+    try:
+        base_fd = os.open(plan.base_file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        raise UserError(f"{plan.path}: base file {plan.base_file} is not writable ({error.strerror}): "
+                        "nothing written") from None
+    try:
+        _check_identity(plan, base_fd)
+        total, done = plan.written_bytes, 0
+        progress(0, total)
+        with _open_view(view) as view_fd:
+            if plan.base_limit < os.fstat(base_fd).st_size:  # the view hides the base's tail: zeros now
+                os.ftruncate(base_fd, plan.base_limit)
+            for offset, length in _chunks(plan.written):
+                os.pwrite(base_fd, _read_exact(view_fd, offset, length), offset)
+                done += length
+                progress(done, total)
+        if os.fstat(base_fd).st_size != plan.size:
+            os.ftruncate(base_fd, plan.size)
+        os.fsync(base_fd)
+        return identity_of(base_fd)
+    finally:
+        os.close(base_fd)
+
+
+# -- export ----------------------------------------------------------------------------
+
+
+def _open_base_for_reading(plan: Plan) -> int | None:
+    if plan.base_file is None:
+        return None
+    try:
+        fd = os.open(plan.base_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+    except PermissionError:
+        fd = os.open(plan.base_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as error:
+        raise UserError(f"{plan.path}: cannot read its base file {plan.base_file} ({error.strerror})") from None
+    try:
+        _check_identity(plan, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _data_regions(fd: int, end: int) -> Iterator[tuple[int, int]]:
+    """The data (non-hole) regions of ``[0, end)`` of a file."""
+    offset = 0
+    while offset < end:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:
+                return
+            raise
+        if start >= end:
+            return
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        yield start, stop
+        offset = stop
+
+
+def _subtract(regions: Iterator[tuple[int, int]], holes: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """``regions`` minus the sorted, disjoint ``holes``."""
+    for start, end in regions:
+        for hole_start, hole_end in holes:
+            if hole_end <= start or hole_start >= end:
+                continue
+            if hole_start > start:
+                yield start, hole_start
+            start = max(start, hole_end)
+            if start >= end:
+                break
+        if start < end:
+            yield start, end
+
+
+def _copy_range(source: int, dest: int, offset: int, length: int) -> None:
+    while length:
+        try:
+            copied = os.copy_file_range(source, dest, min(length, 1 << 30), offset, offset)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            copied = os.pwrite(dest, _read_exact(source, offset, min(length, CHUNK)), offset)
+        if copied == 0:
+            raise UserError(f"the base file ended early at offset {offset}")
+        offset += copied
+        length -= copied
+
+
+def _create_dest(dest: Path, force: bool) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        return os.open(dest, flags, 0o644)
+    except FileExistsError:
+        raise UserError(f"{dest} exists: use --force to overwrite it") from None
+    except OSError as error:
+        raise UserError(f"cannot create {dest}: {error.strerror}") from None
+
+
+def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress: Progress = _no_progress) -> None:
+    """A sparse full copy of the view: base data regions plus the written ranges."""
+    base_fd = _open_base_for_reading(plan)
+    try:
+        dest_fd = _create_dest(dest, force)
+        try:
+            os.ftruncate(dest_fd, 0)
+            os.ftruncate(dest_fd, plan.size)
+            from_base = [] if base_fd is None else list(
+                _subtract(_data_regions(base_fd, min(plan.base_limit, plan.size)), plan.written))
+            total = plan.written_bytes + sum(end - start for start, end in from_base)
+            done = 0
+            progress(0, total)
+            for start, end in from_base:
+                assert base_fd is not None
+                for offset, length in _chunks([(start, end)]):
+                    _copy_range(base_fd, dest_fd, offset, length)
+                    done += length
+                    progress(done, total)
+            with _open_view(view) as view_fd:
+                for offset, length in _chunks(plan.written):
+                    os.pwrite(dest_fd, _read_exact(view_fd, offset, length), offset)
+                    done += length
+                    progress(done, total)
+            os.fsync(dest_fd)
+        except BaseException:
+            os.close(dest_fd)
+            dest.unlink(missing_ok=True)
+            raise
+        os.close(dest_fd)
+    finally:
+        if base_fd is not None:
+            os.close(base_fd)
+
+
+def _qemu_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise UserError(f"{name} is missing: install qemu-utils (apt-get install qemu-utils)")
+    return path
+
+
+def export_qcow2(plan: Plan, view: Path, dest: Path, force: bool = False, progress: Progress = _no_progress) -> None:
+    """A qcow2 overlay with the base as its raw backing file, holding only the changes.
+
+    ``qemu-img create`` makes the empty overlay, then ``qemu-nbd`` serves it
+    and the changed ranges are written over NBD: QEMU itself lays out the
+    clusters, so ``qemu-img check`` accepts the result.
+    """
+    base_fd = _open_base_for_reading(plan)  # checks the base is still the one the mount saw
+    if base_fd is not None:
+        os.close(base_fd)
+    if dest.exists() or dest.is_symlink():
+        if not force:
+            raise UserError(f"{dest} exists: use --force to overwrite it")
+        dest.unlink()
+    create = [_qemu_tool("qemu-img"), "create", "-q", "-f", "qcow2", "-o", f"cluster_size={QCOW2_CLUSTER}"]
+    if plan.base_file is not None:
+        create += ["-u", "-b", str(plan.base_file), "-F", "raw"]
+    result = subprocess.run(create + [str(dest), str(plan.size)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise UserError(f"qemu-img create failed: {result.stderr.strip()}")
+    try:
+        _write_over_nbd(plan, view, dest, progress)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
+
+
+QCOW2_CLUSTER = 64 << 10
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r[0] < r[1]):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def qcow2_writes(plan: Plan, cluster: int = QCOW2_CLUSTER) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+    """(ranges to copy from the view, cluster-aligned range to zero) for a qcow2 overlay.
+
+    Copied ranges are widened to whole clusters, so QEMU never has to read the
+    backing file to fill a partly written cluster (that would read, and touch
+    the atime of, the base).  The part of the base the view hides
+    (``[base_limit, min(size, base size))``) must read as zeros in the overlay:
+    its whole clusters are zeroed, its partial end clusters copied."""
+    base_size = plan.identity["size"] if plan.identity is not None else 0
+    zero_start, zero_end = plan.base_limit, min(plan.size, base_size)
+    copy = list(plan.written)
+    zeroed = None
+    if zero_start < zero_end:
+        inner_start, inner_end = -(-zero_start // cluster) * cluster, zero_end // cluster * cluster
+        if inner_start < inner_end:
+            zeroed = (inner_start, inner_end)
+            copy += [(zero_start, inner_start), (inner_end, zero_end)]
+        else:
+            copy.append((zero_start, zero_end))
+    widened = [(start // cluster * cluster, min(plan.size, -(-end // cluster) * cluster)) for start, end in copy]
+    return _merge(widened), zeroed
+
+
+def _write_over_nbd(plan: Plan, view: Path, dest: Path, progress: Progress) -> None:
+    copy, zeroed = qcow2_writes(plan)
+    with tempfile.TemporaryDirectory(prefix="cowfs-export-") as scratch:
+        socket_path = os.path.join(scratch, "nbd.sock")
+        server = subprocess.Popen(
+            [_qemu_tool("qemu-nbd"), "--socket", socket_path, "--format", "qcow2", "--cache", "writeback",
+             str(dest)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            client = _connect_when_ready(server, socket_path)
+            try:
+                total, done = sum(end - start for start, end in copy), 0
+                progress(0, total)
+                if zeroed is not None:
+                    client.write_zeroes(zeroed[0], zeroed[1] - zeroed[0])
+                with _open_view(view) as view_fd:
+                    for offset, length in _chunks(copy, MAX_REQUEST):
+                        client.write(offset, _read_exact(view_fd, offset, length))
+                        done += length
+                        progress(done, total)
+                client.flush()
+            finally:
+                client.close()
+            _, errors = server.communicate(timeout=60)
+            if server.returncode != 0:
+                raise UserError(f"qemu-nbd failed: {errors.decode(errors='replace').strip()}")
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+
+
+def _connect_when_ready(server: subprocess.Popen[bytes], socket_path: str) -> NbdClient:
+    deadline = time.monotonic() + 30
+    while True:
+        if server.poll() is not None:
+            errors = server.stderr.read().decode(errors="replace").strip() if server.stderr else ""
+            raise UserError(f"qemu-nbd could not serve the export: {errors}")
+        if os.path.exists(socket_path):
+            with contextlib.suppress(ConnectionRefusedError, FileNotFoundError):
+                return NbdClient(socket_path)
+        if time.monotonic() > deadline:
+            raise UserError("qemu-nbd did not start within 30 s")
+        time.sleep(0.02)
