@@ -251,7 +251,8 @@ class Namespace:
             if node.type == stat.S_IFREG and node.data is None:
                 node.data = self._open_data(node)
             node.attrs = self._attrs_from_base(st)
-        self._pin(node)
+        if not node.unlinked:  # an unlinked (still open) file must not come back under its old name
+            self._pin(node)
         return node.attrs
 
     def _pin(self, node: Node) -> None:
