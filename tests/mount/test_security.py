@@ -118,9 +118,9 @@ def test_store_is_private_and_planted_symlinks_are_not_followed(base_dir: Path, 
     store.chmod(0o1777)
     victim = tmp_path / "victim"
     victim.write_bytes(b"must stay")
-    planted = {name: victim for name in (".cowfs-x", "tmp", "store", "0", "#0")}
-    for name, target in planted.items():
-        (store / name).symlink_to(target)
+    planted = [".cowfs-x", "tmp", "store", "0", "#0"]
+    for name in planted:
+        (store / name).symlink_to(victim)
     (store / "dir-link").symlink_to(tmp_path, target_is_directory=True)
     make_file(base_dir / "disk.raw", 4 * MiB)
     m = mount_factory(base_dir, "--store", str(store))
@@ -138,6 +138,34 @@ def test_store_is_private_and_planted_symlinks_are_not_followed(base_dir: Path, 
     assert sorted(p.name for p in store.iterdir()) == sorted([*planted, "dir-link"])
     assert victim.read_bytes() == b"must stay"
     assert all((store / name).is_symlink() for name in planted)
+
+
+def test_store_without_o_tmpfile_support_is_still_private_and_nameless(base_dir: Path, tmp_path: Path,
+                                                                      mount_factory: MountFactory) -> None:
+    """A store directory on a filesystem without O_TMPFILE (here: another FUSE mount) falls back to
+    a random name made with O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600, unlinked at once."""
+    store_base = tmp_path / "store-base"
+    store_base.mkdir()
+    store_mount = mount_factory(store_base)
+    store = store_mount.path / "store"
+    store.mkdir(mode=0o1777)
+    store.chmod(0o1777)
+    make_file(base_dir / "disk.raw", MiB)
+    m = mount_factory(base_dir, "--store", str(store))
+    with open(m.path / "disk.raw", "r+b") as f:
+        f.write(b"x" * 8192)
+        f.flush()
+        os.fsync(f.fileno())
+        files = m.store_fds()
+        assert files
+        for target, st, flags in files:
+            assert target.startswith(f"{store}/.cowfs-"), target
+            assert st.st_nlink == 0 and stat.S_IMODE(st.st_mode) == 0o600
+            assert flags & os.O_TMPFILE != os.O_TMPFILE  # really the fallback
+        assert os.listdir(store) == []
+    assert (m.path / "disk.raw").read_bytes()[:8192] == b"x" * 8192
+    m.stop()  # before the store's own mount, which it keeps busy
+    assert os.listdir(store) == []
 
 
 def test_base_is_only_ever_opened_read_only(base_dir: Path, mount_factory: MountFactory) -> None:
