@@ -80,8 +80,10 @@ def fusermount() -> str:
     return path
 
 
-def unmount(mountpoint: Path, lazy: bool = False, timeout: float = 30.0) -> None:
-    """Unmount a cowfs mount and wait until its daemon has exited (so its store is freed)."""
+def unmount(mountpoint: Path, lazy: bool = False, timeout: float = 300.0) -> None:
+    """Unmount a cowfs mount and wait until its daemon has exited (so its store is freed).
+    The wait is long because freeing a large, scattered store on a filesystem mounted
+    with ``discard`` can take minutes."""
     mountpoint = Path(os.path.abspath(mountpoint))
     require_cowfs_mount(mountpoint)
     try:
