@@ -14,13 +14,12 @@ import os
 import resource
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import pyfuse3
 import trio
 
 from .base import BaseDir
+from .config import MountConfig
 from .fuse_ops import CowfsOperations
 from .namespace import Namespace
 from .store import Store
@@ -28,15 +27,6 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 CONTROL_XATTR = b"user.cowfs.control"
-
-
-@dataclass(frozen=True)
-class MountConfig:
-    base_dir: Path
-    mountpoint: Path
-    store_dir: Path
-    max_store: int | None = None
-    allow_other: bool = False
 
 
 def _raise_fd_limit() -> None:
