@@ -57,6 +57,7 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     control = {"pid": os.getpid(), "base_dir": str(config.base_dir), "store_dir": str(config.store_dir),
                "max_store": config.max_store}
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR: json.dumps(control).encode()})
+    operations.mountpoint = str(config.mountpoint)
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
     except RuntimeError:

@@ -19,7 +19,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
+from .mounts import unescape_mount_field
 from .namespace import Namespace, Node, Stat
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,11 @@ log = logging.getLogger(__name__)
 # changes files), so the kernel may cache entries and attributes only briefly.
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
+
+# Sequential reads arrive as readahead requests of at most the mount's
+# read_ahead_kb: the kernel default (128 KiB) costs one round trip per 128 KiB;
+# 1 MiB (the largest FUSE request libfuse allows) quarters the requests.
+READ_AHEAD_KIB = 1024
 
 # Errors that are a normal answer, not worth a log line above debug.
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
@@ -79,6 +86,30 @@ def _entry(st: Stat) -> pyfuse3.EntryAttributes:
     return entry
 
 
+def _mount_device(mountpoint: str) -> str | None:
+    """"major:minor" of the (last) mount at ``mountpoint``, from mountinfo:
+    a stat would ask this very daemon, which may still be answering INIT."""
+    device = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
+        for line in table:
+            fields = line.split()
+            if len(fields) > 4 and unescape_mount_field(fields[4]) == mountpoint:
+                device = fields[2]
+    return device
+
+
+def set_readahead(mountpoint: str, kib: int) -> None:
+    """Set the readahead window of the mount (root only: else the kernel default stays)."""
+    device = _mount_device(mountpoint)
+    if device is None:
+        return
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as setting:
+            setting.write(str(kib))
+    except OSError as error:
+        log.debug("readahead stays at the kernel default: %s", error)
+
+
 class CowfsOperations(pyfuse3.Operations):
     """pyfuse3 operations over a `Namespace`."""
 
@@ -93,6 +124,18 @@ class CowfsOperations(pyfuse3.Operations):
         self._next_handle = 0
         # Read-only attributes of the mount root that the control commands use.
         self._virtual_xattrs = virtual_xattrs or dict
+        self._read_buffer = bytearray(READ_AHEAD_KIB * 1024)
+        self.mountpoint: str | None = None  # set by the daemon: used to tune the mount's readahead
+
+    def init(self) -> None:
+        # Called while the kernel's INIT request is answered, and INIT resets
+        # the readahead window: tune it from a task that runs after the reply.
+        if self.mountpoint is not None:
+            trio.lowlevel.spawn_system_task(self._tune_readahead, self.mountpoint)
+
+    @staticmethod
+    async def _tune_readahead(mountpoint: str) -> None:
+        set_readahead(mountpoint, READ_AHEAD_KIB)  # sysfs: instant, no thread needed
 
     def _new_handle(self) -> int:
         self._next_handle += 1
@@ -189,21 +232,31 @@ class CowfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)  # type: ignore[arg-type]
 
     @_errno_replies
-    async def read(self, fh: int, off: int, size: int) -> bytes:  # type: ignore[override]
+    async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
         data = self._open_files[fh].data
         assert data is not None
-        return data.read(off, size)
+        if size > len(self._read_buffer):
+            self._read_buffer = bytearray(size)
+        # pyfuse3 copies the reply out before this buffer is used again (no
+        # await between our return and its reply).
+        return data.read_into(off, size, self._read_buffer)
 
     @_errno_replies
     async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
         return self.ns.write(self._open_files[fh], off, buf)
 
     async def flush(self, fh: int) -> None:  # type: ignore[override]
-        pass  # data is in the store's page cache, readable by every later request
+        # Nothing to do (data is in the store's page cache, readable by every
+        # later request), and ENOSYS makes the kernel stop sending FLUSH: one
+        # round trip less on every close().  The kernel still writes its dirty
+        # pages back to us at close.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    @_errno_replies
     async def fsync(self, fh: int, datasync: bool) -> None:  # type: ignore[override]
-        pass  # the store is disposable: nothing to make durable (as QEMU's -snapshot)
+        # The store is disposable (as QEMU's -snapshot): nothing to make
+        # durable.  ENOSYS: the kernel still writes dirty pages back to us on
+        # fsync, then answers it without asking again.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errno_replies
     async def release(self, fh: int) -> None:  # type: ignore[override]
