@@ -254,14 +254,14 @@ class CowfsOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
         return self.ns.write(self._open_files[fh], off, buf)
 
-    async def flush(self, fh: int) -> None:  # type: ignore[override]
+    async def flush(self, fh: int) -> None:
         # Nothing to do (data is in the store's page cache, readable by every
         # later request), and ENOSYS makes the kernel stop sending FLUSH: one
         # round trip less on every close().  The kernel still writes its dirty
         # pages back to us at close.
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
-    async def fsync(self, fh: int, datasync: bool) -> None:  # type: ignore[override]
+    async def fsync(self, fh: int, datasync: bool) -> None:
         # The store is disposable (as QEMU's -snapshot): nothing to make
         # durable.  ENOSYS: the kernel still writes dirty pages back to us on
         # fsync, then answers it without asking again.
