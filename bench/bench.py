@@ -46,6 +46,7 @@ import os
 import platform
 import random
 import re
+import select
 import shutil
 import signal
 import statistics
@@ -798,6 +799,15 @@ def run_group(args: Sequence[str], timeout: float, output: IO[bytes] | None = No
                             stderr=subprocess.STDOUT if output else subprocess.PIPE,
                             env=env, start_new_session=True)
     try:
+        if output is not None:
+            # No pipe to read: wait on a pidfd.  (Popen.wait/communicate with a timeout
+            # poll in sleeps of up to 50 ms, which rounded every mount time up to a 50 ms step.)
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                if not select.select([pidfd], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(list(args), timeout)
+            finally:
+                os.close(pidfd)
         _, err = proc.communicate(timeout=timeout)
     except BaseException:
         with signals_deferred():

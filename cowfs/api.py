@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from . import control, mounts, transfer
+from . import control_client, mounts, transfer
 from .errors import UserError
 
 StrPath = str | os.PathLike[str]
@@ -127,7 +127,7 @@ class Mount:
 
     def _request(self, operation: str, **arguments: Any) -> Any:
         try:
-            return control.request(self.path, self._socket, operation, **arguments)
+            return control_client.request(self.path, self._socket, operation, **arguments)
         except UserError as error:
             # The daemon speaks of paths in the mount ("/disk.raw:"); the user knows full paths.
             inside = arguments.get("path")

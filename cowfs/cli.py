@@ -7,15 +7,14 @@ import logging
 import os
 import re
 import stat
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
 from . import mounts
+from .config import MountConfig
 from .control_cli import add_control_commands, run_control_command
-from .daemon import MountConfig, serve
 from .errors import UserError
 from .store import check_store_directory, default_store_directory
 
@@ -60,7 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "in /etc/fuse.conf when not root)")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, logging to stderr")
     mount.add_argument("--log-file", metavar="FILE", type=Path, default=None, help="append the daemon's log to FILE")
-    mount.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
 
     umount = commands.add_parser("umount", help="unmount and throw away every write",
                                  description="Unmount a cowfs mount; every write made in it is gone.")
@@ -149,55 +147,70 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     return MountConfig(base_dir, mountpoint, store_dir, args.max_store, args.allow_other)
 
 
-def _daemon_argv(config: MountConfig, args: argparse.Namespace, ready_fd: int) -> list[str]:
-    argv = [sys.executable, "-m", "cowfs"] + ["-v"] * args.verbose
-    argv += ["mount", "--foreground", "--ready-fd", str(ready_fd), "--store", str(config.store_dir)]
-    if config.max_store is not None:
-        argv += ["--max-store", str(config.max_store)]
-    if config.allow_other:
-        argv.append("--allow-other")
-    if args.log_file is not None:
-        argv += ["--log-file", str(args.log_file.resolve())]
-    return argv + ["--", str(config.base_dir), str(config.mountpoint)]
-
-
 def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
-    """Start the daemon as a fresh process and return once it says the mount is ready."""
+    """Fork the daemon and return once it says the mount is ready.
+
+    A fork, not a re-exec: the child already has the interpreter and the CLI
+    modules, so only pyfuse3 and trio are left to import (a re-exec costs a
+    second interpreter start, ~60-80 ms of the mount time)."""
+    if args.log_file is not None:
+        args.log_file = args.log_file.resolve()  # the daemon changes to /
     read_end, write_end = os.pipe()
-    try:
-        process = subprocess.Popen(
-            _daemon_argv(config, args, write_end),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(write_end,), start_new_session=True, cwd="/",
-        )
-    finally:
-        os.close(write_end)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        code = 1
+        try:
+            os.close(read_end)
+            _detach()
+            code = _serve_foreground(config, args, ready_fd=write_end)
+        except BaseException:  # never return into the parent's code path
+            logging.getLogger("cowfs").exception("the daemon failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+    os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
         message = ready.read().decode(errors="replace").strip()
     if message == "ready":
         return 0
-    process.wait()
-    raise UserError(message or f"the cowfs daemon exited with status {process.returncode} before mounting")
+    _, status = os.waitpid(pid, 0)
+    raise UserError(message or f"the cowfs daemon exited with status {os.waitstatus_to_exitcode(status)} "
+                    "before mounting")
 
 
-def _run_mount(args: argparse.Namespace) -> int:
-    if args.ready_fd is not None:  # we are the re-executed daemon: arguments were checked by the parent
-        config = MountConfig(args.base_dir, args.mountpoint, args.store, args.max_store, args.allow_other)
-    else:
-        config = check_mount_arguments(args)
-    if not args.foreground:
-        return _mount_in_background(config, args)
-    _setup_logging(args.verbose, args.log_file, to_stderr=args.ready_fd is None)
+def _detach() -> None:
+    """Own session, no terminal, no inherited directory: a daemon."""
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _serve_foreground(config: MountConfig, args: argparse.Namespace, ready_fd: int | None) -> int:
+    from .daemon import serve  # only the daemon needs pyfuse3 and trio (~100 ms of imports)
+
+    _setup_logging(args.verbose, args.log_file, to_stderr=ready_fd is None)
 
     def report(problem: str | None) -> None:
-        if args.ready_fd is None:
+        if ready_fd is None:
             if problem is not None:
                 print(f"cowfs: {problem}", file=sys.stderr)
             return
-        os.write(args.ready_fd, b"ready\n" if problem is None else problem.encode() + b"\n")
-        os.close(args.ready_fd)
+        os.write(ready_fd, b"ready\n" if problem is None else problem.encode() + b"\n")
+        os.close(ready_fd)
 
     return serve(config, report)
+
+
+def _run_mount(args: argparse.Namespace) -> int:
+    config = check_mount_arguments(args)
+    if not args.foreground:
+        return _mount_in_background(config, args)
+    return _serve_foreground(config, args, ready_fd=None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,14 +31,12 @@ import secrets
 import socket
 import struct
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
 from . import changes
-from .errors import UserError
 from .namespace import Namespace
 
 log = logging.getLogger(__name__)
@@ -170,24 +168,3 @@ async def _send(connection: trio.socket.SocketType, message: dict[str, Any]) -> 
     while data:
         sent = await connection.send(data)
         data = data[sent:]
-
-
-# -- client side ---------------------------------------------------------------------
-
-
-def request(mountpoint: Path, socket_name: str, operation: str, **arguments: Any) -> Any:
-    """Send one request to a mount's daemon; its answer, or UserError with its message."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as client:
-        try:
-            client.connect("\0" + socket_name)
-            client.sendall(json.dumps({"op": operation, **arguments}).encode() + b"\n")
-            with client.makefile("rb") as answers:
-                line = answers.readline()
-        except OSError as error:
-            raise UserError(f"{mountpoint}: cannot talk to the cowfs daemon ({error.strerror or error})") from None
-    if not line:
-        raise UserError(f"{mountpoint}: the cowfs daemon closed the control connection")
-    reply = json.loads(line)
-    if not reply.get("ok"):
-        raise UserError(str(reply.get("error")))
-    return reply.get("result")

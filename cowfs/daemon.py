@@ -14,13 +14,12 @@ import os
 import resource
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import pyfuse3
 import trio
 
 from .base import BaseDir
+from .config import MountConfig
 from .control import ControlServer
 from .fuse_ops import CowfsOperations
 from .namespace import Namespace
@@ -29,15 +28,6 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 CONTROL_XATTR = b"user.cowfs.control"
-
-
-@dataclass(frozen=True)
-class MountConfig:
-    base_dir: Path
-    mountpoint: Path
-    store_dir: Path
-    max_store: int | None = None
-    allow_other: bool = False
 
 
 def _raise_fd_limit() -> None:
@@ -70,6 +60,7 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     control_server = ControlServer(namespace, dict(control))
     control["socket"] = control_server.name
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR: json.dumps(control).encode()})
+    operations.mountpoint = str(config.mountpoint)
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
     except RuntimeError:

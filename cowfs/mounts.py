@@ -25,7 +25,7 @@ class MountEntry:
     fstype: str
 
 
-def _unescape(field: str) -> str:
+def unescape_mount_field(field: str) -> str:
     """/proc/mounts escapes space, tab, newline and backslash as octal."""
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -36,7 +36,7 @@ def mount_table() -> list[MountEntry]:
         for line in table:
             fields = line.split()
             if len(fields) >= 3:
-                entries.append(MountEntry(_unescape(fields[0]), _unescape(fields[1]), fields[2]))
+                entries.append(MountEntry(unescape_mount_field(fields[0]), unescape_mount_field(fields[1]), fields[2]))
     return entries
 
 

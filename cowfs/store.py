@@ -1,9 +1,8 @@
 """The per-mount store: deleted temporary files that hold written data.
 
-Each changed file of the mount gets one *store file*: a sparse file with no
-name (``O_TMPFILE``), mode 0600, in the store directory.  Data written at
-offset N of the view is written at offset N of the store file, so an aligned
-write never needs a read-modify-write and the store uses about as much disk
+Each changed file of the mount gets one *store file*: a file with no name
+(``O_TMPFILE``), mode 0600, in the store directory, which its `OverlayFile`
+uses as an append log (see overlay.py), so the store uses about as much disk
 as was written.  Because the files have no name, nothing ever appears in the
 store directory, and the kernel frees their space when the daemon's
 descriptors close -- at unmount, or when the daemon is killed.

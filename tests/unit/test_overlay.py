@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import errno
 import os
 from pathlib import Path
@@ -10,7 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cowfs import rangemap
 from cowfs.overlay import OverlayFile
+from cowfs.rangemap import BUCKET_SIZE, RangeMap
 from cowfs.store import Store
 
 from ..helpers import SOAK
@@ -100,3 +103,39 @@ def test_modified_base_gives_eio_not_a_mix(base_file: Path, tmp_path: Path) -> N
     finally:
         overlay.close()
         store.close()
+
+
+def test_rangemap_examples() -> None:
+    assert doctest.testmod(rangemap).failed == 0
+
+
+def test_distinct_writes_are_appended_and_sequential_ones_merge(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store)
+    view.write(1 << 40, b"a" * 4096)  # far out in a huge file: store offset 0
+    view.write(5 * 4096 + 100, b"b" * 10)  # unaligned: keeps its offset within the page
+    for i in range(4):
+        view.write(BUCKET_SIZE - 8192 + i * 4096, b"c" * 4096)  # crosses a bucket boundary
+    assert list(view.written.extents()) == [
+        (5 * 4096 + 100, 5 * 4096 + 110, 4096 + 100),
+        (BUCKET_SIZE - 8192, BUCKET_SIZE + 8192, 2 * 4096),
+        (1 << 40, (1 << 40) + 4096, 0),
+    ]
+    assert view.store_end == 6 * 4096
+    view.write(BUCKET_SIZE - 4096, b"d" * 8192)  # rewrites in place: no append
+    assert view.store_end == 6 * 4096
+    assert view.read(BUCKET_SIZE - 8192, 16384) == b"c" * 4096 + b"d" * 8192 + b"c" * 4096
+    view.close()
+
+
+def test_rangemap_refuses_overlaps_and_merges_only_contiguous_store_bytes() -> None:
+    m = RangeMap()
+    m.add(0, 10, 0)
+    with pytest.raises(ValueError):
+        m.add(5, 15, 100)
+    m.add(10, 20, 50)  # touches, but its store bytes do not continue: two extents
+    assert list(m.extents()) == [(0, 10, 0), (10, 20, 50)]
+    assert list(m.ranges()) == [(0, 20)]
+    m.add(20, 30, 60)
+    assert list(m.extents()) == [(0, 10, 0), (10, 30, 50)]
+    m.check_invariants()

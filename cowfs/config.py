@@ -1,0 +1,16 @@
+"""What one mount is configured with (kept apart from the daemon so that the
+`cowfs mount` parent process never imports pyfuse3 and trio)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    base_dir: Path
+    mountpoint: Path
+    store_dir: Path
+    max_store: int | None = None
+    allow_other: bool = False
