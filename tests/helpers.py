@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,7 +10,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,3 +174,14 @@ def read_base(path: Path) -> bytes:
 def fd_flags(pid: int, fd: int) -> int:
     """The open flags of a descriptor of another process, from /proc/PID/fdinfo."""
     return int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+
+
+@contextlib.contextmanager
+def private_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of its own at ``path``: space measured there is ours alone."""
+    path.mkdir(exist_ok=True)
+    run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)])
+    try:
+        yield path
+    finally:
+        run(["umount", "-l", str(path)], check=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, fd_flags, is_mounted, read_base, run, sha256, wait_until
+from ..helpers import COWFS, fd_flags, is_mounted, private_tmpfs, read_base, run, sha256, wait_until
 
 MiB = 1 << 20
 
@@ -107,8 +107,11 @@ def test_deleted_base_file_disappears_while_mounted(base_dir: Path, mount_factor
 
 
 def test_store_is_unnamed_private_and_freed(base_dir: Path, tmp_path: Path, mount_factory: MountFactory) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
+    with private_tmpfs(tmp_path / "store", "256m") as store:
+        _check_store_is_unnamed_private_and_freed(base_dir, store, mount_factory)
+
+
+def _check_store_is_unnamed_private_and_freed(base_dir: Path, store: Path, mount_factory: MountFactory) -> None:
     (base_dir / "big.raw").write_bytes(b"")
     os.truncate(base_dir / "big.raw", 1 << 30)
     m = mount_factory(base_dir, "--store", str(store))
@@ -154,8 +157,11 @@ def test_base_files_are_opened_read_only(base_dir: Path, mount_factory: MountFac
 
 def test_sigkill_frees_store_and_umount_cleans_dead_mount(base_dir: Path, tmp_path: Path,
                                                          mount_factory: MountFactory) -> None:
-    store = tmp_path / "store"
-    store.mkdir()
+    with private_tmpfs(tmp_path / "store", "256m") as store:
+        _check_sigkill_frees_store(base_dir, store, mount_factory)
+
+
+def _check_sigkill_frees_store(base_dir: Path, store: Path, mount_factory: MountFactory) -> None:
     make_file(base_dir / "disk.raw", 4 * MiB)
     base_hash = sha256(base_dir / "disk.raw")
     m = mount_factory(base_dir, "--store", str(store))

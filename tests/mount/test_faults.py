@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, Mount, force_unmount, is_mounted, read_base, run, sha256, wait_until
+from ..helpers import COWFS, Mount, force_unmount, is_mounted, private_tmpfs, read_base, run, sha256, wait_until
 from .test_core import make_file
 
 MiB = 1 << 20
@@ -114,13 +114,8 @@ def test_foreground_daemon_exits_zero_on_signal_while_writing(signum: signal.Sig
 @pytest.fixture
 def small_store(tmp_path: Path) -> Iterator[Path]:
     """A 24 MiB tmpfs for the store, two thirds taken by a filler file."""
-    path = tmp_path / "small-store"
-    path.mkdir()
-    run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "tmpfs", str(path)])
-    try:
+    with private_tmpfs(tmp_path / "small-store", "24m") as path:
         yield path
-    finally:
-        run(["umount", "-l", str(path)], check=False)
 
 
 def _direct_write(path: Path, offset: int, data: bytes) -> int:
