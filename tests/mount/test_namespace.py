@@ -43,14 +43,22 @@ def make_tree(root: Path) -> None:
     (root / "dir" / "sub").mkdir(parents=True)
     (root / "dir" / "inner.img").write_bytes(b"inner" * 1000)
     (root / "dir").chmod(0o750)
+    (root / "empty").mkdir()
     (root / "link").symlink_to("disk.img")
     (root / "dangling").symlink_to("/nowhere/at/all")
 
 
 # -- the reference model ---------------------------------------------------------
 
-NAMES = ["disk.img", "ro.img", "dir", "inner.img", "sub", "link", "new"]
-rel_paths = st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(lambda parts: "/".join(parts))
+NAMES = ["disk.img", "ro.img", "dir", "inner.img", "sub", "link", "new", "empty"]
+# Mostly names that exist or can be made, so that operations succeed as often as they fail.
+rel_paths = st.one_of(
+    st.sampled_from(["disk.img", "ro.img", "dir", "dir/inner.img", "dir/sub", "link", "dangling", "new",
+                     "dir/new", "dir/sub/new", "new/new", "new/dir", "empty", "empty/new"]),
+    st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(lambda parts: "/".join(parts)),
+)
+# Renames meet each other more often among fewer names: files, empty and full directories.
+rename_paths = st.sampled_from(["disk.img", "link", "dir", "dir/sub", "empty", "new", "new/x"])
 Operation = tuple[object, ...]
 operations: st.SearchStrategy[Operation] = st.one_of(
     st.tuples(st.just("write"), rel_paths, st.integers(0, 30_000), st.binary(min_size=1, max_size=5000),
@@ -61,7 +69,7 @@ operations: st.SearchStrategy[Operation] = st.one_of(
     st.tuples(st.just("rmdir"), rel_paths),
     st.tuples(st.just("unlink"), rel_paths),
     st.tuples(st.just("symlink"), st.sampled_from(["disk.img", "dir", "../x", "new/../dir"]), rel_paths),
-    st.tuples(st.just("rename"), rel_paths, rel_paths, st.sampled_from([0, 0, 1, 2])),
+    st.tuples(st.just("rename"), rename_paths, rename_paths, st.sampled_from([0, 0, 1, 2])),
     st.tuples(st.just("chmod"), rel_paths, st.sampled_from([0o600, 0o644, 0o755, 0o2755])),
     st.tuples(st.just("utime"), rel_paths, st.integers(0, 2_000_000_000)),
     st.tuples(st.just("setxattr"), rel_paths, st.sampled_from(["user.origin", "user.new"]), st.binary(max_size=16)),
@@ -124,9 +132,9 @@ def test_random_operations_match_a_local_copy(base_dir: Path, tmp_path: Path, mo
     make_tree(template)
     base_prints: dict[str, dict[str, tuple[object, ...]]] = {}
 
-    @settings(max_examples=300 if SOAK else 25, deadline=None, database=None,
+    @settings(max_examples=500 if SOAK else 60, deadline=None, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(st.lists(operations, min_size=1, max_size=40 if SOAK else 25))
+    @given(st.lists(operations, min_size=10, max_size=60 if SOAK else 30))
     def run_sequence(ops: list[Operation]) -> None:
         # A fresh tree per example, added to the live base: the mount shows it because it
         # never touched that name, and the local copy starts from the same bytes.
