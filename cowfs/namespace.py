@@ -29,7 +29,12 @@ Invariants
     kernel holds no lookup on it (``lookups == 0``);
   * a node with ``attrs`` set has captured its metadata; for a regular file
     it then also holds its ``data`` (the overlaid bytes);
-  * lookup counts never go negative (that is a bug in the caller: it raises).
+  * lookup counts never go negative (that is a bug in the caller: it raises);
+  * an unlinked node (deleted while open) is never pinned: writing through its
+    handle must not bring its name back;
+  * a node that an operation registers only to inspect it (``_child``) is
+    dropped again unless the kernel took a lookup on it.
+``check_invariants()`` asserts these; the unit tests call it after every step.
 """
 
 from __future__ import annotations
