@@ -120,6 +120,7 @@ class Namespace:
         self.gid = os.getegid() if gid is None else gid
         self._next_ino = _FIRST_CREATED_INO
         self._foreign_inos: dict[tuple[int, int], int] = {}
+        self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
         root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
         root.pinned = True
         self.nodes: dict[int, Node] = {ROOT_INO: root}
@@ -167,13 +168,21 @@ class Namespace:
             return None
         ino = self._ino_for_base(st.st_dev, st.st_ino)
         node = self.nodes.get(ino)
+        if node is not None and node.base_path != path and (node.pinned or node.opens or node.attrs is not None):
+            # The base reused the inode number of an object this mount still holds (or it is
+            # another hard link of it): number this one apart so the two do not merge.
+            key = (st.st_dev, st.st_ino, path)
+            if key not in self._reused_inos:
+                self._reused_inos[key] = self._new_ino()
+            ino = self._reused_inos[key]
+            node = self.nodes.get(ino)
         if node is None:
             node = Node(ino, stat.S_IFMT(st.st_mode), parent.ino, name, base_path=path)
             self.nodes[ino] = node
         elif not node.pinned:
             node.parent, node.name = parent.ino, name
-            if node.attrs is None:
-                node.type = stat.S_IFMT(st.st_mode)
+            if node.attrs is None:  # follow the base: the number may now be another object's
+                node.type, node.base_path = stat.S_IFMT(st.st_mode), path
         return node
 
     def _base_has(self, parent: Node, name: bytes) -> bool:

@@ -87,10 +87,18 @@ def apply(root: Path, op: Operation) -> tuple[str, object]:
 
     def write() -> int:
         name, offset, payload, flags = args
-        fd = os.open(path(name), os.O_WRONLY | int(flags), 0o644)  # type: ignore[call-overload]
+        # O_NONBLOCK: a fifo made by an earlier step must not block the test (ENXIO without a reader).
+        fd = os.open(path(name), os.O_WRONLY | os.O_NONBLOCK | int(flags), 0o644)  # type: ignore[call-overload]
         try:
             written = os.write(fd, payload) if int(flags) & os.O_APPEND else os.pwrite(fd, payload, offset)  # type: ignore[arg-type, call-overload]
             return written + os.fstat(fd).st_size  # type: ignore[no-any-return]
+        finally:
+            os.close(fd)
+
+    def read() -> bytes:
+        fd = os.open(path(args[0]), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            return os.read(fd, 1 << 20)
         finally:
             os.close(fd)
 
@@ -107,7 +115,7 @@ def apply(root: Path, op: Operation) -> tuple[str, object]:
 
     actions: dict[str, Callable[[], object]] = {
         "write": write,
-        "read": lambda: path(args[0]).read_bytes(),
+        "read": read,
         "truncate": lambda: os.truncate(path(args[0]), int(args[1])),  # type: ignore[call-overload]
         "mkdir": lambda: os.mkdir(path(args[0]), int(args[1])),  # type: ignore[call-overload]
         "rmdir": lambda: os.rmdir(path(args[0])),
