@@ -49,6 +49,9 @@ _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EN
                            errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EACCES,
                            errno.ENOSPC, errno.EXDEV})
 
+# Read-only attribute of the mount root: how many inodes the daemon tracks (tests check it stays flat).
+NODE_COUNT_XATTR = b"user.cowfs.nodes"
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -290,9 +293,13 @@ class CowfsOperations(pyfuse3.Operations):
             # pyfuse3 answers with READDIRPLUS: every entry it accepts is a lookup.
             try:
                 node = self.ns.lookup(parent_ino, name)
-                entry = self._reply_entry(node)
             except OSError:
                 continue  # gone since opendir
+            try:
+                entry = self._reply_entry(node)
+            except OSError:
+                self.ns.forget(node.ino, 1)  # no reply, so the kernel will not count it
+                continue
             if not pyfuse3.readdir_reply(token, name, entry, index + 1):  # type: ignore[arg-type]
                 self.ns.forget(node.ino, 1)
                 break
@@ -325,6 +332,8 @@ class CowfsOperations(pyfuse3.Operations):
     @_errno_replies
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:  # type: ignore[override]
         if inode == pyfuse3.ROOT_INODE:
+            if name == NODE_COUNT_XATTR:
+                return str(len(self.ns.nodes)).encode()
             value = self._virtual_xattrs().get(name)
             if value is not None:
                 return value
@@ -336,13 +345,13 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:  # type: ignore[override]
-        if inode == pyfuse3.ROOT_INODE and name in self._virtual_xattrs():
+        if inode == pyfuse3.ROOT_INODE and (name in self._virtual_xattrs() or name == NODE_COUNT_XATTR):
             raise OSError(errno.EPERM, "read-only attribute")
         self.ns.setxattr(inode, name, value)
 
     @_errno_replies
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:  # type: ignore[override]
-        if inode == pyfuse3.ROOT_INODE and name in self._virtual_xattrs():
+        if inode == pyfuse3.ROOT_INODE and (name in self._virtual_xattrs() or name == NODE_COUNT_XATTR):
             raise OSError(errno.EPERM, "read-only attribute")
         self.ns.removexattr(inode, name)
 

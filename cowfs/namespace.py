@@ -29,7 +29,12 @@ Invariants
     kernel holds no lookup on it (``lookups == 0``);
   * a node with ``attrs`` set has captured its metadata; for a regular file
     it then also holds its ``data`` (the overlaid bytes);
-  * lookup counts never go negative (that is a bug in the caller: it raises).
+  * lookup counts never go negative (that is a bug in the caller: it raises);
+  * an unlinked node (deleted while open) is never pinned: writing through its
+    handle must not bring its name back;
+  * a node that an operation registers only to inspect it (``_child``) is
+    dropped again unless the kernel took a lookup on it.
+``check_invariants()`` asserts these; the unit tests call it after every step.
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class Namespace:
         self.gid = os.getegid() if gid is None else gid
         self._next_ino = _FIRST_CREATED_INO
         self._foreign_inos: dict[tuple[int, int], int] = {}
+        self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
         root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
         root.pinned = True
         self.nodes: dict[int, Node] = {ROOT_INO: root}
@@ -162,13 +168,21 @@ class Namespace:
             return None
         ino = self._ino_for_base(st.st_dev, st.st_ino)
         node = self.nodes.get(ino)
+        if node is not None and node.base_path != path and (node.pinned or node.opens or node.attrs is not None):
+            # The base reused the inode number of an object this mount still holds (or it is
+            # another hard link of it): number this one apart so the two do not merge.
+            key = (st.st_dev, st.st_ino, path)
+            if key not in self._reused_inos:
+                self._reused_inos[key] = self._new_ino()
+            ino = self._reused_inos[key]
+            node = self.nodes.get(ino)
         if node is None:
             node = Node(ino, stat.S_IFMT(st.st_mode), parent.ino, name, base_path=path)
             self.nodes[ino] = node
         elif not node.pinned:
             node.parent, node.name = parent.ino, name
-            if node.attrs is None:
-                node.type = stat.S_IFMT(st.st_mode)
+            if node.attrs is None:  # follow the base: the number may now be another object's
+                node.type, node.base_path = stat.S_IFMT(st.st_mode), path
         return node
 
     def _base_has(self, parent: Node, name: bytes) -> bool:
@@ -199,6 +213,8 @@ class Namespace:
     def _maybe_drop(self, node: Node) -> None:
         if node.lookups or node.opens or node.pinned or node.ino == ROOT_INO:
             return
+        if self.nodes.get(node.ino) is not node:
+            return  # already dropped
         del self.nodes[node.ino]
         if node.data is not None:
             node.data.close()
@@ -250,8 +266,10 @@ class Namespace:
             st = self.base.lstat(node.base_path)
             if node.type == stat.S_IFREG and node.data is None:
                 node.data = self._open_data(node)
+            elif node.type == stat.S_IFLNK:
+                node.link_target = self.base.readlink(node.base_path)
             node.attrs = self._attrs_from_base(st)
-        if not node.unlinked:  # e.g. the kernel's ctime SETATTR after unlink must not bring it back
+        if not node.unlinked:  # an unlinked (still open) file must not reappear, e.g. on the kernel's ctime SETATTR
             self._pin(node)
         return node.attrs
 
@@ -362,7 +380,9 @@ class Namespace:
 
     def _new_node(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
         parent = self.node(parent_ino)
-        if self._child(parent, name) is not None:
+        existing = self._child(parent, name)
+        if existing is not None:
+            self._maybe_drop(existing)
             raise OSError(errno.EEXIST, "entry exists")
         now = time.time_ns()
         node = Node(self._new_ino(), stat.S_IFMT(mode), parent.ino, name, base_path=None,
@@ -421,20 +441,26 @@ class Namespace:
     def unlink(self, parent_ino: int, name: bytes) -> None:
         parent = self.node(parent_ino)
         node = self._existing(parent, name)
-        if node.is_dir:
-            raise OSError(errno.EISDIR, "is a directory")
-        self._remove_entry(parent, name)
-        self._detach(node)
+        try:
+            if node.is_dir:
+                raise OSError(errno.EISDIR, "is a directory")
+            self._remove_entry(parent, name)
+            self._detach(node)
+        finally:
+            self._maybe_drop(node)  # _existing may have registered it without a lookup
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self.node(parent_ino)
         node = self._existing(parent, name)
-        if not node.is_dir:
-            raise OSError(errno.ENOTDIR, "not a directory")
-        if not self._is_empty(node):
-            raise OSError(errno.ENOTEMPTY, "directory not empty")
-        self._remove_entry(parent, name)
-        self._detach(node)
+        try:
+            if not node.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            if not self._is_empty(node):
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+            self._remove_entry(parent, name)
+            self._detach(node)
+        finally:
+            self._maybe_drop(node)
 
     def _existing(self, parent: Node, name: bytes) -> Node:
         node = self._child(parent, name)
@@ -453,30 +479,41 @@ class Namespace:
 
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes,
                flags: int = 0) -> None:
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
-            raise OSError(errno.EINVAL, "unsupported rename flags")
         old_parent, new_parent = self.node(old_parent_ino), self.node(new_parent_ino)
         source = self._existing(old_parent, old_name)
         target = self._child(new_parent, new_name)
+        try:
+            self._rename(old_parent, old_name, source, new_parent, new_name, target, flags)
+        finally:
+            # _child may have registered either without a lookup.
+            self._maybe_drop(source)
+            if target is not None:
+                self._maybe_drop(target)
+
+    def _rename(self, old_parent: Node, old_name: bytes, source: Node, new_parent: Node, new_name: bytes,
+                target: Node | None, flags: int) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        # The checks in the order Linux makes them (fs/namei.c do_renameat2, then vfs_rename).
+        if target is not None and flags & RENAME_NOREPLACE:
+            raise OSError(errno.EEXIST, "entry exists")
+        if target is None and flags & RENAME_EXCHANGE:
+            raise OSError(errno.ENOENT, "no such entry")
         if source.is_dir and self._is_ancestor(source, new_parent):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
+        if target is not None and target.is_dir and self._is_ancestor(target, old_parent):
+            raise OSError(errno.EINVAL if flags & RENAME_EXCHANGE else errno.ENOTEMPTY,
+                          "cannot replace an ancestor of the source")
+        if source is target:
+            return
         if flags & RENAME_EXCHANGE:
-            if target is None:
-                raise OSError(errno.ENOENT, "no such entry")
-            if target.is_dir and self._is_ancestor(target, old_parent):
-                raise OSError(errno.EINVAL, "cannot move a directory into itself")
-            if source is target:
-                return
+            assert target is not None
             self._capture(source)
             self._capture(target)
             self._place(source, new_parent, new_name)
             self._place(target, old_parent, old_name)
             return
         if target is not None:
-            if flags & RENAME_NOREPLACE:
-                raise OSError(errno.EEXIST, "entry exists")
-            if source is target:
-                return
             if source.is_dir and not target.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
             if not source.is_dir and target.is_dir:
@@ -530,6 +567,46 @@ class Namespace:
         del xattrs[name]
         self._capture(node).ctime_ns = time.time_ns()
         node.xattrs = xattrs
+
+    # -- checking -------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the model of the module docstring does not hold (for tests)."""
+        root = self.nodes.get(ROOT_INO)
+        assert root is not None and root.is_dir and root.pinned, "the root must be a pinned directory"
+        for ino, node in self.nodes.items():
+            assert node.ino == ino, f"node {ino} is registered under another ino ({node.ino})"
+            assert node.lookups >= 0 and node.opens >= 0, f"node {ino}: negative counts"
+            assert node.ino == ROOT_INO or node.lookups or node.opens or node.pinned, \
+                f"node {ino} ({node.name!r}) should have been dropped"
+            assert not (node.pinned and node.unlinked), f"node {ino} is both pinned and unlinked"
+            if node.entries:
+                assert node.is_dir, f"non-directory {ino} has entries"
+            if node.pinned and ino != ROOT_INO:
+                parent = self.nodes.get(node.parent)
+                assert parent is not None and parent.is_dir, f"pinned node {ino} has no parent directory"
+                assert parent.pinned, f"pinned node {ino} has an unpinned parent"
+                assert parent.entries.get(node.name) == ino, f"pinned node {ino} is not in its parent's entries"
+            if node.attrs is not None:
+                assert stat.S_IFMT(node.attrs.mode) == node.type, f"node {ino}: mode and type disagree"
+                if node.type == stat.S_IFREG:
+                    assert node.data is not None, f"changed file {ino} has no data"
+            if node.type != stat.S_IFREG:
+                assert node.data is None, f"non-file {ino} holds data"
+            for name, child_ino in node.entries.items():
+                if child_ino == WHITEOUT:
+                    continue
+                child = self.nodes.get(child_ino)
+                assert child is not None, f"entry {name!r} of {ino} names a dropped node"
+                assert child.pinned and child.parent == ino and child.name == name, \
+                    f"entry {name!r} of {ino} and node {child_ino} disagree"
+        # No directory is its own ancestor: walking up from any pinned node reaches the root.
+        for node in self.nodes.values():
+            seen: set[int] = set()
+            while node.pinned and node.ino != ROOT_INO:
+                assert node.ino not in seen, f"directory cycle through {node.ino}"
+                seen.add(node.ino)
+                node = self.nodes[node.parent]
 
     # -- walking ----------------------------------------------------------------
 

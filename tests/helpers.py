@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -10,7 +11,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,11 +122,10 @@ def tree_fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
+            # readlink(2) may update a symlink's atime (no O_NOATIME for it): read first, then stat.
+            digest = os.readlink(path) if path.is_symlink() else ""
             st = path.lstat()
-            digest = ""
-            if path.is_symlink():
-                digest = os.readlink(path)
-            elif path.is_file():
+            if stat.S_ISREG(st.st_mode):
                 digest = sha256(path)
             # A directory's atime is left out: walking the tree here updates it.
             atime = None if stat.S_ISDIR(st.st_mode) else st.st_atime_ns
@@ -185,3 +185,62 @@ def private_tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         run(["umount", "-l", str(path)], check=False)
+
+
+_libc = None
+
+
+def renameat2(old: Path | str, new: Path | str, flags: int = 0) -> None:
+    """rename(2) with RENAME_NOREPLACE (1) / RENAME_EXCHANGE (2): Python has no wrapper."""
+    import ctypes
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    at_fdcwd = -100
+    if _libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(old), None, str(new))
+
+
+def outcome(action: Callable[[], object]) -> tuple[str, object]:
+    """("ok", result) or ("errno", name): what a system call gave, comparable across filesystems."""
+    try:
+        return "ok", action()
+    except OSError as error:
+        return "errno", errno.errorcode.get(error.errno or 0, error.errno)
+
+
+def local_copy(base: Path, copy: Path) -> None:
+    """A real local copy of a base tree, as the mount shows it: `cp -a`, then owner-write on
+    files and directories (the mount adds it so that everything is writable)."""
+    run(["cp", "-a", "--", str(base), str(copy)])
+    for dirpath, dirnames, filenames in os.walk(copy):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                path.chmod(st.st_mode | stat.S_IWUSR)
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
+    """What a user sees of a tree: names, types, modes, sizes, contents, link targets and
+    user xattrs (not times, inode numbers or directory sizes, which legitimately differ)."""
+    result: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            st = path.lstat()
+            kind = stat.S_IFMT(st.st_mode)
+            detail: object = None
+            if kind == stat.S_IFREG:
+                detail = path.read_bytes()
+            elif kind == stat.S_IFLNK:
+                detail = os.readlink(path)
+            xattrs: dict[str, bytes] = {}
+            if kind in (stat.S_IFREG, stat.S_IFDIR):
+                xattrs = {n: os.getxattr(path, n) for n in os.listxattr(path) if n.startswith("user.")}
+            size = None if kind == stat.S_IFDIR else st.st_size
+            nlink = 1 if kind == stat.S_IFDIR else st.st_nlink  # cowfs directories report 1
+            result[str(path.relative_to(root))] = (kind, stat.S_IMODE(st.st_mode), size, nlink, detail, xattrs)
+    return result

@@ -1,0 +1,353 @@
+"""The Namespace without FUSE: a hypothesis state machine drives it like a kernel
+would (lookups, forgets, opens, releases) next to the same operations on a real local
+copy of the base, checks `Namespace.check_invariants()` after every step, and
+compares the two trees."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from cowfs.base import BaseDir
+from cowfs.namespace import ROOT_INO, Namespace, Node
+from cowfs.store import Store
+
+from ..helpers import SOAK, outcome, renameat2
+
+NAMES = [b"a", b"b", b"c", b"d"]
+# Short paths more often than long ones: they exist, so operations meet each other.
+paths = st.one_of(
+    st.sampled_from([(name,) for name in NAMES]),
+    st.sampled_from([(b"a", name) for name in NAMES]),
+    st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(tuple),
+)
+payloads = st.binary(min_size=1, max_size=64)
+offsets = st.integers(min_value=0, max_value=9000)
+
+
+def make_base(root: Path) -> None:
+    (root / "a").mkdir()
+    (root / "a" / "b").write_bytes(b"base a/b")
+    (root / "a" / "c").mkdir()
+    (root / "a" / "c" / "d").write_bytes(b"x" * 5000)
+    (root / "b").write_bytes(b"base b")
+    (root / "c").symlink_to("a/b")
+    (root / "d").mkdir()  # empty: it can replace and be replaced
+    # Both copies must agree on modes: the mount adds owner-write to base files.
+    for path in (root / "a", root / "a" / "b", root / "a" / "c", root / "a" / "c" / "d", root / "b", root / "d"):
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+class NamespaceMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="cowfs-ns-"))
+        self.base_path = self.tmp / "base"
+        self.local = self.tmp / "local"
+        (self.tmp / "store").mkdir()
+        self.base_path.mkdir()
+        make_base(self.base_path)
+        shutil.copytree(self.base_path, self.local, symlinks=True)
+        self.base = BaseDir(self.base_path)
+        self.store = Store(self.tmp / "store")
+        self.ns = Namespace(self.base, self.store)
+        self.kernel_lookups: Counter[int] = Counter()  # what the "kernel" holds
+        self.handles: list[tuple[Node, int]] = []  # (namespace node, local fd)
+
+    def teardown(self) -> None:
+        try:
+            for node, local_fd in self.handles:
+                self.ns.release(node.ino)
+                os.close(local_fd)
+            self.handles.clear()
+            for ino, count in list(self.kernel_lookups.items()):
+                self.ns.forget(ino, count)
+            self.kernel_lookups.clear()
+            self.ns.check_invariants()
+            # With the kernel holding nothing, only changed nodes (and the root) remain.
+            assert all(node.pinned for node in self.ns.nodes.values())
+        finally:
+            for node in self.ns.nodes.values():
+                if node.data is not None:
+                    node.data.close()
+            self.store.close()
+            self.base.close()
+            shutil.rmtree(self.tmp)
+
+    # -- resolving, the way the kernel's path walk does -------------------------
+
+    def _lookup(self, parent: int, name: bytes) -> Node:
+        node = self.ns.lookup(parent, name)
+        self.kernel_lookups[node.ino] += 1
+        return node
+
+    def _resolve(self, path: tuple[bytes, ...]) -> Node:
+        node = self.ns.node(ROOT_INO)
+        for name in path:
+            if not node.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            node = self._lookup(node.ino, name)
+        return node
+
+    def _resolve_dir(self, path: tuple[bytes, ...]) -> Node:
+        node = self._resolve(path)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return node
+
+    def _local(self, path: tuple[bytes, ...]) -> Path:
+        return self.local.joinpath(*(os.fsdecode(n) for n in path))
+
+    def _through_symlink(self, *paths: tuple[bytes, ...]) -> bool:
+        """The kernel resolves symlinks before the namespace sees a path: skip such paths here."""
+        return any(self._local(path[:i]).is_symlink() for path in paths for i in range(1, len(path)))
+
+    def _both(self, on_ns: Callable[[], Any], on_local: Callable[[], Any]) -> Any:
+        got, expected = outcome(on_ns), outcome(on_local)
+        assert got[0] == expected[0] and (got[0] == "ok" or got == expected), (got, expected)
+        return got[1] if got[0] == "ok" else None
+
+    # -- rules ------------------------------------------------------------------
+
+    @rule(path=paths)
+    def lookup(self, path: tuple[bytes, ...]) -> None:
+        if self._through_symlink(path):
+            return
+        self._both(lambda: self._resolve(path), lambda: self._local(path).lstat())
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.kernel_lookups)
+    def forget(self, data: st.DataObject) -> None:
+        ino = data.draw(st.sampled_from(list(self.kernel_lookups)))  # insertion order: reproducible
+        count = data.draw(st.integers(1, self.kernel_lookups[ino]))
+        self.ns.forget(ino, count)
+        self.kernel_lookups[ino] -= count
+        if not self.kernel_lookups[ino]:
+            del self.kernel_lookups[ino]
+
+    @rule(path=paths, payload=payloads)
+    def create_file(self, path: tuple[bytes, ...], payload: bytes) -> None:
+        if self._through_symlink(path):
+            return
+        def on_ns() -> None:
+            parent = self._resolve_dir(path[:-1])
+            node = self.ns.create(parent.ino, path[-1], 0o644, self.ns.uid, self.ns.gid)
+            self.kernel_lookups[node.ino] += 1
+            node.opens += 1  # as the FUSE adapter's create does
+            self.ns.write(node, 0, payload)
+            self.ns.release(node.ino)
+
+        def on_local() -> None:
+            fd = os.open(self._local(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.write(fd, payload)
+            os.close(fd)
+
+        self._both(on_ns, on_local)
+
+    @rule(path=paths, mode=st.sampled_from([0o755, 0o700]))
+    def mkdir(self, path: tuple[bytes, ...], mode: int) -> None:
+        if self._through_symlink(path):
+            return
+        def on_ns() -> None:
+            node = self.ns.mkdir(self._resolve_dir(path[:-1]).ino, path[-1], stat.S_IFDIR | mode,
+                                 self.ns.uid, self.ns.gid)
+            self.kernel_lookups[node.ino] += 1
+
+        self._both(on_ns, lambda: self._local(path).mkdir(mode))
+
+    @rule(path=paths, link_to=st.sampled_from([b"a", b"a/b", b"../x", b"nowhere"]))
+    def symlink(self, path: tuple[bytes, ...], link_to: bytes) -> None:
+        if self._through_symlink(path):
+            return
+        def on_ns() -> None:
+            node = self.ns.symlink(self._resolve_dir(path[:-1]).ino, path[-1], link_to, self.ns.uid, self.ns.gid)
+            self.kernel_lookups[node.ino] += 1
+
+        self._both(on_ns, lambda: os.symlink(link_to, self._local(path)))
+
+    @rule(path=paths)
+    def unlink(self, path: tuple[bytes, ...]) -> None:
+        if self._through_symlink(path):
+            return
+        self._both(lambda: self.ns.unlink(self._resolve_dir(path[:-1]).ino, path[-1]),
+                   lambda: os.unlink(self._local(path)))
+
+    @rule(path=paths)
+    def rmdir(self, path: tuple[bytes, ...]) -> None:
+        if self._through_symlink(path):
+            return
+        self._both(lambda: self.ns.rmdir(self._resolve_dir(path[:-1]).ino, path[-1]),
+                   lambda: os.rmdir(self._local(path)))
+
+    @rule(old=paths, new=paths, flags=st.sampled_from([0, 0, 1, 2]))
+    def rename(self, old: tuple[bytes, ...], new: tuple[bytes, ...], flags: int) -> None:
+        if self._through_symlink(old, new):
+            return
+        def on_ns() -> None:
+            old_parent, new_parent = self._resolve_dir(old[:-1]), self._resolve_dir(new[:-1])
+            self._resolve(old)  # the kernel looks up the source first
+            self.ns.rename(old_parent.ino, old[-1], new_parent.ino, new[-1], flags)
+
+        self._both(on_ns, lambda: renameat2(self._local(old), self._local(new), flags))
+
+    @rule(path=paths, mode=st.sampled_from([0o600, 0o640, 0o755, 0o4755]))
+    def chmod(self, path: tuple[bytes, ...], mode: int) -> None:
+        if self._through_symlink(path):
+            return
+        self._both(lambda: self.ns.setattr(self._resolve(path).ino, mode=mode),
+                   lambda: os.chmod(self._local(path), mode, follow_symlinks=False)
+                   if not self._local(path).is_symlink() else None)
+
+    @rule(path=paths, truncate=st.booleans())
+    def open(self, path: tuple[bytes, ...], truncate: bool) -> None:
+        if self._through_symlink(path):
+            return
+        local = self._local(path)
+        if not local.is_file() or local.is_symlink():
+            return  # the kernel resolves symlinks and refuses directories before FUSE is asked
+        node = self._resolve(path)
+        self.ns.open(node.ino, truncate=truncate)
+        self.handles.append((node, os.open(local, os.O_RDWR | (os.O_TRUNC if truncate else 0))))
+
+    @rule(data=st.data(), offset=offsets, payload=payloads)
+    @precondition(lambda self: self.handles)
+    def write(self, data: st.DataObject, offset: int, payload: bytes) -> None:
+        node, local_fd = data.draw(st.sampled_from(self.handles))
+        self.ns.write(node, offset, payload)
+        os.pwrite(local_fd, payload, offset)
+        assert node.data is not None
+        size = os.fstat(local_fd).st_size
+        assert node.data.read(0, size + 10) == os.pread(local_fd, size + 10, 0)
+
+    @rule(data=st.data(), size=st.integers(0, 9000))
+    @precondition(lambda self: self.handles)
+    def ftruncate(self, data: st.DataObject, size: int) -> None:
+        node, local_fd = data.draw(st.sampled_from(self.handles))
+        self.ns.setattr(node.ino, size=size)
+        os.ftruncate(local_fd, size)
+        assert self.ns.getattr(node.ino).size == size
+        assert self.ns.getattr(node.ino).nlink == os.fstat(local_fd).st_nlink
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.handles)
+    def release(self, data: st.DataObject) -> None:
+        index = data.draw(st.integers(0, len(self.handles) - 1))
+        node, local_fd = self.handles.pop(index)
+        self.ns.release(node.ino)
+        os.close(local_fd)
+
+    @rule(path=paths, name=st.sampled_from([b"user.one", b"user.two"]), value=st.binary(max_size=8))
+    def setxattr(self, path: tuple[bytes, ...], name: bytes, value: bytes) -> None:
+        if self._through_symlink(path):
+            return
+        def on_ns() -> bytes:
+            node = self._resolve(path)
+            self.ns.setxattr(node.ino, name, value)
+            return self.ns.getxattr(node.ino, name)
+
+        local = self._local(path)
+        if local.is_symlink():
+            return  # user.* attributes are not allowed on symlinks locally; the kernel asks FUSE anyway
+        value_seen = self._both(on_ns, lambda: os.setxattr(local, name, value))
+        assert value_seen in (None, value)
+
+    # -- checks -----------------------------------------------------------------
+
+    @invariant()
+    def namespace_invariants_hold(self) -> None:
+        self.ns.check_invariants()
+
+    @invariant()
+    def trees_match(self) -> None:
+        assert self._ns_tree(ROOT_INO, ()) == self._local_tree()
+
+    def _ns_tree(self, ino: int, path: tuple[bytes, ...]) -> dict[tuple[bytes, ...], tuple[object, ...]]:
+        tree: dict[tuple[bytes, ...], tuple[object, ...]] = {}
+        for name, _, kind in self.ns.listdir(ino):
+            node = self.ns.lookup(ino, name)
+            try:
+                attrs = self.ns.getattr(node.ino)
+                assert stat.S_IFMT(attrs.mode) == kind
+                if kind == stat.S_IFREG:
+                    self.ns.open(node.ino)
+                    assert node.data is not None
+                    detail: object = node.data.read(0, attrs.size + 1)
+                    self.ns.release(node.ino)
+                elif kind == stat.S_IFLNK:
+                    detail = self.ns.readlink(node.ino)
+                else:
+                    detail = None
+                mode = None if kind == stat.S_IFLNK else attrs.mode
+                tree[path + (name,)] = (mode, attrs.size if kind != stat.S_IFDIR else None, attrs.nlink, detail)
+                if kind == stat.S_IFDIR:
+                    tree.update(self._ns_tree(node.ino, path + (name,)))
+            finally:
+                self.ns.forget(node.ino, 1)
+        return tree
+
+    def _local_tree(self) -> dict[tuple[bytes, ...], tuple[object, ...]]:
+        tree: dict[tuple[bytes, ...], tuple[object, ...]] = {}
+        for dirpath, dirnames, filenames in os.walk(self.local):
+            for name in dirnames + filenames:
+                path = Path(dirpath) / name
+                st_ = path.lstat()
+                key = tuple(os.fsencode(part) for part in path.relative_to(self.local).parts)
+                detail: object = None
+                if stat.S_ISREG(st_.st_mode):
+                    detail = path.read_bytes()
+                elif stat.S_ISLNK(st_.st_mode):
+                    detail = os.fsencode(os.readlink(path))
+                mode = None if stat.S_ISLNK(st_.st_mode) else st_.st_mode
+                nlink = 1 if stat.S_ISDIR(st_.st_mode) else st_.st_nlink  # directories report 1 (documented)
+                tree[key] = (mode, st_.st_size if not stat.S_ISDIR(st_.st_mode) else None, nlink, detail)
+        return tree
+
+
+NamespaceMachine.TestCase.settings = settings(
+    max_examples=1000 if SOAK else 100, stateful_step_count=80 if SOAK else 40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_namespace_matches_a_local_copy = NamespaceMachine.TestCase
+
+
+def test_unlinked_open_base_file_keeps_working_and_stays_hidden(tmp_path: Path) -> None:
+    """Writing through a handle of an unlinked base file must not bring the name back."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "store").mkdir()
+    (tmp_path / "base" / "disk").write_bytes(b"base bytes")
+    base, store = BaseDir(tmp_path / "base"), Store(tmp_path / "store")
+    ns = Namespace(base, store)
+    try:
+        node = ns.lookup(ROOT_INO, b"disk")
+        ns.open(node.ino)
+        ns.unlink(ROOT_INO, b"disk")
+        ns.write(node, 0, b"BASE")
+        ns.setattr(node.ino, mode=0o600)
+        ns.check_invariants()
+        assert [name for name, _, _ in ns.listdir(ROOT_INO)] == []
+        with pytest.raises(FileNotFoundError):
+            ns.lookup(ROOT_INO, b"disk")
+        assert node.data is not None and node.data.read(0, 100) == b"BASE bytes"
+        assert ns.getattr(node.ino).nlink == 0
+        ns.release(node.ino)
+        ns.forget(node.ino, 1)
+        ns.check_invariants()
+        assert set(ns.nodes) == {ROOT_INO}
+    finally:
+        for leftover in ns.nodes.values():
+            if leftover.data is not None:
+                leftover.data.close()
+        store.close()
+        base.close()
+
