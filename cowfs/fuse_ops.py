@@ -15,7 +15,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -57,12 +57,12 @@ R = TypeVar("R")
 
 
 def _errno_replies(
-    handler: Callable[Concatenate[CowfsOperations, P], Awaitable[R]],
-) -> Callable[Concatenate[CowfsOperations, P], Awaitable[R]]:
+    handler: Callable[Concatenate[CowfsOperations, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[CowfsOperations, P], Coroutine[Any, Any, R]]:
     """Let only FUSEError leave a handler: anything else would end the mount."""
 
     @functools.wraps(handler)
-    async def wrapper(self: CowfsOperations, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def wrapper(self: CowfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -81,8 +81,8 @@ def _errno_replies(
 
 def _entry(st: Stat) -> pyfuse3.EntryAttributes:
     entry = pyfuse3.EntryAttributes()
-    entry.st_ino = st.ino  # type: ignore[assignment]
-    entry.st_mode = st.mode  # type: ignore[assignment]
+    entry.st_ino = st.ino
+    entry.st_mode = st.mode
     entry.st_nlink = st.nlink
     entry.st_uid = st.uid
     entry.st_gid = st.gid
@@ -159,7 +159,7 @@ class CowfsOperations(pyfuse3.Operations):
     # -- names -------------------------------------------------------------
 
     @_errno_replies
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         node = self.ns.lookup(parent_inode, name)
         try:
             return self._reply_entry(node)
@@ -167,7 +167,7 @@ class CowfsOperations(pyfuse3.Operations):
             self.ns.forget(node.ino, 1)  # the kernel will not count a failed lookup
             raise
 
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             try:
                 self.ns.forget(inode, count)
@@ -175,11 +175,11 @@ class CowfsOperations(pyfuse3.Operations):
                 log.exception("forget(%d, %d) failed", inode, count)
 
     @_errno_replies
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return _entry(self.ns.getattr(inode))
 
     @_errno_replies
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,  # type: ignore[override]
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
         st = self.ns.setattr(
             inode,
@@ -193,55 +193,55 @@ class CowfsOperations(pyfuse3.Operations):
         return _entry(st)
 
     @_errno_replies
-    async def readlink(self, inode: int, ctx: Any) -> bytes:  # type: ignore[override]
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
         return self.ns.readlink(inode)
 
     @_errno_replies
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
         return self._reply_entry(self.ns.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errno_replies
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
         return self._reply_entry(self.ns.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errno_replies
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         return self._reply_entry(self.ns.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errno_replies
-    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:  # type: ignore[override]
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.ns.unlink(parent_inode, name)
 
     @_errno_replies
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:  # type: ignore[override]
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.ns.rmdir(parent_inode, name)
 
     @_errno_replies
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,  # type: ignore[override]
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
                      name_new: bytes, flags: int, ctx: Any) -> None:
         self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_errno_replies
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:  # type: ignore[override]
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
         raise OSError(errno.EPERM, "hard links are not supported in a cowfs mount")
 
     # -- files ---------------------------------------------------------------
 
     @_errno_replies
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:  # type: ignore[override]
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
         handle = self._new_handle()
         self._open_files[handle] = node
-        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)  # type: ignore[arg-type]
+        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     @_errno_replies
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,  # type: ignore[override]
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid)
         node.opens += 1
         handle = self._new_handle()
         self._open_files[handle] = node
-        return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)  # type: ignore[arg-type]
+        return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)
 
     @_errno_replies
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
@@ -254,7 +254,7 @@ class CowfsOperations(pyfuse3.Operations):
         return data.read_into(off, size, self._read_buffer)
 
     @_errno_replies
-    async def write(self, fh: int, off: int, buf: bytes) -> int:  # type: ignore[override]
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.ns.write(self._open_files[fh], off, buf)
 
     async def flush(self, fh: int) -> None:
@@ -271,14 +271,14 @@ class CowfsOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errno_replies
-    async def release(self, fh: int) -> None:  # type: ignore[override]
+    async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh)
         self.ns.release(node.ino)
 
     # -- directories -----------------------------------------------------------
 
     @_errno_replies
-    async def opendir(self, inode: int, ctx: Any) -> int:  # type: ignore[override]
+    async def opendir(self, inode: int, ctx: Any) -> int:
         # A snapshot of the names: offsets stay valid however the directory changes.
         names = [name for name, _, _ in self.ns.listdir(inode)]
         handle = self._new_handle()
@@ -286,7 +286,7 @@ class CowfsOperations(pyfuse3.Operations):
         return handle
 
     @_errno_replies
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:  # type: ignore[override]
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         parent_ino, listing = self._open_dirs[fh]
         for index in range(start_id, len(listing)):
             name = listing[index]
@@ -300,18 +300,18 @@ class CowfsOperations(pyfuse3.Operations):
             except OSError:
                 self.ns.forget(node.ino, 1)  # no reply, so the kernel will not count it
                 continue
-            if not pyfuse3.readdir_reply(token, name, entry, index + 1):  # type: ignore[arg-type]
+            if not pyfuse3.readdir_reply(token, name, entry, index + 1):
                 self.ns.forget(node.ino, 1)
                 break
 
-    async def releasedir(self, fh: int) -> None:  # type: ignore[override]
+    async def releasedir(self, fh: int) -> None:
         self._open_dirs.pop(fh, None)
 
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:  # type: ignore[override]
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
         pass
 
     @_errno_replies
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:  # type: ignore[override]
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         store = self.ns.store
         vfs = store.statvfs()
         data = pyfuse3.StatvfsData()
@@ -330,7 +330,7 @@ class CowfsOperations(pyfuse3.Operations):
     # -- extended attributes ------------------------------------------------------
 
     @_errno_replies
-    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:  # type: ignore[override]
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
         if inode == pyfuse3.ROOT_INODE:
             if name == NODE_COUNT_XATTR:
                 return str(len(self.ns.nodes)).encode()
@@ -340,17 +340,17 @@ class CowfsOperations(pyfuse3.Operations):
         return self.ns.getxattr(inode, name)
 
     @_errno_replies
-    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:  # type: ignore[override]
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return self.ns.listxattr(inode)
 
     @_errno_replies
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:  # type: ignore[override]
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         if inode == pyfuse3.ROOT_INODE and (name in self._virtual_xattrs() or name == NODE_COUNT_XATTR):
             raise OSError(errno.EPERM, "read-only attribute")
         self.ns.setxattr(inode, name, value)
 
     @_errno_replies
-    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:  # type: ignore[override]
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         if inode == pyfuse3.ROOT_INODE and (name in self._virtual_xattrs() or name == NODE_COUNT_XATTR):
             raise OSError(errno.EPERM, "read-only attribute")
         self.ns.removexattr(inode, name)
