@@ -44,10 +44,24 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
+class _AbandonedReplyFilter(logging.Filter):
+    """pyfuse3 logs an ERROR when a reply finds no request waiting for it (ENOENT):
+    the kernel dropped the request, as it does for the last RELEASE after
+    ``umount -l`` or for an interrupted call.  Nothing is lost; keep it at debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "fuse_reply_" in message and "No such file or directory" in message:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     """Mount and serve until unmounted or signalled.  ``report(None)`` says
     "ready", ``report(message)`` says why mounting failed.  Returns the exit code."""
     _raise_fd_limit()
+    logging.getLogger("pyfuse3").addFilter(_AbandonedReplyFilter())
     try:
         base = BaseDir(config.base_dir)
         store = Store(config.store_dir, config.max_store)
