@@ -79,12 +79,14 @@ class ControlServer:
             try:
                 pid, uid, _ = _CREDENTIALS.unpack(
                     connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+                # Read the (bounded) request line even from a refused peer: closing with its
+                # request unread would reset the connection before it reads the refusal.
+                request = await _receive_line(connection)
                 if uid not in (self.owner_uid, 0):
                     log.info("refused a control connection from uid %d (pid %d)", uid, pid)
                     await _send(connection, {"ok": False, "error": "permission denied: only the user who "
                                              "mounted (or root) may control this mount"})
                     return
-                request = await _receive_line(connection)
                 reply = await self._answer(request)
                 await _send(connection, reply)
             except (OSError, trio.BrokenResourceError) as error:
