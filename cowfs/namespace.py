@@ -623,15 +623,3 @@ class Namespace:
                 yield child_path, child
                 if child.is_dir:
                     stack.append((child_path, child))
-
-    def whiteouts(self) -> Iterator[str]:
-        """Paths of base names the mount deleted."""
-        stack: list[tuple[str, Node]] = [("", self.nodes[ROOT_INO])]
-        while stack:
-            path, directory = stack.pop()
-            for name, ino in sorted(directory.entries.items()):
-                child_path = f"{path}/{os.fsdecode(name)}"
-                if ino == WHITEOUT:
-                    yield child_path
-                elif self.nodes[ino].is_dir:
-                    stack.append((child_path, self.nodes[ino]))
