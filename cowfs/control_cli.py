@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from .api import FileDiff, Mount, Status, locate
 from .errors import UserError
-from .transfer import Plan
+from .protocol import Plan
 
 
 def human(size: int | None) -> str:

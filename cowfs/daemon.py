@@ -8,7 +8,6 @@ one-line reason it could not mount, through a callback, so that the parent
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -22,12 +21,12 @@ from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
 from .fuse_ops import CowfsOperations
+from .kernel_cache import KernelCache
 from .namespace import Namespace
+from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
 
 log = logging.getLogger(__name__)
-
-CONTROL_XATTR = b"user.cowfs.control"
 
 
 def _raise_fd_limit() -> None:
@@ -69,11 +68,10 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         report(f"cannot open {error.filename}: {error.strerror}")
         return 1
     namespace = Namespace(base, store)
-    control = {"pid": os.getpid(), "base_dir": str(config.base_dir), "store_dir": str(config.store_dir),
-               "max_store": config.max_store}
-    control_server = ControlServer(namespace, dict(control))
-    control["socket"] = control_server.name
-    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR: json.dumps(control).encode()})
+    control_server = ControlServer(namespace, KernelCache())
+    control = ControlInfo(os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir),
+                          config.max_store).to_json()
+    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control})
     operations.mountpoint = str(config.mountpoint)
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))

@@ -27,6 +27,7 @@ errno a caller should see.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -38,6 +39,9 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096  # appends keep their offset within a page of this size
+
+# Every change of any view gets the next number, so a generation names one state of one view for good.
+_changes = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class OverlayFile:
         self.written = RangeMap()
         self.store_fd: int | None = None
         self.store_end = 0  # where the next append goes
+        self.generation = next(_changes)  # a new number at every change of the view's bytes or size
 
     @property
     def is_changed(self) -> bool:
@@ -155,6 +160,7 @@ class OverlayFile:
         length = len(data)
         if length == 0:
             return 0
+        self.generation = next(_changes)
         segments = list(self.written.segments(offset, offset + length))
         if self._store.limit is not None:
             self._store.ensure_room(sum(stop - start for start, stop, store in segments if store is None))
@@ -177,6 +183,7 @@ class OverlayFile:
         return done
 
     def truncate(self, size: int) -> None:
+        self.generation = next(_changes)
         if size < self.size:
             self._store.bytes_held -= self.written.remove_from(size)
             if not self.written and self.store_fd is not None:
@@ -204,3 +211,4 @@ class OverlayFile:
         self.base_changed = False
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size
+        self.generation = next(_changes)

@@ -23,12 +23,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import UserError
 from .nbd import MAX_REQUEST, NbdClient
+from .protocol import Plan
 
 CHUNK = 4 << 20
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -36,30 +35,6 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 def _no_progress(done: int, total: int) -> None:
     pass
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the daemon says about one file (see `cowfs.changes.file_plan`)."""
-
-    path: str
-    base_file: Path | None
-    identity: dict[str, int] | None
-    size: int
-    base_limit: int
-    written: list[tuple[int, int]]
-    token: list[int]
-
-    @classmethod
-    def from_reply(cls, reply: dict[str, Any]) -> Plan:
-        return cls(reply["path"], Path(reply["base_file"]) if reply["base_file"] else None, reply["identity"],
-                   int(reply["size"]), int(reply["base_limit"]),
-                   [(int(start), min(int(end), int(reply["size"]))) for start, end in reply["written"]
-                    if int(start) < int(reply["size"])], list(reply["token"]))
-
-    @property
-    def written_bytes(self) -> int:
-        return sum(end - start for start, end in self.written)
 
 
 def identity_of(fd: int) -> dict[str, int]:
