@@ -164,7 +164,14 @@ class Mount:
         plan = Plan.from_wire(self._request(PathRequest(Op.COMMIT_PLAN, inside)))
         if confirm is not None and not confirm(plan):
             raise UserError("commit cancelled, nothing written")
-        identity = transfer.commit(plan, self.path / inside.lstrip("/"), progress or transfer._no_progress)
+        def still_current() -> bool:
+            try:
+                return Plan.from_wire(self._request(PathRequest(Op.COMMIT_PLAN, inside))).token == plan.token
+            except UserError:
+                return False  # opened, changed or gone meanwhile
+
+        identity = transfer.commit(plan, self.path / inside.lstrip("/"), still_current,
+                                   progress or transfer._no_progress)
         self._request(CommitDoneRequest(inside, plan.token, identity))
 
     def export(self, path: StrPath, dest: StrPath, format: Literal["raw", "qcow2"] = "raw", force: bool = False,

@@ -398,12 +398,17 @@ def commit_done(namespace: Namespace, path: str, token: list[int], new_identity:
     """The CLI wrote the changes into the base: adopt it as the new base and drop the changes."""
     node = _changed_file(namespace, path)
     data = node.data
-    if data is None or data.base_fd is None or _change_token(data) != token or node.opens:
-        raise ControlError(f"{path}: changed in the mount while committing; the base holds the "
-                          "earlier state, the mount keeps its changes")
+    if data is None or data.base_fd is None:
+        raise ControlError(f"{path}: reset or replaced in the mount while committing")
     identity = BaseIdentity.of(os.fstat(data.base_fd))
     if _identity_dict(identity) != new_identity:
         raise ControlError(f"{path}: its base file changed during the commit (by someone else?)")
+    if _change_token(data) != token or node.opens:
+        # The base now holds the view as it was at the plan; every change since is still in the
+        # store on top of it, so the view stays right on the new base: adopt it, keep the changes.
+        data.adopt_base(identity)
+        raise ControlError(f"{path}: changed in the mount while committing; the base holds the "
+                           "earlier state, the mount keeps its changes")
     result = ResetResult(paths=[path])
     parent = namespace.nodes[node.parent]
     if parent.entries.get(node.name) == node.ino:

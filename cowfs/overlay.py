@@ -203,6 +203,12 @@ class OverlayFile:
         """512-byte blocks the store holds for this file."""
         return os.fstat(self.store_fd).st_blocks if self.store_fd is not None else 0
 
+    def adopt_base(self, identity: BaseIdentity) -> None:
+        """The base file was rewritten (by `cowfs commit`) to hold this view's bytes below
+        ``base_limit``: take its new identity, keep every change."""
+        self.base_identity = identity
+        self.base_changed = False
+
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         """Forget every change: the view is the (current) base again."""
         self.close()

@@ -77,8 +77,14 @@ def _read_exact(fd: int, offset: int, length: int) -> bytes:
 # -- commit ----------------------------------------------------------------------------
 
 
-def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[str, int]:
-    """Write the changes of ``view`` into its base file; return the base's new identity."""
+def commit(plan: Plan, view: Path, still_current: Callable[[], bool],
+           progress: Progress = _no_progress) -> dict[str, int]:
+    """Write the changes of ``view`` into its base file; return the base's new identity.
+
+    The changed bytes are first read through the mount into a private spool
+    file; only if ``still_current()`` then confirms the file did not change
+    meanwhile is the base written.  So a write that lands while the changes
+    are being read makes the commit refuse with nothing written."""
     assert plan.base_file is not None
     try:
         base_fd = os.open(plan.base_file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -87,13 +93,21 @@ def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[st
                         "nothing written") from None
     try:
         _check_identity(plan, base_fd)
-        total, done = plan.written_bytes, 0
+        total, done = 2 * plan.written_bytes, 0
         progress(0, total)
-        with _open_view(view) as view_fd:
+        with tempfile.TemporaryFile(prefix="cowfs-commit-") as spool:
+            with _open_view(view) as view_fd:  # closed before the check: an open file refuses a commit
+                for offset, length in _chunks(plan.written):
+                    os.pwrite(spool.fileno(), _read_exact(view_fd, offset, length), offset)
+                    done += length
+                    progress(done, total)
+            if not still_current():
+                raise UserError(f"{plan.path}: written in the mount while committing: nothing written, "
+                                "the mount keeps its changes (commit again)")
             if plan.base_limit < os.fstat(base_fd).st_size:  # the view hides the base's tail: zeros now
                 os.ftruncate(base_fd, plan.base_limit)
             for offset, length in _chunks(plan.written):
-                os.pwrite(base_fd, _read_exact(view_fd, offset, length), offset)
+                os.pwrite(base_fd, _read_exact(spool.fileno(), offset, length), offset)
                 done += length
                 progress(done, total)
         if os.fstat(base_fd).st_size != plan.size:
