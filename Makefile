@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	touch $@
 
-test: setup
+test: setup lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup
@@ -42,7 +42,7 @@ lint: setup
 	$(VENV)/bin/ruff check cowfs tests bench examples
 
 typecheck: setup
-	$(VENV)/bin/mypy cowfs
+	$(VENV)/bin/mypy cowfs tests bench
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis

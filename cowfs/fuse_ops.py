@@ -127,6 +127,8 @@ class CowfsOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = True  # the kernel batches small writes into pages
+    # Where readdir entries go: the kernel's reply buffer (tests/ops collects them instead).
+    readdir_reply = staticmethod(pyfuse3.readdir_reply)
 
     def __init__(self, namespace: Namespace, virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None) -> None:
         super().__init__()
@@ -300,7 +302,7 @@ class CowfsOperations(pyfuse3.Operations):
             except OSError:
                 self.ns.forget(node.ino, 1)  # no reply, so the kernel will not count it
                 continue
-            if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+            if not self.readdir_reply(token, name, entry, index + 1):
                 self.ns.forget(node.ino, 1)
                 break
 

@@ -11,6 +11,7 @@ import mmap
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from ..helpers import COWFS, Mount, read_base, run
 KiB, MiB = 1 << 10, 1 << 20
 
 
-def cowfs(*args: str, check: bool = True, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def cowfs(*args: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return run([COWFS, *args], check=check, **kwargs)
 
 
@@ -59,7 +60,7 @@ def status_json(m: Mount) -> dict[str, object]:
 
 
 def changes_by_path(m: Mount) -> dict[str, dict[str, object]]:
-    return {c["path"]: c for c in status_json(m)["changes"]}  # type: ignore[attr-defined, index]
+    return {c["path"]: c for c in status_json(m)["changes"]}  # type: ignore[attr-defined]
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
