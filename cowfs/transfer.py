@@ -7,10 +7,12 @@ base limit (below it the view shows the base) and the written ranges.  The
 client reads the changed bytes through the mount and writes them where they
 belong.  Cost is proportional to the changed data, not to the image.
 
-Changed bytes are read from the view with O_DIRECT and exactly inside the
-written ranges, so the daemon serves them from its store alone: no readahead
-drags base bytes along (during a commit the base is being rewritten, and the
-daemon would rightly take a changed base for an error).
+Changed bytes are read from the view with O_DIRECT, in whole 512-byte sectors
+around the written ranges (the mount refuses unaligned O_DIRECT reads, as a
+disk does), so no readahead drags in more.  A commit reads every change into
+a private spool file before it touches the base: the base being rewritten
+under a read of the view would rightly look like a changed base to the
+daemon.
 """
 
 from __future__ import annotations
@@ -67,9 +69,19 @@ def _chunks(ranges: list[tuple[int, int]], size: int = CHUNK) -> Iterator[tuple[
             yield offset, min(size, end - offset)
 
 
-def _read_exact(fd: int, offset: int, length: int) -> bytes:
+SECTOR = 512  # O_DIRECT reads of the view must be aligned to it, as on a disk
+
+
+def _read_view(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of the view, read with whole 512-byte sectors."""
+    start = offset - offset % SECTOR
+    data = _read_exact(fd, start, -(-(offset + length) // SECTOR) * SECTOR - start, at_least=offset - start + length)
+    return data[offset - start : offset - start + length]
+
+
+def _read_exact(fd: int, offset: int, length: int, at_least: int | None = None) -> bytes:
     data = os.pread(fd, length, offset)
-    if len(data) != length:
+    if len(data) < (length if at_least is None else at_least):
         raise UserError(f"short read from the mount at offset {offset}: the file changed meanwhile?")
     return data
 
@@ -98,7 +110,7 @@ def commit(plan: Plan, view: Path, still_current: Callable[[], bool],
         with tempfile.TemporaryFile(prefix="cowfs-commit-") as spool:
             with _open_view(view) as view_fd:  # closed before the check: an open file refuses a commit
                 for offset, length in _chunks(plan.written):
-                    os.pwrite(spool.fileno(), _read_exact(view_fd, offset, length), offset)
+                    os.pwrite(spool.fileno(), _read_view(view_fd, offset, length), offset)
                     done += length
                     progress(done, total)
             if not still_current():
@@ -215,7 +227,7 @@ def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress
                     progress(done, total)
             with _open_view(view) as view_fd:
                 for offset, length in _chunks(plan.written):
-                    os.pwrite(dest_fd, _read_exact(view_fd, offset, length), offset)
+                    os.pwrite(dest_fd, _read_view(view_fd, offset, length), offset)
                     done += length
                     progress(done, total)
             os.fsync(dest_fd)
@@ -315,7 +327,7 @@ def _write_over_nbd(plan: Plan, view: Path, dest: Path, progress: Progress) -> N
                     client.write_zeroes(zeroed[0], zeroed[1] - zeroed[0])
                 with _open_view(view) as view_fd:
                     for offset, length in _chunks(copy, MAX_REQUEST):
-                        client.write(offset, _read_exact(view_fd, offset, length))
+                        client.write(offset, _read_view(view_fd, offset, length))
                         done += length
                         progress(done, total)
                 client.flush()
