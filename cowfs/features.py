@@ -38,29 +38,36 @@ class Pyfuse3Features:
 
 def describe(found: Pyfuse3Features, granted_init_flags: int | None) -> list[Feature]:
     """The features as `cowfs status` shows them; ``granted_init_flags`` is None before INIT."""
-    missing = f"pyfuse3 {found.version} lacks it (stock build); {_PATCHED} has it"
+    stock = f"pyfuse3 {found.version} is a stock build without it; `make setup` builds one with it"
     if not found.init_flags:
-        killpriv = Feature("killpriv_v2", False, f"every write(2) costs a GETXATTR round trip: {missing}")
+        killpriv = Feature("killpriv_v2", False, stock)
     elif granted_init_flags is None:
         killpriv = Feature("killpriv_v2", False, "not negotiated yet")
     elif granted_init_flags & FUSE_HANDLE_KILLPRIV_V2:
-        killpriv = Feature("killpriv_v2", True, "one request per write(2): cowfs clears setuid/setgid bits itself")
+        killpriv = Feature("killpriv_v2", True, "one request per write(2); cowfs clears setuid/setgid itself")
     else:
-        killpriv = Feature("killpriv_v2", False, "the kernel did not offer FUSE_HANDLE_KILLPRIV_V2")
+        killpriv = Feature("killpriv_v2", False, "the kernel did not offer it")
     return [
         Feature("fallocate", found.fallocate,
-                "punch hole, zero range, preallocation, discard free store space" if found.fallocate
-                else f"fallocate(2) gives EOPNOTSUPP and discard frees nothing: {missing}"),
-        Feature("lseek", found.lseek,
-                "SEEK_DATA/SEEK_HOLE show holes" if found.lseek
-                else f"SEEK_DATA/SEEK_HOLE see every file as all data: {missing}"),
+                "punch hole, zero range, preallocation; discard frees store space" if found.fallocate else stock),
+        Feature("lseek", found.lseek, "SEEK_DATA/SEEK_HOLE find holes" if found.lseek else stock),
         killpriv,
     ]
 
 
+def summary(features: list[Feature]) -> str:
+    """One line: 'fallocate, lseek on; killpriv_v2 off (the kernel did not offer it)'."""
+    on = [feature.name for feature in features if feature.enabled]
+    reasons: dict[str, list[str]] = {}
+    for feature in features:
+        if not feature.enabled:
+            reasons.setdefault(feature.detail, []).append(feature.name)
+    parts = [", ".join(on) + " on"] if on else []
+    parts += [f"{', '.join(names)} off ({detail})" for detail, names in reasons.items()]
+    return "; ".join(parts)
+
+
 def log_missing(found: Pyfuse3Features) -> None:
     """One line naming what is off, at start (nothing when everything is on)."""
-    off = [feature for feature in describe(found, 0) if not feature.enabled]
-    if off and not (found.fallocate and found.lseek and found.init_flags):
-        log.info("running on pyfuse3 %s without %s: %s", found.version,
-                 ", ".join(feature.name for feature in off), "; ".join(feature.detail for feature in off))
+    if not (found.fallocate and found.lseek and found.init_flags):
+        log.info("kernel features: %s", summary(describe(found, None)))
