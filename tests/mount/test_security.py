@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import stat
 import threading
@@ -93,6 +94,12 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
             expected = data[: 40960] + bytes(8192) + data[49152:]
             assert as_them("sha256sum", str(mnt / "disk.raw")).split()[0] == hashlib.sha256(expected).hexdigest()
             assert as_them("cat", str(mnt / "created.txt")) == "new\n"
+            # Debian's pyfuse3 is a stock build: cowfs runs on it and says which features are off.
+            status = json.loads(as_them(*cowfs_argv, "status", "--json", str(mnt)))
+            features = {f["name"]: f for f in status["features"]}
+            assert sorted(features) == ["fallocate", "killpriv_v2", "lseek"]
+            assert not any(f["enabled"] for f in features.values())
+            assert "is a stock build without it" in features["fallocate"]["detail"]
             pid = int(as_them("getfattr", "--only-values", "-n", "user.cowfs.control", str(mnt)).split(
                 '"pid": ')[1].split(",")[0])
             assert Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] == str(user.pw_uid)
