@@ -16,21 +16,13 @@ from typing import Any
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, Mount, read_base, run
+from ..helpers import COWFS, Mount, read_base, run, write_at
 
 KiB, MiB = 1 << 10, 1 << 20
 
 
 def cowfs(*args: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return run([COWFS, *args], check=check, **kwargs)
-
-
-def write_at(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
 
 
 def sparse_base(path: Path, size: int, data_at: dict[int, bytes]) -> None:

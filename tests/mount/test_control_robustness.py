@@ -16,7 +16,7 @@ from cowfs.api import Mount as ApiMount
 from cowfs.protocol import MAX_LINE, CommitDoneRequest, Op, PathRequest, Plan
 
 from ..conftest import MountFactory
-from ..helpers import Mount, read_base
+from ..helpers import Mount, read_base, write_at
 
 MiB = 1 << 20
 
@@ -97,24 +97,16 @@ def _plan(m: ApiMount, path: str) -> Plan:
     return Plan.from_wire(m._request(PathRequest(Op.COMMIT_PLAN, path)))
 
 
-def _overwrite(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.base_may_change
 def test_a_write_while_commit_reads_the_changes_makes_it_refuse_with_nothing_written(
         base_dir: Path, live: Mount) -> None:
     view = live.path / "disk.raw"
-    _overwrite(view, 4096, b"1" * 4096)
+    write_at(view, 4096, b"1" * 4096)
     api = ApiMount(live.path)
     plan = _plan(api, "/disk.raw")
 
     def a_write_lands_then_check() -> bool:
-        _overwrite(view, 4096, b"2" * 4096)  # over bytes already in the store: same size, same ranges
+        write_at(view, 4096, b"2" * 4096)  # over bytes already in the store: same size, same ranges
         return _plan(api, "/disk.raw").token == plan.token
 
     with pytest.raises(UserError, match="written in the mount while committing: nothing written"):
@@ -126,11 +118,11 @@ def test_a_write_while_commit_reads_the_changes_makes_it_refuse_with_nothing_wri
 @pytest.mark.base_may_change
 def test_commit_done_refuses_after_a_write_that_changes_neither_size_nor_ranges(base_dir: Path, live: Mount) -> None:
     view = live.path / "disk.raw"
-    _overwrite(view, 4096, b"1" * 4096)
+    write_at(view, 4096, b"1" * 4096)
     api = ApiMount(live.path)
     plan = _plan(api, "/disk.raw")
     identity = transfer.commit(plan, view, lambda: True)  # the base now holds "1"s
-    _overwrite(view, 4096, b"2" * 4096)  # lands before commit_done
+    write_at(view, 4096, b"2" * 4096)  # lands before commit_done
     with pytest.raises(UserError, match="changed in the mount while committing"):
         api._request(CommitDoneRequest("/disk.raw", plan.token, identity))
     # Not lost: the mount keeps its changes on the rewritten base, and the whole view reads right.
