@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,19 @@ from cowfs.store import Store
 from ..helpers import SOAK
 
 BASE_SIZE = 20_000
+BASE_DATA = [(0, 4096), (12288, BASE_SIZE)]  # the base file's data regions; between them a hole
 positions = st.integers(0, 3 * BASE_SIZE)
+lengths = st.integers(1, 9000)
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("write"), positions, st.integers(1, 9000)),
-        st.tuples(st.just("truncate"), positions, st.just(0)),
-        st.tuples(st.just("read"), positions, st.integers(0, 2 * BASE_SIZE)),
+        st.tuples(st.just("write"), positions, lengths, st.booleans()),  # True: write zeros (still data)
+        st.tuples(st.just("truncate"), positions, st.just(0), st.just(False)),
+        st.tuples(st.just("punch"), positions, lengths, st.just(True)),
+        st.tuples(st.just("zero"), positions, lengths, st.booleans()),  # the flag: keep_size
+        st.tuples(st.just("allocate"), positions, lengths, st.booleans()),
+        st.tuples(st.just("read"), positions, st.integers(0, 2 * BASE_SIZE), st.just(False)),
+        st.tuples(st.just("seek_data"), positions, st.just(0), st.just(False)),
+        st.tuples(st.just("seek_hole"), positions, st.just(0), st.just(False)),
     ),
     max_size=40,
 )
@@ -32,39 +40,116 @@ operations = st.lists(
 
 @pytest.fixture
 def base_file(tmp_path: Path) -> Path:
+    """A sparse base: data, a hole its filesystem really has, data."""
     path = tmp_path / "base.img"
-    path.write_bytes(bytes((i * 7 + 3) % 256 for i in range(BASE_SIZE)))
+    with open(path, "wb") as f:
+        for start, end in BASE_DATA:
+            f.seek(start)
+            f.write(bytes((i * 7 + 3) % 255 + 1 for i in range(start, end)))
     return path
+
+
+def _data_flags(fd: int, size: int) -> bytearray:
+    """1 for each byte of a file its filesystem reports as data, 0 in holes."""
+    flags = bytearray(size)
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:
+            break
+        offset = os.lseek(fd, start, os.SEEK_HOLE)
+        flags[start:offset] = b"\1" * (offset - start)
+    return flags
+
+
+class Model:
+    """The view as a bytearray, which bytes are data (not holes) and which are in the store."""
+
+    def __init__(self, content: bytes, is_data: bytearray) -> None:
+        self.content = bytearray(content)
+        self.is_data = is_data
+        self.stored = bytearray(len(content))
+
+    def resize(self, size: int) -> None:
+        for array in (self.content, self.is_data, self.stored):
+            del array[size:]
+            array.extend(bytes(size - len(array)))
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.resize(max(len(self.content), offset + len(data)))
+        end = offset + len(data)
+        self.content[offset:end] = data
+        self.is_data[offset:end] = self.stored[offset:end] = b"\1" * len(data)
+
+    def punch(self, offset: int, length: int) -> None:
+        end = min(offset + length, len(self.content))
+        if offset < end:
+            self.content[offset:end] = self.is_data[offset:end] = self.stored[offset:end] = bytes(end - offset)
+
+    def seek(self, offset: int, data: bool) -> int:
+        if offset >= len(self.content):
+            return -errno.ENXIO
+        found = self.is_data.find(b"\1" if data else b"\0", offset)
+        if found < 0:
+            return -errno.ENXIO if data else len(self.content)
+        return found
+
+
+def _seek(call: Callable[[int], int], offset: int) -> int:
+    try:
+        return call(offset)
+    except OSError as error:
+        return -error.errno
 
 
 @settings(max_examples=1000 if SOAK else 150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations, st.booleans())
-def test_overlay_matches_bytearray(base_file: Path, tmp_path: Path, ops: list[tuple[str, int, int]],
+def test_overlay_matches_bytearray(base_file: Path, tmp_path: Path, ops: list[tuple[str, int, int, bool]],
                                    from_base: bool) -> None:
     store = Store(tmp_path)
     base_fd = os.open(base_file, os.O_RDONLY) if from_base else None
-    model = bytearray(base_file.read_bytes()) if from_base else bytearray()
+    if base_fd is not None:
+        model = Model(base_file.read_bytes(), _data_flags(base_fd, BASE_SIZE))
+    else:
+        model = Model(b"", bytearray())
     overlay = OverlayFile(store, base_fd)
     try:
-        for step, (kind, offset, length) in enumerate(ops):
+        for step, (kind, offset, length, flag) in enumerate(ops):
+            generation = overlay.generation
+            before = bytes(model.content)
             if kind == "write":
-                data = bytes([step % 255 + 1]) * length
+                data = bytes([0 if flag else step % 255 + 1]) * length
                 assert overlay.write(offset, data) == length
-                if offset > len(model):
-                    model.extend(bytes(offset - len(model)))
-                model[offset : offset + length] = data
+                model.write(offset, data)
             elif kind == "truncate":
                 overlay.truncate(offset)
-                del model[offset:]
-                model.extend(bytes(offset - len(model)))
+                model.resize(offset)
+            elif kind == "punch":
+                overlay.punch_hole(offset, length)
+                model.punch(offset, length)
+            elif kind == "zero":
+                overlay.zero_range(offset, length, keep_size=flag)
+                model.punch(offset, length)
+                if not flag:
+                    model.resize(max(len(model.content), offset + length))
+            elif kind == "allocate":
+                overlay.allocate(offset, length, keep_size=flag)
+                if not flag:
+                    model.resize(max(len(model.content), offset + length))
+            elif kind == "read":
+                assert overlay.read(offset, length) == bytes(model.content[offset : offset + length])
+            elif kind == "seek_data":
+                assert _seek(overlay.seek_data, offset) == model.seek(offset, data=True), offset
             else:
-                assert overlay.read(offset, length) == bytes(model[offset : offset + length])
-            assert overlay.size == len(model)
-            assert overlay.base_limit <= overlay.size
-            assert store.bytes_held == overlay.written.total
-            overlay.written.check_invariants()
-        assert overlay.read(0, len(model) + 10) == bytes(model)
+                assert _seek(overlay.seek_hole, offset) == model.seek(offset, data=False), offset
+            assert overlay.size == len(model.content)
+            if bytes(model.content) != before:
+                assert overlay.generation > generation, f"{kind} changed the view but not the generation"
+            overlay.check_invariants()
+            assert store.bytes_held == overlay.written.total == sum(model.stored)
+        assert overlay.read(0, len(model.content) + 10) == bytes(model.content)
     finally:
         overlay.close()
         store.close()
