@@ -224,3 +224,98 @@ def test_rangemap_refuses_overlaps_and_merges_only_contiguous_store_bytes() -> N
     m.add(20, 30, 60)
     assert list(m.extents()) == [(0, 10, 0), (10, 30, 50)]
     m.check_invariants()
+
+
+def test_punching_written_bytes_frees_store_blocks_at_once(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store)
+    try:
+        view.write(0, b"w" * (1 << 20))
+        blocks = view.store_blocks()
+        assert blocks >= (1 << 20) // 512
+        view.punch_hole(4096 * 10, 1 << 19)
+        assert store.bytes_held == (1 << 20) - (1 << 19)
+        assert view.store_blocks() <= blocks - (1 << 19) // 512
+        assert view.read(4096 * 10 - 1, 2) == b"w\0"
+        assert view.size == 1 << 20
+        view.punch_hole(0, 1 << 20)  # nothing mapped to the store any more: the store file is emptied
+        assert store.bytes_held == 0 and view.store_blocks() == 0 and view.store_end == 0
+        assert view.read(0, 1 << 20) == bytes(1 << 20)
+    finally:
+        view.close()
+        store.close()
+
+
+def test_punched_pages_shared_with_other_bytes_stay(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store)
+    try:
+        view.write(100, b"a" * 10)  # store page 0, bytes 100..110
+        view.write(8192 + 200, b"b" * 8192)  # store page 0 from 200 on, and pages 1 and 2
+        view.punch_hole(8192 + 200, 8192)
+        assert store.bytes_held == 10
+        assert view.read(100, 10) == b"a" * 10  # page 0 still holds them
+        assert list(view.written.extents()) == [(100, 110, 100)]
+    finally:
+        view.close()
+        store.close()
+
+
+def test_punch_over_base_bytes_takes_no_store_space(base_file: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store, os.open(base_file, os.O_RDONLY))
+    try:
+        view.punch_hole(1000, 2000)
+        assert store.bytes_held == 0 and view.store_fd is None
+        base = base_file.read_bytes()
+        assert view.read(999, 2002) == base[999:1000] + bytes(2000) + base[3000:3001]
+        assert view.seek_hole(0) == 1000 and view.seek_data(1000) == 3000
+        assert view.is_changed
+        view.write(1500, b"x")  # one byte inside the zeros takes one byte of store
+        assert store.bytes_held == 1 and view.seek_data(1000) == 1500
+        with pytest.raises(OSError) as error:
+            view.punch_hole(-1, 10)
+        assert error.value.errno == errno.EINVAL
+    finally:
+        view.close()
+        store.close()
+
+
+def test_allocate_checks_the_limit_and_only_mode_0_grows(tmp_path: Path) -> None:
+    store = Store(tmp_path, limit=10_000)
+    view = OverlayFile(store)
+    try:
+        with pytest.raises(OSError) as error:
+            view.allocate(0, 20_000, keep_size=False)
+        assert error.value.errno == errno.ENOSPC and view.size == 0
+        view.allocate(0, 8000, keep_size=True)
+        assert view.size == 0
+        view.allocate(0, 8000, keep_size=False)
+        assert view.size == 8000 and store.bytes_held == 0
+        view.write(0, b"a" * 8000)
+        view.allocate(0, 9000, keep_size=False)  # 1000 more bytes: room
+        with pytest.raises(OSError) as error:
+            view.allocate(0, 12_000, keep_size=False)
+        assert error.value.errno == errno.ENOSPC
+        assert view.size == 9000 and view.read(0, 9000) == b"a" * 8000 + bytes(1000)
+        assert view.seek_hole(0) == 8000  # allocated, never written: a hole, as an unwritten extent is
+    finally:
+        view.close()
+        store.close()
+    assert store.bytes_held == 0
+
+
+def test_discard_changes_releases_everything_and_moves_the_generation(base_file: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store, os.open(base_file, os.O_RDONLY))
+    try:
+        view.write(0, b"x" * 5000)
+        view.punch_hole(6000, 100)
+        generation = view.generation
+        view.discard_changes(lambda: os.open(base_file, os.O_RDONLY))
+        assert store.bytes_held == 0 and not view.written and not view.is_changed
+        assert view.generation > generation
+        assert view.read(0, BASE_SIZE) == base_file.read_bytes()
+    finally:
+        view.close()
+        store.close()
