@@ -64,7 +64,7 @@ def _data_summary(data: OverlayFile | None) -> tuple[int, int]:
 
 def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
     """Byte ranges of the view not read from the base at the same offset:
-    the written ranges plus the zeroed tail ``[base_limit, size)``."""
+    the written and zeroed ranges plus the zeroed tail ``[base_limit, size)``."""
     ranges: list[tuple[int, int]] = []
     for start, end in data.written.ranges():
         if start >= data.base_limit:
@@ -375,11 +375,11 @@ def _plan(namespace: Namespace, path: str, node: Node) -> dict[str, Any]:
         assert node.base_path is not None
         identity = BaseIdentity.of(namespace.base.lstat(node.base_path))
         return {"path": path, "base_file": base_file, "identity": _identity_dict(identity), "size": identity.size,
-                "base_limit": identity.size, "written": [], "token": []}
+                "base_limit": identity.size, "written": [], "zeroed": [], "token": []}
     return {"path": path, "base_file": base_file,
             "identity": _identity_dict(data.base_identity) if data.base_identity is not None else None,
-            "size": data.size, "base_limit": data.base_limit, "written": list(data.written.ranges()),
-            "token": _change_token(data)}
+            "size": data.size, "base_limit": data.base_limit, "written": list(data.written.ranges(zeros=False)),
+            "zeroed": list(data.written.ranges(zeros=True)), "token": _change_token(data)}
 
 
 def _check_base_unchanged(namespace: Namespace, node: Node, path: str) -> None:
