@@ -324,16 +324,12 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 def _intersect(ranges: list[tuple[int, int]], others: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The parts of the sorted, disjoint ``ranges`` inside the sorted, disjoint ``others``."""
-    found = []
-    first = 0  # the others before it end before every range still to come
-    for start, end in ranges:
-        while first < len(others) and others[first][1] <= start:
-            first += 1
-        k = first
-        while k < len(others) and others[k][0] < end:
-            found.append((max(start, others[k][0]), min(end, others[k][1])))
-            k += 1
-    return found
+    gaps, previous_end = [], 0  # what ``others`` leaves out
+    for start, end in others + [(ranges[-1][1] if ranges else 0, 1 << 63)]:
+        if previous_end < start:
+            gaps.append((previous_end, start))
+        previous_end = end
+    return list(_subtract(ranges, gaps))
 
 
 def qcow2_writes(plan: Plan, base_data: list[tuple[int, int]],
