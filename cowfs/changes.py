@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .base import BasePath
@@ -60,7 +61,7 @@ def _data_summary(data: OverlayFile | None) -> tuple[int, int]:
 
 def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
     """Byte ranges of the view not read from the base at the same offset:
-    the written ranges plus the zeroed tail ``[base_limit, size)``."""
+    the written and zeroed ranges plus the zeroed tail ``[base_limit, size)``."""
     ranges: list[tuple[int, int]] = []
     for start, end in data.written.ranges():
         if start >= data.base_limit:
@@ -370,8 +371,12 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         identity = BaseIdentity.of(namespace.base.lstat(node.base_path))
         return Plan(path, base_file, _identity_dict(identity), identity.size, identity.size, [], [])
     return Plan(path, base_file, _identity_dict(data.base_identity) if data.base_identity is not None else None,
-                data.size, data.base_limit, [(start, min(end, data.size)) for start, end in data.written.ranges()
-                                              if start < data.size], _change_token(data))
+                data.size, data.base_limit, _clip(data.written.ranges(zeros=False), data.size), _change_token(data),
+                _clip(data.written.ranges(zeros=True), data.size))
+
+
+def _clip(ranges: Iterator[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    return [(start, min(end, size)) for start, end in ranges if start < size]
 
 
 def _check_base_unchanged(namespace: Namespace, node: Node, path: str) -> None:
