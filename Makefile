@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
+SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch python3-dev python3-venv \
 	qemu-system-x86 qemu-utils busybox-static e2fsprogs fio util-linux fdisk parted cpio attr \
 	python3-pyfuse3 python3-trio
 PYTEST_ARGS ?=
