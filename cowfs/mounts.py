@@ -94,9 +94,10 @@ def control_info(mountpoint: Path) -> dict[str, Any]:
 
 
 def is_dead(mountpoint: Path) -> bool:
-    """A FUSE mount whose daemon is gone: every access gives ENOTCONN."""
+    """A FUSE mount whose daemon is gone: what the kernel must ask for gives ENOTCONN
+    (statfs always asks; stat may be answered from cached attributes)."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)
     except OSError as error:
         return error.errno == errno.ENOTCONN
     return False
