@@ -82,8 +82,8 @@ class _MountOptions(argparse.Action):
                 raise argparse.ArgumentError(self, "ro: a cowfs mount is writable by design (its writes are "
                                              "thrown away at unmount); drop ro")
             elif not (name in _ALWAYS_SO or name in _IGNORED or option.startswith(_IGNORED_PREFIXES)):
-                raise argparse.ArgumentError(self, f"unknown mount option {option!r} (cowfs takes store=, "
-                                             "max_store=, log_file=, allow_other, allow_root, noexec)")
+                raise argparse.ArgumentError(self, f"unknown mount option {option!r}: cowfs takes store=, "
+                                             "max_store=, log_file=, allow_other, allow_root, noexec")
 
 
 _EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log"}
@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users in (with normal permission checks; needs user_allow_other "
                        "in /etc/fuse.conf when not root)")
-    mount.add_argument("--allow-root", action="store_true", help="let root in too (as for --allow-other)")
+    mount.add_argument("--allow-root", action="store_true",
+                       help="let root in too, and no one else (needs user_allow_other in /etc/fuse.conf "
+                       "when not root)")
     mount.add_argument("-f", "--foreground", action="store_true", default=argparse.SUPPRESS,
                        help="stay in the foreground, logging to stderr")
     mount.add_argument("-v", "--verbose", action="count", dest="mount_verbose", default=0,
