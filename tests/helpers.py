@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cowfs.mounts import is_mounted, open_pidfd, wait_for_exit
+from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
+from cowfs.mounts import open_pidfd, wait_for_exit
 
 COWFS = str(Path(sys.executable).parent / "cowfs")
 SOAK = bool(os.environ.get("COWFS_SOAK"))

@@ -67,7 +67,7 @@ def test_mount_parent_imports_nothing_it_does_not_need_before_the_fork(base_dir:
 
 @pytest.mark.parametrize("verbose_first", [True, False], ids=["cowfs -v mount", "cowfs mount -v"])
 def test_verbose_works_before_and_after_mount(base_dir: Path, tmp_path: Path, verbose_first: bool) -> None:
-    runs = {}
+    runs: dict[str, str] = {}
     for verbosity in ([], ["-v"], ["-vv"]):
         mountpoint, log = tmp_path / f"mnt{len(runs)}", tmp_path / f"log{len(runs)}"
         mountpoint.mkdir()
