@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,9 +252,13 @@ def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_f
 
 
 def test_list_shows_only_the_callers_mounts(visible_tmp: Path, mounted: Mount) -> None:  # noqa: F811
-    """Root's mount is not listed for nobody (who has none)."""
+    """Root's mount is not listed for nobody (who has none). Nobody runs a copy of the
+    package it can read: the checkout may be in a directory only root may enter."""
     assert any(row["mountpoint"] == str(mounted.path) for row in json.loads(run([COWFS, "list", "--json"]).stdout)
                ["mounts"])
-    theirs = run(as_user(NOBODY, NOBODY, [COWFS, "list", "--json"]), cwd=visible_tmp)
-    assert json.loads(theirs.stdout) == {"mounts": []}
-    assert run(as_user(NOBODY, NOBODY, [COWFS, "list"]), cwd=visible_tmp).stdout == "no cowfs mounts\n"
+    shutil.copytree(Path(cowfs.__file__).parent, visible_tmp / "pkg" / "cowfs",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    as_nobody = as_user(NOBODY, NOBODY, ["/usr/bin/python3", "-m", "cowfs", "list"])
+    env = {**os.environ, "PYTHONPATH": str(visible_tmp / "pkg")}
+    assert json.loads(run([*as_nobody, "--json"], cwd=visible_tmp, env=env).stdout) == {"mounts": []}
+    assert run(as_nobody, cwd=visible_tmp, env=env).stdout == "no cowfs mounts\n"
