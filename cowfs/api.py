@@ -42,7 +42,6 @@ from .protocol import (
     ResetRequest,
     StatusReply,
     StatusRequest,
-    read_control_info,
 )
 
 FileDiff = DiffReply  # the public name
@@ -107,10 +106,7 @@ class Mount:
         if inside != "/":
             raise UserError(f"{mountpoint} is inside the cowfs mount {root}, not its mountpoint")
         self.path = root
-        try:
-            self._info: ControlInfo = read_control_info(root)
-        except OSError as error:
-            raise UserError(f"{root}: cannot reach the cowfs daemon ({error.strerror or error})") from None
+        self._info: ControlInfo = mounts.control_info(root)
 
     def __repr__(self) -> str:
         return f"<cowfs.Mount {self.path}>"

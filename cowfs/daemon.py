@@ -41,6 +41,10 @@ def fuse_options(config: MountConfig) -> set[str]:
     options = set(pyfuse3.default_options) | {"fsname=cowfs", "subtype=cowfs"}
     if config.allow_other:
         options.add("allow_other")
+    if config.allow_root:
+        options.add("allow_root")
+    if config.noexec:
+        options.add("noexec")
     return options
 
 

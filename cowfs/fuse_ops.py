@@ -22,7 +22,7 @@ import pyfuse3
 import trio
 
 from .features import FUSE_HANDLE_KILLPRIV_V2
-from .mounts import unescape_mount_field
+from .mounts import find_mount
 from .namespace import Namespace, Node, Stat
 
 log = logging.getLogger(__name__)
@@ -108,26 +108,15 @@ def _entry(st: Stat) -> pyfuse3.EntryAttributes:
     return entry
 
 
-def _mount_device(mountpoint: str) -> str | None:
-    """"major:minor" of the (last) mount at ``mountpoint``, from mountinfo:
-    a stat would ask this very daemon, which may still be answering INIT."""
-    device = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) > 4 and unescape_mount_field(fields[4]) == mountpoint:
-                device = fields[2]
-    return device
-
-
 def tune_backing_device(mountpoint: str, settings: dict[str, str]) -> None:
     """Apply ``settings`` to the mount's bdi (each one left as is where not permitted)."""
-    device = _mount_device(mountpoint)
-    if device is None:
+    # From mountinfo: a stat would ask this very daemon, which may still be answering INIT.
+    entry = find_mount(mountpoint)
+    if entry is None:
         return
     for name, value in settings.items():
         try:
-            with open(f"/sys/class/bdi/{device}/{name}", "w") as setting:
+            with open(f"/sys/class/bdi/{entry.device}/{name}", "w") as setting:
                 setting.write(value)
         except OSError as error:
             log.debug("%s of the mount stays at the kernel default: %s", name, error)

@@ -16,7 +16,7 @@ import pytest
 from cowfs.base import BaseDir
 
 from ..conftest import MountFactory
-from ..helpers import fd_flags, is_mounted, read_base, run, sha256, wait_until
+from ..helpers import fd_flags, is_mounted, read_base, run, sha256, wait_for_pid_exit
 from .test_core import make_file
 from .users import NOBODY, as_user, dev_fuse_open_to_all, fresh_user
 
@@ -105,7 +105,7 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
             assert Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] == str(user.pw_uid)
             as_them(*cowfs_argv, "umount", str(mnt))
             assert not is_mounted(mnt)
-            assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+            assert wait_for_pid_exit(pid, timeout=10)
         finally:
             if is_mounted(mnt):
                 run(["fusermount3", "-u", "-z", str(mnt)], check=False)
