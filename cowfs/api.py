@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import control_client, mounts, transfer
 from .errors import UserError
@@ -38,6 +38,7 @@ from .protocol import (
     Op,
     PathRequest,
     Plan,
+    ProtocolError,
     Request,
     ResetRequest,
     StatusReply,
@@ -47,6 +48,7 @@ from .protocol import (
 FileDiff = DiffReply  # the public name
 
 StrPath = str | os.PathLike[str]
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,14 @@ class Mount:
                 raise UserError(f"{full}{str(error)[len(inside):]}") from None
             raise
 
+    def _reply(self, record: type[R], message: Request) -> R:
+        """The daemon's answer to ``message`` as a ``record`` (a reply type with ``from_wire``)."""
+        try:
+            return record.from_wire(self._request(message))  # type: ignore[attr-defined, no-any-return]
+        except ProtocolError as error:
+            raise UserError(f"{self.path}: unreadable answer from its cowfs daemon ({error}): "
+                            "is it another cowfs version? remount it") from None
+
     def _inside(self, path: StrPath) -> str:
         """A path inside the mount: relative to it, or absolute under it."""
         text = os.fspath(path)
@@ -134,11 +144,11 @@ class Mount:
 
     def status(self) -> Status:
         """Base, store usage, every changed path, kernel features and request counts."""
-        return Status.of(self.path, StatusReply.from_wire(self._request(StatusRequest())))
+        return Status.of(self.path, self._reply(StatusReply, StatusRequest()))
 
     def diff(self, path: StrPath) -> FileDiff:
         """The byte ranges of one file that differ from (or are not backed by) its base."""
-        return DiffReply.from_wire(self._request(PathRequest(Op.DIFF, self._inside(path))))
+        return self._reply(DiffReply, PathRequest(Op.DIFF, self._inside(path)))
 
     def reset(self, path: StrPath | None = None, force: bool = False) -> None:
         """Throw away the changes of ``path`` (everything when None), freeing their store space.
@@ -157,12 +167,12 @@ class Mount:
         given, is asked once the checks pass; False cancels (UserError).
         Afterwards the view is unchanged and the file's store space is freed."""
         inside = self._inside(path)
-        plan = Plan.from_wire(self._request(PathRequest(Op.COMMIT_PLAN, inside)))
+        plan = self._reply(Plan, PathRequest(Op.COMMIT_PLAN, inside))
         if confirm is not None and not confirm(plan):
             raise UserError("commit cancelled, nothing written")
         def still_current() -> bool:
             try:
-                return Plan.from_wire(self._request(PathRequest(Op.COMMIT_PLAN, inside))).token == plan.token
+                return self._reply(Plan, PathRequest(Op.COMMIT_PLAN, inside)).token == plan.token
             except UserError:
                 return False  # opened, changed or gone meanwhile
 
@@ -178,7 +188,7 @@ class Mount:
         the base (``-F raw``), holding only the changed ranges.  ``dest`` must not
         exist unless ``force``."""
         inside = self._inside(path)
-        plan = Plan.from_wire(self._request(PathRequest(Op.EXPORT_PLAN, inside)))
+        plan = self._reply(Plan, PathRequest(Op.EXPORT_PLAN, inside))
         view = self.path / inside.lstrip("/")
         exporter = {"raw": transfer.export_raw, "qcow2": transfer.export_qcow2}.get(format)
         if exporter is None:
