@@ -128,3 +128,44 @@ def test_export_qcow2_holds_no_zero_clusters_for_base_holes(files: tuple[Path, P
                                        text=True, check=True).stdout)
     zero_clusters = [(m["start"], m["start"] + m["length"]) for m in mapped if m["depth"] == 0 and m["zero"]]
     assert zero_clusters == [(64 * K, 192 * K)]
+
+
+def test_view_reads_are_whole_sectors_and_commit_reads_base_bytes_before_writing(
+        files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """O_DIRECT on the mount wants whole 512-byte sectors; once a commit has
+    written to the base, it may read only bytes the store holds."""
+    base, view = files
+    written = [(100, 700), (1000, 5000), (SIZE - 10, SIZE)]
+    content = bytearray(base.read_bytes())
+    for start, end in written:
+        content[start:end] = b"u" * (end - start)
+    content[700:1000] = bytes(300)
+    view.write_bytes(content)
+    plan = Plan("/base.raw", base, _plan(base).identity, SIZE, SIZE, written, [], [(700, 1000)])
+    events: list[tuple[str, int, int]] = []
+    real_pread, real_pwrite = os.pread, os.pwrite
+
+    def name_of(fd: int) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}")
+
+    def recording_pread(fd: int, length: int, offset: int) -> bytes:
+        if name_of(fd) == str(view):
+            events.append(("read", offset, length))
+        return real_pread(fd, length, offset)
+
+    def recording_pwrite(fd: int, data: bytes, offset: int) -> int:
+        if name_of(fd) == str(base):
+            events.append(("write", offset, len(data)))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pread", recording_pread)
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    transfer.commit(plan, view)
+    monkeypatch.undo()
+    assert base.read_bytes() == bytes(content)
+    reads = [(offset, length) for kind, offset, length in events if kind == "read"]
+    assert reads and all(offset % 512 == 0 and length % 512 == 0 for offset, length in reads)
+    first_write = next(i for i, event in enumerate(events) if event[0] == "write")
+    for kind, offset, length in events[first_write:]:
+        if kind == "read":
+            assert any(start <= offset and offset + length <= end for start, end in written), (offset, length)
