@@ -13,13 +13,10 @@ zeros where its filesystem cannot punch), ``export raw`` leaves them
 unwritten in DEST, ``export qcow2`` makes zero clusters only where the base
 has data the view hides.
 
-Changed bytes are read from the view with O_DIRECT, in whole 512-byte
-sectors (as O_DIRECT on a block-backed file wants them), covering exactly the
+Changed bytes are read from the view with O_DIRECT and exactly inside the
 written ranges, so the daemon serves them from its store alone: no readahead
 drags base bytes along (during a commit the base is being rewritten, and the
-daemon would rightly take a changed base for an error).  The partial sectors
-at the ends of unaligned ranges may show base bytes: a commit reads them all
-before it changes the base.
+daemon would rightly take a changed base for an error).
 """
 
 from __future__ import annotations
@@ -89,67 +86,29 @@ def _check_identity(plan: Plan, fd: int) -> None:
                         "refusing (nothing written)")
 
 
-SECTOR = 512  # O_DIRECT reads of the view take offsets and lengths in whole sectors
-
-
-class _View:
-    """The mounted file, read with O_DIRECT in whole sectors (see the module docstring)."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._edges: dict[int, bytes] = {}  # sector offset -> its bytes, read ahead of a commit
-
-    def read_edges(self, ranges: list[tuple[int, int]]) -> None:
-        """Read now the partial sectors at the ends of ``ranges``."""
-        for start, end in ranges:
-            for offset in (start, end):
-                sector = offset // SECTOR * SECTOR
-                if offset % SECTOR and sector not in self._edges:
-                    self._edges[sector] = os.pread(self._fd, SECTOR, sector)
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes ``[offset, offset + length)`` of the view."""
-        end = offset + length
-        first = offset // SECTOR * SECTOR
-        parts, pos = [], first
-        if offset % SECTOR:  # a partial first sector
-            parts.append(self._sector(first))
-            pos = first + SECTOR
-        tail = end // SECTOR * SECTOR if end % SECTOR else end
-        if pos < tail:
-            parts.append(os.pread(self._fd, tail - pos, pos))
-        if tail < end and tail >= pos:  # a partial last sector, not the first one
-            parts.append(self._sector(tail))
-        data = b"".join(parts)[offset - first : offset - first + length]
-        if len(data) != length:
-            raise UserError(f"short read from the mount at offset {offset}: the file changed meanwhile?")
-        return data
-
-    def _sector(self, sector: int) -> bytes:
-        found = self._edges.get(sector)
-        return found if found is not None else os.pread(self._fd, SECTOR, sector)  # short at EOF
-
-
 @contextlib.contextmanager
-def _open_view(view: Path) -> Iterator[_View]:
+def _open_view(view: Path) -> Iterator[int]:
     try:
         fd = os.open(view, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError:
         fd = os.open(view, os.O_RDONLY | os.O_CLOEXEC)  # a kernel without FUSE O_DIRECT
     try:
-        yield _View(fd)
+        yield fd
     finally:
         os.close(fd)
 
 
 def _chunks(ranges: list[tuple[int, int]], size: int = CHUNK) -> Iterator[tuple[int, int]]:
-    """``ranges`` cut at the multiples of ``size`` (so cuts fall on whole sectors)."""
     for start, end in ranges:
-        offset = start
-        while offset < end:
-            stop = min(end, (offset // size + 1) * size)
-            yield offset, stop - offset
-            offset = stop
+        for offset in range(start, end, size):
+            yield offset, min(size, end - offset)
+
+
+def _read_exact(fd: int, offset: int, length: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise UserError(f"short read from the mount at offset {offset}: the file changed meanwhile?")
+    return data
 
 
 # -- commit ----------------------------------------------------------------------------
@@ -167,13 +126,12 @@ def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[st
         _check_identity(plan, base_fd)
         total, done = plan.written_bytes, 0
         progress(0, total)
-        with _open_view(view) as view_file:
-            view_file.read_edges(plan.written)  # they may show base bytes: read them before the base changes
+        with _open_view(view) as view_fd:
             if plan.base_limit < os.fstat(base_fd).st_size:  # the view hides the base's tail: zeros now
                 os.ftruncate(base_fd, plan.base_limit)
             _make_holes(base_fd, plan.zeroed)
             for offset, length in _chunks(plan.written):
-                os.pwrite(base_fd, view_file.read(offset, length), offset)
+                os.pwrite(base_fd, _read_exact(view_fd, offset, length), offset)
                 done += length
                 progress(done, total)
         if os.fstat(base_fd).st_size != plan.size:
@@ -260,8 +218,7 @@ def _copy_range(source: int, dest: int, offset: int, length: int) -> None:
         except OSError as error:
             if error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            data = os.pread(source, min(length, CHUNK), offset)
-            copied = os.pwrite(dest, data, offset) if data else 0
+            copied = os.pwrite(dest, _read_exact(source, offset, min(length, CHUNK)), offset)
         if copied == 0:
             raise UserError(f"the base file ended early at offset {offset}")
         offset += copied
@@ -298,9 +255,9 @@ def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress
                     _copy_range(base_fd, dest_fd, offset, length)
                     done += length
                     progress(done, total)
-            with _open_view(view) as view_file:
+            with _open_view(view) as view_fd:
                 for offset, length in _chunks(plan.written):
-                    os.pwrite(dest_fd, view_file.read(offset, length), offset)
+                    os.pwrite(dest_fd, _read_exact(view_fd, offset, length), offset)
                     done += length
                     progress(done, total)
             os.fsync(dest_fd)
@@ -417,9 +374,9 @@ def _write_over_nbd(plan: Plan, view: Path, dest: Path, base_data: list[tuple[in
                 progress(0, total)
                 for zero_start, zero_end in zeroed:  # before the copies, which may share their clusters
                     client.write_zeroes(zero_start, zero_end - zero_start)
-                with _open_view(view) as view_file:
+                with _open_view(view) as view_fd:
                     for offset, length in _chunks(copy, MAX_REQUEST):
-                        client.write(offset, view_file.read(offset, length))
+                        client.write(offset, _read_exact(view_fd, offset, length))
                         done += length
                         progress(done, total)
                 client.flush()
