@@ -43,6 +43,7 @@ errno a caller should see.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -54,6 +55,9 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 4096  # appends keep their offset within a page of this size
+
+# Every change of any view gets the next number, so a generation names one state of one view for good.
+_changes = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ class OverlayFile:
         self.written = RangeMap()
         self.store_fd: int | None = None
         self.store_end = 0  # where the next append goes
-        self.generation = 0  # grows on every change of the view's bytes or size
+        self.generation = next(_changes)  # a new number at every change of the view's bytes or size
 
     @property
     def is_changed(self) -> bool:
@@ -180,7 +184,7 @@ class OverlayFile:
             self._store.ensure_room(sum(stop - start for start, stop, store in segments
                                         if store is None or store == ZEROS))
         fd = self._store_fd()
-        self.generation += 1
+        self.generation = next(_changes)
         view = memoryview(data)
         done = 0
         for start, stop, store in segments:
@@ -203,7 +207,7 @@ class OverlayFile:
     def truncate(self, size: int) -> None:
         if size == self.size:
             return
-        self.generation += 1
+        self.generation = next(_changes)
         if size < self.size:
             self._drop(size, self.size)
             self.base_limit = min(self.base_limit, size)
@@ -215,7 +219,7 @@ class OverlayFile:
         end = min(offset + length, self.size)
         if offset >= end:
             return
-        self.generation += 1
+        self.generation = next(_changes)
         self._drop(offset, end)
         zeros_end = min(end, self.base_limit)
         if offset < zeros_end:  # base bytes: hide them without store bytes
@@ -238,7 +242,7 @@ class OverlayFile:
     def _grow_to(self, end: int, keep_size: bool) -> None:
         if not keep_size and end > self.size:
             self.size = end  # above base_limit, so the new tail reads zeros
-            self.generation += 1
+            self.generation = next(_changes)
 
     def _drop(self, start: int, end: int) -> None:
         """Unmap ``[start, end)``: release its store bytes in the account and on disk."""
@@ -326,10 +330,16 @@ class OverlayFile:
         """512-byte blocks the store holds for this file."""
         return os.fstat(self.store_fd).st_blocks if self.store_fd is not None else 0
 
+    def adopt_base(self, identity: BaseIdentity) -> None:
+        """The base file was rewritten (by `cowfs commit`) to hold this view's bytes below
+        ``base_limit``: take its new identity, keep every change."""
+        self.base_identity = identity
+        self.base_changed = False
+
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         """Forget every change: the view is the (current) base again."""
         self.close()
-        self.generation += 1
+        self.generation = next(_changes)
         self.base_fd = base_fd_factory()
         self.base_identity = BaseIdentity.of(os.fstat(self.base_fd)) if self.base_fd is not None else None
         self.base_changed = False

@@ -13,10 +13,12 @@ zeros where its filesystem cannot punch), ``export raw`` leaves them
 unwritten in DEST, ``export qcow2`` makes zero clusters only where the base
 has data the view hides.
 
-Changed bytes are read from the view with O_DIRECT and exactly inside the
-written ranges, so the daemon serves them from its store alone: no readahead
-drags base bytes along (during a commit the base is being rewritten, and the
-daemon would rightly take a changed base for an error).
+Changed bytes are read from the view with O_DIRECT, in whole 512-byte sectors
+around the written ranges (the mount refuses unaligned O_DIRECT reads, as a
+disk does), so no readahead drags in more.  A commit reads every change into
+a private spool file before it touches the base: the base being rewritten
+under a read of the view would rightly look like a changed base to the
+daemon.
 """
 
 from __future__ import annotations
@@ -29,12 +31,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import UserError
 from .nbd import MAX_REQUEST, NbdClient
+from .protocol import Plan
 from .store import punch_hole
 
 CHUNK = 4 << 20
@@ -43,35 +44,6 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 def _no_progress(done: int, total: int) -> None:
     pass
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the daemon says about one file (see `cowfs.changes.file_plan`)."""
-
-    path: str
-    base_file: Path | None
-    identity: dict[str, int] | None
-    size: int
-    base_limit: int
-    written: list[tuple[int, int]]
-    token: list[int]
-    zeroed: list[tuple[int, int]]  # base bytes the view shows as zeros (holes), below base_limit
-
-    @classmethod
-    def from_reply(cls, reply: dict[str, Any]) -> Plan:
-        size = int(reply["size"])
-
-        def clipped(ranges: list[list[int]]) -> list[tuple[int, int]]:
-            return [(int(start), min(int(end), size)) for start, end in ranges if int(start) < size]
-
-        return cls(reply["path"], Path(reply["base_file"]) if reply["base_file"] else None, reply["identity"],
-                   size, int(reply["base_limit"]), clipped(reply["written"]), list(reply["token"]),
-                   clipped(reply["zeroed"]))
-
-    @property
-    def written_bytes(self) -> int:
-        return sum(end - start for start, end in self.written)
 
 
 def identity_of(fd: int) -> dict[str, int]:
@@ -104,9 +76,19 @@ def _chunks(ranges: list[tuple[int, int]], size: int = CHUNK) -> Iterator[tuple[
             yield offset, min(size, end - offset)
 
 
-def _read_exact(fd: int, offset: int, length: int) -> bytes:
+SECTOR = 512  # O_DIRECT reads of the view must be aligned to it, as on a disk
+
+
+def _read_view(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of the view, read with whole 512-byte sectors."""
+    start = offset - offset % SECTOR
+    data = _read_exact(fd, start, -(-(offset + length) // SECTOR) * SECTOR - start, at_least=offset - start + length)
+    return data[offset - start : offset - start + length]
+
+
+def _read_exact(fd: int, offset: int, length: int, at_least: int | None = None) -> bytes:
     data = os.pread(fd, length, offset)
-    if len(data) != length:
+    if len(data) < (length if at_least is None else at_least):
         raise UserError(f"short read from the mount at offset {offset}: the file changed meanwhile?")
     return data
 
@@ -114,8 +96,14 @@ def _read_exact(fd: int, offset: int, length: int) -> bytes:
 # -- commit ----------------------------------------------------------------------------
 
 
-def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[str, int]:
-    """Write the changes of ``view`` into its base file; return the base's new identity."""
+def commit(plan: Plan, view: Path, still_current: Callable[[], bool],
+           progress: Progress = _no_progress) -> dict[str, int]:
+    """Write the changes of ``view`` into its base file; return the base's new identity.
+
+    The changed bytes are first read through the mount into a private spool
+    file; only if ``still_current()`` then confirms the file did not change
+    meanwhile is the base written.  So a write that lands while the changes
+    are being read makes the commit refuse with nothing written."""
     assert plan.base_file is not None
     try:
         base_fd = os.open(plan.base_file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -124,14 +112,22 @@ def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[st
                         "nothing written") from None
     try:
         _check_identity(plan, base_fd)
-        total, done = plan.written_bytes, 0
+        total, done = 2 * plan.written_bytes, 0
         progress(0, total)
-        with _open_view(view) as view_fd:
+        with tempfile.TemporaryFile(prefix="cowfs-commit-") as spool:
+            with _open_view(view) as view_fd:  # closed before the check: an open file refuses a commit
+                for offset, length in _chunks(plan.written):
+                    os.pwrite(spool.fileno(), _read_view(view_fd, offset, length), offset)
+                    done += length
+                    progress(done, total)
+            if not still_current():
+                raise UserError(f"{plan.path}: written in the mount while committing: nothing written, "
+                                "the mount keeps its changes (commit again)")
             if plan.base_limit < os.fstat(base_fd).st_size:  # the view hides the base's tail: zeros now
                 os.ftruncate(base_fd, plan.base_limit)
             _make_holes(base_fd, plan.zeroed)
             for offset, length in _chunks(plan.written):
-                os.pwrite(base_fd, _read_exact(view_fd, offset, length), offset)
+                os.pwrite(base_fd, _read_exact(spool.fileno(), offset, length), offset)
                 done += length
                 progress(done, total)
         if os.fstat(base_fd).st_size != plan.size:
@@ -257,7 +253,7 @@ def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress
                     progress(done, total)
             with _open_view(view) as view_fd:
                 for offset, length in _chunks(plan.written):
-                    os.pwrite(dest_fd, _read_exact(view_fd, offset, length), offset)
+                    os.pwrite(dest_fd, _read_view(view_fd, offset, length), offset)
                     done += length
                     progress(done, total)
             os.fsync(dest_fd)
@@ -376,7 +372,7 @@ def _write_over_nbd(plan: Plan, view: Path, dest: Path, base_data: list[tuple[in
                     client.write_zeroes(zero_start, zero_end - zero_start)
                 with _open_view(view) as view_fd:
                     for offset, length in _chunks(copy, MAX_REQUEST):
-                        client.write(offset, _read_exact(view_fd, offset, length))
+                        client.write(offset, _read_view(view_fd, offset, length))
                         done += length
                         progress(done, total)
                 client.flush()

@@ -100,6 +100,7 @@ def _seek(call: Callable[[int], int], offset: int) -> int:
     try:
         return call(offset)
     except OSError as error:
+        assert error.errno is not None
         return -error.errno
 
 

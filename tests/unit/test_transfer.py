@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from cowfs import transfer
-from cowfs.transfer import Plan, identity_of, qcow2_writes
+from cowfs.protocol import Plan
+from cowfs.transfer import identity_of, qcow2_writes
 
 K = 1024
 SIZE = 1024 * K
@@ -68,13 +69,16 @@ def _plan(base: Path) -> Plan:
         identity = identity_of(fd)
     finally:
         os.close(fd)
-    return Plan("/base.raw", base, identity, SIZE, SIZE, WRITTEN, [], ZEROED)
+    return Plan("/base.raw", str(base), identity, SIZE, SIZE, WRITTEN, [], ZEROED)
 
 
-def test_plan_from_reply_clips_ranges_to_the_size() -> None:
-    plan = Plan.from_reply({"path": "/f", "base_file": None, "identity": None, "size": 100, "base_limit": 0,
-                            "written": [[0, 10], [90, 120], [150, 160]], "zeroed": [[20, 200]], "token": [1]})
-    assert plan.written == [(0, 10), (90, 100)] and plan.zeroed == [(20, 100)]
+def test_plan_from_the_wire_checks_its_ranges() -> None:
+    wire = {"path": "/f", "base_file": None, "identity": None, "size": 100, "base_limit": 0,
+            "written": [[0, 10], [90, 100]], "zeroed": [[20, 30]], "token": [1]}
+    plan = Plan.from_wire(wire)
+    assert plan.written == [(0, 10), (90, 100)] and plan.zeroed == [(20, 30)]
+    with pytest.raises(ValueError, match="start <= end"):
+        Plan.from_wire({**wire, "zeroed": [[30, 20]]})
 
 
 def test_export_raw_leaves_zeroed_ranges_as_holes(files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -88,7 +92,7 @@ def test_export_raw_leaves_zeroed_ranges_as_holes(files: tuple[Path, Path], tmp_
 def test_commit_punches_zeroed_ranges_into_the_base(files: tuple[Path, Path]) -> None:
     base, view = files
     blocks = os.stat(base).st_blocks
-    transfer.commit(_plan(base), view)
+    transfer.commit(_plan(base), view, lambda: True)
     assert base.read_bytes() == view.read_bytes()
     assert _data_regions(base) == [(0, 64 * K), (192 * K, 256 * K), (512 * K, SIZE)]
     assert os.stat(base).st_blocks <= blocks - 128 * K // 512
@@ -102,7 +106,7 @@ def test_commit_writes_zeros_where_the_base_cannot_punch(files: tuple[Path, Path
         raise OSError(errno.EOPNOTSUPP, "no punching here")
 
     monkeypatch.setattr(transfer, "punch_hole", cannot_punch)
-    transfer.commit(_plan(base), view)
+    transfer.commit(_plan(base), view, lambda: True)
     assert base.read_bytes() == view.read_bytes()
 
 
