@@ -37,7 +37,7 @@ import pyfuse3
 import trio
 
 from . import changes
-from .namespace import Namespace
+from .namespace import ChangeError, Namespace
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class ControlServer:
                 result = self._handlers[operation](request)
             else:
                 return {"ok": False, "error": f"unknown control request {operation!r}"}
-        except changes.ChangeError as error:
+        except ChangeError as error:
             return {"ok": False, "error": str(error)}
         except (ValueError, KeyError, TypeError) as error:
             return {"ok": False, "error": f"bad control request: {error}"}
@@ -121,7 +121,7 @@ class ControlServer:
         # Dirty pages of open files would otherwise reach us after the reset.
         if force:
             await _invalidate(self._open_file_inodes())
-        result = changes.reset(self.namespace, path, force)
+        result = self.namespace.reset(path, force)
         await _invalidate(result.inodes, result.entries)
         log.info("reset %s (%d inodes)", path, len(result.inodes))
         return result.paths
@@ -130,8 +130,8 @@ class ControlServer:
         return {node.ino for node in self.namespace.nodes.values() if node.opens and node.data is not None}
 
     async def _commit_done(self, request: dict[str, Any]) -> list[str]:
-        result = changes.commit_done(self.namespace, str(request["path"]), list(request["token"]),
-                                     dict(request["identity"]))
+        result = self.namespace.commit_done(str(request["path"]), list(request["token"]),
+                                            dict(request["identity"]))
         await _invalidate(result.inodes, result.entries)
         log.info("committed %s into its base", request["path"])
         return result.paths

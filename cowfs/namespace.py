@@ -35,6 +35,13 @@ Invariants
   * a node that an operation registers only to inspect it (``_child``) is
     dropped again unless the kernel took a lookup on it.
 ``check_invariants()`` asserts these; the unit tests call it after every step.
+
+Ownership
+---------
+Only this class changes nodes: the FUSE adapter calls its operations, the
+control server its ``reset`` and ``commit_done`` (which return an
+`Invalidation` for the kernel caches), the daemon its ``close``;
+`cowfs.changes` only reads.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .base import BaseDir, BasePath
-from .overlay import OverlayFile
+from .overlay import BaseIdentity, OverlayFile
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -59,6 +66,27 @@ _FIRST_CREATED_INO = 1 << 62  # inos of nodes created in the mount; base inos st
 _NAME_MAX = 255
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+
+
+class ChangeError(Exception):
+    """A control request that cannot be done; the message is for the user."""
+
+
+def split_mount_path(path: str) -> tuple[bytes, ...]:
+    """'/a/b' -> (b'a', b'b'); rejects '.' and '..' components."""
+    parts = tuple(os.fsencode(part) for part in path.split("/") if part)
+    if any(part in (b".", b"..") for part in parts):
+        raise ChangeError(f"{path}: use a path without '.' or '..'")
+    return parts
+
+
+def base_path_text(parts: BasePath) -> str:
+    return "/" + "/".join(os.fsdecode(part) for part in parts)
+
+
+def identity_dict(identity: BaseIdentity) -> dict[str, int]:
+    return {"dev": identity.dev, "ino": identity.ino, "size": identity.size,
+            "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns}
 
 
 @dataclass
@@ -87,6 +115,24 @@ class Stat:
     ctime_ns: int
 
 
+@dataclass
+class Place:
+    """A name in a directory of the mount, and what it shows."""
+
+    parent: Node
+    name: bytes
+    node: Node | None  # None: nothing (deleted, or never existed)
+
+
+@dataclass
+class Invalidation:
+    """What a reset or commit changed, for the kernel cache invalidation that follows it."""
+
+    paths: list[str] = field(default_factory=list)
+    inodes: set[int] = field(default_factory=set)  # whose pages and attributes to drop
+    entries: set[tuple[int, bytes]] = field(default_factory=set)  # (parent ino, name) to forget
+
+
 @dataclass(eq=False)
 class Node:
     ino: int
@@ -104,6 +150,7 @@ class Node:
     link_target: bytes | None = None  # symlinks created in the mount
     xattrs: dict[bytes, bytes] | None = None  # None: the base's
     last_seen_base: tuple[int, int, int, int] | None = None  # for the page-cache decision
+    data_serial: int = 0  # which OverlayFile ``data`` is: part of the commit token
 
     @property
     def is_dir(self) -> bool:
@@ -121,6 +168,7 @@ class Namespace:
         self._next_ino = _FIRST_CREATED_INO
         self._foreign_inos: dict[tuple[int, int], int] = {}
         self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
+        self._data_serial = 0
         root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
         root.pinned = True
         self.nodes: dict[int, Node] = {ROOT_INO: root}
@@ -265,7 +313,7 @@ class Namespace:
             assert node.base_path is not None
             st = self.base.lstat(node.base_path)
             if node.type == stat.S_IFREG and node.data is None:
-                node.data = self._open_data(node)
+                self._open_data(node)
             elif node.type == stat.S_IFLNK:
                 node.link_target = self.base.readlink(node.base_path)
             node.attrs = self._attrs_from_base(st)
@@ -316,10 +364,15 @@ class Namespace:
     # -- file data ------------------------------------------------------------
 
     def _open_data(self, node: Node) -> OverlayFile:
+        """Give a regular file its overlaid bytes (the base's, or none)."""
         if node.base_path is None:
-            return OverlayFile(self.store)
-        fd = self.base.open_file(node.base_path)
-        return OverlayFile(self.store, fd, name=os.fsdecode(b"/".join(node.base_path)))
+            data = OverlayFile(self.store)
+        else:
+            fd = self.base.open_file(node.base_path)
+            data = OverlayFile(self.store, fd, name=os.fsdecode(b"/".join(node.base_path)))
+        self._data_serial += 1
+        node.data, node.data_serial = data, self._data_serial
+        return data
 
     def open(self, ino: int, truncate: bool = False) -> tuple[Node, bool]:
         """Open a regular file; return the node and whether the kernel may keep its cached pages."""
@@ -328,11 +381,10 @@ class Namespace:
             raise OSError(errno.EISDIR, "is a directory")
         if node.type != stat.S_IFREG:
             raise OSError(errno.EACCES, "not a regular file")
-        if node.data is None:
-            node.data = self._open_data(node)
+        data = node.data if node.data is not None else self._open_data(node)
         keep_cache = True
-        identity = node.data.base_identity
-        if identity is not None and node.data.written.total == 0 and node.attrs is None:
+        identity = data.base_identity
+        if identity is not None and data.written.total == 0 and node.attrs is None:
             seen = (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
             keep_cache = seen == node.last_seen_base  # the base changed since last open: drop cached pages
             node.last_seen_base = seen
@@ -398,7 +450,7 @@ class Namespace:
 
     def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
         node = self._new_node(parent_ino, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
-        node.data = OverlayFile(self.store)
+        self._open_data(node)
         return node
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
@@ -623,3 +675,219 @@ class Namespace:
                 yield child_path, child
                 if child.is_dir:
                     stack.append((child_path, child))
+
+    # -- control requests: resolving mount paths ----------------------------------
+
+    def place(self, path: str) -> Place | None:
+        """The place of a mount path (``"/a/b"``); None for the root.  Takes no lookup:
+        the nodes it registered on the way leave ``nodes`` again unless something holds
+        them (harmless for the caller, which uses them at once)."""
+        parts = split_mount_path(path)
+        if not parts:
+            return None
+        directory = self.nodes[ROOT_INO]
+        node: Node | None = None
+        try:
+            for name in parts[:-1]:
+                try:
+                    node = self._existing(directory, name)
+                except OSError:
+                    raise ChangeError(f"{path}: no such directory in the mount") from None
+                if not node.is_dir:
+                    raise ChangeError(f"{path}: {os.fsdecode(name)} is not a directory")
+                directory, node = node, None
+            try:
+                node = self._child(directory, parts[-1])
+            except OSError:
+                node = None
+            return Place(directory, parts[-1], node)
+        finally:
+            self._drop_unheld(directory, node)
+
+    def _drop_unheld(self, directory: Node, node: Node | None) -> None:
+        """Drop a node and its directories up to the root where nothing holds them."""
+        if node is not None:
+            self._maybe_drop(node)
+        while directory.ino != ROOT_INO:
+            parent = self.nodes.get(directory.parent)
+            self._maybe_drop(directory)
+            if parent is None:
+                break
+            directory = parent
+
+    # -- control requests: reset ---------------------------------------------------
+    #
+    # After resetting PATH, the name PATH shows what the base has at PATH; a base
+    # file moved to PATH goes back to its base name (unless that name was reused
+    # since), a file created at PATH disappears, a deleted base file reappears.
+    # Resetting a directory resets everything under it; resetting ``/`` resets the
+    # whole mount.  Open files refuse a reset unless ``force``; with ``force`` their
+    # handles see the base again (a created file becomes an unlinked file: its
+    # handles keep their data until closed).
+
+    def reset(self, path: str, force: bool = False) -> Invalidation:
+        """Throw away the changes at ``path`` (``/`` for everything)."""
+        result = Invalidation()
+        place = self.place(path)
+        if place is None:
+            root = self.nodes[ROOT_INO]
+            self._check_not_open(self._subtree(root, include_self=False), path, force)
+            self._reset_directory_entries(root, result)
+            root.attrs = root.xattrs = None
+            result.inodes.add(ROOT_INO)
+            return result
+        moved = self._moved_away(place)
+        if place.name not in place.parent.entries and moved is None:
+            if place.node is None:
+                raise ChangeError(f"{path}: no such file in the mount")
+            raise ChangeError(f"{path}: not changed in the mount, nothing to reset")
+        involved = []
+        if place.node is not None and place.parent.entries.get(place.name) == place.node.ino:
+            involved = self._subtree(place.node, include_self=True)
+        if moved is not None:
+            involved += self._subtree(moved, include_self=True)
+        self._check_not_open(involved, path, force)
+        self._reset_name(place.parent, place.name, result)
+        if moved is not None:
+            self._reset_name(self.nodes[moved.parent], moved.name, result)
+        result.paths.append(path)
+        return result
+
+    def _moved_away(self, place: Place) -> Node | None:
+        """A pinned node whose base path is this place's base path but that lives elsewhere."""
+        if place.parent.base_path is None:
+            return None
+        wanted = place.parent.base_path + (place.name,)
+        for node in self.nodes.values():
+            if node.pinned and node.base_path == wanted and node is not place.node:
+                return node
+        return None
+
+    def _subtree(self, node: Node, include_self: bool) -> list[Node]:
+        """The node and every node pinned below it."""
+        found = [node] if include_self else []
+        stack = [node]
+        while stack:
+            directory = stack.pop()
+            for ino in directory.entries.values():
+                if ino != WHITEOUT:
+                    child = self.nodes[ino]
+                    found.append(child)
+                    stack.append(child)
+        return found
+
+    @staticmethod
+    def _check_not_open(nodes: list[Node], path: str, force: bool) -> None:
+        open_nodes = [node for node in nodes if node.opens and not node.is_dir]
+        if open_nodes and not force:
+            names = ", ".join(os.fsdecode(node.name) for node in open_nodes[:3])
+            more = f" and {len(open_nodes) - 3} more" if len(open_nodes) > 3 else ""
+            raise ChangeError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
+                              "(open handles then see the base)")
+
+    def _reset_name(self, parent: Node, name: bytes, result: Invalidation) -> None:
+        """Make ``name`` in ``parent`` show the base again; revert what was there."""
+        ino = parent.entries.pop(name, None)
+        result.entries.add((parent.ino, name))
+        if ino is None:
+            return
+        # A base entry deleted or replaced here that the kernel or a handle still holds exists again.
+        wanted = None if parent.base_path is None else parent.base_path + (name,)
+        for displaced in list(self.nodes.values()):
+            if displaced.base_path == wanted and wanted is not None and displaced.unlinked:
+                self._revert(displaced, result)
+        if ino == WHITEOUT:
+            return
+        node = self.nodes[ino]
+        node.pinned = False
+        if node.is_dir:
+            self._reset_directory_entries(node, result)
+        self._revert(node, result)
+        # A base node moved here goes back to its base name: drop the whiteout there.
+        if node.base_path is not None and node.base_path != (None if parent.base_path is None
+                                                             else parent.base_path + (name,)):
+            origin = self._directory_at_base_path(node.base_path[:-1])
+            if origin is not None and origin.entries.get(node.base_path[-1]) == WHITEOUT:
+                del origin.entries[node.base_path[-1]]
+                result.entries.add((origin.ino, node.base_path[-1]))
+
+    def _directory_at_base_path(self, base_path: BasePath) -> Node | None:
+        """The node that shows base directory ``base_path`` at its own base path, if registered."""
+        for node in self.nodes.values():
+            if node.is_dir and node.base_path == base_path:
+                return node
+        return None
+
+    def _reset_directory_entries(self, directory: Node, result: Invalidation) -> None:
+        for name in list(directory.entries):
+            self._reset_name(directory, name, result)
+
+    def _revert(self, node: Node, result: Invalidation) -> None:
+        """Forget a node's own changes: base metadata and bytes again, or gone if created."""
+        result.inodes.add(node.ino)
+        node.last_seen_base = None  # its next open must not keep cached pages
+        if node.base_path is None:  # created in the mount: it no longer exists
+            node.unlinked = True
+            self._maybe_drop(node)  # unless the kernel or a handle holds it
+            return
+        node.attrs = None
+        node.xattrs = None
+        node.unlinked = False
+        if node.data is not None:
+            if node.opens:
+                base_path = node.base_path
+                node.data.discard_changes(lambda: self.base.open_file(base_path))
+            else:
+                node.data.close()
+                node.data = None
+        self._maybe_drop(node)
+
+    # -- control requests: commit ------------------------------------------------
+
+    def commit_done(self, path: str, token: list[int], new_identity: dict[str, int]) -> Invalidation:
+        """The CLI wrote the changes of ``path`` into its base: adopt that as the new base,
+        unless the file changed since its plan (``token``)."""
+        place = self.place(path)
+        node = None if place is None else place.node
+        if node is None or node.type != stat.S_IFREG:
+            raise ChangeError(f"{path}: no such file in the mount")
+        data = node.data
+        if data is None or data.base_fd is None or self.change_token(node) != token or node.opens:
+            raise ChangeError(f"{path}: changed in the mount while committing; the base holds the "
+                              "earlier state, the mount keeps its changes")
+        if identity_dict(BaseIdentity.of(os.fstat(data.base_fd))) != new_identity:
+            raise ChangeError(f"{path}: its base file changed during the commit (by someone else?)")
+        result = Invalidation(paths=[path])
+        self._adopt(node, result)
+        return result
+
+    def _adopt(self, node: Node, result: Invalidation) -> None:
+        """The base now holds this node's changes: show the base again."""
+        parent = self.nodes[node.parent]
+        if parent.entries.get(node.name) == node.ino:
+            del parent.entries[node.name]
+            result.entries.add((parent.ino, node.name))
+        node.pinned = False
+        node.attrs = node.xattrs = None
+        node.last_seen_base = None
+        result.inodes.add(node.ino)
+        if node.data is not None:
+            node.data.close()
+            node.data = None
+        self._maybe_drop(node)
+
+    @staticmethod
+    def change_token(node: Node) -> list[int]:
+        """Changes on every change of a file's bytes (to detect writes between plan and finish)."""
+        if node.data is None:
+            return []
+        return [node.data_serial, node.data.generation]
+
+    # -- the end -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every node's descriptors and store space (at unmount)."""
+        for node in self.nodes.values():
+            if node.data is not None:
+                node.data.close()
+                node.data = None

@@ -77,6 +77,7 @@ class OverlayFile:
         self.written = RangeMap()
         self.store_fd: int | None = None
         self.store_end = 0  # where the next append goes
+        self.generation = 0
 
     @property
     def is_changed(self) -> bool:
@@ -152,6 +153,7 @@ class OverlayFile:
     # -- writing ------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
+        self.generation += 1
         length = len(data)
         if length == 0:
             return 0
@@ -177,6 +179,7 @@ class OverlayFile:
         return done
 
     def truncate(self, size: int) -> None:
+        self.generation += 1
         if size < self.size:
             self._store.bytes_held -= self.written.remove_from(size)
             if not self.written and self.store_fd is not None:
