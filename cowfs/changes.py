@@ -25,7 +25,8 @@ from .namespace import ROOT_INO, WHITEOUT, ChangeError, Namespace, Node, base_pa
 from .overlay import BaseIdentity, OverlayFile
 
 _KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink",
-          stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+          stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFBLK: "block device",
+          stat.S_IFCHR: "character device"}
 
 
 # -- reports ---------------------------------------------------------------------
@@ -63,8 +64,8 @@ def status(namespace: Namespace) -> dict[str, Any]:
     """Every change of the mount, in path order."""
     changes: list[dict[str, Any]] = []
     moved_from: set[BasePath] = set()
-    for path, node in namespace.pinned_nodes():
-        entry = _describe(path, node)
+    for path, node, primary in namespace.pinned_nodes():
+        entry = _describe(path, node, primary)
         if entry is not None:
             changes.append(entry)
             if entry["state"] == "renamed":
@@ -79,11 +80,12 @@ def status(namespace: Namespace) -> dict[str, Any]:
             "max_store": namespace.store.limit, "changes": changes}
 
 
-def _describe(path: str, node: Node) -> dict[str, Any] | None:
+def _describe(path: str, node: Node, primary: bool) -> dict[str, Any] | None:
     if node.base_path is None:
         state, origin = "created", None
     elif base_path_text(node.base_path) != path:
-        state, origin = "renamed", base_path_text(node.base_path)
+        # Its primary name is where it was moved; any other name is a hard link made in the mount.
+        state, origin = ("renamed", base_path_text(node.base_path)) if primary else ("created", None)
     elif node.is_dir:
         return None  # a base directory at its place is pinned only because something inside changed
     else:
@@ -153,6 +155,7 @@ def commit_plan(namespace: Namespace, path: str) -> dict[str, Any]:
         raise ChangeError(f"{path}: no data changes to commit")
     if node.opens:
         raise ChangeError(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
+    namespace.refuse_extra_links(node, path)
     _check_base_unchanged(namespace, node, path)
     return _plan(namespace, path, node)
 

@@ -84,6 +84,7 @@ def _entry(st: Stat) -> pyfuse3.EntryAttributes:
     entry.st_ino = st.ino
     entry.st_mode = st.mode
     entry.st_nlink = st.nlink
+    entry.st_rdev = st.rdev
     entry.st_uid = st.uid
     entry.st_gid = st.gid
     entry.st_size = st.size
@@ -198,7 +199,7 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._reply_entry(self.ns.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._reply_entry(self.ns.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
     @_errno_replies
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -223,7 +224,7 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise OSError(errno.EPERM, "hard links are not supported in a cowfs mount")
+        return self._reply_entry(self.ns.link(inode, new_parent_inode, new_name))
 
     # -- files ---------------------------------------------------------------
 

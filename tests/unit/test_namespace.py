@@ -10,6 +10,7 @@ import errno
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -53,6 +54,19 @@ def make_base(root: Path) -> None:
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
+def copy_tree(source: Path, destination: Path) -> None:
+    """A copy that keeps hard links (shutil.copytree does not)."""
+    subprocess.run(["cp", "-a", str(source), str(destination)], check=True)
+
+
+def with_link_groups(tree: dict[tuple[bytes, ...], tuple[object, ...]]) -> dict[tuple[bytes, ...], tuple[object, ...]]:
+    """Replace each entry's inode number (its last field) by the names that share it."""
+    names: dict[object, list[tuple[bytes, ...]]] = {}
+    for key, value in tree.items():
+        names.setdefault(value[-1], []).append(key)
+    return {key: value[:-1] + (tuple(sorted(names[value[-1]])),) for key, value in tree.items()}
+
+
 class NamespaceMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -62,7 +76,7 @@ class NamespaceMachine(RuleBasedStateMachine):
         (self.tmp / "store").mkdir()
         self.base_path.mkdir()
         make_base(self.base_path)
-        shutil.copytree(self.base_path, self.local, symlinks=True)
+        copy_tree(self.base_path, self.local)
         self.base = BaseDir(self.base_path)
         self.store = Store(self.tmp / "store")
         self.ns = Namespace(self.base, self.store)
@@ -80,7 +94,7 @@ class NamespaceMachine(RuleBasedStateMachine):
             self.kernel_lookups.clear()
             self.ns.check_invariants()
             # With the kernel holding nothing, only changed nodes (and the root) remain.
-            assert all(node.pinned for node in self.ns.nodes.values())
+            assert all(node.pinned or node.held_by_base_names for node in self.ns.nodes.values())
         finally:
             self.ns.close()
             self.store.close()
@@ -177,6 +191,30 @@ class NamespaceMachine(RuleBasedStateMachine):
             self.kernel_lookups[node.ino] += 1
 
         self._both(on_ns, lambda: os.symlink(link_to, self._local(path)))
+
+    @rule(old=paths, new=paths)
+    def link(self, old: tuple[bytes, ...], new: tuple[bytes, ...]) -> None:
+        if self._through_symlink(old, new):
+            return
+        def on_ns() -> None:
+            source = self._resolve(old)  # the kernel resolves the source first (without following)
+            parent = self._resolve_dir(new[:-1])
+            node = self.ns.link(source.ino, parent.ino, new[-1])
+            self.kernel_lookups[node.ino] += 1
+
+        self._both(on_ns, lambda: os.link(self._local(old), self._local(new), follow_symlinks=False))
+
+    @rule(path=paths, kind=st.sampled_from([stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK]),
+          rdev=st.sampled_from([os.makedev(1, 3), os.makedev(8, 1)]))
+    def mknod(self, path: tuple[bytes, ...], kind: int, rdev: int) -> None:
+        if self._through_symlink(path):
+            return
+        def on_ns() -> None:
+            node = self.ns.mknod(self._resolve_dir(path[:-1]).ino, path[-1], kind | 0o644,
+                                 self.ns.uid, self.ns.gid, rdev)
+            self.kernel_lookups[node.ino] += 1
+
+        self._both(on_ns, lambda: os.mknod(self._local(path), kind | 0o644, rdev))
 
     @rule(path=paths)
     def unlink(self, path: tuple[bytes, ...]) -> None:
@@ -277,7 +315,7 @@ class NamespaceMachine(RuleBasedStateMachine):
             return  # the local copy cannot follow handles of files a reset replaces
         self.ns.reset("/")
         shutil.rmtree(self.local)
-        shutil.copytree(self.base_path, self.local, symlinks=True)
+        copy_tree(self.base_path, self.local)
 
     @rule(path=paths)
     @precondition(lambda self: not self.handles)
@@ -293,8 +331,9 @@ class NamespaceMachine(RuleBasedStateMachine):
         shown = self._ns_tree(ROOT_INO, ())
         base_tree = self._tree_of(self.base_path)
         for key in set(shown) | set(base_tree):
-            if key[: len(path)] == path:
-                assert shown.get(key) == base_tree.get(key), key
+            if key[: len(path)] == path:  # link counts and groups may differ: names elsewhere changed
+                assert (shown[key][:2] + shown[key][3:4] if key in shown else None) == \
+                    (base_tree[key][:2] + base_tree[key][3:4] if key in base_tree else None), key
         self._copy_tree_to_local(shown)
 
     @rule(path=paths)
@@ -332,7 +371,7 @@ class NamespaceMachine(RuleBasedStateMachine):
 
     @invariant()
     def trees_match(self) -> None:
-        assert self._ns_tree(ROOT_INO, ()) == self._local_tree()
+        assert with_link_groups(self._ns_tree(ROOT_INO, ())) == with_link_groups(self._local_tree())
 
     def _ns_tree(self, ino: int, path: tuple[bytes, ...]) -> dict[tuple[bytes, ...], tuple[object, ...]]:
         tree: dict[tuple[bytes, ...], tuple[object, ...]] = {}
@@ -349,9 +388,10 @@ class NamespaceMachine(RuleBasedStateMachine):
                 elif kind == stat.S_IFLNK:
                     detail = self.ns.readlink(node.ino)
                 else:
-                    detail = None
+                    detail = attrs.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else None
                 mode = None if kind == stat.S_IFLNK else attrs.mode
-                tree[path + (name,)] = (mode, attrs.size if kind != stat.S_IFDIR else None, attrs.nlink, detail)
+                tree[path + (name,)] = (mode, attrs.size if kind != stat.S_IFDIR else None, attrs.nlink, detail,
+                                        attrs.ino)
                 if kind == stat.S_IFDIR:
                     tree.update(self._ns_tree(node.ino, path + (name,)))
             finally:
@@ -364,17 +404,24 @@ class NamespaceMachine(RuleBasedStateMachine):
     def _copy_tree_to_local(self, tree: dict[tuple[bytes, ...], tuple[object, ...]]) -> None:
         shutil.rmtree(self.local)
         self.local.mkdir()
-        for key, (mode, _, _, detail) in sorted(tree.items()):
+        first_name: dict[object, Path] = {}
+        for key, (mode, _, _, detail, ino) in sorted(tree.items()):
             path = self._local(key)
+            if ino in first_name:
+                os.link(first_name[ino], path, follow_symlinks=False)
+                continue
+            first_name[ino] = path
             if isinstance(mode, int) and stat.S_ISDIR(mode):
                 path.mkdir()
             elif mode is None:
                 assert isinstance(detail, bytes)
                 os.symlink(detail, path)
+            elif isinstance(mode, int) and not stat.S_ISREG(mode):
+                os.mknod(path, mode, detail if isinstance(detail, int) else 0)
             else:
                 assert isinstance(detail, bytes)
                 path.write_bytes(detail)
-        for key, (mode, _, _, _) in sorted(tree.items(), reverse=True):
+        for key, (mode, _, _, _, _) in sorted(tree.items(), reverse=True):
             if mode is not None:
                 assert isinstance(mode, int)
                 os.chmod(self._local(key), stat.S_IMODE(mode))
@@ -392,9 +439,11 @@ class NamespaceMachine(RuleBasedStateMachine):
                     detail = path.read_bytes()
                 elif stat.S_ISLNK(st_.st_mode):
                     detail = os.fsencode(os.readlink(path))
+                elif stat.S_ISCHR(st_.st_mode) or stat.S_ISBLK(st_.st_mode):
+                    detail = st_.st_rdev
                 mode = None if stat.S_ISLNK(st_.st_mode) else st_.st_mode
-                nlink = 1 if stat.S_ISDIR(st_.st_mode) else st_.st_nlink  # directories report 1 (documented)
-                tree[key] = (mode, st_.st_size if not stat.S_ISDIR(st_.st_mode) else None, nlink, detail)
+                size = None if stat.S_ISDIR(st_.st_mode) else st_.st_size
+                tree[key] = (mode, size, st_.st_nlink, detail, st_.st_ino)
         return tree
 
 
