@@ -158,7 +158,7 @@ class ControlServer:
         # Dirty pages of open files would otherwise reach us after the reset.
         if request.force:
             await self.kernel_cache.invalidate(self._open_file_inodes())
-        result = changes.reset(self.namespace, request.path, request.force)
+        result = self.namespace.reset(request.path, request.force)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("reset %s (%d inodes)", request.path, len(result.inodes))
         return ResetReply(result.paths)
@@ -167,7 +167,7 @@ class ControlServer:
         return {node.ino for node in self.namespace.nodes.values() if node.opens and node.data is not None}
 
     async def _commit_done(self, request: CommitDoneRequest) -> ResetReply:
-        result = changes.commit_done(self.namespace, request.path, request.token, request.identity)
+        result = self.namespace.commit_done(request.path, request.token, request.identity)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("committed %s into its base", request.path)
         return ResetReply(result.paths)

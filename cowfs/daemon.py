@@ -104,9 +104,7 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     finally:
         pyfuse3.close(unmount=True)
         control_server.close()
-        for node in namespace.nodes.values():
-            if node.data is not None:
-                node.data.close()
+        namespace.close()
         store.close()
         base.close()
     log.info("unmounted %s", config.mountpoint)

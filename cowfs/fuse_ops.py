@@ -95,6 +95,7 @@ def _entry(st: Stat) -> pyfuse3.EntryAttributes:
     entry.st_ino = st.ino
     entry.st_mode = st.mode
     entry.st_nlink = st.nlink
+    entry.st_rdev = st.rdev
     entry.st_uid = st.uid
     entry.st_gid = st.gid
     entry.st_size = st.size
@@ -205,7 +206,7 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
-        return self._reply_entry(self.ns.mknod(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._reply_entry(self.ns.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
     @_errno_replies
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
@@ -230,7 +231,7 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
-        raise OSError(errno.EPERM, "hard links are not supported in a cowfs mount")
+        return self._reply_entry(self.ns.link(inode, new_parent_inode, new_name))
 
     # -- files ---------------------------------------------------------------
 
@@ -246,8 +247,7 @@ class CowfsOperations(pyfuse3.Operations):
     @_errno_replies
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid)
-        node.opens += 1
+        node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, opened=True)
         handle = self._new_handle()
         self._open_files[handle] = node
         return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)

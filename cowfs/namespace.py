@@ -7,14 +7,23 @@ see.  (The FUSE adapter calls it between awaits, so each call is atomic.)
 
 Model
 -----
-A *node* is a file, directory or symlink of the mount.  Nodes that come from
+A *node* is a file, directory, symlink, fifo, socket or device node of the mount
+(device nodes are metadata only: FUSE mounts are nodev).  Nodes that come from
 BASE_DIR remember their ``base_path`` (their identity in the base, which
 does not change when they are renamed in the mount); nodes created in the
 mount have ``base_path = None``.
 
 A directory's view is its base listing (if it has one) overlaid by its
 ``entries``: ``name -> ino`` for a name the mount created, moved or changed,
-or ``name -> WHITEOUT`` for a base name the mount deleted.  A node listed in
+or ``name -> WHITEOUT`` for a base name the mount deleted.  A node's ``links``
+are the ``(parent ino, name)`` entries that list it (a non-directory may have
+several: hard links); ``(parent, name)`` is its primary name, the one a rename
+gave it.  Link counts live in ``Attrs.nlink``: a directory's is 2 + its
+subdirectories (the base's count, adjusted by each mkdir, rmdir and rename);
+a non-directory's counts its names, including base hard links of it the mount
+has not listed (a changed base file holds its base descriptor open, so a base
+name with the same inode number is one of those).  Such a file stays in
+``nodes`` while those names exist (``held_by_base_names``).  A node listed in
 its parent's ``entries`` is *pinned*: it survives the kernel forgetting it,
 because it carries changes.  Pinning a node pins its parent, up to the root.
 Untouched base entries are not pinned and are looked up in the base every
@@ -35,6 +44,13 @@ Invariants
   * a node that an operation registers only to inspect it (``_child``) is
     dropped again unless the kernel took a lookup on it.
 ``check_invariants()`` asserts these; the unit tests call it after every step.
+
+Ownership
+---------
+Only this class changes nodes: the FUSE adapter calls its operations, the
+control server its ``reset`` and ``commit_done`` (which return an
+`Invalidation` for the kernel caches), the daemon its ``close``;
+`cowfs.changes` only reads.
 """
 
 from __future__ import annotations
@@ -48,7 +64,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .base import BaseDir, BasePath
-from .overlay import OverlayFile
+from .overlay import BaseIdentity, OverlayFile
+from .protocol import ControlError
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -57,8 +74,26 @@ ROOT_INO = 1
 WHITEOUT = 0  # value in ``entries``: the base name was deleted in the mount
 _FIRST_CREATED_INO = 1 << 62  # inos of nodes created in the mount; base inos stay below
 _NAME_MAX = 255
+_LINK_MAX = 65000  # as ext4
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+
+
+def split_mount_path(path: str) -> tuple[bytes, ...]:
+    """'/a/b' -> (b'a', b'b'); rejects '.' and '..' components."""
+    parts = tuple(os.fsencode(part) for part in path.split("/") if part)
+    if any(part in (b".", b"..") for part in parts):
+        raise ControlError(f"{path}: use a path without '.' or '..'")
+    return parts
+
+
+def base_path_text(parts: BasePath) -> str:
+    return "/" + "/".join(os.fsdecode(part) for part in parts)
+
+
+def identity_dict(identity: BaseIdentity) -> dict[str, int]:
+    return {"dev": identity.dev, "ino": identity.ino, "size": identity.size,
+            "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns}
 
 
 @dataclass
@@ -71,6 +106,8 @@ class Attrs:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    nlink: int  # a directory: 2 + subdirectories; otherwise its names (in the mount and unseen base ones)
+    rdev: int = 0  # device nodes
 
 
 @dataclass(frozen=True)
@@ -85,6 +122,25 @@ class Stat:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    rdev: int = 0
+
+
+@dataclass
+class Place:
+    """A name in a directory of the mount, and what it shows."""
+
+    parent: Node
+    name: bytes
+    node: Node | None  # None: nothing (deleted, or never existed)
+
+
+@dataclass
+class Invalidation:
+    """What a reset or commit changed, for the kernel cache invalidation that follows it."""
+
+    paths: list[str] = field(default_factory=list)
+    inodes: set[int] = field(default_factory=set)  # whose pages and attributes to drop
+    entries: set[tuple[int, bytes]] = field(default_factory=set)  # (parent ino, name) to forget
 
 
 @dataclass(eq=False)
@@ -97,17 +153,29 @@ class Node:
     attrs: Attrs | None = None  # None: metadata comes from the base
     lookups: int = 0
     opens: int = 0
-    pinned: bool = False
+    links: set[tuple[int, bytes]] = field(default_factory=set)  # (parent ino, name) of its entries
     unlinked: bool = False
     entries: dict[bytes, int] = field(default_factory=dict)  # directories only
     data: OverlayFile | None = None  # regular files, while open or changed
     link_target: bytes | None = None  # symlinks created in the mount
     xattrs: dict[bytes, bytes] | None = None  # None: the base's
     last_seen_base: tuple[int, int, int, int] | None = None  # for the page-cache decision
+    data_serial: int = 0  # which OverlayFile ``data`` is: part of the commit token
 
     @property
     def is_dir(self) -> bool:
         return self.type == stat.S_IFDIR
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.links) or self.ino == ROOT_INO
+
+    @property
+    def held_by_base_names(self) -> bool:
+        """A changed base file with names in BASE_DIR the mount has not listed in entries
+        (other hard links of it): it must stay, so that those names show its changes."""
+        return (not self.is_dir and self.attrs is not None and self.base_path is not None
+                and not self.unlinked and self.attrs.nlink > len(self.links))
 
 
 class Namespace:
@@ -121,8 +189,8 @@ class Namespace:
         self._next_ino = _FIRST_CREATED_INO
         self._foreign_inos: dict[tuple[int, int], int] = {}
         self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
+        self._data_serial = 0
         root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
-        root.pinned = True
         self.nodes: dict[int, Node] = {ROOT_INO: root}
 
     # -- inode numbers --------------------------------------------------------
@@ -168,9 +236,10 @@ class Namespace:
             return None
         ino = self._ino_for_base(st.st_dev, st.st_ino)
         node = self.nodes.get(ino)
-        if node is not None and node.base_path != path and (node.pinned or node.opens or node.attrs is not None):
+        if (node is not None and node.base_path != path and (node.pinned or node.opens or node.attrs is not None)
+                and not self._holds_base_object(node, st)):
             # The base reused the inode number of an object this mount still holds (or it is
-            # another hard link of it): number this one apart so the two do not merge.
+            # a hard link of an object we cannot tell apart): number this one apart so the two do not merge.
             key = (st.st_dev, st.st_ino, path)
             if key not in self._reused_inos:
                 self._reused_inos[key] = self._new_ino()
@@ -184,6 +253,15 @@ class Namespace:
             if node.attrs is None:  # follow the base: the number may now be another object's
                 node.type, node.base_path = stat.S_IFMT(st.st_mode), path
         return node
+
+    @staticmethod
+    def _holds_base_object(node: Node, st: os.stat_result) -> bool:
+        """Is ``st`` the base object this node holds open?  An open descriptor keeps its inode
+        number from being reused, so then a name with that number is another hard link of it."""
+        if node.unlinked or node.data is None or node.data.base_fd is None:
+            return False
+        held = os.fstat(node.data.base_fd)
+        return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
 
     def _base_has(self, parent: Node, name: bytes) -> bool:
         if parent.base_path is None:
@@ -211,7 +289,7 @@ class Namespace:
         self._maybe_drop(node)
 
     def _maybe_drop(self, node: Node) -> None:
-        if node.lookups or node.opens or node.pinned or node.ino == ROOT_INO:
+        if node.lookups or node.opens or node.pinned or node.held_by_base_names:
             return
         if self.nodes.get(node.ino) is not node:
             return  # already dropped
@@ -226,13 +304,13 @@ class Namespace:
         mode = st.st_mode
         if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
             mode |= stat.S_IWUSR  # the mounting user may change everything in the mount
-        return Attrs(mode, self.uid, self.gid, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+        return Attrs(mode, self.uid, self.gid, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
+                     st.st_nlink, st.st_rdev)
 
     def getattr(self, ino: int) -> Stat:
         return self._stat(self.node(ino))
 
     def _stat(self, node: Node) -> Stat:
-        nlink = 0 if node.unlinked else 1
         if node.attrs is None:
             assert node.base_path is not None
             st = self.base.lstat(node.base_path)
@@ -249,8 +327,9 @@ class Namespace:
                 size = len(node.link_target)
         if node.is_dir:
             size, blocks = 4096, 8
+        nlink = 0 if node.unlinked else attrs.nlink
         return Stat(node.ino, attrs.mode, nlink, attrs.uid, attrs.gid, size, blocks,
-                    attrs.atime_ns, attrs.mtime_ns, attrs.ctime_ns)
+                    attrs.atime_ns, attrs.mtime_ns, attrs.ctime_ns, attrs.rdev)
 
     @staticmethod
     def _blocks(data: OverlayFile) -> int:
@@ -265,7 +344,7 @@ class Namespace:
             assert node.base_path is not None
             st = self.base.lstat(node.base_path)
             if node.type == stat.S_IFREG and node.data is None:
-                node.data = self._open_data(node)
+                self._open_data(node)
             elif node.type == stat.S_IFLNK:
                 node.link_target = self.base.readlink(node.base_path)
             node.attrs = self._attrs_from_base(st)
@@ -274,11 +353,17 @@ class Namespace:
         return node.attrs
 
     def _pin(self, node: Node) -> None:
+        """List an unpinned node under its name, and its directories up to the root."""
         while not node.pinned:
             parent = self.nodes[node.parent]
             parent.entries[node.name] = node.ino
-            node.pinned = True
+            node.links.add((parent.ino, node.name))
             node = parent
+
+    def _add_name(self, node: Node, parent: Node, name: bytes) -> None:
+        parent.entries[name] = node.ino
+        node.links.add((parent.ino, name))
+        self._pin(parent)
 
     def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None,
@@ -321,10 +406,15 @@ class Namespace:
     # -- file data ------------------------------------------------------------
 
     def _open_data(self, node: Node) -> OverlayFile:
+        """Give a regular file its overlaid bytes (the base's, or none)."""
         if node.base_path is None:
-            return OverlayFile(self.store)
-        fd = self.base.open_file(node.base_path)
-        return OverlayFile(self.store, fd, name=os.fsdecode(b"/".join(node.base_path)))
+            data = OverlayFile(self.store)
+        else:
+            fd = self.base.open_file(node.base_path)
+            data = OverlayFile(self.store, fd, name=os.fsdecode(b"/".join(node.base_path)))
+        self._data_serial += 1
+        node.data, node.data_serial = data, self._data_serial
+        return data
 
     def open(self, ino: int, truncate: bool = False) -> tuple[Node, bool]:
         """Open a regular file; return the node and whether the kernel may keep its cached pages."""
@@ -333,11 +423,10 @@ class Namespace:
             raise OSError(errno.EISDIR, "is a directory")
         if node.type != stat.S_IFREG:
             raise OSError(errno.EACCES, "not a regular file")
-        if node.data is None:
-            node.data = self._open_data(node)
+        data = node.data if node.data is not None else self._open_data(node)
         keep_cache = True
-        identity = node.data.base_identity
-        if identity is not None and node.data.written.total == 0 and node.attrs is None:
+        identity = data.base_identity
+        if identity is not None and data.written.total == 0 and node.attrs is None:
             seen = (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
             keep_cache = seen == node.last_seen_base  # the base changed since last open: drop cached pages
             node.last_seen_base = seen
@@ -417,7 +506,7 @@ class Namespace:
     def _is_empty(self, node: Node) -> bool:
         return not self.listdir(node.ino)
 
-    def _new_node(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+    def _new_node(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> Node:
         parent = self.node(parent_ino)
         existing = self._child(parent, name)
         if existing is not None:
@@ -425,28 +514,59 @@ class Namespace:
             raise OSError(errno.EEXIST, "entry exists")
         now = time.time_ns()
         node = Node(self._new_ino(), stat.S_IFMT(mode), parent.ino, name, base_path=None,
-                    attrs=Attrs(mode, uid, gid, now, now, now))
+                    attrs=Attrs(mode, uid, gid, now, now, now, 2 if stat.S_ISDIR(mode) else 1, rdev))
         self.nodes[node.ino] = node
         self._pin(node)
         self._touch_dir(parent)
+        if node.is_dir:
+            self._count_subdir(parent, 1)
         node.lookups += 1
         return node
+
+    def _count_subdir(self, directory: Node, change: int) -> None:
+        self._capture(directory).nlink += change
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
         return self._new_node(parent_ino, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
 
-    def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+    def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, opened: bool = False) -> Node:
+        """A new regular file; ``opened``: the caller holds it open (FUSE's CREATE), as `open` counts."""
         node = self._new_node(parent_ino, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
-        node.data = OverlayFile(self.store)
+        self._open_data(node)
+        if opened:
+            node.opens += 1
         return node
 
-    def mknod(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+    def mknod(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> Node:
+        """A fifo, socket or device node (metadata only: FUSE mounts are nodev), or a file."""
         kind = stat.S_IFMT(mode)
         if kind == stat.S_IFREG:
             return self.create(parent_ino, name, mode, uid, gid)
-        if kind not in (stat.S_IFIFO, stat.S_IFSOCK):
-            raise OSError(errno.EPERM, "device nodes are not supported")
-        return self._new_node(parent_ino, name, mode, uid, gid)
+        if kind not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFBLK, stat.S_IFCHR):
+            raise OSError(errno.EINVAL, "not a kind of node mknod makes")
+        is_device = kind in (stat.S_IFBLK, stat.S_IFCHR)
+        return self._new_node(parent_ino, name, mode, uid, gid, rdev if is_device else 0)
+
+    def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
+        """Another name for a non-directory: same data, metadata and inode number."""
+        node, parent = self.node(ino), self.node(new_parent_ino)
+        existing = self._child(parent, new_name)
+        if existing is not None:
+            self._maybe_drop(existing)
+            raise OSError(errno.EEXIST, "entry exists")
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard links to directories are not allowed")
+        if node.unlinked:
+            raise OSError(errno.ENOENT, "the file has no name left")
+        attrs = self._capture(node)
+        if attrs.nlink >= _LINK_MAX:
+            raise OSError(errno.EMLINK, "too many links")
+        self._add_name(node, parent, new_name)
+        attrs.nlink += 1
+        attrs.ctime_ns = time.time_ns()
+        self._touch_dir(parent)
+        node.lookups += 1
+        return node
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Node:
         node = self._new_node(parent_ino, name, stat.S_IFLNK | 0o777, uid, gid)
@@ -470,9 +590,27 @@ class Namespace:
             parent.entries.pop(name, None)
         self._touch_dir(parent)
 
+    def _drop_name(self, parent: Node, name: bytes, node: Node) -> None:
+        """Remove one name of ``node`` (unlink, rmdir, rename over it)."""
+        if node.attrs is None and not node.is_dir and self.base.lstat(node.base_path or ()).st_nlink > 1:
+            self._capture(node)  # it keeps its other base names: count them from now on
+        self._remove_entry(parent, name)
+        node.links.discard((parent.ino, name))
+        if node.is_dir:
+            self._count_subdir(parent, -1)
+        elif node.attrs is not None:
+            node.attrs.nlink -= 1
+            node.attrs.ctime_ns = time.time_ns()
+            if node.attrs.nlink > 0:
+                if node.links and (node.parent, node.name) not in node.links:
+                    node.parent, node.name = min(node.links)
+                self._maybe_drop(node)
+                return
+        self._detach(node)
+
     def _detach(self, node: Node) -> None:
         node.unlinked = True
-        node.pinned = False
+        node.links.clear()
         if node.attrs is not None:
             node.attrs.ctime_ns = time.time_ns()
         self._maybe_drop(node)
@@ -483,8 +621,7 @@ class Namespace:
         try:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
-            self._remove_entry(parent, name)
-            self._detach(node)
+            self._drop_name(parent, name, node)
         finally:
             self._maybe_drop(node)  # _existing may have registered it without a lookup
 
@@ -496,8 +633,7 @@ class Namespace:
                 raise OSError(errno.ENOTDIR, "not a directory")
             if not self._is_empty(node):
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
-            self._remove_entry(parent, name)
-            self._detach(node)
+            self._drop_name(parent, name, node)
         finally:
             self._maybe_drop(node)
 
@@ -549,8 +685,14 @@ class Namespace:
             assert target is not None
             self._capture(source)
             self._capture(target)
+            source.links.discard((old_parent.ino, old_name))
+            target.links.discard((new_parent.ino, new_name))
             self._place(source, new_parent, new_name)
             self._place(target, old_parent, old_name)
+            if old_parent is not new_parent:
+                moved_dirs = int(source.is_dir) - int(target.is_dir)
+                self._count_subdir(old_parent, -moved_dirs)
+                self._count_subdir(new_parent, moved_dirs)
             return
         if target is not None:
             if source.is_dir and not target.is_dir:
@@ -561,14 +703,18 @@ class Namespace:
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
         self._capture(source)
         self._remove_entry(old_parent, old_name)
-        source.pinned = False
+        source.links.discard((old_parent.ino, old_name))
         if target is not None:
-            self._detach(target)
+            self._drop_name(new_parent, new_name, target)
         self._place(source, new_parent, new_name)
+        if source.is_dir:
+            self._count_subdir(old_parent, -1)
+            self._count_subdir(new_parent, 1)
 
     def _place(self, node: Node, parent: Node, name: bytes) -> None:
-        node.parent, node.name, node.pinned = parent.ino, name, False
-        self._pin(node)
+        """List a node under a new name, which becomes its primary one."""
+        node.parent, node.name = parent.ino, name
+        self._add_name(node, parent, name)
         self._touch_dir(parent)
         assert node.attrs is not None
         node.attrs.ctime_ns = time.time_ns()
@@ -591,8 +737,15 @@ class Namespace:
     def listxattr(self, ino: int) -> list[bytes]:
         return list(self._xattrs(self.node(ino)))
 
+    @staticmethod
+    def _check_xattr_writable(node: Node, name: bytes) -> None:
+        # As Linux (fs/xattr.c): user.* attributes only on files and directories.
+        if name.startswith(b"user.") and node.type not in (stat.S_IFREG, stat.S_IFDIR):
+            raise OSError(errno.EPERM, "user attributes only on files and directories")
+
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         node = self.node(ino)
+        self._check_xattr_writable(node, name)
         xattrs = dict(self._xattrs(node))
         xattrs[name] = value
         self._capture(node).ctime_ns = time.time_ns()
@@ -600,6 +753,7 @@ class Namespace:
 
     def removexattr(self, ino: int, name: bytes) -> None:
         node = self.node(ino)
+        self._check_xattr_writable(node, name)
         xattrs = dict(self._xattrs(node))
         if name not in xattrs:
             raise OSError(errno.ENODATA, "no such attribute")
@@ -616,16 +770,24 @@ class Namespace:
         for ino, node in self.nodes.items():
             assert node.ino == ino, f"node {ino} is registered under another ino ({node.ino})"
             assert node.lookups >= 0 and node.opens >= 0, f"node {ino}: negative counts"
-            assert node.ino == ROOT_INO or node.lookups or node.opens or node.pinned, \
+            assert node.lookups or node.opens or node.pinned or node.held_by_base_names, \
                 f"node {ino} ({node.name!r}) should have been dropped"
             assert not (node.pinned and node.unlinked), f"node {ino} is both pinned and unlinked"
             if node.entries:
                 assert node.is_dir, f"non-directory {ino} has entries"
-            if node.pinned and ino != ROOT_INO:
-                parent = self.nodes.get(node.parent)
+            if node.links:
+                assert (node.parent, node.name) in node.links, f"node {ino}: its primary name is not one of its links"
+                assert not node.is_dir or len(node.links) == 1, f"directory {ino} has several names"
+            for parent_ino, name in node.links:
+                parent = self.nodes.get(parent_ino)
                 assert parent is not None and parent.is_dir, f"pinned node {ino} has no parent directory"
                 assert parent.pinned, f"pinned node {ino} has an unpinned parent"
-                assert parent.entries.get(node.name) == ino, f"pinned node {ino} is not in its parent's entries"
+                assert parent.entries.get(name) == ino, f"link {name!r} of {ino} is not in its parent's entries"
+            if node.attrs is not None and not node.is_dir and not node.unlinked:
+                assert node.attrs.nlink >= len(node.links) >= 1 or node.held_by_base_names, \
+                    f"node {ino}: link count {node.attrs.nlink} for {len(node.links)} names"
+                if node.base_path is None:
+                    assert node.attrs.nlink == len(node.links), f"created node {ino}: link count and names disagree"
             if node.attrs is not None:
                 assert stat.S_IFMT(node.attrs.mode) == node.type, f"node {ino}: mode and type disagree"
                 if node.type == stat.S_IFREG:
@@ -637,20 +799,20 @@ class Namespace:
                     continue
                 child = self.nodes.get(child_ino)
                 assert child is not None, f"entry {name!r} of {ino} names a dropped node"
-                assert child.pinned and child.parent == ino and child.name == name, \
-                    f"entry {name!r} of {ino} and node {child_ino} disagree"
+                assert (ino, name) in child.links, f"entry {name!r} of {ino} and node {child_ino} disagree"
         # No directory is its own ancestor: walking up from any pinned node reaches the root.
         for node in self.nodes.values():
             seen: set[int] = set()
             while node.pinned and node.ino != ROOT_INO:
                 assert node.ino not in seen, f"directory cycle through {node.ino}"
                 seen.add(node.ino)
-                node = self.nodes[node.parent]
+                node = self.nodes[min(node.links)[0]]
 
     # -- walking ----------------------------------------------------------------
 
-    def pinned_nodes(self) -> Iterator[tuple[str, Node]]:
-        """(path in the mount, node) of every node the mount changed."""
+    def pinned_nodes(self) -> Iterator[tuple[str, Node, bool]]:
+        """(path in the mount, node, whether it is the node's primary name) of every name the
+        mount changed: a file with several names comes once for each."""
         stack: list[tuple[str, Node]] = [("", self.nodes[ROOT_INO])]
         while stack:
             path, directory = stack.pop()
@@ -659,6 +821,262 @@ class Namespace:
                     continue
                 child = self.nodes[ino]
                 child_path = f"{path}/{os.fsdecode(name)}"
-                yield child_path, child
+                yield child_path, child, (child.parent, child.name) == (directory.ino, name)
                 if child.is_dir:
                     stack.append((child_path, child))
+
+    # -- control requests: resolving mount paths ----------------------------------
+
+    def place(self, path: str) -> Place | None:
+        """The place of a mount path (``"/a/b"``); None for the root.  Takes no lookup:
+        the nodes it registered on the way leave ``nodes`` again unless something holds
+        them (harmless for the caller, which uses them at once)."""
+        parts = split_mount_path(path)
+        if not parts:
+            return None
+        directory = self.nodes[ROOT_INO]
+        node: Node | None = None
+        try:
+            for name in parts[:-1]:
+                try:
+                    node = self._existing(directory, name)
+                except OSError:
+                    raise ControlError(f"{path}: no such directory in the mount") from None
+                if not node.is_dir:
+                    raise ControlError(f"{path}: {os.fsdecode(name)} is not a directory")
+                directory, node = node, None
+            try:
+                node = self._child(directory, parts[-1])
+            except OSError:
+                node = None
+            return Place(directory, parts[-1], node)
+        finally:
+            self._drop_unheld(directory, node)
+
+    def _drop_unheld(self, directory: Node, node: Node | None) -> None:
+        """Drop a node and its directories up to the root where nothing holds them."""
+        if node is not None:
+            self._maybe_drop(node)
+        while directory.ino != ROOT_INO:
+            parent = self.nodes.get(directory.parent)
+            self._maybe_drop(directory)
+            if parent is None:
+                break
+            directory = parent
+
+    # -- control requests: reset ---------------------------------------------------
+    #
+    # After resetting PATH, the name PATH shows what the base has at PATH; a base
+    # file moved to PATH goes back to its base name (unless that name was reused
+    # since), a file created at PATH disappears, a deleted base file reappears.
+    # Resetting a directory resets everything under it; resetting ``/`` resets the
+    # whole mount.  Open files refuse a reset unless ``force``; with ``force`` their
+    # handles see the base again (a created file becomes an unlinked file: its
+    # handles keep their data until closed).
+
+    def reset(self, path: str, force: bool = False) -> Invalidation:
+        """Throw away the changes at ``path`` (``/`` for everything)."""
+        result = Invalidation()
+        place = self.place(path)
+        if place is None:
+            root = self.nodes[ROOT_INO]
+            self._check_not_open(self._subtree(root, include_self=False), path, force)
+            self._reset_directory_entries(root, result)
+            root.attrs = root.xattrs = None
+            for held in [node for node in self.nodes.values() if node.held_by_base_names]:
+                self._revert(held, result)
+            result.inodes.add(ROOT_INO)
+            return result
+        moved = self._moved_away(place)
+        if place.name not in place.parent.entries and moved is None:
+            if place.node is None:
+                raise ControlError(f"{path}: no such file in the mount")
+            raise ControlError(f"{path}: not changed in the mount, nothing to reset")
+        involved = []
+        if place.node is not None and place.parent.entries.get(place.name) == place.node.ino:
+            involved = self._subtree(place.node, include_self=True)
+        if moved is not None:
+            involved += self._subtree(moved, include_self=True)
+        self._check_not_open(involved, path, force)
+        self._reset_name(place.parent, place.name, result)
+        if moved is not None:
+            self._reset_name(self.nodes[moved.parent], moved.name, result)
+        result.paths.append(path)
+        return result
+
+    def _moved_away(self, place: Place) -> Node | None:
+        """A pinned node whose base path is this place's base path but that lives elsewhere."""
+        if place.parent.base_path is None:
+            return None
+        wanted = place.parent.base_path + (place.name,)
+        for node in self.nodes.values():
+            if node.pinned and node.base_path == wanted and node is not place.node:
+                return node
+        return None
+
+    def _subtree(self, node: Node, include_self: bool) -> list[Node]:
+        """The node and every node pinned below it."""
+        found = [node] if include_self else []
+        stack = [node]
+        while stack:
+            directory = stack.pop()
+            for ino in directory.entries.values():
+                if ino != WHITEOUT:
+                    child = self.nodes[ino]
+                    found.append(child)
+                    stack.append(child)
+        return found
+
+    @staticmethod
+    def _check_not_open(nodes: list[Node], path: str, force: bool) -> None:
+        open_nodes = [node for node in nodes if node.opens and not node.is_dir]
+        if open_nodes and not force:
+            names = ", ".join(os.fsdecode(node.name) for node in open_nodes[:3])
+            more = f" and {len(open_nodes) - 3} more" if len(open_nodes) > 3 else ""
+            raise ControlError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
+                              "(open handles then see the base)")
+
+    def _reset_name(self, parent: Node, name: bytes, result: Invalidation) -> None:
+        """Make ``name`` in ``parent`` show the base again; revert what was there."""
+        ino = parent.entries.pop(name, None)
+        result.entries.add((parent.ino, name))
+        if ino is None:
+            return
+        try:
+            self._reset_entry(parent, name, ino, result)
+        finally:
+            self._count_subdirs(parent)
+
+    def _reset_entry(self, parent: Node, name: bytes, ino: int, result: Invalidation) -> None:
+        # A base entry deleted or replaced here that the kernel or a handle still holds exists again.
+        wanted = None if parent.base_path is None else parent.base_path + (name,)
+        for displaced in list(self.nodes.values()):
+            if displaced.base_path == wanted and wanted is not None and displaced.unlinked:
+                self._revert(displaced, result)
+        if ino == WHITEOUT:
+            return
+        node = self.nodes[ino]
+        node.links.discard((parent.ino, name))
+        if node.is_dir:
+            self._reset_directory_entries(node, result)
+        elif node.base_path is None and node.links:
+            # One name of a file made in the mount: its other names keep it.
+            assert node.attrs is not None
+            node.attrs.nlink -= 1
+            if (node.parent, node.name) not in node.links:
+                node.parent, node.name = min(node.links)
+            result.inodes.add(node.ino)
+            return
+        else:
+            # A base file goes back to the base under all its names: the names made in the mount go.
+            for other_parent, other_name in list(node.links):
+                self.nodes[other_parent].entries.pop(other_name, None)
+                result.entries.add((other_parent, other_name))
+            node.links.clear()
+        self._revert(node, result)
+        # A base node moved here goes back to its base name: drop the whiteout there.
+        if node.base_path is not None and node.base_path != (None if parent.base_path is None
+                                                             else parent.base_path + (name,)):
+            origin = self._directory_at_base_path(node.base_path[:-1])
+            if origin is not None and origin.entries.get(node.base_path[-1]) == WHITEOUT:
+                del origin.entries[node.base_path[-1]]
+                result.entries.add((origin.ino, node.base_path[-1]))
+                self._count_subdirs(origin)
+
+    def _count_subdirs(self, directory: Node) -> None:
+        """Recount a changed directory's link count (after a reset changed its listing)."""
+        if directory.attrs is not None:
+            directory.attrs.nlink = 2 + sum(1 for _, _, kind in self.listdir(directory.ino) if kind == stat.S_IFDIR)
+
+    def _directory_at_base_path(self, base_path: BasePath) -> Node | None:
+        """The node that shows base directory ``base_path`` at its own base path, if registered."""
+        for node in self.nodes.values():
+            if node.is_dir and node.base_path == base_path:
+                return node
+        return None
+
+    def _reset_directory_entries(self, directory: Node, result: Invalidation) -> None:
+        for name in list(directory.entries):
+            self._reset_name(directory, name, result)
+
+    def _revert(self, node: Node, result: Invalidation) -> None:
+        """Forget a node's own changes: base metadata and bytes again, or gone if created."""
+        result.inodes.add(node.ino)
+        node.last_seen_base = None  # its next open must not keep cached pages
+        if node.base_path is None:  # created in the mount: it no longer exists
+            node.unlinked = True
+            self._maybe_drop(node)  # unless the kernel or a handle holds it
+            return
+        node.attrs = None
+        node.xattrs = None
+        node.unlinked = False
+        if node.data is not None:
+            if node.opens:
+                base_path = node.base_path
+                node.data.discard_changes(lambda: self.base.open_file(base_path))
+            else:
+                node.data.close()
+                node.data = None
+        self._maybe_drop(node)
+
+    # -- control requests: commit ------------------------------------------------
+
+    def commit_done(self, path: str, token: list[int], new_identity: dict[str, int]) -> Invalidation:
+        """The CLI wrote the changes of ``path`` into its base: adopt that as the new base,
+        unless the file changed since its plan (``token``)."""
+        place = self.place(path)
+        node = None if place is None else place.node
+        if node is None or node.type != stat.S_IFREG:
+            raise ControlError(f"{path}: no such file in the mount")
+        data = node.data
+        self.refuse_extra_links(node, path)
+        if data is None or data.base_fd is None:
+            raise ControlError(f"{path}: reset or replaced in the mount while committing")
+        identity = BaseIdentity.of(os.fstat(data.base_fd))
+        if identity_dict(identity) != new_identity:
+            raise ControlError(f"{path}: its base file changed during the commit (by someone else?)")
+        if self.change_token(node) != token or node.opens:
+            # The base now holds the view as it was at the plan; every change since is still in the
+            # store on top of it, so the view stays right on the new base: adopt it, keep the changes.
+            data.adopt_base(identity)
+            raise ControlError(f"{path}: changed in the mount while committing; the base holds the "
+                               "earlier state, the mount keeps its changes")
+        result = Invalidation(paths=[path])
+        self._adopt(node, result)
+        return result
+
+    def _adopt(self, node: Node, result: Invalidation) -> None:
+        """The base now holds this node's changes: show the base again."""
+        for parent_ino, name in node.links:
+            del self.nodes[parent_ino].entries[name]
+            result.entries.add((parent_ino, name))
+        node.links.clear()
+        node.attrs = node.xattrs = None
+        node.last_seen_base = None
+        result.inodes.add(node.ino)
+        if node.data is not None:
+            node.data.close()
+            node.data = None
+        self._maybe_drop(node)
+
+    @staticmethod
+    def refuse_extra_links(node: Node, path: str) -> None:
+        if len(node.links) > 1:
+            raise ControlError(f"{path}: has {len(node.links)} names in the mount (hard links made there); "
+                              "commit writes one base file: remove the other names first")
+
+    @staticmethod
+    def change_token(node: Node) -> list[int]:
+        """Changes on every change of a file's bytes (to detect writes between plan and finish)."""
+        if node.data is None:
+            return []
+        return [node.data_serial, node.data.generation]
+
+    # -- the end -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release every node's descriptors and store space (at unmount)."""
+        for node in self.nodes.values():
+            if node.data is not None:
+                node.data.close()
+                node.data = None

@@ -176,6 +176,7 @@ class OverlayFile:
     # -- writing ------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
+        self.generation += 1
         length = len(data)
         if length == 0:
             return 0

@@ -5,13 +5,15 @@ compares the two trees."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,11 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from cowfs import changes
 from cowfs.base import BaseDir
-from cowfs.namespace import ROOT_INO, Namespace, Node
+from cowfs.namespace import ROOT_INO, Namespace, Node, identity_dict
+from cowfs.protocol import ControlError
+from cowfs.overlay import BaseIdentity
 from cowfs.store import Store
 
 from ..helpers import SOAK, outcome, renameat2
@@ -50,6 +55,19 @@ def make_base(root: Path) -> None:
         path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
+def copy_tree(source: Path, destination: Path) -> None:
+    """A copy that keeps hard links (shutil.copytree does not)."""
+    subprocess.run(["cp", "-a", str(source), str(destination)], check=True)
+
+
+def with_link_groups(tree: dict[tuple[bytes, ...], tuple[object, ...]]) -> dict[tuple[bytes, ...], tuple[object, ...]]:
+    """Replace each entry's inode number (its last field) by the names that share it."""
+    names: dict[object, list[tuple[bytes, ...]]] = {}
+    for key, value in tree.items():
+        names.setdefault(value[-1], []).append(key)
+    return {key: value[:-1] + (tuple(sorted(names[value[-1]])),) for key, value in tree.items()}
+
+
 class NamespaceMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -59,7 +77,7 @@ class NamespaceMachine(RuleBasedStateMachine):
         (self.tmp / "store").mkdir()
         self.base_path.mkdir()
         make_base(self.base_path)
-        shutil.copytree(self.base_path, self.local, symlinks=True)
+        copy_tree(self.base_path, self.local)
         self.base = BaseDir(self.base_path)
         self.store = Store(self.tmp / "store")
         self.ns = Namespace(self.base, self.store)
@@ -77,11 +95,9 @@ class NamespaceMachine(RuleBasedStateMachine):
             self.kernel_lookups.clear()
             self.ns.check_invariants()
             # With the kernel holding nothing, only changed nodes (and the root) remain.
-            assert all(node.pinned for node in self.ns.nodes.values())
+            assert all(node.pinned or node.held_by_base_names for node in self.ns.nodes.values())
         finally:
-            for node in self.ns.nodes.values():
-                if node.data is not None:
-                    node.data.close()
+            self.ns.close()
             self.store.close()
             self.base.close()
             shutil.rmtree(self.tmp)
@@ -177,6 +193,30 @@ class NamespaceMachine(RuleBasedStateMachine):
 
         self._both(on_ns, lambda: os.symlink(link_to, self._local(path)))
 
+    @rule(old=paths, new=paths)
+    def link(self, old: tuple[bytes, ...], new: tuple[bytes, ...]) -> None:
+        if self._through_symlink(old, new):
+            return
+        def on_ns() -> None:
+            source = self._resolve(old)  # the kernel resolves the source first (without following)
+            parent = self._resolve_dir(new[:-1])
+            node = self.ns.link(source.ino, parent.ino, new[-1])
+            self.kernel_lookups[node.ino] += 1
+
+        self._both(on_ns, lambda: os.link(self._local(old), self._local(new), follow_symlinks=False))
+
+    @rule(path=paths, kind=st.sampled_from([stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK]),
+          rdev=st.sampled_from([os.makedev(1, 3), os.makedev(8, 1)]))
+    def mknod(self, path: tuple[bytes, ...], kind: int, rdev: int) -> None:
+        if self._through_symlink(path):
+            return
+        def on_ns() -> None:
+            node = self.ns.mknod(self._resolve_dir(path[:-1]).ino, path[-1], kind | 0o644,
+                                 self.ns.uid, self.ns.gid, rdev)
+            self.kernel_lookups[node.ino] += 1
+
+        self._both(on_ns, lambda: os.mknod(self._local(path), kind | 0o644, rdev))
+
     @rule(path=paths)
     def unlink(self, path: tuple[bytes, ...]) -> None:
         if self._through_symlink(path):
@@ -263,6 +303,67 @@ class NamespaceMachine(RuleBasedStateMachine):
         value_seen = self._both(on_ns, lambda: os.setxattr(local, name, value))
         assert value_seen in (None, value)
 
+    @rule()
+    def reset_everything(self) -> None:
+        if any(node.pinned for node, _ in self.handles):
+            # A changed open file refuses a reset (without --force), and nothing changes.
+            before = self._ns_tree(ROOT_INO, ())
+            with pytest.raises(ControlError, match="open in the mount"):
+                self.ns.reset("/")
+            assert self._ns_tree(ROOT_INO, ()) == before
+            return
+        if self.handles:
+            return  # the local copy cannot follow handles of files a reset replaces
+        self.ns.reset("/")
+        shutil.rmtree(self.local)
+        copy_tree(self.base_path, self.local)
+
+    @rule(path=paths)
+    @precondition(lambda self: not self.handles)
+    def reset_one_path(self, path: tuple[bytes, ...]) -> None:
+        """After a reset the name shows the base; the rest of the mount is what the
+        namespace says (a moved file's return is the namespace's rule): the local copy follows."""
+        if self._through_symlink(path):
+            return
+        try:
+            self.ns.reset("/" + "/".join(os.fsdecode(name) for name in path))
+        except ControlError:
+            return
+        shown = self._ns_tree(ROOT_INO, ())
+        base_tree = self._tree_of(self.base_path)
+        for key in set(shown) | set(base_tree):
+            if key[: len(path)] == path:  # link counts and groups may differ: names elsewhere changed
+                assert (shown[key][:2] + shown[key][3:4] if key in shown else None) == \
+                    (base_tree[key][:2] + base_tree[key][3:4] if key in base_tree else None), key
+        self._copy_tree_to_local(shown)
+
+    @rule(path=paths)
+    @precondition(lambda self: not self.handles)
+    def commit(self, path: tuple[bytes, ...]) -> None:
+        """Write a file's changes into the base the way `cowfs commit` does; the view stays the same."""
+        if self._through_symlink(path):
+            return
+        mount_path = "/" + "/".join(os.fsdecode(name) for name in path)
+        try:
+            plan = changes.commit_plan(self.ns, mount_path)
+        except ControlError:
+            return
+        place = self.ns.place(mount_path)
+        assert place is not None and place.node is not None and place.node.data is not None
+        data = place.node.data
+        base_file = Path(str(plan.base_file))
+        fd = os.open(base_file, os.O_WRONLY)
+        try:
+            for start, end in changes.changed_ranges(data):
+                os.pwrite(fd, data.read(start, end - start), start)
+            os.ftruncate(fd, plan.size)
+        finally:
+            os.close(fd)
+        identity = identity_dict(BaseIdentity.of(base_file.lstat()))
+        self.ns.commit_done(mount_path, plan.token, identity)
+        assert self.ns.place(mount_path) is not None
+        assert mount_path not in [change.path for change in changes.status(self.ns).changes]
+
     # -- checks -----------------------------------------------------------------
 
     @invariant()
@@ -271,7 +372,7 @@ class NamespaceMachine(RuleBasedStateMachine):
 
     @invariant()
     def trees_match(self) -> None:
-        assert self._ns_tree(ROOT_INO, ()) == self._local_tree()
+        assert with_link_groups(self._ns_tree(ROOT_INO, ())) == with_link_groups(self._local_tree())
 
     def _ns_tree(self, ino: int, path: tuple[bytes, ...]) -> dict[tuple[bytes, ...], tuple[object, ...]]:
         tree: dict[tuple[bytes, ...], tuple[object, ...]] = {}
@@ -288,9 +389,10 @@ class NamespaceMachine(RuleBasedStateMachine):
                 elif kind == stat.S_IFLNK:
                     detail = self.ns.readlink(node.ino)
                 else:
-                    detail = None
+                    detail = attrs.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else None
                 mode = None if kind == stat.S_IFLNK else attrs.mode
-                tree[path + (name,)] = (mode, attrs.size if kind != stat.S_IFDIR else None, attrs.nlink, detail)
+                tree[path + (name,)] = (mode, attrs.size if kind != stat.S_IFDIR else None, attrs.nlink, detail,
+                                        attrs.ino)
                 if kind == stat.S_IFDIR:
                     tree.update(self._ns_tree(node.ino, path + (name,)))
             finally:
@@ -298,20 +400,51 @@ class NamespaceMachine(RuleBasedStateMachine):
         return tree
 
     def _local_tree(self) -> dict[tuple[bytes, ...], tuple[object, ...]]:
+        return self._tree_of(self.local)
+
+    def _copy_tree_to_local(self, tree: dict[tuple[bytes, ...], tuple[object, ...]]) -> None:
+        shutil.rmtree(self.local)
+        self.local.mkdir()
+        first_name: dict[object, Path] = {}
+        for key, (mode, _, _, detail, ino) in sorted(tree.items()):
+            path = self._local(key)
+            if ino in first_name:
+                os.link(first_name[ino], path, follow_symlinks=False)
+                continue
+            first_name[ino] = path
+            if isinstance(mode, int) and stat.S_ISDIR(mode):
+                path.mkdir()
+            elif mode is None:
+                assert isinstance(detail, bytes)
+                os.symlink(detail, path)
+            elif isinstance(mode, int) and not stat.S_ISREG(mode):
+                os.mknod(path, mode, detail if isinstance(detail, int) else 0)
+            else:
+                assert isinstance(detail, bytes)
+                path.write_bytes(detail)
+        for key, (mode, _, _, _, _) in sorted(tree.items(), reverse=True):
+            if mode is not None:
+                assert isinstance(mode, int)
+                os.chmod(self._local(key), stat.S_IMODE(mode))
+
+    @staticmethod
+    def _tree_of(root: Path) -> dict[tuple[bytes, ...], tuple[object, ...]]:
         tree: dict[tuple[bytes, ...], tuple[object, ...]] = {}
-        for dirpath, dirnames, filenames in os.walk(self.local):
+        for dirpath, dirnames, filenames in os.walk(root):
             for name in dirnames + filenames:
                 path = Path(dirpath) / name
                 st_ = path.lstat()
-                key = tuple(os.fsencode(part) for part in path.relative_to(self.local).parts)
+                key = tuple(os.fsencode(part) for part in path.relative_to(root).parts)
                 detail: object = None
                 if stat.S_ISREG(st_.st_mode):
                     detail = path.read_bytes()
                 elif stat.S_ISLNK(st_.st_mode):
                     detail = os.fsencode(os.readlink(path))
+                elif stat.S_ISCHR(st_.st_mode) or stat.S_ISBLK(st_.st_mode):
+                    detail = st_.st_rdev
                 mode = None if stat.S_ISLNK(st_.st_mode) else st_.st_mode
-                nlink = 1 if stat.S_ISDIR(st_.st_mode) else st_.st_nlink  # directories report 1 (documented)
-                tree[key] = (mode, st_.st_size if not stat.S_ISDIR(st_.st_mode) else None, nlink, detail)
+                size = None if stat.S_ISDIR(st_.st_mode) else st_.st_size
+                tree[key] = (mode, size, st_.st_nlink, detail, st_.st_ino)
         return tree
 
 
@@ -321,14 +454,26 @@ NamespaceMachine.TestCase.settings = settings(
 test_namespace_matches_a_local_copy = NamespaceMachine.TestCase
 
 
-def test_unlinked_open_base_file_keeps_working_and_stays_hidden(tmp_path: Path) -> None:
-    """Writing through a handle of an unlinked base file must not bring the name back."""
+@contextlib.contextmanager
+def namespace_over(tmp_path: Path, files: dict[str, bytes]) -> Iterator[Namespace]:
+    """A Namespace over a base of ``files``, closed (with its store and base) on exit."""
     (tmp_path / "base").mkdir()
     (tmp_path / "store").mkdir()
-    (tmp_path / "base" / "disk").write_bytes(b"base bytes")
+    for name, content in files.items():
+        (tmp_path / "base" / name).write_bytes(content)
     base, store = BaseDir(tmp_path / "base"), Store(tmp_path / "store")
     ns = Namespace(base, store)
     try:
+        yield ns
+    finally:
+        ns.close()
+        store.close()
+        base.close()
+
+
+def test_unlinked_open_base_file_keeps_working_and_stays_hidden(tmp_path: Path) -> None:
+    """Writing through a handle of an unlinked base file must not bring the name back."""
+    with namespace_over(tmp_path, {"disk": b"base bytes"}) as ns:
         node = ns.lookup(ROOT_INO, b"disk")
         ns.open(node.ino)
         ns.unlink(ROOT_INO, b"disk")
@@ -344,10 +489,26 @@ def test_unlinked_open_base_file_keeps_working_and_stays_hidden(tmp_path: Path) 
         ns.forget(node.ino, 1)
         ns.check_invariants()
         assert set(ns.nodes) == {ROOT_INO}
-    finally:
-        for leftover in ns.nodes.values():
-            if leftover.data is not None:
-                leftover.data.close()
-        store.close()
-        base.close()
 
+
+def test_commit_refuses_a_file_written_between_plan_and_done(tmp_path: Path) -> None:
+    """Issue 12, defect 2: a write that overwrites bytes already in the store must change the
+    commit token, so commit_done refuses and adopts nothing."""
+    with namespace_over(tmp_path, {"disk": b"0123456789"}) as ns:
+        node = ns.lookup(ROOT_INO, b"disk")
+        ns.open(node.ino)
+        ns.write(node, 0, b"AB")
+        ns.release(node.ino)
+        plan = changes.commit_plan(ns, "/disk")
+        (tmp_path / "base" / "disk").write_bytes(b"AB23456789")  # what `cowfs commit` writes
+        identity = identity_dict(BaseIdentity.of((tmp_path / "base" / "disk").lstat()))
+        ns.open(node.ino)
+        ns.write(node, 0, b"XY")  # same range, same size: only the generation tells
+        ns.release(node.ino)
+        with pytest.raises(ControlError, match="changed in the mount while committing"):
+            ns.commit_done("/disk", plan.token, identity)
+        ns.check_invariants()
+        assert node.pinned and node.data is not None and node.data.read(0, 2) == b"XY"
+        assert [change.path for change in changes.status(ns).changes] == ["/disk"]
+        ns.forget(node.ino, 1)
+        ns.check_invariants()
