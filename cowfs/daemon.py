@@ -18,6 +18,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import counters
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
@@ -96,6 +97,7 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
                 node.data.close()
         store.close()
         base.close()
+    counters.log_summary()
     log.info("unmounted %s", config.mountpoint)
     return code
 
