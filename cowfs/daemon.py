@@ -17,6 +17,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import counters
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
@@ -83,7 +84,8 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     namespace = Namespace(base, store)
     found = Pyfuse3Features.of(pyfuse3)
     log_missing(found)
-    control_server = ControlServer(namespace, KernelCache(), lambda: describe(found, _granted_init_flags(found)))
+    control_server = ControlServer(namespace, KernelCache(), lambda: describe(found, _granted_init_flags(found)),
+                                   lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()})
     control = ControlInfo(os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir),
                           config.max_store).to_json()
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control})
@@ -107,6 +109,7 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         namespace.close()
         store.close()
         base.close()
+    counters.log_summary()
     log.info("unmounted %s", config.mountpoint)
     return code
 

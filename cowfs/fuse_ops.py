@@ -15,12 +15,14 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
+from . import counters
 from .features import FUSE_HANDLE_KILLPRIV_V2
 from .mounts import find_mount
 from .namespace import Namespace, Node, Stat
@@ -70,22 +72,32 @@ R = TypeVar("R")
 def _errno_replies(
     handler: Callable[Concatenate[CowfsOperations, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[CowfsOperations, P], Coroutine[Any, Any, R]]:
-    """Let only FUSEError leave a handler: anything else would end the mount."""
+    """Let only FUSEError leave a handler: anything else would end the mount.
+    Every request is counted, with the time spent in its handler (counters.py)."""
+    counter = counters.counter(handler.__name__)
+    clock = time.perf_counter_ns
 
     @functools.wraps(handler)
     async def wrapper(self: CowfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        started = clock()
         try:
             return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
+            counter.errors += 1
             raise
         except OSError as error:
+            counter.errors += 1
             code = error.errno or errno.EIO
             if code not in _QUIET_ERRNOS:
                 log.warning("%s: %s", handler.__name__, error)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
+            counter.errors += 1
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            counter.count += 1
+            counter.handler_ns += clock() - started
 
     return wrapper
 
@@ -174,6 +186,7 @@ class CowfsOperations(pyfuse3.Operations):
             self.ns.forget(node.ino, 1)  # the kernel will not count a failed lookup
             raise
 
+    @_errno_replies
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             try:
@@ -270,6 +283,7 @@ class CowfsOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.ns.write(self._open_files[fh], off, buf)
 
+    @_errno_replies
     async def flush(self, fh: int) -> None:
         # Nothing to do (data is in the store's page cache, readable by every
         # later request), and ENOSYS makes the kernel stop sending FLUSH: one
@@ -277,6 +291,7 @@ class CowfsOperations(pyfuse3.Operations):
         # pages back to us at close.
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
+    @_errno_replies
     async def fsync(self, fh: int, datasync: bool) -> None:
         # The store is disposable (as QEMU's -snapshot): nothing to make
         # durable.  ENOSYS: the kernel still writes dirty pages back to us on
@@ -346,9 +361,11 @@ class CowfsOperations(pyfuse3.Operations):
                 self.ns.forget(node.ino, 1)
                 break
 
+    @_errno_replies
     async def releasedir(self, fh: int) -> None:
         self._open_dirs.pop(fh, None)
 
+    @_errno_replies
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         pass
 

@@ -25,8 +25,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from cowfs import changes
 from cowfs.base import BaseDir
 from cowfs.namespace import ROOT_INO, Namespace, Node, identity_dict
-from cowfs.protocol import ControlError
 from cowfs.overlay import BaseIdentity
+from cowfs.protocol import ControlError
 from cowfs.store import Store
 
 from ..helpers import SOAK, outcome, renameat2
