@@ -48,13 +48,15 @@ def require_patch(has_feature: bool, what: str) -> None:
 class TinyMount:
     """tinyfs.py mounted on ``path``; ``events()`` are what its handlers saw."""
 
-    def __init__(self, path: Path, events_path: Path, extra_init_flags: int) -> None:
+    def __init__(self, path: Path, events_path: Path, extra_init_flags: int, default_handlers: bool) -> None:
         self.path = path
         self.events_path = events_path
         self.stderr_path = events_path.with_suffix(".stderr")
         self.argv = [sys.executable, str(TINYFS), str(path), str(events_path)]
         if extra_init_flags:
             self.argv += ["--extra-init-flags", hex(extra_init_flags)]
+        if default_handlers:
+            self.argv.append("--default-handlers")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -111,10 +113,10 @@ TinyMountFactory = Callable[..., TinyMount]
 def tiny_mount(tmp_path: Path) -> Iterator[TinyMountFactory]:
     started: list[TinyMount] = []
 
-    def start(extra_init_flags: int = 0) -> TinyMount:
+    def start(extra_init_flags: int = 0, default_handlers: bool = False) -> TinyMount:
         path = tmp_path / f"mnt{len(started)}"
         path.mkdir()
-        mount = TinyMount(path, tmp_path / f"events{len(started)}.jsonl", extra_init_flags)
+        mount = TinyMount(path, tmp_path / f"events{len(started)}.jsonl", extra_init_flags, default_handlers)
         started.append(mount)
         mount.start()
         return mount
@@ -185,6 +187,23 @@ def test_lseek_data_and_hole_reach_the_handler_and_return_its_answer(tiny_mount:
         (12288, os.SEEK_HOLE),
         (12288, os.SEEK_DATA),
     ]
+
+
+def test_default_handlers_leave_the_kernel_fallbacks(tiny_mount: TinyMountFactory) -> None:
+    """A filesystem without fallocate/lseek behaves as on a stock pyfuse3."""
+    require_patch(hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek"), "fallocate/lseek")
+    mount = tiny_mount(default_handlers=True)
+    fd = os.open(mount.file, os.O_RDWR)
+    try:
+        for _ in range(2):  # the second call is answered by the kernel alone
+            with pytest.raises(OSError) as failure:
+                fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+            assert failure.value.errno == errno.EOPNOTSUPP
+        # generic llseek: all data, the only hole at the end
+        assert os.lseek(fd, 4096, os.SEEK_HOLE) == FILE_SIZE
+        assert os.lseek(fd, 4096, os.SEEK_DATA) == 4096
+    finally:
+        os.close(fd)
 
 
 def capability_probes(mount: TinyMount) -> int:

@@ -1,12 +1,13 @@
 """A one-file pyfuse3 filesystem that records what reaches its handlers.
 
-Usage: tinyfs.py MOUNTPOINT EVENTS [--extra-init-flags N]
+Usage: tinyfs.py MOUNTPOINT EVENTS [--extra-init-flags N] [--default-handlers]
 
 The root directory holds one regular file, ``file``, of FILE_SIZE bytes kept in
 memory. Every fallocate, lseek and getxattr request and the INIT negotiation
 are appended as JSON lines to EVENTS, so a test can check what the kernel sent.
 The lseek handler answers from a fixed layout: data in DATA_RANGES, holes
-elsewhere. The script runs until the filesystem is unmounted.
+elsewhere. With --default-handlers, fallocate and lseek are pyfuse3's
+defaults (ENOSYS). The script runs until the filesystem is unmounted.
 """
 
 from __future__ import annotations
@@ -137,13 +138,20 @@ class TinyFS(pyfuse3.Operations):
         return pyfuse3.StatvfsData()
 
 
+class TinyFSWithDefaultHandlers(TinyFS):
+    fallocate = pyfuse3.Operations.fallocate
+    lseek = pyfuse3.Operations.lseek
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mountpoint")
     parser.add_argument("events")
     parser.add_argument("--extra-init-flags", type=lambda text: int(text, 0), default=0)
+    parser.add_argument("--default-handlers", action="store_true")
     args = parser.parse_args(argv)
-    fs = TinyFS(args.events, args.extra_init_flags)
+    fs_class = TinyFSWithDefaultHandlers if args.default_handlers else TinyFS
+    fs = fs_class(args.events, args.extra_init_flags)
     options = set(pyfuse3.default_options) | {"fsname=tinyfs"}
     pyfuse3.init(fs, args.mountpoint, options)
     try:
