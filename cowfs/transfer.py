@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import shutil
 import subprocess
@@ -80,15 +81,20 @@ SECTOR = 512  # O_DIRECT reads of the view must be aligned to it, as on a disk
 
 
 def _read_view(fd: int, offset: int, length: int) -> bytes:
-    """``length`` bytes at ``offset`` of the view, read with whole 512-byte sectors."""
+    """``length`` bytes at ``offset`` of the view, read with whole 512-byte sectors into a
+    page-aligned buffer (the kernel splits an O_DIRECT read at the buffer's page boundaries)."""
     start = offset - offset % SECTOR
-    data = _read_exact(fd, start, -(-(offset + length) // SECTOR) * SECTOR - start, at_least=offset - start + length)
-    return data[offset - start : offset - start + length]
+    span = -(-(offset + length) // SECTOR) * SECTOR - start
+    with mmap.mmap(-1, span) as buffer:
+        got = os.preadv(fd, [buffer], start)
+        if got < offset - start + length:
+            raise UserError(f"short read from the mount at offset {offset}: the file changed meanwhile?")
+        return buffer[offset - start : offset - start + length]
 
 
-def _read_exact(fd: int, offset: int, length: int, at_least: int | None = None) -> bytes:
+def _read_exact(fd: int, offset: int, length: int) -> bytes:
     data = os.pread(fd, length, offset)
-    if len(data) < (length if at_least is None else at_least):
+    if len(data) != length:
         raise UserError(f"short read from the mount at offset {offset}: the file changed meanwhile?")
     return data
 
