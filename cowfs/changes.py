@@ -3,8 +3,8 @@ control commands (`cowfs status`, `diff`, `reset`, `commit`).
 
 Everything here runs in the daemon's trio thread with no await inside, so
 each call is atomic with respect to FUSE requests.  Paths are mount paths as
-strings (``"/sub/disk.raw"``); the results are plain JSON-able dicts, the
-wire format of the control channel (see `cowfs.control`).
+strings (``"/sub/disk.raw"``); the results are the reply records of
+`cowfs.protocol`.
 
 Change states of a path:
   * ``modified`` -- a base entry at its own base path whose data or metadata changed;
@@ -25,19 +25,16 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from .base import BasePath
 from .namespace import ROOT_INO, WHITEOUT, Namespace, Node
 from .overlay import BaseIdentity, OverlayFile
+from .protocol import ChangeState, ControlError, DiffReply, FileChange, Plan, StatusReply
 
 _KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink",
           stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
-
-
-class ChangeError(Exception):
-    """A control request that cannot be done; the message is for the user."""
 
 
 def _base_path_text(parts: BasePath) -> str:
@@ -48,7 +45,7 @@ def split_mount_path(path: str) -> tuple[bytes, ...]:
     """'/a/b' -> (b'a', b'b'); rejects '.' and '..' components."""
     parts = tuple(os.fsencode(part) for part in path.split("/") if part)
     if any(part in (b".", b"..") for part in parts):
-        raise ChangeError(f"{path}: use a path without '.' or '..'")
+        raise ControlError(f"{path}: use a path without '.' or '..'")
     return parts
 
 
@@ -64,7 +61,7 @@ def _data_summary(data: OverlayFile | None) -> tuple[int, int]:
 
 def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
     """Byte ranges of the view not read from the base at the same offset:
-    the written ranges plus the zeroed tail ``[base_limit, size)``."""
+    the written and zeroed ranges plus the zeroed tail ``[base_limit, size)``."""
     ranges: list[tuple[int, int]] = []
     for start, end in data.written.ranges():
         if start >= data.base_limit:
@@ -83,27 +80,27 @@ def store_disk_bytes(namespace: Namespace) -> int:
     return sum(node.data.store_blocks() * 512 for node in namespace.nodes.values() if node.data is not None)
 
 
-def status(namespace: Namespace) -> dict[str, Any]:
+def status(namespace: Namespace) -> StatusReply:
     """Every change of the mount, in path order."""
-    changes: list[dict[str, Any]] = []
+    found: list[FileChange] = []
     moved_from: set[BasePath] = set()
     for path, node in namespace.pinned_nodes():
-        entry = _describe(path, node)
-        if entry is not None:
-            changes.append(entry)
-            if entry["state"] == "renamed":
+        change = _describe(path, node)
+        if change is not None:
+            found.append(change)
+            if change.state == "renamed":
                 assert node.base_path is not None
                 moved_from.add(node.base_path)
     for path, base_path in _whiteouts(namespace):
         if base_path not in moved_from:
-            changes.append({"path": path, "state": "deleted", "type": None, "from": None, "size": None,
-                            "base_size": None, "bytes_written": 0, "extents": 0, "open": 0})
-    changes.sort(key=lambda change: change["path"])
-    return {"store_bytes": namespace.store.bytes_held, "store_disk_bytes": store_disk_bytes(namespace),
-            "max_store": namespace.store.limit, "changes": changes}
+            found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
+    found.sort(key=lambda change: change.path)
+    return StatusReply(str(namespace.base.path), str(namespace.store.directory), namespace.store.bytes_held,
+                       store_disk_bytes(namespace), namespace.store.limit, found)
 
 
-def _describe(path: str, node: Node) -> dict[str, Any] | None:
+def _describe(path: str, node: Node) -> FileChange | None:
+    state: ChangeState
     if node.base_path is None:
         state, origin = "created", None
     elif _base_path_text(node.base_path) != path:
@@ -115,9 +112,8 @@ def _describe(path: str, node: Node) -> dict[str, Any] | None:
     written, extents = _data_summary(node.data)
     data = node.data
     base_size = data.base_identity.size if data is not None and data.base_identity is not None else None
-    return {"path": path, "state": state, "type": _KINDS.get(node.type, "other"), "from": origin,
-            "size": data.size if data is not None else None, "base_size": base_size,
-            "bytes_written": written, "extents": extents, "open": node.opens}
+    return FileChange(path, state, _KINDS.get(node.type, "other"), origin, data.size if data is not None else None,
+                      base_size, written, extents, node.opens)
 
 
 def _whiteouts(namespace: Namespace) -> list[tuple[str, BasePath]]:
@@ -158,10 +154,10 @@ def _resolve(namespace: Namespace, path: str) -> _Place | None:
         try:
             child = namespace.lookup(directory.ino, name)
         except OSError:
-            raise ChangeError(f"{path}: no such directory in the mount") from None
+            raise ControlError(f"{path}: no such directory in the mount") from None
         namespace.forget(child.ino, 1)  # a lookup of our own: do not hold it
         if not child.is_dir:
-            raise ChangeError(f"{path}: {os.fsdecode(name)} is not a directory")
+            raise ControlError(f"{path}: {os.fsdecode(name)} is not a directory")
         directory = child
     name = parts[-1]
     try:
@@ -178,22 +174,21 @@ def _changed_file(namespace: Namespace, path: str) -> Node:
     """The node of a regular file of the mount (created or not)."""
     place = _resolve(namespace, path)
     if place is None or place.node is None:
-        raise ChangeError(f"{path}: no such file in the mount")
+        raise ControlError(f"{path}: no such file in the mount")
     if place.node.type != stat.S_IFREG:
-        raise ChangeError(f"{path}: not a regular file")
+        raise ControlError(f"{path}: not a regular file")
     return place.node
 
 
-def diff(namespace: Namespace, path: str) -> dict[str, Any]:
+def diff(namespace: Namespace, path: str) -> DiffReply:
     """The changed byte ranges of one file."""
     node = _changed_file(namespace, path)
     data = node.data
     if data is None:  # not open and never changed: the base as it is now
         size = namespace.base.lstat(node.base_path).st_size if node.base_path is not None else 0
-        return {"path": path, "size": size, "base_size": size, "ranges": [], "created": False}
+        return DiffReply(path, size, size, [])
     base_size = data.base_identity.size if data.base_identity is not None else None
-    return {"path": path, "size": data.size, "base_size": base_size, "ranges": changed_ranges(data),
-            "created": node.base_path is None}
+    return DiffReply(path, data.size, base_size, changed_ranges(data))
 
 
 # -- reset -----------------------------------------------------------------------
@@ -221,8 +216,8 @@ def reset(namespace: Namespace, path: str, force: bool = False) -> ResetResult:
         return result
     if not _has_changes(namespace, place):
         if place.node is None:
-            raise ChangeError(f"{path}: no such file in the mount")
-        raise ChangeError(f"{path}: not changed in the mount, nothing to reset")
+            raise ControlError(f"{path}: no such file in the mount")
+        raise ControlError(f"{path}: not changed in the mount, nothing to reset")
     involved = []
     if place.node is not None and place.parent.entries.get(place.name) == place.node.ino:
         involved = _subtree(namespace, place.node, include_self=True)
@@ -271,7 +266,7 @@ def _check_not_open(namespace: Namespace, nodes: list[Node], path: str, force: b
     if open_nodes and not force:
         names = ", ".join(os.fsdecode(node.name) for node in open_nodes[:3])
         more = f" and {len(open_nodes) - 3} more" if len(open_nodes) > 3 else ""
-        raise ChangeError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
+        raise ControlError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
                           "(open handles then see the base)")
 
 
@@ -341,24 +336,24 @@ def _revert_node(namespace: Namespace, node: Node, result: ResetResult) -> None:
 # -- commit --------------------------------------------------------------------------
 
 
-def commit_plan(namespace: Namespace, path: str) -> dict[str, Any]:
+def commit_plan(namespace: Namespace, path: str) -> Plan:
     """What `cowfs commit` must write into the base of one file (it writes; the daemon never does)."""
     node = _changed_file(namespace, path)
     data = node.data
     if node.base_path is None:
-        raise ChangeError(f"{path}: created in the mount, it has no base file to commit to (use cowfs export)")
+        raise ControlError(f"{path}: created in the mount, it has no base file to commit to (use cowfs export)")
     if _base_path_text(node.base_path) != path:
-        raise ChangeError(f"{path}: renamed in the mount (from {_base_path_text(node.base_path)}): "
+        raise ControlError(f"{path}: renamed in the mount (from {_base_path_text(node.base_path)}): "
                           "commit writes file data only, reset or rename it back first")
     if data is None or data.base_identity is None or not data.is_changed:
-        raise ChangeError(f"{path}: no data changes to commit")
+        raise ControlError(f"{path}: no data changes to commit")
     if node.opens:
-        raise ChangeError(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
+        raise ControlError(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
     _check_base_unchanged(namespace, node, path)
     return _plan(namespace, path, node)
 
 
-def export_plan(namespace: Namespace, path: str) -> dict[str, Any]:
+def export_plan(namespace: Namespace, path: str) -> Plan:
     """What `cowfs export` must copy: base file, its identity, and the changes."""
     node = _changed_file(namespace, path)
     if node.data is not None and node.data.base_identity is not None:
@@ -366,7 +361,7 @@ def export_plan(namespace: Namespace, path: str) -> dict[str, Any]:
     return _plan(namespace, path, node)
 
 
-def _plan(namespace: Namespace, path: str, node: Node) -> dict[str, Any]:
+def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
     data = node.data
     base_file = None
     if node.base_path is not None:
@@ -374,12 +369,14 @@ def _plan(namespace: Namespace, path: str, node: Node) -> dict[str, Any]:
     if data is None:  # untouched: the base as it is now
         assert node.base_path is not None
         identity = BaseIdentity.of(namespace.base.lstat(node.base_path))
-        return {"path": path, "base_file": base_file, "identity": _identity_dict(identity), "size": identity.size,
-                "base_limit": identity.size, "written": [], "token": []}
-    return {"path": path, "base_file": base_file,
-            "identity": _identity_dict(data.base_identity) if data.base_identity is not None else None,
-            "size": data.size, "base_limit": data.base_limit, "written": list(data.written.ranges()),
-            "token": _change_token(data)}
+        return Plan(path, base_file, _identity_dict(identity), identity.size, identity.size, [], [])
+    return Plan(path, base_file, _identity_dict(data.base_identity) if data.base_identity is not None else None,
+                data.size, data.base_limit, _clip(data.written.ranges(zeros=False), data.size), _change_token(data),
+                _clip(data.written.ranges(zeros=True), data.size))
+
+
+def _clip(ranges: Iterator[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    return [(start, min(end, size)) for start, end in ranges if start < size]
 
 
 def _check_base_unchanged(namespace: Namespace, node: Node, path: str) -> None:
@@ -389,7 +386,7 @@ def _check_base_unchanged(namespace: Namespace, node: Node, path: str) -> None:
     except OSError:
         now = None
     if node.data.base_changed or now != node.data.base_identity:
-        raise ChangeError(f"{path}: its base file changed since the mount started using it: refusing to commit")
+        raise ControlError(f"{path}: its base file changed since the mount started using it: refusing to commit")
 
 
 def _identity_dict(identity: BaseIdentity) -> dict[str, int]:
@@ -398,20 +395,25 @@ def _identity_dict(identity: BaseIdentity) -> dict[str, int]:
 
 
 def _change_token(data: OverlayFile) -> list[int]:
-    """Changes when the file's changes do (to detect writes between plan and finish)."""
-    return [data.size, data.base_limit, data.written.total, len(data.written), data.written.last_end()]
+    """Changes whenever the file's view does, however little (to detect writes between plan and finish)."""
+    return [id(data), data.generation]
 
 
 def commit_done(namespace: Namespace, path: str, token: list[int], new_identity: dict[str, int]) -> ResetResult:
     """The CLI wrote the changes into the base: adopt it as the new base and drop the changes."""
     node = _changed_file(namespace, path)
     data = node.data
-    if data is None or data.base_fd is None or _change_token(data) != token or node.opens:
-        raise ChangeError(f"{path}: changed in the mount while committing; the base holds the "
-                          "earlier state, the mount keeps its changes")
+    if data is None or data.base_fd is None:
+        raise ControlError(f"{path}: reset or replaced in the mount while committing")
     identity = BaseIdentity.of(os.fstat(data.base_fd))
     if _identity_dict(identity) != new_identity:
-        raise ChangeError(f"{path}: its base file changed during the commit (by someone else?)")
+        raise ControlError(f"{path}: its base file changed during the commit (by someone else?)")
+    if _change_token(data) != token or node.opens:
+        # The base now holds the view as it was at the plan; every change since is still in the
+        # store on top of it, so the view stays right on the new base: adopt it, keep the changes.
+        data.adopt_base(identity)
+        raise ControlError(f"{path}: changed in the mount while committing; the base holds the "
+                           "earlier state, the mount keeps its changes")
     result = ResetResult(paths=[path])
     parent = namespace.nodes[node.parent]
     if parent.entries.get(node.name) == node.ino:

@@ -12,7 +12,8 @@ from typing import Any, TextIO
 
 from .api import FileDiff, Mount, Status, locate
 from .errors import UserError
-from .transfer import Plan
+from .features import summary
+from .protocol import Plan
 
 
 def human(size: int | None) -> str:
@@ -105,6 +106,8 @@ def print_status(status: Status, out: TextIO) -> None:
     print(f"base   {status.base_dir}", file=out)
     print(f"store  {status.store_dir}: {human(status.store_bytes)} written, "
           f"{human(status.store_disk_bytes)} on disk{limit}", file=out)
+    if status.features:
+        print(f"kernel {summary(status.features)}", file=out)
     if not status.changes:
         print("no changes", file=out)
         return

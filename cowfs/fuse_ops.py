@@ -21,6 +21,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
+from .features import FUSE_HANDLE_KILLPRIV_V2
 from .mounts import unescape_mount_field
 from .namespace import Namespace, Node, Stat
 
@@ -47,10 +48,20 @@ BDI_SETTINGS = {"read_ahead_kb": str(READ_AHEAD_KIB), "max_ratio": "50"}
 # Errors that are a normal answer, not worth a log line above debug.
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
                            errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EACCES,
-                           errno.ENOSPC, errno.EXDEV})
+                           errno.ENOSPC, errno.EXDEV, errno.ENXIO, errno.EOPNOTSUPP, errno.EMLINK})
 
 # Read-only attribute of the mount root: how many inodes the daemon tracks (tests check it stays flat).
 NODE_COUNT_XATTR = b"user.cowfs.nodes"
+
+# fallocate(2) modes (linux/falloc.h) that reach a FUSE filesystem.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+# O_DIRECT handles behave like a disk with 512-byte logical sectors: QEMU's alignment probe then
+# finds 512 (else it falls back to 4096 and refuses images whose size is not a multiple of it).
+DIRECT_IO_ALIGNMENT = 512
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -127,11 +138,17 @@ class CowfsOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = True  # the kernel batches small writes into pages
+    # Honoured by the patched pyfuse3 only (cowfs.features): with it the kernel keeps SB_NOSEC and
+    # stops asking GETXATTR security.capability before every write(2); cowfs clears setuid itself.
+    extra_init_flags = FUSE_HANDLE_KILLPRIV_V2
+    # Where readdir entries go: the kernel's reply buffer (tests/ops collects them instead).
+    readdir_reply = staticmethod(pyfuse3.readdir_reply)
 
     def __init__(self, namespace: Namespace, virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None) -> None:
         super().__init__()
         self.ns = namespace
         self._open_files: dict[int, Node] = {}
+        self._direct_handles: set[int] = set()  # opened with O_DIRECT
         self._open_dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_handle = 0
         # Read-only attributes of the mount root that the control commands use.
@@ -189,6 +206,7 @@ class CowfsOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            by_root=ctx.uid == 0,
         )
         return _entry(st)
 
@@ -232,6 +250,8 @@ class CowfsOperations(pyfuse3.Operations):
         node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
         handle = self._new_handle()
         self._open_files[handle] = node
+        if flags & os.O_DIRECT:
+            self._direct_handles.add(handle)
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     @_errno_replies
@@ -247,6 +267,10 @@ class CowfsOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
         data = self._open_files[fh].data
         assert data is not None
+        # Only reads are checked: the kernel's write-back of cached pages may go through an
+        # O_DIRECT handle too, with a partial last page.
+        if (off | size) % DIRECT_IO_ALIGNMENT and fh in self._direct_handles:
+            raise OSError(errno.EINVAL, "O_DIRECT read not aligned to 512 bytes")
         if size > len(self._read_buffer):
             self._read_buffer = bytearray(size)
         # pyfuse3 copies the reply out before this buffer is used again (no
@@ -271,8 +295,37 @@ class CowfsOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errno_replies
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad fallocate range")
+        node = self._open_files[fh]
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+                raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
+            self.ns.punch_hole(node, offset, length)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+                raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
+            self.ns.zero_range(node, offset, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
+        elif mode & ~FALLOC_FL_KEEP_SIZE:
+            raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")  # collapse, insert, unshare
+        else:
+            self.ns.allocate(node, offset, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
+
+    @_errno_replies
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        data = self._open_files[fh].data
+        assert data is not None
+        if whence == SEEK_DATA:
+            return data.seek_data(offset)
+        if whence == SEEK_HOLE:
+            return data.seek_hole(offset)
+        raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the filesystem")
+
+    @_errno_replies
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh)
+        self._direct_handles.discard(fh)
         self.ns.release(node.ino)
 
     # -- directories -----------------------------------------------------------
@@ -300,7 +353,7 @@ class CowfsOperations(pyfuse3.Operations):
             except OSError:
                 self.ns.forget(node.ino, 1)  # no reply, so the kernel will not count it
                 continue
-            if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+            if not self.readdir_reply(token, name, entry, index + 1):
                 self.ns.forget(node.ino, 1)
                 break
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -10,11 +9,10 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import UserError
+from .protocol import read_control_info
 
-CONTROL_XATTR = "user.cowfs.control"
 FSTYPE = "fuse.cowfs"
 
 
@@ -54,16 +52,6 @@ def is_mounted(path: Path) -> bool:
     return find_mount(path) is not None
 
 
-def control_info(mountpoint: Path) -> dict[str, Any]:
-    """What the daemon of a live mount publishes about itself (pid, base, store)."""
-    try:
-        raw = os.getxattr(mountpoint, CONTROL_XATTR)
-    except OSError as error:
-        raise UserError(f"{mountpoint}: cannot reach the cowfs daemon ({error.strerror})") from None
-    info: dict[str, Any] = json.loads(raw)
-    return info
-
-
 def require_cowfs_mount(mountpoint: Path) -> MountEntry:
     entry = find_mount(mountpoint)
     if entry is None:
@@ -87,8 +75,8 @@ def unmount(mountpoint: Path, lazy: bool = False, timeout: float = 300.0) -> Non
     mountpoint = Path(os.path.abspath(mountpoint))
     require_cowfs_mount(mountpoint)
     try:
-        pid: int | None = int(control_info(mountpoint)["pid"])
-    except UserError:
+        pid: int | None = read_control_info(mountpoint).pid
+    except OSError:
         pid = None  # the daemon is gone (killed): only the dead mount is left
     command = [fusermount(), "-u", "-q"] + (["-z"] if lazy else []) + [str(mountpoint)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -44,7 +44,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .base import BaseDir, BasePath
@@ -282,10 +282,15 @@ class Namespace:
 
     def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None,
-                atime_ns: int | None = None, mtime_ns: int | None = None) -> Stat:
+                atime_ns: int | None = None, mtime_ns: int | None = None, by_root: bool = True) -> Stat:
+        """Change metadata; ``by_root`` says whether the caller may keep setuid bits (CAP_FSETID)."""
         node = self.node(ino)
         attrs = self._capture(node)
         now = time.time_ns()
+        if (uid is not None or gid is not None) and not node.is_dir:
+            self._drop_privileges(node)  # chown: even root's (Linux's chown_common)
+        if size is not None and not by_root:
+            self._drop_privileges(node)
         if size is not None:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
@@ -354,8 +359,42 @@ class Namespace:
             self._capture(node)
         assert node.data is not None and node.attrs is not None
         written = node.data.write(offset, data)
+        self._drop_privileges(node)
         node.attrs.mtime_ns = node.attrs.ctime_ns = time.time_ns()
         return written
+
+    def _drop_privileges(self, node: Node) -> None:
+        """Clear setuid, setgid (where it means "run as group") and file capabilities: the kernel
+        leaves this to the filesystem (FUSE_HANDLE_KILLPRIV[_V2]) on write, truncate and chown.
+        pyfuse3 does not pass the kernel's "writer lacks CAP_FSETID" flag, so a write clears them
+        whoever writes (Linux keeps them for root)."""
+        attrs = node.attrs
+        if attrs is None or node.type != stat.S_IFREG:
+            return
+        if attrs.mode & stat.S_ISUID or attrs.mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+            attrs.mode &= ~(stat.S_ISUID | (stat.S_ISGID if attrs.mode & stat.S_IXGRP else 0))
+        if node.xattrs is not None:
+            node.xattrs.pop(b"security.capability", None)
+        elif node.base_path is not None and b"security.capability" in self.base.xattrs(node.base_path):
+            node.xattrs = {name: value for name, value in self.base.xattrs(node.base_path).items()
+                           if name != b"security.capability"}
+
+    def _change_data(self, node: Node, change: Callable[[OverlayFile], None]) -> None:
+        """fallocate's changes: the bytes change like a write's."""
+        if node.attrs is None:
+            self._capture(node)
+        assert node.data is not None and node.attrs is not None
+        change(node.data)
+        node.attrs.mtime_ns = node.attrs.ctime_ns = time.time_ns()
+
+    def punch_hole(self, node: Node, offset: int, length: int) -> None:
+        self._change_data(node, lambda data: data.punch_hole(offset, length))
+
+    def zero_range(self, node: Node, offset: int, length: int, keep_size: bool) -> None:
+        self._change_data(node, lambda data: data.zero_range(offset, length, keep_size))
+
+    def allocate(self, node: Node, offset: int, length: int, keep_size: bool) -> None:
+        self._change_data(node, lambda data: data.allocate(offset, length, keep_size))
 
     # -- directories ----------------------------------------------------------
 

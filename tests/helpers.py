@@ -164,6 +164,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    """pwrite into an existing file, changing nothing else of it."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
 def read_base(path: Path) -> bytes:
     """Read a base file the way the tests must: without changing its atime."""
     fd = os.open(path, os.O_RDONLY | os.O_NOATIME)

@@ -1,10 +1,15 @@
-"""The pjdfstest run's totals, printed once at the end of the session."""
+"""Fixtures of the mount tests that act as other users (see users.py), and the pjdfstest
+run's totals, printed once at the end of the session."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
 import pytest
+
+from .users import cowfs_for_others, visible_tmp
+
+__all__ = ["cowfs_for_others", "visible_tmp"]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..conftest import MountFactory
 from ..helpers import COWFS, is_mounted, run, tree_fingerprint
-from .users import NOBODY, as_user, visible_tmp  # noqa: F401 (a fixture)
+from .users import NOBODY, as_user
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,11 @@ def _cases(top: Path, base: Path, mnt: Path, live: Path) -> list[Case]:
     ]
 
 
-def test_bad_input_gets_one_clear_line_and_changes_nothing(visible_tmp: Path,  # noqa: F811
-                                                           mount_factory: MountFactory) -> None:
+def test_bad_input_gets_one_clear_line_and_changes_nothing(visible_tmp: Path,
+                                                           mount_factory: MountFactory,
+                                                           cowfs_for_others: tuple[list[str], dict[str, str]],
+                                                           ) -> None:
+    others_argv, others_env = cowfs_for_others
     top = visible_tmp
     base, mnt, full = top / "base", top / "mnt", top / "full"
     for directory in (base / "inner", mnt, full / "sub", top / "empty", top / "new\nline"):
@@ -80,8 +83,11 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(visible_tmp: Path,  #
     before = tree_fingerprint(top)
     failures = []
     for case in _cases(top, base, mnt, live.path):
-        argv = [COWFS, *case.argv]
-        result = run(as_user(NOBODY, NOBODY, argv) if case.as_nobody else argv, check=False, timeout=30)
+        if case.as_nobody:
+            result = run(as_user(NOBODY, NOBODY, [*others_argv, *case.argv]), check=False, timeout=30,
+                         env={**os.environ, **others_env})
+        else:
+            result = run([COWFS, *case.argv], check=False, timeout=30)
         lines = result.stderr.splitlines()
         if result.returncode == 0 or len(lines) != 1 or case.expected not in lines[0] or result.stdout:
             failures.append(f"{case.argv!r}: exit {result.returncode}, stderr {result.stderr!r}")
