@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,19 +157,19 @@ def suite() -> Path:
 @pytest.mark.skipif(os.geteuid() != 0, reason="pjdfstest switches uids: it must run as root")
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_pjdfstest_category(category: str, suite: Path, base_dir: Path, mount_factory: MountFactory,
-                            tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
+                            tmp_path: Path, request: pytest.FixtureRequest) -> None:
     mount = mount_factory(base_dir, "--allow-other")
     files = [f"{category}/{path.name}" for path in (suite / category).glob("*.t")]
     in_mount = prove(suite, files, mount.path)
     # Read by tests/mount/conftest.py, which prints the suite's totals at the end of the session.
-    record_property("pjdfstest_checks", in_mount.checks)
-    record_property("pjdfstest_mount_seconds", in_mount.seconds)
+    request.node.user_properties += [("pjdfstest_checks", in_mount.checks),
+                                     ("pjdfstest_mount_seconds", in_mount.seconds)]
     if not in_mount.failures:
         return
     with private_tmpfs(tmp_path / "tmpfs", "64m") as tmpfs:
         tmpfs.chmod(0o755)  # as the mount's root: the suite's other uids must get in
         on_tmpfs = prove(suite, in_mount.failures, tmpfs)
-    record_property("pjdfstest_tmpfs_seconds", on_tmpfs.seconds)
+    request.node.user_properties.append(("pjdfstest_tmpfs_seconds", on_tmpfs.seconds))
     real = {name: failure.beyond(on_tmpfs.failures.get(name)) for name, failure in in_mount.failures.items()}
     real = {name: failure for name, failure in real.items() if failure}
     if real:
