@@ -28,7 +28,6 @@ SHOWN_CHECKS = 5  # per failing file in a failure message
 SHOWN_CHARS = 240  # of one check's line (pjdfstest's long-name checks print kilobytes)
 
 
-
 @dataclass(frozen=True)
 class FileFailure:
     """What went wrong in one .t file: failed check numbers and file-level problems
@@ -135,7 +134,8 @@ def ranges(numbers: Iterable[int]) -> str:
 
 
 def describe(category: str, failures: dict[str, FileFailure], in_mount: ProveRun) -> str:
-    lines = [f"pjdfstest {category}: {len(failures)} file(s) fail in the mount where a tmpfs passes:"]
+    lines = [f"pjdfstest {category}: {len(failures)} file(s) fail in the mount where a tmpfs passes "
+             f"(to see all: as root, in a mount made with --allow-other, prove -v {SUITE}/FILE):"]
     for name, failure in sorted(failures.items()):
         lines.append(f"  {name}: checks {ranges(failure.checks) or '-'}")
         lines.extend(f"    {problem}" for problem in sorted(failure.problems))
