@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch python3-dev python3-venv \
 	qemu-system-x86 qemu-utils busybox-static e2fsprogs fio util-linux fdisk parted cpio attr \
-	python3-pyfuse3 python3-trio
+	python3-pyfuse3 python3-trio perl openssl
 PYTEST_ARGS ?=
 
 # pyfuse3 is built from its pinned sdist with the patches in patches/pyfuse3
@@ -20,7 +20,15 @@ PYFUSE3_SDIST := build/pyfuse3/pyfuse3-$(PYFUSE3_VERSION).tar.gz
 PYFUSE3_TREE := build/pyfuse3/pyfuse3-$(PYFUSE3_VERSION)
 PYFUSE3_INSTALLED := $(VENV)/.pyfuse3-$(PYFUSE3_BUILD_VERSION)
 
-.PHONY: setup system-packages test demo bench soak lint typecheck clean
+PJDFSTEST := build/pjdfstest
+# What pjdfstest's configure script finds on Linux with glibc (chflags and fchflags are glibc
+# stubs, so it leaves them out); writing them down lets a plain cc build it, with no autotools.
+PJDFSTEST_DEFINES := _GNU_SOURCE HAVE_SYS_SYSMACROS_H HAVE_FACCESSAT HAVE_FCHMODAT HAVE_FCHOWNAT \
+	HAVE_FSTATAT HAVE_LCHMOD HAVE_LINKAT HAVE_MKDIRAT HAVE_MKFIFOAT HAVE_MKNODAT HAVE_OPENAT \
+	HAVE_POSIX_FALLOCATE HAVE_READLINKAT HAVE_RENAMEAT HAVE_SYMLINKAT HAVE_UTIMENSAT \
+	HAVE_STRUCT_STAT_ST_ATIM HAVE_STRUCT_STAT_ST_CTIM HAVE_STRUCT_STAT_ST_MTIM
+
+.PHONY: setup system-packages test demo bench soak lint typecheck clean pjdfstest
 
 setup: system-packages $(VENV)/.installed
 
@@ -57,8 +65,21 @@ $(VENV)/.installed: pyproject.toml $(PYFUSE3_INSTALLED)
 	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	touch $@
 
-test: setup lint typecheck
+test: setup lint typecheck pjdfstest
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The POSIX suite run by tests/mount/test_pjdfstest.py: its .t files find the pjdfstest
+# program in a directory above them, hence the link to the vendored tests beside it.
+pjdfstest: $(PJDFSTEST)/pjdfstest $(PJDFSTEST)/tests
+
+$(PJDFSTEST)/pjdfstest: tests/pjdfstest/pjdfstest.c Makefile | system-packages
+	mkdir -p $(@D)
+	printf '#define %s 1\n' $(PJDFSTEST_DEFINES) > $(@D)/config.h
+	cc -O2 -Wall -Werror -I$(@D) -o $@ $<
+
+$(PJDFSTEST)/tests:
+	mkdir -p $(@D)
+	ln -sfn ../../tests/pjdfstest/tests $@
 
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./examples/demo.sh
@@ -76,4 +97,4 @@ typecheck: setup
 	$(VENV)/bin/mypy cowfs tests bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE)
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE) $(PJDFSTEST)
