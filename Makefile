@@ -8,8 +8,11 @@ SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
 	qemu-system-x86 qemu-utils busybox-static e2fsprogs fio util-linux fdisk parted cpio attr \
 	python3-pyfuse3 python3-trio
 PYTEST_ARGS ?=
+# make iotests: unpacking and patching the QEMU source package
+IOTESTS_PACKAGES := dpkg-dev patch xz-utils
+IOTESTS_ARGS ?=
 
-.PHONY: setup system-packages test demo bench soak lint typecheck clean
+.PHONY: setup system-packages test demo bench soak iotests lint typecheck clean
 
 setup: system-packages $(VENV)/.installed
 
@@ -37,6 +40,12 @@ bench: setup
 
 soak: setup
 	COWFS_SOAK=1 $(PY) -m pytest tests/unit tests/mount $(PYTEST_ARGS)
+
+# QEMU's qemu-iotests (quick group, raw and qcow2) on local ext4 and in a cowfs mount; not part of
+# `make test`. The QEMU source is cached in /var/cache/cowfs-iotests. See tests/iotests/README.md.
+iotests: setup
+	@$(MAKE) --no-print-directory system-packages SYSTEM_PACKAGES="$(IOTESTS_PACKAGES)"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" nice -n 15 $(PY) tests/iotests/run.py $(IOTESTS_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check cowfs tests bench examples
