@@ -102,6 +102,17 @@ def fetch_sources(cache: Path) -> None:
         partial.rename(target)
 
 
+def warn_if_other_qemu() -> None:
+    """The tests are those of the pinned source; another installed QEMU may differ in its output."""
+    for package in ("qemu-utils", "qemu-system-x86"):
+        installed = subprocess.run(
+            ["dpkg-query", "-W", "-f=${source:Version}", package], capture_output=True, text=True
+        ).stdout.strip()
+        if installed != DEBIAN_VERSION:
+            print(f"iotests: warning: {package} is {installed or 'not installed'}, the tests are from "
+                  f"{DEBIAN_VERSION}", file=sys.stderr)
+
+
 def prepare_tree(cache: Path) -> Path:
     """Unpack, patch and lay out the QEMU tree once; return its build-like iotests directory."""
     patch_digest = sha256_of(LOCAL_PATCH)
@@ -333,6 +344,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, raise_interrupted)
     results_dir = args.results or args.cache / "results" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     try:
+        warn_if_other_qemu()
         fetch_sources(args.cache)
         iotests = prepare_tree(args.cache)
         results_dir.mkdir(parents=True, exist_ok=True)
