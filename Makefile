@@ -8,6 +8,9 @@ SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch python3-dev python3-v
 	qemu-system-x86 qemu-utils busybox-static e2fsprogs fio util-linux fdisk parted cpio attr \
 	python3-pyfuse3 python3-trio perl openssl
 PYTEST_ARGS ?=
+# make iotests: unpacking and patching the QEMU source package
+IOTESTS_PACKAGES := dpkg-dev patch xz-utils
+IOTESTS_ARGS ?=
 
 # pyfuse3 is built from its pinned sdist with the patches in patches/pyfuse3
 # (see patches/pyfuse3/README.md); the local version label marks the build.
@@ -28,7 +31,7 @@ PJDFSTEST_DEFINES := _GNU_SOURCE HAVE_SYS_SYSMACROS_H HAVE_FACCESSAT HAVE_FCHMOD
 	HAVE_POSIX_FALLOCATE HAVE_READLINKAT HAVE_RENAMEAT HAVE_SYMLINKAT HAVE_UTIMENSAT \
 	HAVE_STRUCT_STAT_ST_ATIM HAVE_STRUCT_STAT_ST_CTIM HAVE_STRUCT_STAT_ST_MTIM
 
-.PHONY: setup system-packages test demo bench soak lint typecheck clean pjdfstest
+.PHONY: setup system-packages test demo bench soak iotests lint typecheck clean pjdfstest
 
 setup: system-packages $(VENV)/.installed
 
@@ -89,6 +92,12 @@ bench: setup
 
 soak: setup
 	COWFS_SOAK=1 $(PY) -m pytest tests/unit tests/mount $(PYTEST_ARGS)
+
+# QEMU's qemu-iotests (quick group, raw and qcow2) on local ext4 and in a cowfs mount; not part of
+# `make test`. The QEMU source is cached in /var/cache/cowfs-iotests. See tests/iotests/README.md.
+iotests: setup
+	@$(MAKE) --no-print-directory system-packages SYSTEM_PACKAGES="$(IOTESTS_PACKAGES)"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" nice -n 15 $(PY) tests/iotests/run.py $(IOTESTS_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check cowfs tests bench examples
