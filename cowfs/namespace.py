@@ -458,7 +458,7 @@ class Namespace:
         pyfuse3 does not pass the kernel's "writer lacks CAP_FSETID" flag, so a write clears them
         whoever writes (Linux keeps them for root)."""
         attrs = node.attrs
-        if attrs is None or node.type != stat.S_IFREG:
+        if attrs is None or node.is_dir:
             return
         if attrs.mode & stat.S_ISUID or attrs.mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
             attrs.mode &= ~(stat.S_ISUID | (stat.S_ISGID if attrs.mode & stat.S_IXGRP else 0))
