@@ -348,7 +348,10 @@ class Namespace:
             elif node.type == stat.S_IFLNK:
                 node.link_target = self.base.readlink(node.base_path)
             node.attrs = self._attrs_from_base(st)
-        if not node.unlinked:  # an unlinked (still open) file must not reappear, e.g. on the kernel's ctime SETATTR
+        # An unlinked (still open) file must not reappear, e.g. on the kernel's ctime SETATTR; nor may a
+        # file at a name it no longer has (another base name of it may still show it).
+        parent = self.nodes.get(node.parent)
+        if not node.unlinked and parent is not None and parent.entries.get(node.name, node.ino) == node.ino:
             self._pin(node)
         return node.attrs
 

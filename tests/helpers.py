@@ -261,6 +261,7 @@ def tree_snapshot(root: Path) -> dict[str, tuple[object, ...]]:
             if kind in (stat.S_IFREG, stat.S_IFDIR):
                 xattrs = {n: os.getxattr(path, n) for n in os.listxattr(path) if n.startswith("user.")}
             size = None if kind == stat.S_IFDIR else st.st_size
-            nlink = 1 if kind == stat.S_IFDIR else st.st_nlink  # cowfs directories report 1
-            result[str(path.relative_to(root))] = (kind, stat.S_IMODE(st.st_mode), size, nlink, detail, xattrs)
+            if kind in (stat.S_IFCHR, stat.S_IFBLK):
+                detail = st.st_rdev
+            result[str(path.relative_to(root))] = (kind, stat.S_IMODE(st.st_mode), size, st.st_nlink, detail, xattrs)
     return result

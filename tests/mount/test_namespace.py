@@ -5,6 +5,7 @@ and to a real local copy of the same tree and compares every result and the tree
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -46,11 +47,12 @@ def make_tree(root: Path) -> None:
     (root / "empty").mkdir()
     (root / "link").symlink_to("disk.img")
     (root / "dangling").symlink_to("/nowhere/at/all")
+    os.link(root / "dir" / "inner.img", root / "inner-hard.img")  # one base file, two names
 
 
 # -- the reference model ---------------------------------------------------------
 
-NAMES = ["disk.img", "ro.img", "dir", "inner.img", "sub", "link", "new", "empty"]
+NAMES = ["disk.img", "ro.img", "dir", "inner.img", "inner-hard.img", "sub", "link", "new", "empty"]
 # Mostly names that exist or can be made, so that operations succeed as often as they fail.
 rel_paths = st.one_of(
     st.sampled_from(["disk.img", "ro.img", "dir", "dir/inner.img", "dir/sub", "link", "dangling", "new",
@@ -75,6 +77,8 @@ operations: st.SearchStrategy[Operation] = st.one_of(
     st.tuples(st.just("setxattr"), rel_paths, st.sampled_from(["user.origin", "user.new"]), st.binary(max_size=16)),
     st.tuples(st.just("removexattr"), rel_paths, st.sampled_from(["user.origin", "user.new"])),
     st.tuples(st.just("mkfifo"), rel_paths),
+    st.tuples(st.just("link"), rel_paths, rel_paths),
+    st.tuples(st.just("mknod"), rel_paths, st.sampled_from([stat.S_IFCHR, stat.S_IFBLK])),
 )
 
 
@@ -107,6 +111,14 @@ def apply(root: Path, op: Operation) -> tuple[str, object]:
         os.utime(path(args[0]), ns=(seconds * 10**9 + 7, seconds * 10**9 + 11))
         return os.stat(path(args[0])).st_mtime_ns
 
+    def link() -> int:
+        os.link(path(args[0]), path(args[1]), follow_symlinks=False)
+        return os.lstat(path(args[0])).st_nlink
+
+    def mknod() -> int:
+        os.mknod(path(args[0]), int(str(args[1])) | 0o600, os.makedev(1, 5))
+        return os.lstat(path(args[0])).st_rdev
+
     def getxattr_after(change: Callable[[], None]) -> Callable[[], list[str]]:
         def run() -> list[str]:
             change()
@@ -127,7 +139,13 @@ def apply(root: Path, op: Operation) -> tuple[str, object]:
         "setxattr": getxattr_after(lambda: os.setxattr(path(args[0]), str(args[1]), args[2])),  # type: ignore[arg-type]
         "removexattr": getxattr_after(lambda: os.removexattr(path(args[0]), str(args[1]))),
         "mkfifo": lambda: os.mkfifo(path(args[0]), 0o640),
+        "link": link,
+        "mknod": mknod,
     }
+    if kind in ("write", "read", "truncate"):
+        with contextlib.suppress(OSError):
+            if stat.S_ISCHR(os.lstat(path(args[0])).st_mode) or stat.S_ISBLK(os.lstat(path(args[0])).st_mode):
+                return ("device", None)  # the mount is nodev, a local directory is not: not comparable
     return outcome(actions[str(kind)])
 
 
@@ -291,7 +309,8 @@ def test_inode_numbers_stable_after_dropping_caches(base_dir: Path, mount_factor
         return {str(p.relative_to(m.path)): p.lstat().st_ino for p in sorted(m.path.rglob("*"))}
 
     first = inos()
-    assert len(set(first.values())) == len(first), "two entries share an inode number"
+    assert first["made/inner.img"] == first["t/inner-hard.img"]  # one base file with two names
+    assert len(set(first.values())) == len(first) - 1, "two files share an inode number"
     Path("/proc/sys/vm/drop_caches").write_text("2\n")
     assert inos() == first
     os.rename(m.path / "created", m.path / "made" / "created")
@@ -305,8 +324,13 @@ def test_link_counts_and_blocks(base_dir: Path, mount_factory: MountFactory) -> 
     (base_dir / "dir").mkdir()
     m = mount_factory(base_dir)
     assert (m.path / "full.img").stat().st_nlink == 1
-    assert (m.path / "dir").stat().st_nlink == 1  # directories report 1, as btrfs does
-    assert m.path.stat().st_nlink == 1
+    assert (m.path / "dir").stat().st_nlink == 2  # 2 + subdirectories, as ext4
+    assert m.path.stat().st_nlink == 3
+    os.mkdir(m.path / "dir" / "sub")
+    os.rename(m.path / "dir" / "sub", m.path / "moved")
+    assert ((m.path / "dir").stat().st_nlink, m.path.stat().st_nlink) == (2, 4)
+    os.rmdir(m.path / "moved")
+    assert m.path.stat().st_nlink == 3
     assert (m.path / "sparse.img").stat().st_blocks == 0
     assert (m.path / "full.img").stat().st_blocks == (base_dir / "full.img").stat().st_blocks
     with open(m.path / "sparse.img", "r+b") as f:
@@ -328,15 +352,24 @@ def test_link_counts_and_blocks(base_dir: Path, mount_factory: MountFactory) -> 
     os.close(fd)
 
 
-def test_hard_links_fail_with_eperm(base_dir: Path, mount_factory: MountFactory) -> None:
-    (base_dir / "disk.img").write_bytes(b"x")
+def test_base_hard_links_are_one_inode_until_the_mount_changes_that(base_dir: Path,
+                                                                   mount_factory: MountFactory) -> None:
+    (base_dir / "disk.img").write_bytes(b"base bytes")
+    os.link(base_dir / "disk.img", base_dir / "other.img")
     m = mount_factory(base_dir)
-    (m.path / "new").write_bytes(b"y")
-    for source in ("disk.img", "new"):
-        with pytest.raises(PermissionError) as caught:
-            os.link(m.path / source, m.path / "hard")
-        assert caught.value.errno == errno.EPERM
-    assert sorted(os.listdir(m.path)) == ["disk.img", "new"]
+    first, second = (m.path / "disk.img").stat(), (m.path / "other.img").stat()
+    assert (first.st_ino, first.st_nlink) == (second.st_ino, 2)
+    (m.path / "disk.img").write_bytes(b"mount")  # one inode: both names show it
+    assert (m.path / "other.img").read_bytes() == b"mount"
+    os.link(m.path / "other.img", m.path / "third.img")
+    assert (m.path / "disk.img").stat().st_nlink == 3
+    os.unlink(m.path / "disk.img")
+    assert [(m.path / name).stat().st_nlink for name in ("other.img", "third.img")] == [2, 2]
+    assert (m.path / "third.img").read_bytes() == b"mount"
+    assert read_base(base_dir / "disk.img") == b"base bytes"  # the base is never written
+    os.unlink(m.path / "other.img")
+    assert (m.path / "third.img").stat().st_nlink == 1
+    assert sorted(os.listdir(m.path)) == ["third.img"]
 
 
 # -- the base changing underneath ------------------------------------------------------

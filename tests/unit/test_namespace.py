@@ -512,3 +512,21 @@ def test_commit_refuses_a_file_written_between_plan_and_done(tmp_path: Path) -> 
         assert [change.path for change in changes.status(ns).changes] == ["/disk"]
         ns.forget(node.ino, 1)
         ns.check_invariants()
+
+
+def test_a_base_hard_link_unlinked_in_the_mount_stays_gone(tmp_path: Path) -> None:
+    """The other base name keeps the file; changing it (as the kernel's SETATTR does after an
+    unlink) must not bring the removed name back."""
+    with namespace_over(tmp_path, {"one": b"shared"}) as ns:
+        os.link(tmp_path / "base" / "one", tmp_path / "base" / "two")
+        node = ns.lookup(ROOT_INO, b"one")
+        ns.unlink(ROOT_INO, b"one")
+        ns.setattr(node.ino, mode=0o600)
+        ns.check_invariants()
+        assert [name for name, _, _ in ns.listdir(ROOT_INO)] == [b"two"]
+        other = ns.lookup(ROOT_INO, b"two")
+        assert other is node and ns.getattr(node.ino).nlink == 1
+        assert stat.S_IMODE(ns.getattr(node.ino).mode) == 0o600
+        ns.forget(node.ino, 2)
+        ns.check_invariants()
+
