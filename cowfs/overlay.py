@@ -176,7 +176,6 @@ class OverlayFile:
     # -- writing ------------------------------------------------------------
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
-        self.generation += 1
         length = len(data)
         if length == 0:
             return 0
@@ -235,10 +234,31 @@ class OverlayFile:
     def allocate(self, offset: int, length: int, keep_size: bool) -> None:
         """fallocate mode 0 or KEEP_SIZE: ENOSPC unless ``--max-store`` has room
         for the range's bytes not in the store yet; the contents stay, the size
-        grows to the range's end unless ``keep_size``."""
+        grows to the range's end unless ``keep_size``; zeros the view shows take
+        store space now."""
         _check_range(offset, length)
         self._store.ensure_room(length - self.written.stored_in(offset, offset + length))
         self._grow_to(offset + length, keep_size)
+        # As on ext4 the space is taken at once where the view reads zeros (past the base's bytes,
+        # or punched): zeroed store blocks, so st_blocks, df and --max-store show it.  Base bytes
+        # stay as they are; past the end of the file (KEEP_SIZE) nothing is taken.
+        end = min(offset + length, self.size)
+        pieces = []
+        for start, stop, store in self.written.segments(offset, end):
+            if store == ZEROS:
+                pieces.append((start, stop))
+            elif store is None and stop > self.base_limit:
+                pieces.append((max(start, self.base_limit), stop))
+        if not pieces:
+            return
+        self.generation = next(_changes)
+        fd = self._store_fd()
+        for start, stop in pieces:
+            new_store = self.store_end + (start - self.store_end) % PAGE_SIZE
+            os.posix_fallocate(fd, new_store, stop - start)
+            self.written.remove(start, stop)  # a ZEROS range gives way to the zeroed store bytes
+            self._store.hold(self.written.add(start, stop, new_store))
+            self.store_end = max(self.store_end, new_store + stop - start)
 
     def _grow_to(self, end: int, keep_size: bool) -> None:
         if not keep_size and end > self.size:

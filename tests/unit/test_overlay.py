@@ -70,9 +70,10 @@ class Model:
         self.content = bytearray(content)
         self.is_data = is_data
         self.stored = bytearray(len(content))
+        self.shows_base = bytearray(b"\1" * len(content))  # neither written, punched nor cut off yet
 
     def resize(self, size: int) -> None:
-        for array in (self.content, self.is_data, self.stored):
+        for array in (self.content, self.is_data, self.stored, self.shows_base):
             del array[size:]
             array.extend(bytes(size - len(array)))
 
@@ -81,11 +82,21 @@ class Model:
         end = offset + len(data)
         self.content[offset:end] = data
         self.is_data[offset:end] = self.stored[offset:end] = b"\1" * len(data)
+        self.shows_base[offset:end] = bytes(len(data))
 
     def punch(self, offset: int, length: int) -> None:
         end = min(offset + length, len(self.content))
         if offset < end:
             self.content[offset:end] = self.is_data[offset:end] = self.stored[offset:end] = bytes(end - offset)
+            self.shows_base[offset:end] = bytes(end - offset)
+
+    def allocate(self, offset: int, length: int, keep_size: bool) -> None:
+        """Zeros the view shows that are not the base's take store space (and count as data)."""
+        if not keep_size:
+            self.resize(max(len(self.content), offset + length))
+        for index in range(offset, min(offset + length, len(self.content))):
+            if not self.stored[index] and not self.shows_base[index]:
+                self.stored[index] = self.is_data[index] = 1
 
     def seek(self, offset: int, data: bool) -> int:
         if offset >= len(self.content):
@@ -137,8 +148,7 @@ def test_overlay_matches_bytearray(base_file: Path, tmp_path: Path, ops: list[tu
                     model.resize(max(len(model.content), offset + length))
             elif kind == "allocate":
                 overlay.allocate(offset, length, keep_size=flag)
-                if not flag:
-                    model.resize(max(len(model.content), offset + length))
+                model.allocate(offset, length, keep_size=flag)
             elif kind == "read":
                 assert overlay.read(offset, length) == bytes(model.content[offset : offset + length])
             elif kind == "seek_data":
@@ -282,7 +292,7 @@ def test_punch_over_base_bytes_takes_no_store_space(base_file: Path, tmp_path: P
         store.close()
 
 
-def test_allocate_checks_the_limit_and_only_mode_0_grows(tmp_path: Path) -> None:
+def test_allocate_takes_space_checks_the_limit_and_only_mode_0_grows(tmp_path: Path) -> None:
     store = Store(tmp_path, limit=10_000)
     view = OverlayFile(store)
     try:
@@ -292,14 +302,16 @@ def test_allocate_checks_the_limit_and_only_mode_0_grows(tmp_path: Path) -> None
         view.allocate(0, 8000, keep_size=True)
         assert view.size == 0
         view.allocate(0, 8000, keep_size=False)
-        assert view.size == 8000 and store.bytes_held == 0
+        assert view.size == 8000 and store.bytes_held == 8000  # taken at once, as ext4 does
+        assert view.read(0, 8000) == bytes(8000) and view.seek_hole(0) == 8000  # zeros, and data
         view.write(0, b"a" * 8000)
+        assert store.bytes_held == 8000  # written over the allocated bytes: no more space
         view.allocate(0, 9000, keep_size=False)  # 1000 more bytes: room
+        assert store.bytes_held == 9000
         with pytest.raises(OSError) as error:
             view.allocate(0, 12_000, keep_size=False)
         assert error.value.errno == errno.ENOSPC
         assert view.size == 9000 and view.read(0, 9000) == b"a" * 8000 + bytes(1000)
-        assert view.seek_hole(0) == 8000  # allocated, never written: a hole, as an unwritten extent is
     finally:
         view.close()
         store.close()
