@@ -84,11 +84,12 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     namespace = Namespace(base, store)
     found = Pyfuse3Features.of(pyfuse3)
     log_missing(found)
-    control_server = ControlServer(namespace, KernelCache(), lambda: describe(found, _granted_init_flags(found)),
+    kernel_cache = KernelCache()
+    control_server = ControlServer(namespace, kernel_cache, lambda: describe(found, _granted_init_flags(found)),
                                    lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()})
     control = ControlInfo(os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir),
                           config.max_store).to_json()
-    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control})
+    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache)
     operations.mountpoint = str(config.mountpoint)
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))

@@ -24,6 +24,7 @@ import trio
 
 from . import counters
 from .features import FUSE_HANDLE_KILLPRIV_V2
+from .kernel_cache import KernelCache
 from .mounts import find_mount
 from .namespace import Namespace, Node, Stat
 
@@ -146,11 +147,15 @@ class CowfsOperations(pyfuse3.Operations):
     # Where readdir entries go: the kernel's reply buffer (tests/ops collects them instead).
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
 
-    def __init__(self, namespace: Namespace, virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None) -> None:
+    def __init__(self, namespace: Namespace, virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None,
+                 kernel_cache: KernelCache | None = None) -> None:
         super().__init__()
         self.ns = namespace
+        self.kernel_cache = kernel_cache or KernelCache()
         self._open_files: dict[int, Node] = {}
         self._direct_handles: set[int] = set()  # opened with O_DIRECT
+        self._writable_handles: set[int] = set()
+        self._writers: dict[int, int] = {}  # ino -> handles open for writing (the kernel may cache dirty pages)
         self._open_dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_handle = 0
         # Read-only attributes of the mount root that the control commands use.
@@ -168,9 +173,16 @@ class CowfsOperations(pyfuse3.Operations):
     async def _tune_backing_device(mountpoint: str) -> None:
         tune_backing_device(mountpoint, BDI_SETTINGS)  # sysfs: instant, no thread needed
 
-    def _new_handle(self) -> int:
+    def _new_handle(self, node: Node | None = None, flags: int = 0) -> int:
+        """A new file (with ``node``) or directory handle."""
         self._next_handle += 1
-        return self._next_handle
+        handle = self._next_handle
+        if node is not None:
+            self._open_files[handle] = node
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                self._writable_handles.add(handle)
+                self._writers[node.ino] = self._writers.get(node.ino, 0) + 1
+        return handle
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
         return _entry(self.ns.getattr(node.ino))
@@ -251,8 +263,7 @@ class CowfsOperations(pyfuse3.Operations):
     @_errno_replies
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
-        handle = self._new_handle()
-        self._open_files[handle] = node
+        handle = self._new_handle(node, flags)
         if flags & os.O_DIRECT:
             self._direct_handles.add(handle)
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
@@ -261,8 +272,7 @@ class CowfsOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, opened=True)
-        handle = self._new_handle()
-        self._open_files[handle] = node
+        handle = self._new_handle(node, flags)
         return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)
 
     @_errno_replies
@@ -318,7 +328,13 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
-        data = self._open_files[fh].data
+        node = self._open_files[fh]
+        if self._writers.get(node.ino):
+            # The kernel sends LSEEK without writing its cached dirty pages back first, so bytes
+            # written through a handle still open for writing may not have reached us: have it
+            # write them back now (we serve those WRITEs meanwhile), then answer.
+            await self.kernel_cache.invalidate([node.ino])
+        data = node.data
         assert data is not None
         if whence == SEEK_DATA:
             return data.seek_data(offset)
@@ -330,6 +346,11 @@ class CowfsOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh)
         self._direct_handles.discard(fh)
+        if fh in self._writable_handles:
+            self._writable_handles.discard(fh)
+            self._writers[node.ino] -= 1
+            if not self._writers[node.ino]:
+                del self._writers[node.ino]
         self.ns.release(node.ino)
 
     # -- directories -----------------------------------------------------------

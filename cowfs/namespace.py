@@ -451,15 +451,15 @@ class Namespace:
             self._capture(node)
         assert node.data is not None and node.attrs is not None
         written = node.data.write(offset, data)
-        self._drop_privileges(node)
         node.attrs.mtime_ns = node.attrs.ctime_ns = time.time_ns()
         return written
 
     def _drop_privileges(self, node: Node) -> None:
         """Clear setuid, setgid (where it means "run as group") and file capabilities: the kernel
-        leaves this to the filesystem (FUSE_HANDLE_KILLPRIV[_V2]) on write, truncate and chown.
-        pyfuse3 does not pass the kernel's "writer lacks CAP_FSETID" flag, so a write clears them
-        whoever writes (Linux keeps them for root)."""
+        leaves this to the filesystem (FUSE_HANDLE_KILLPRIV[_V2]) on chown and on a truncate by a
+        caller without CAP_FSETID.  A write keeps them, as a write by root does on Linux: pyfuse3
+        does not pass the kernel's "this writer lacks CAP_FSETID" flag, and the mount is nosuid,
+        so the bits grant nothing there anyway."""
         attrs = node.attrs
         if attrs is None or node.is_dir:
             return

@@ -226,10 +226,10 @@ class OverlayFile:
             self.written.add(offset, zeros_end, ZEROS)
 
     def zero_range(self, offset: int, length: int, keep_size: bool) -> None:
-        """FALLOC_FL_ZERO_RANGE: the range reads as zeros (a hole, as an unwritten
-        extent is on ext4); the size grows to its end unless ``keep_size``."""
+        """FALLOC_FL_ZERO_RANGE: the range reads as zeros and, as on ext4, stays allocated
+        (zeroed store blocks: data to SEEK_DATA); the size grows to its end unless ``keep_size``."""
         self.punch_hole(offset, length)
-        self._grow_to(offset + length, keep_size)
+        self.allocate(offset, length, keep_size)
 
     def allocate(self, offset: int, length: int, keep_size: bool) -> None:
         """fallocate mode 0 or KEEP_SIZE: ENOSPC unless ``--max-store`` has room

@@ -144,8 +144,7 @@ def test_overlay_matches_bytearray(base_file: Path, tmp_path: Path, ops: list[tu
             elif kind == "zero":
                 overlay.zero_range(offset, length, keep_size=flag)
                 model.punch(offset, length)
-                if not flag:
-                    model.resize(max(len(model.content), offset + length))
+                model.allocate(offset, length, keep_size=flag)
             elif kind == "allocate":
                 overlay.allocate(offset, length, keep_size=flag)
                 model.allocate(offset, length, keep_size=flag)
