@@ -4,12 +4,34 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv \
+SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch python3-dev python3-venv \
 	qemu-system-x86 qemu-utils busybox-static e2fsprogs fio util-linux fdisk parted cpio attr \
-	python3-pyfuse3 python3-trio
+	python3-pyfuse3 python3-trio perl openssl
 PYTEST_ARGS ?=
+# make iotests: unpacking and patching the QEMU source package
+IOTESTS_PACKAGES := dpkg-dev patch xz-utils
+IOTESTS_ARGS ?=
 
-.PHONY: setup system-packages test demo bench soak lint typecheck clean
+# pyfuse3 is built from its pinned sdist with the patches in patches/pyfuse3
+# (see patches/pyfuse3/README.md); the local version label marks the build.
+PYFUSE3_VERSION := 3.5.0
+PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.2
+PYFUSE3_PATCH_DIR := patches/pyfuse3
+PYFUSE3_PATCHES := $(addprefix $(PYFUSE3_PATCH_DIR)/,$(shell cat $(PYFUSE3_PATCH_DIR)/series))
+PYFUSE3_SDIST := build/pyfuse3/pyfuse3-$(PYFUSE3_VERSION).tar.gz
+PYFUSE3_TREE := build/pyfuse3/pyfuse3-$(PYFUSE3_VERSION)
+PYFUSE3_INSTALLED := $(VENV)/.pyfuse3-$(PYFUSE3_BUILD_VERSION)
+
+PJDFSTEST := build/pjdfstest
+# What pjdfstest's configure script finds on Linux with glibc (chflags and fchflags are glibc
+# stubs, so it leaves them out); writing them down lets a plain cc build it, with no autotools.
+PJDFSTEST_DEFINES := _GNU_SOURCE HAVE_SYS_SYSMACROS_H HAVE_FACCESSAT HAVE_FCHMODAT HAVE_FCHOWNAT \
+	HAVE_FSTATAT HAVE_LCHMOD HAVE_LINKAT HAVE_MKDIRAT HAVE_MKFIFOAT HAVE_MKNODAT HAVE_OPENAT \
+	HAVE_POSIX_FALLOCATE HAVE_READLINKAT HAVE_RENAMEAT HAVE_SYMLINKAT HAVE_UTIMENSAT \
+	HAVE_STRUCT_STAT_ST_ATIM HAVE_STRUCT_STAT_ST_CTIM HAVE_STRUCT_STAT_ST_MTIM
+
+.PHONY: setup system-packages test demo bench soak iotests lint typecheck clean pjdfstest
 
 setup: system-packages $(VENV)/.installed
 
@@ -20,14 +42,47 @@ system-packages:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(PY): | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(PYFUSE3_SDIST): | $(PY)
+	mkdir -p $(@D)
+	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(@D) pyfuse3==$(PYFUSE3_VERSION)
+
+# Unpack afresh, check the hash, apply the series, drop the shipped C so that
+# Cython regenerates it from the patched sources, and install into the venv.
+$(PYFUSE3_INSTALLED): $(PYFUSE3_SDIST) $(PYFUSE3_PATCH_DIR)/series $(PYFUSE3_PATCHES) | system-packages $(PY)
+	@echo "$(PYFUSE3_SHA256)  $<" | sha256sum --check --status 2>/dev/null || \
+		{ echo "refusing $<: sha256 is not $(PYFUSE3_SHA256) (delete it to download again)"; exit 1; }
+	rm -rf $(PYFUSE3_TREE)
+	tar -xzf $< -C $(dir $(PYFUSE3_TREE))
+	set -e; for patch in $(PYFUSE3_PATCHES); do patch -d $(PYFUSE3_TREE) -p1 --quiet --forward < $$patch; done
+	rm $(PYFUSE3_TREE)/src/pyfuse3/__init__.c
+	SETUPTOOLS_SCM_PRETEND_VERSION=$(PYFUSE3_BUILD_VERSION) $(PY) -m pip install -q --force-reinstall --no-deps ./$(PYFUSE3_TREE)
+	rm -f $(VENV)/.pyfuse3-*
+	touch $@
+
+# After the patched pyfuse3, so that pip sees the dependency as satisfied.
+$(VENV)/.installed: pyproject.toml $(PYFUSE3_INSTALLED)
 	$(PY) -m pip install -q -e '.[test,dev,bench]'
 	touch $@
 
-test: setup
+test: setup lint typecheck pjdfstest
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The POSIX suite run by tests/mount/test_pjdfstest.py: its .t files find the pjdfstest
+# program in a directory above them, hence the link to the vendored tests beside it.
+pjdfstest: $(PJDFSTEST)/pjdfstest $(PJDFSTEST)/tests
+
+$(PJDFSTEST)/pjdfstest: tests/pjdfstest/pjdfstest.c Makefile | system-packages
+	mkdir -p $(@D)
+	printf '#define %s 1\n' $(PJDFSTEST_DEFINES) > $(@D)/config.h
+	cc -O2 -Wall -Werror -I$(@D) -o $@ $<
+
+$(PJDFSTEST)/tests:
+	mkdir -p $(@D)
+	ln -sfn ../../tests/pjdfstest/tests $@
 
 demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./examples/demo.sh
@@ -38,11 +93,17 @@ bench: setup
 soak: setup
 	COWFS_SOAK=1 $(PY) -m pytest tests/unit tests/mount $(PYTEST_ARGS)
 
+# QEMU's qemu-iotests (quick group, raw and qcow2) on local ext4 and in a cowfs mount; not part of
+# `make test`. The QEMU source is cached in /var/cache/cowfs-iotests. See tests/iotests/README.md.
+iotests: setup
+	@$(MAKE) --no-print-directory system-packages SYSTEM_PACKAGES="$(IOTESTS_PACKAGES)"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" nice -n 15 $(PY) tests/iotests/run.py $(IOTESTS_ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check cowfs tests bench examples
 
 typecheck: setup
-	$(VENV)/bin/mypy cowfs
+	$(VENV)/bin/mypy cowfs tests bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE) $(PJDFSTEST)

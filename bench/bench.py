@@ -13,10 +13,15 @@ What it does, in order:
      seqread (1M, time-based), randread (4k), randwrite (4k), seqwrite (1M), and mixedread
      (4k random reads after --prep MiB of distinct random 4k writes). The daemon peak RSS
      (VmHWM) is taken after randwrite, and the store disk usage after the prep writes;
-  4. scale test: a sparse --scale-size (1 TiB) image, --scale-writes distinct random 4 KiB
+  4. qemu-img bench reads (as the peer harness runs them: 4 KiB requests, stride 64 KiB,
+     16384 of them or as many as the image holds) at depth 1 and 16 with -t writeback and
+     -t none, then at depth 16 on a cold page cache (drop_caches before each run, root only):
+     each on a fresh cowfs view and on the native copy, alternated, --reps times, with the
+     daemon's CPU time per request;
+  5. scale test: a sparse --scale-size (1 TiB) image, --scale-writes distinct random 4 KiB
      pwrite()s through the mount, write rate of the first vs the last 10 %, daemon RSS, and a
      read-back spot check;
-  5. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
+  6. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
 
 Mount/umount are shell templates. Placeholders: {base_dir} (directory that holds only the
 image), {mnt} (empty mount point), {state} (empty scratch directory, deleted after each
@@ -105,6 +110,7 @@ class Config:
     scale_verify: int
     scale_timeout: float
     skip_scale: bool
+    skip_qemu: bool
     mount_cmd: str
     umount_cmd: str
     mount_timeout: float
@@ -182,6 +188,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
                    help="stop the scale writer after this many seconds and report what was "
                    "done (default 900)")
     p.add_argument("--skip-scale", action="store_true", help="skip the scale test")
+    p.add_argument("--skip-qemu", action="store_true", help="skip the qemu-img bench reads")
     p.add_argument("--work-dir", type=Path, default=Path("/var/tmp/cowfs-bench"),
                    help="images, mount points, store, raw fio output (default %(default)s)")
     p.add_argument("--out-dir", type=Path, default=SCRIPT_DIR / "results",
@@ -207,7 +214,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         runtime=pick(a.runtime, 10, 2), prep=pick(a.prep, 256 * MiB, 64 * MiB),
         mounts=pick(a.mounts, 5, 3), scale_size=a.scale_size,
         scale_writes=pick(a.scale_writes, 1_000_000, 50_000), scale_verify=a.scale_verify,
-        scale_timeout=a.scale_timeout, skip_scale=a.skip_scale, mount_cmd=a.mount_cmd,
+        scale_timeout=a.scale_timeout, skip_scale=a.skip_scale, skip_qemu=a.skip_qemu, mount_cmd=a.mount_cmd,
         umount_cmd=a.umount_cmd, mount_timeout=a.mount_timeout, peers=a.peers, quick=a.quick)
     if cfg.size < 16 * MiB or cfg.size % MiB:
         p.error("--size must be a multiple of 1 MiB and at least 16 MiB")
@@ -688,6 +695,58 @@ class Bench:
             self.R["store_after_randwrite"].append(deleted_store_bytes(v.daemons))
         return res
 
+    # ------------------------------------------------------------------ qemu-img bench
+
+    def phase_qemu(self) -> None:
+        cfg = self.cfg
+        if shutil.which("qemu-img") is None:
+            self.error("qemu-img not found (apt-get install qemu-utils): no qemu-img bench reads")
+            return
+        count = qemu_count(cfg)
+        for qr in QEMU_READS:
+            log.info("qemu-img bench: %s", qr.title(count))
+            for rep in range(1, cfg.reps + 1):
+                for target in ("native", "cowfs"):
+                    with self.view(target) as v:
+                        res = self.qemu_read(qr, f"qemu.{qr.key}.{target}.{rep}", v, count)
+                    self.R["qemu_reads"][qr.key][target].append(res)
+                    log.info("  %-6s rep %d: %s", target, rep,
+                             res.get("error") or f"{res['iops']:,.0f} IOPS")
+                    if "drop_caches" in res.get("error", ""):
+                        return  # not root: no cold runs
+
+    def qemu_read(self, qr: QemuRead, tag: str, v: View, count: int) -> JSON:
+        res: JSON = {"tag": tag}
+        if qr.cold:
+            try:
+                drop_page_cache()
+            except OSError as e:
+                res["error"] = f"cold run needs root (drop_caches): {e}"
+                self.error(f"{tag}: {res['error']}")
+                return res
+        args = ["qemu-img", "bench", "-f", "raw", "-t", qr.cache, "-c", str(count), "-d",
+                str(qr.depth), "-s", str(BLOCK), "-S", str(QEMU_STRIDE), str(v.file)]
+        out = self.cfg.raw / f"{tag}.log"
+        cpu0 = cpu_seconds(v.daemons)
+        try:
+            with open(out, "wb") as lf:
+                res["rc"] = run_group(args, timeout=600, output=lf)[0]
+            text = out.read_text(errors="replace")
+            m = re.search(r"Run completed in ([\d.]+) seconds", text)
+            if res["rc"] or not m or not float(m.group(1)):
+                tail = (text.strip().splitlines() or ["no output"])[-1][-300:]
+                res["error"] = f"qemu-img bench rc={res['rc']}: {tail}"
+            else:
+                res.update(seconds=float(m.group(1)), iops=round(count / float(m.group(1)), 1))
+                if v.daemons:
+                    res["daemon_cpu_us_per_read"] = round(
+                        (cpu_seconds(v.daemons) - cpu0) / count * 1e6, 1)
+        except (subprocess.TimeoutExpired, OSError) as e:
+            res["error"] = f"qemu-img bench failed: {type(e).__name__}: {e}"[:300]
+        if "error" in res:
+            self.error(f"{tag}: {res['error']}")
+        return res
+
     # ------------------------------------------------------------------ scale
 
     def phase_scale(self) -> None:
@@ -887,6 +946,53 @@ WORKLOADS = [
 ]
 
 
+@dataclass(frozen=True)
+class QemuRead:
+    """One qemu-img bench read workload (what a VM's disk does, through QEMU's block layer)."""
+
+    key: str
+    depth: int
+    cache: str  # qemu-img -t: "writeback" (page cache) or "none" (O_DIRECT)
+    cold: bool = False  # page cache dropped before the run
+    peer_key: str | None = None  # the same run in the peer harness's results.json
+
+    def title(self, count: int) -> str:
+        return (f"{'cold cache, ' if self.cold else ''}depth {self.depth}, -t {self.cache}, "
+                f"{count} x 4k")
+
+
+QEMU_STRIDE = 64 * KiB
+QEMU_READS = [
+    QemuRead("qd1_writeback", 1, "writeback"),
+    QemuRead("qd16_writeback", 16, "writeback", peer_key="bench_read_writeback"),
+    QemuRead("qd1_none", 1, "none"),
+    QemuRead("qd16_none", 16, "none", peer_key="bench_read_none"),
+    QemuRead("cold_qd16_writeback", 16, "writeback", cold=True),
+    QemuRead("cold_qd16_none", 16, "none", cold=True),
+]
+
+
+def qemu_count(cfg: Config) -> int:
+    """Requests per run: the peer harness's 16384, or fewer so that the strided offsets never
+    wrap around a small image (a second pass would read cached pages)."""
+    return min(16384, cfg.size // QEMU_STRIDE)
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def cpu_seconds(procs: Sequence[Proc]) -> float:
+    """User + system CPU time of the processes, from /proc/PID/stat."""
+    total = 0
+    for p in procs:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p.pid}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 # --------------------------------------------------------------------------- images
 
 
@@ -1000,12 +1106,23 @@ def load_peers(path: Path) -> JSON:
 
     out: JSON = dict(file=str(path), started=data.get("meta", {}).get("started"),
                      base_size=data.get("meta", {}).get("base_size"), setups={})
+    def qemu_iops(setup: JSON, key: str) -> float | None:
+        run = setup.get("qemu", {}).get(key)
+        return float(run["iops"]) if isinstance(run, dict) and run.get("iops") else None
+
+    out["native_qemu"] = {qr.key: qemu_iops(setups["native"], qr.peer_key)
+                          for qr in QEMU_READS if qr.peer_key}
     for name, s in setups.items():
-        if name in ("native", "native-base") or not s.get("results"):
+        if name in ("native", "native-base") or not (s.get("results") or s.get("qemu")):
             continue
-        row: JSON = {"ratio": {}, "value": {}}
+        row: JSON = {"ratio": {}, "value": {}, "qemu": {}, "qemu_ratio": {}}
+        for qr in QEMU_READS:
+            if qr.peer_key:
+                val, ref = qemu_iops(s, qr.peer_key), qemu_iops(setups["native"], qr.peer_key)
+                row["qemu"][qr.key] = val
+                row["qemu_ratio"][qr.key] = val / ref if val is not None and ref else None
         for wl in WORKLOADS:
-            val = med(s["results"].get(wl.key, []), wl.metric)
+            val = med(s.get("results", {}).get(wl.key, []), wl.metric)
             ref = med(native.get(wl.key, []), wl.metric)
             row["value"][wl.key] = val
             row["ratio"][wl.key] = val / ref if val is not None and ref else None
@@ -1015,7 +1132,8 @@ def load_peers(path: Path) -> JSON:
         row["rss_kib"] = med(s.get("rss", []), "hwm_sum_kib")
         disk = [float(x) for x in s.get("disk_after_prep", []) if isinstance(x, (int, float))]
         row["store_after_prep_bytes"] = statistics.median(disk) if disk else None
-        out["setups"][name] = row
+        # a cowfs run through the harness: keep it apart from this run's own column
+        out["setups"]["cowfs (peers run)" if name == "cowfs" else name] = row
     return out
 
 
@@ -1033,6 +1151,13 @@ def summarize(R: JSON) -> None:
         nat, cow = median_of(w["native"], wl.metric), median_of(w["cowfs"], wl.metric)
         w.update(metric=wl.metric, unit=wl.unit, native_median=nat, cowfs_median=cow,
                  ratio=(cow / nat) if nat and cow is not None else None)
+
+    for qr in QEMU_READS:
+        q = R["qemu_reads"][qr.key]
+        nat, cow = median_of(q["native"], "iops"), median_of(q["cowfs"], "iops")
+        q.update(native_median=nat, cowfs_median=cow,
+                 ratio=(cow / nat) if nat and cow is not None else None,
+                 cowfs_daemon_cpu_us_per_read=median_of(q["cowfs"], "daemon_cpu_us_per_read"))
 
     def med(xs: Sequence[float]) -> float | None:
         return statistics.median(xs) if xs else None
@@ -1082,6 +1207,22 @@ def report_text(cfg: Config, R: JSON) -> str:
         rows.append([wl.title(cfg), wl.unit, fmt(w.get("native_median")),
                      fmt(w.get("cowfs_median")), fmt(w.get("ratio"), "x")])
     out += [table(rows, {2, 3, 4}), ""]
+
+    Q = R.get("qemu_reads", {})
+    if any(q["native"] or q["cowfs"] for q in Q.values()):
+        P = R.get("peers")
+        peer_names = [n for n in P["setups"] if any(P["setups"][n]["qemu"].values())] if P else []
+        rows = [["qemu-img bench read (IOPS)", "native", "cowfs", "cowfs/native",
+                 "daemon CPU us/read", *(["peers: native"] if P else []), *peer_names]]
+        for qr in QEMU_READS:
+            q = Q[qr.key]
+            rows.append([q["title"], fmt(q.get("native_median")), fmt(q.get("cowfs_median")),
+                         fmt(q.get("ratio"), "x"), fmt(q.get("cowfs_daemon_cpu_us_per_read")),
+                         *([fmt(P["native_qemu"].get(qr.key))] if P else []),
+                         *[fmt(P["setups"][n]["qemu"].get(qr.key)) if P else "" for n in peer_names]])
+        out += [table(rows), ""]
+        if peer_names:
+            out += ["  (peer columns: IOPS from their own run, one sample, depth 16 only)", ""]
 
     fw, sp = R["first_write"], R.get("store_after_prep_median", {})
     rows = [["metric", "native", "cowfs"],
@@ -1248,8 +1389,11 @@ def run(cfg: Config, bench: Bench) -> None:
                     fio_common="ioengine=psync iodepth=1 numjobs=1 direct=0 invalidate=0 "
                                "fallocate=none",
                     cache="warm: base and native copy read fully before the workloads; page "
-                          "cache never dropped"),
+                          "cache dropped only before each cold qemu-img bench run"),
         workloads={wl.key: dict(title=wl.title(cfg), native=[], cowfs=[]) for wl in WORKLOADS},
+        qemu_reads={qr.key: dict(title=qr.title(qemu_count(cfg)), depth=qr.depth,
+                                 cache=qr.cache, cold=qr.cold, native=[], cowfs=[])
+                    for qr in QEMU_READS},
         mount=dict(mount_ms=[]), first_write=dict(native=[], cowfs=[]),
         rss_randwrite=[], store_after_randwrite=[], store_after_prep=[],
         prep=dict(native=[], cowfs=[]),
@@ -1260,6 +1404,8 @@ def run(cfg: Config, bench: Bench) -> None:
     fp0 = base_fingerprint(cfg.base, cfg.size)
     bench.phase_mounts()
     bench.phase_fio()
+    if not cfg.skip_qemu:
+        bench.phase_qemu()
     if not cfg.skip_scale:
         bench.phase_scale()
     fp1 = base_fingerprint(cfg.base, cfg.size)

@@ -23,34 +23,37 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import control_client, mounts, transfer
 from .errors import UserError
+from .protocol import (
+    CommitDoneRequest,
+    ControlInfo,
+    DiffReply,
+    Feature,
+    FileChange,
+    Op,
+    PathRequest,
+    Plan,
+    ProtocolError,
+    Request,
+    ResetRequest,
+    StatusReply,
+    StatusRequest,
+)
+
+FileDiff = DiffReply  # the public name
 
 StrPath = str | os.PathLike[str]
-
-
-@dataclass(frozen=True)
-class FileChange:
-    """One changed path of a mount (see `cowfs.changes` for the states)."""
-
-    path: str  # in the mount, starting with "/"
-    state: Literal["modified", "created", "renamed", "deleted"]
-    type: str | None  # "file", "directory", "symlink", ... (None when deleted)
-    renamed_from: str | None  # the base path of a renamed entry
-    size: int | None  # the view's size (files only)
-    base_size: int | None  # the base file's size when the mount first used it
-    bytes_written: int  # bytes the store holds for it
-    extents: int  # changed byte ranges
-    open_handles: int
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
 class Status:
-    """What a mount changed and how much store it uses."""
+    """What a mount changed and how much store it uses: the daemon's `StatusReply`, with the mountpoint."""
 
     mountpoint: Path
     base_dir: Path
@@ -59,33 +62,21 @@ class Status:
     store_disk_bytes: int  # what the store files take on disk
     max_store: int | None  # --max-store, None when unlimited
     changes: list[FileChange]
+    features: list[Feature]  # kernel features in use, or why not
+    requests: dict[str, int]  # FUSE requests the daemon served, by operation
+
+    @classmethod
+    def of(cls, mountpoint: Path, reply: StatusReply) -> Status:
+        fields = {name: getattr(reply, name) for name in StatusReply.__dataclass_fields__}
+        fields["base_dir"], fields["store_dir"] = Path(reply.base_dir), Path(reply.store_dir)
+        return cls(mountpoint=mountpoint, **fields)
 
     def as_json(self) -> dict[str, Any]:
-        """The stable JSON form (`cowfs status --json`)."""
-        return {"mountpoint": str(self.mountpoint), "base_dir": str(self.base_dir), "store_dir": str(self.store_dir),
-                "store_bytes": self.store_bytes, "store_disk_bytes": self.store_disk_bytes,
-                "max_store": self.max_store,
-                "changes": [{"path": c.path, "state": c.state, "type": c.type, "renamed_from": c.renamed_from,
-                             "size": c.size, "base_size": c.base_size, "bytes_written": c.bytes_written,
-                             "extents": c.extents, "open_handles": c.open_handles} for c in self.changes]}
-
-
-@dataclass(frozen=True)
-class FileDiff:
-    """The changed byte ranges of one file: ``[start, end)`` in offset order."""
-
-    path: str
-    size: int
-    base_size: int | None  # None: created in the mount
-    ranges: list[tuple[int, int]]
-
-    @property
-    def changed_bytes(self) -> int:
-        return sum(end - start for start, end in self.ranges)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "base_size": self.base_size,
-                "changed_bytes": self.changed_bytes, "ranges": [list(r) for r in self.ranges]}
+        """The stable JSON form (`cowfs status --json`): the wire record plus ``mountpoint``."""
+        record = asdict(self)
+        for key in ("mountpoint", "base_dir", "store_dir"):
+            record[key] = str(record[key])
+        return record
 
 
 def locate(path: StrPath) -> tuple[Path, str]:
@@ -117,24 +108,29 @@ class Mount:
         if inside != "/":
             raise UserError(f"{mountpoint} is inside the cowfs mount {root}, not its mountpoint")
         self.path = root
-        info = mounts.control_info(root)
-        if "socket" not in info:
-            raise UserError(f"{root}: its cowfs daemon is too old for control commands")
-        self._socket = str(info["socket"])
+        self._info: ControlInfo = mounts.control_info(root)
 
     def __repr__(self) -> str:
         return f"<cowfs.Mount {self.path}>"
 
-    def _request(self, operation: str, **arguments: Any) -> Any:
+    def _request(self, message: Request) -> Any:
         try:
-            return control_client.request(self.path, self._socket, operation, **arguments)
+            return control_client.request(self.path, self._info, message)
         except UserError as error:
             # The daemon speaks of paths in the mount ("/disk.raw:"); the user knows full paths.
-            inside = arguments.get("path")
+            inside = getattr(message, "path", None)
             if isinstance(inside, str) and str(error).startswith(f"{inside}:"):
                 full = self.path if inside == "/" else self.path / inside.lstrip("/")
                 raise UserError(f"{full}{str(error)[len(inside):]}") from None
             raise
+
+    def _reply(self, record: type[R], message: Request) -> R:
+        """The daemon's answer to ``message`` as a ``record`` (a reply type with ``from_wire``)."""
+        try:
+            return record.from_wire(self._request(message))  # type: ignore[attr-defined, no-any-return]
+        except ProtocolError as error:
+            raise UserError(f"{self.path}: unreadable answer from its cowfs daemon ({error}): "
+                            "is it another cowfs version? remount it") from None
 
     def _inside(self, path: StrPath) -> str:
         """A path inside the mount: relative to it, or absolute under it."""
@@ -147,18 +143,12 @@ class Mount:
         return "/" + text.lstrip("/")
 
     def status(self) -> Status:
-        """Base, store usage and every changed path."""
-        reply = self._request("status")
-        return Status(self.path, Path(reply["base_dir"]), Path(reply["store_dir"]), int(reply["store_bytes"]),
-                      int(reply["store_disk_bytes"]), reply["max_store"],
-                      [FileChange(c["path"], c["state"], c["type"], c["from"], c["size"], c["base_size"],
-                                  c["bytes_written"], c["extents"], c["open"]) for c in reply["changes"]])
+        """Base, store usage, every changed path, kernel features and request counts."""
+        return Status.of(self.path, self._reply(StatusReply, StatusRequest()))
 
     def diff(self, path: StrPath) -> FileDiff:
         """The byte ranges of one file that differ from (or are not backed by) its base."""
-        reply = self._request("diff", path=self._inside(path))
-        return FileDiff(reply["path"], reply["size"], None if reply["created"] else reply["base_size"],
-                        [(start, end) for start, end in reply["ranges"]])
+        return self._reply(DiffReply, PathRequest(Op.DIFF, self._inside(path)))
 
     def reset(self, path: StrPath | None = None, force: bool = False) -> None:
         """Throw away the changes of ``path`` (everything when None), freeing their store space.
@@ -166,10 +156,10 @@ class Mount:
         Refuses (UserError) while an affected file is open, unless ``force``:
         then its open handles read the base again.  A path with no changes is
         an error; resetting everything when nothing changed is not."""
-        self._request("reset", path="/" if path is None else self._inside(path), force=force)
+        self._request(ResetRequest("/" if path is None else self._inside(path), force))
 
     def commit(self, path: StrPath, progress: transfer.Progress | None = None,
-               confirm: Callable[[transfer.Plan], bool] | None = None) -> None:
+               confirm: Callable[[Plan], bool] | None = None) -> None:
         """Write the changes of one file into its base file (only the changed ranges, then fsync).
 
         Refuses, writing nothing, when the base changed since the mount used
@@ -177,11 +167,18 @@ class Mount:
         given, is asked once the checks pass; False cancels (UserError).
         Afterwards the view is unchanged and the file's store space is freed."""
         inside = self._inside(path)
-        plan = transfer.Plan.from_reply(self._request("commit_plan", path=inside))
+        plan = self._reply(Plan, PathRequest(Op.COMMIT_PLAN, inside))
         if confirm is not None and not confirm(plan):
             raise UserError("commit cancelled, nothing written")
-        identity = transfer.commit(plan, self.path / inside.lstrip("/"), progress or transfer._no_progress)
-        self._request("commit_done", path=inside, token=plan.token, identity=identity)
+        def still_current() -> bool:
+            try:
+                return self._reply(Plan, PathRequest(Op.COMMIT_PLAN, inside)).token == plan.token
+            except UserError:
+                return False  # opened, changed or gone meanwhile
+
+        identity = transfer.commit(plan, self.path / inside.lstrip("/"), still_current,
+                                   progress or transfer._no_progress)
+        self._request(CommitDoneRequest(inside, plan.token, identity))
 
     def export(self, path: StrPath, dest: StrPath, format: Literal["raw", "qcow2"] = "raw", force: bool = False,
                progress: transfer.Progress | None = None) -> None:
@@ -191,7 +188,7 @@ class Mount:
         the base (``-F raw``), holding only the changed ranges.  ``dest`` must not
         exist unless ``force``."""
         inside = self._inside(path)
-        plan = transfer.Plan.from_reply(self._request("export_plan", path=inside))
+        plan = self._reply(Plan, PathRequest(Op.EXPORT_PLAN, inside))
         view = self.path / inside.lstrip("/")
         exporter = {"raw": transfer.export_raw, "qcow2": transfer.export_qcow2}.get(format)
         if exporter is None:

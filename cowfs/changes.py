@@ -4,13 +4,13 @@ the mount (reset, adopting a commit) is the namespace's alone.
 
 Everything here runs in the daemon's trio thread with no await inside, so
 each call is atomic with respect to FUSE requests.  Paths are mount paths as
-strings (``"/sub/disk.raw"``); the results are plain JSON-able dicts, the
-wire format of the control channel (see `cowfs.control`).
+strings (``"/sub/disk.raw"``); the results are the reply records of
+`cowfs.protocol`.
 
 Change states of a path:
   * ``modified`` -- a base entry at its own base path whose data or metadata changed;
-  * ``created``  -- made in the mount, no base entry behind it;
-  * ``renamed``  -- a base entry now at another path (``from`` says where it came from);
+  * ``created``  -- made in the mount, no base entry behind it (a hard link made in the mount too);
+  * ``renamed``  -- a base entry now at another path (``renamed_from`` says where it came from);
   * ``deleted``  -- a base path the mount deleted (and did not move elsewhere).
 """
 
@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from collections.abc import Iterator
 
 from .base import BasePath
-from .namespace import ROOT_INO, WHITEOUT, ChangeError, Namespace, Node, base_path_text, identity_dict
+from .namespace import ROOT_INO, WHITEOUT, Namespace, Node, base_path_text, identity_dict
 from .overlay import BaseIdentity, OverlayFile
+from .protocol import ChangeState, ControlError, DiffReply, FileChange, Plan, StatusReply
 
 _KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink",
           stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFBLK: "block device",
@@ -41,7 +42,7 @@ def _data_summary(data: OverlayFile | None) -> tuple[int, int]:
 
 def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
     """Byte ranges of the view not read from the base at the same offset:
-    the written ranges plus the zeroed tail ``[base_limit, size)``."""
+    the written and zeroed ranges plus the zeroed tail ``[base_limit, size)``."""
     ranges: list[tuple[int, int]] = []
     for start, end in data.written.ranges():
         if start >= data.base_limit:
@@ -60,27 +61,27 @@ def store_disk_bytes(namespace: Namespace) -> int:
     return sum(node.data.store_blocks() * 512 for node in namespace.nodes.values() if node.data is not None)
 
 
-def status(namespace: Namespace) -> dict[str, Any]:
+def status(namespace: Namespace) -> StatusReply:
     """Every change of the mount, in path order."""
-    changes: list[dict[str, Any]] = []
+    found: list[FileChange] = []
     moved_from: set[BasePath] = set()
     for path, node, primary in namespace.pinned_nodes():
-        entry = _describe(path, node, primary)
-        if entry is not None:
-            changes.append(entry)
-            if entry["state"] == "renamed":
+        change = _describe(path, node, primary)
+        if change is not None:
+            found.append(change)
+            if change.state == "renamed":
                 assert node.base_path is not None
                 moved_from.add(node.base_path)
     for path, base_path in _whiteouts(namespace):
         if base_path not in moved_from:
-            changes.append({"path": path, "state": "deleted", "type": None, "from": None, "size": None,
-                            "base_size": None, "bytes_written": 0, "extents": 0, "open": 0})
-    changes.sort(key=lambda change: change["path"])
-    return {"store_bytes": namespace.store.bytes_held, "store_disk_bytes": store_disk_bytes(namespace),
-            "max_store": namespace.store.limit, "changes": changes}
+            found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
+    found.sort(key=lambda change: change.path)
+    return StatusReply(str(namespace.base.path), str(namespace.store.directory), namespace.store.bytes_held,
+                       store_disk_bytes(namespace), namespace.store.limit, found)
 
 
-def _describe(path: str, node: Node, primary: bool) -> dict[str, Any] | None:
+def _describe(path: str, node: Node, primary: bool) -> FileChange | None:
+    state: ChangeState
     if node.base_path is None:
         state, origin = "created", None
     elif base_path_text(node.base_path) != path:
@@ -93,9 +94,8 @@ def _describe(path: str, node: Node, primary: bool) -> dict[str, Any] | None:
     written, extents = _data_summary(node.data)
     data = node.data
     base_size = data.base_identity.size if data is not None and data.base_identity is not None else None
-    return {"path": path, "state": state, "type": _KINDS.get(node.type, "other"), "from": origin,
-            "size": data.size if data is not None else None, "base_size": base_size,
-            "bytes_written": written, "extents": extents, "open": node.opens}
+    return FileChange(path, state, _KINDS.get(node.type, "other"), origin, data.size if data is not None else None,
+                      base_size, written, extents, node.opens)
 
 
 def _whiteouts(namespace: Namespace) -> list[tuple[str, BasePath]]:
@@ -121,46 +121,45 @@ def _changed_file(namespace: Namespace, path: str) -> Node:
     """The node of a regular file of the mount (created or not)."""
     place = namespace.place(path)
     if place is None or place.node is None:
-        raise ChangeError(f"{path}: no such file in the mount")
+        raise ControlError(f"{path}: no such file in the mount")
     if place.node.type != stat.S_IFREG:
-        raise ChangeError(f"{path}: not a regular file")
+        raise ControlError(f"{path}: not a regular file")
     return place.node
 
 
-def diff(namespace: Namespace, path: str) -> dict[str, Any]:
+def diff(namespace: Namespace, path: str) -> DiffReply:
     """The changed byte ranges of one file."""
     node = _changed_file(namespace, path)
     data = node.data
     if data is None:  # not open and never changed: the base as it is now
         size = namespace.base.lstat(node.base_path).st_size if node.base_path is not None else 0
-        return {"path": path, "size": size, "base_size": size, "ranges": [], "created": False}
+        return DiffReply(path, size, size, [])
     base_size = data.base_identity.size if data.base_identity is not None else None
-    return {"path": path, "size": data.size, "base_size": base_size, "ranges": changed_ranges(data),
-            "created": node.base_path is None}
+    return DiffReply(path, data.size, base_size, changed_ranges(data))
 
 
 # -- commit --------------------------------------------------------------------------
 
 
-def commit_plan(namespace: Namespace, path: str) -> dict[str, Any]:
+def commit_plan(namespace: Namespace, path: str) -> Plan:
     """What `cowfs commit` must write into the base of one file (it writes; the daemon never does)."""
     node = _changed_file(namespace, path)
     data = node.data
     if node.base_path is None:
-        raise ChangeError(f"{path}: created in the mount, it has no base file to commit to (use cowfs export)")
+        raise ControlError(f"{path}: created in the mount, it has no base file to commit to (use cowfs export)")
     if base_path_text(node.base_path) != path:
-        raise ChangeError(f"{path}: renamed in the mount (from {base_path_text(node.base_path)}): "
-                          "commit writes file data only, reset or rename it back first")
+        raise ControlError(f"{path}: renamed in the mount (from {base_path_text(node.base_path)}): "
+                           "commit writes file data only, reset or rename it back first")
     if data is None or data.base_identity is None or not data.is_changed:
-        raise ChangeError(f"{path}: no data changes to commit")
+        raise ControlError(f"{path}: no data changes to commit")
     if node.opens:
-        raise ChangeError(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
+        raise ControlError(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
     namespace.refuse_extra_links(node, path)
     _check_base_unchanged(namespace, node, path)
     return _plan(namespace, path, node)
 
 
-def export_plan(namespace: Namespace, path: str) -> dict[str, Any]:
+def export_plan(namespace: Namespace, path: str) -> Plan:
     """What `cowfs export` must copy: base file, its identity, and the changes."""
     node = _changed_file(namespace, path)
     if node.data is not None and node.data.base_identity is not None:
@@ -168,7 +167,7 @@ def export_plan(namespace: Namespace, path: str) -> dict[str, Any]:
     return _plan(namespace, path, node)
 
 
-def _plan(namespace: Namespace, path: str, node: Node) -> dict[str, Any]:
+def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
     data = node.data
     base_file = None
     if node.base_path is not None:
@@ -176,12 +175,14 @@ def _plan(namespace: Namespace, path: str, node: Node) -> dict[str, Any]:
     if data is None:  # untouched: the base as it is now
         assert node.base_path is not None
         identity = BaseIdentity.of(namespace.base.lstat(node.base_path))
-        return {"path": path, "base_file": base_file, "identity": identity_dict(identity), "size": identity.size,
-                "base_limit": identity.size, "written": [], "token": []}
-    return {"path": path, "base_file": base_file,
-            "identity": identity_dict(data.base_identity) if data.base_identity is not None else None,
-            "size": data.size, "base_limit": data.base_limit, "written": list(data.written.ranges()),
-            "token": namespace.change_token(node)}
+        return Plan(path, base_file, identity_dict(identity), identity.size, identity.size, [], [])
+    return Plan(path, base_file, identity_dict(data.base_identity) if data.base_identity is not None else None,
+                data.size, data.base_limit, _clip(data.written.ranges(zeros=False), data.size),
+                namespace.change_token(node), _clip(data.written.ranges(zeros=True), data.size))
+
+
+def _clip(ranges: Iterator[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    return [(start, min(end, size)) for start, end in ranges if start < size]
 
 
 def _check_base_unchanged(namespace: Namespace, node: Node, path: str) -> None:
@@ -191,6 +192,4 @@ def _check_base_unchanged(namespace: Namespace, node: Node, path: str) -> None:
     except OSError:
         now = None
     if node.data.base_changed or now != node.data.base_identity:
-        raise ChangeError(f"{path}: its base file changed since the mount started using it: refusing to commit")
-
-
+        raise ControlError(f"{path}: its base file changed since the mount started using it: refusing to commit")

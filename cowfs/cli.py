@@ -1,37 +1,92 @@
-"""The `cowfs` command: argument parsing, user-facing errors, exit codes."""
+"""The `cowfs` command: argument parsing, user-facing errors, exit codes.
+
+`cowfs mount` imports only what the parent needs before it forks the daemon;
+the commands that talk to a live mount (control_cli) are imported when run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import re
+import signal
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from . import mounts
+from . import __version__, mounts
 from .config import MountConfig
-from .control_cli import add_control_commands, run_control_command
 from .errors import UserError
 from .store import check_store_directory, default_store_directory
+from .units import parse_size
 
 log = logging.getLogger("cowfs")
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+CONTROL_COMMANDS = ("list", "status", "diff", "reset", "commit", "export")
+COMMANDS = ("mount", "umount", *CONTROL_COMMANDS)
 
 
-def parse_size(text: str) -> int:
-    """'512M', '10G', '1.5T', '4096' -> bytes (binary units; 'GiB'/'GB' accepted)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use a number with an optional unit, like 512M or 10G")
-    value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r}: it must be more than zero")
-    return value
+def size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def path_argument(text: str) -> Path:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path: name a file or directory")
+    return Path(text)
+
+
+# `-o` options (comma-separated, as mount(8) and mount.fuse3 pass them), by what they do.
+# cowfs's own: the same destinations and validators as the long options.
+_VALUE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "store": ("store", path_argument), "max_store": ("max_store", size_argument),
+    "log_file": ("log_file", path_argument)}
+_FLAG_OPTIONS = {"allow_other": ("allow_other", True), "allow_root": ("allow_root", True),
+                 "noexec": ("noexec", True), "exec": ("noexec", False)}
+# Always so in a cowfs mount (permissions are checked by the kernel; no devices, no setuid).
+_ALWAYS_SO = {"rw", "default_permissions", "nodev", "nosuid"}
+# For mount(8), fstab and systemd themselves, or added by mount.fuse3 to every mount
+# (`dev,suid`: a cowfs mount stays nodev,nosuid): accepted and ignored.
+_IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner", "group",
+            "dev", "suid", "async", "atime", "noatime", "relatime", "strictatime", "nodiratime"}
+_IGNORED_PREFIXES = ("x-", "comment=")
+
+
+class _MountOptions(argparse.Action):
+    """``-o store=DIR,max_store=10G,allow_other,nofail``: each one as its long option would set it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        for option in str(values).split(","):
+            if not option:
+                continue  # "a,,b", as mount.fuse3 skips it
+            name, has_value, value = option.partition("=")
+            if name in _VALUE_OPTIONS:
+                destination, convert = _VALUE_OPTIONS[name]
+                if not value:
+                    raise argparse.ArgumentError(self, f"{name} needs a value, like {name}={_EXAMPLES[name]}")
+                try:
+                    setattr(namespace, destination, convert(value))
+                except argparse.ArgumentTypeError as error:
+                    raise argparse.ArgumentError(self, f"{name}: {error}") from None
+            elif has_value and name in _FLAG_OPTIONS.keys() | _ALWAYS_SO | _IGNORED:
+                raise argparse.ArgumentError(self, f"{name} takes no value: write {name}, not {option}")
+            elif name in _FLAG_OPTIONS:
+                setattr(namespace, *_FLAG_OPTIONS[name])
+            elif name == "ro":
+                raise argparse.ArgumentError(self, "ro: a cowfs mount is writable by design (its writes are "
+                                             "thrown away at unmount); drop ro")
+            elif not (name in _ALWAYS_SO or name in _IGNORED or option.startswith(_IGNORED_PREFIXES)):
+                raise argparse.ArgumentError(self, f"unknown mount option {option!r}: cowfs takes store=, "
+                                             "max_store=, log_file=, allow_other, allow_root, noexec")
+
+
+_EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,31 +96,102 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cowfs", description="Mount a directory of disk images as disposable, writable copies.")
+    parser = _Parser(prog="cowfs", description="Mount a directory of disk images as disposable, writable copies.",
+                     epilog="cowfs BASE_DIR MOUNTPOINT [-o OPTIONS] (as mount.fuse3 runs it) means cowfs mount.")
+    parser.add_argument("-V", "--version", action="version", version=f"cowfs {__version__}")
+    # -v and -f also after `mount` (other dests there: a subcommand's defaults would overwrite these).
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
+    parser.add_argument("-f", "--foreground", action="store_true", help="mount: stay in the foreground")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     mount = commands.add_parser("mount", help="mount BASE_DIR on MOUNTPOINT; writes are thrown away at umount",
                                 description="Mount BASE_DIR on MOUNTPOINT. Every file shows up writable; "
                                 "writes go to a deleted temporary store and are gone at umount.")
-    mount.add_argument("base_dir", metavar="BASE_DIR", type=Path)
-    mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    mount.add_argument("--store", metavar="DIR", type=Path, default=None,
+    mount.add_argument("base_dir", metavar="BASE_DIR", type=path_argument)
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=path_argument)
+    mount.add_argument("--store", metavar="DIR", type=path_argument, default=None,
                        help="where the (deleted) store files live (default: $TMPDIR, else /var/tmp)")
-    mount.add_argument("--max-store", metavar="SIZE", type=parse_size, default=None,
+    mount.add_argument("--max-store", metavar="SIZE", type=size_argument, default=None,
                        help="fail writes with ENOSPC once the mount holds SIZE of written data (e.g. 10G)")
     mount.add_argument("--allow-other", action="store_true",
                        help="let other users in (with normal permission checks; needs user_allow_other "
                        "in /etc/fuse.conf when not root)")
-    mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, logging to stderr")
-    mount.add_argument("--log-file", metavar="FILE", type=Path, default=None, help="append the daemon's log to FILE")
+    mount.add_argument("--allow-root", action="store_true",
+                       help="let root in too, and no one else (needs user_allow_other in /etc/fuse.conf "
+                       "when not root)")
+    mount.add_argument("-f", "--foreground", action="store_true", default=argparse.SUPPRESS,
+                       help="stay in the foreground, logging to stderr")
+    mount.add_argument("-v", "--verbose", action="count", dest="mount_verbose", default=0,
+                       help="more log output (repeat for debug)")
+    mount.add_argument("--log-file", metavar="FILE", type=path_argument, default=None,
+                       help="append the daemon's log to FILE")
+    mount.add_argument("-o", metavar="OPTIONS", action=_MountOptions, dest="options",
+                       help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, allow_other, "
+                       "allow_root, noexec; rw, default_permissions, nofail, _netdev, x-systemd.* and the like "
+                       "are accepted and ignored; ro is refused")
+    mount.set_defaults(noexec=False)
 
     umount = commands.add_parser("umount", help="unmount and throw away every write",
                                  description="Unmount a cowfs mount; every write made in it is gone.")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     umount.add_argument("-l", "--lazy", action="store_true", help="detach now even if files are open")
-    add_control_commands(commands)
+    _add_control_commands(commands)
     return parser
+
+
+def _add_control_commands(commands: Any) -> None:
+    listing = commands.add_parser("list", help="every live cowfs mount (yours; all of them for root)",
+                                  description="List the cowfs mounts of the calling user (every one for root): "
+                                  "mountpoint, base, store, bytes written, limit, daemon pid; dead ones too.")
+    listing.add_argument("--json", action="store_true", help="stable JSON for scripts")
+
+    status = commands.add_parser("status", help="what a mount changed and how much store it uses",
+                                 description="Show the base, the store and every changed path of a mount; "
+                                 "with no MOUNTPOINT, the same as cowfs list.")
+    status.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
+    status.add_argument("--json", action="store_true", help="stable JSON for scripts")
+
+    diff = commands.add_parser("diff", help="changed byte ranges of one file",
+                               description="Show the byte ranges of a file that differ from its base.")
+    diff.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
+    diff.add_argument("--json", action="store_true", help="stable JSON for scripts")
+    diff.add_argument("--map", action="store_true", help="draw the file as a strip shaded by how much changed")
+
+    reset = commands.add_parser("reset", help="throw away the changes of one path (or all) while mounted",
+                                description="Throw away the changes of MOUNTPOINT/PATH (a directory: everything "
+                                "under it; the mountpoint: everything). Store space is freed at once. Refuses "
+                                "while an affected file is open, unless --force (open handles then see the base).")
+    reset.add_argument("path", metavar="MOUNTPOINT[/PATH]", type=Path)
+    reset.add_argument("--force", action="store_true", help="reset open files too: their handles see the base")
+
+    commit = commands.add_parser("commit", help="write the changes of one file back into its base",
+                                 description="Write the changed ranges of MOUNTPOINT/FILE into its base file, "
+                                 "apply its size, fsync. Refuses (nothing written) if the base changed since the "
+                                 "mount used it or is not writable. The mount's view stays the same.")
+    commit.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
+    commit.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+
+    export = commands.add_parser("export", help="save the current view of one file, without touching the base",
+                                 description="Save MOUNTPOINT/FILE as DEST: raw (a sparse full copy) or qcow2 "
+                                 "(an overlay backed by the base file, holding only the changes).")
+    export.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
+    export.add_argument("dest", metavar="DEST", type=Path)
+    export.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="raw (default) or qcow2")
+    export.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
+
+
+def with_mount_command(argv: Sequence[str]) -> list[str]:
+    """mount.fuse3 runs ``cowfs SOURCE MOUNTPOINT -o OPTIONS``: that is ``cowfs mount ...``.
+    Only when the first word after the global flags is a path, so a mistyped command
+    still gets "invalid choice"."""
+    words = list(argv)
+    for index, word in enumerate(words):
+        if word.startswith("-"):
+            continue  # the global flags take no values
+        if word not in COMMANDS and ("/" in word or os.path.exists(word)):
+            return words[:index] + ["mount"] + words[index:]
+        break
+    return words
 
 
 def _setup_logging(verbosity: int, log_file: Path | None, to_stderr: bool) -> None:
@@ -117,6 +243,8 @@ def one_line(message: str) -> str:
 
 def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     """Validate everything before anything is changed; raise UserError."""
+    if args.allow_other and args.allow_root:
+        raise UserError("allow_other and allow_root exclude each other: allow_other already lets root in")
     base_dir = _directory(args.base_dir, "BASE_DIR")
     if not os.access(base_dir, os.R_OK | os.X_OK):
         raise UserError(f"BASE_DIR {base_dir} is not readable")
@@ -144,7 +272,8 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     if args.log_file is not None:
         _check_log_file(args.log_file)
     mounts.fusermount()
-    return MountConfig(base_dir, mountpoint, store_dir, args.max_store, args.allow_other)
+    return MountConfig(base_dir, mountpoint, store_dir, args.max_store, args.allow_other, args.allow_root,
+                       args.noexec)
 
 
 def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
@@ -193,7 +322,7 @@ def _detach() -> None:
 def _serve_foreground(config: MountConfig, args: argparse.Namespace, ready_fd: int | None) -> int:
     from .daemon import serve  # only the daemon needs pyfuse3 and trio (~100 ms of imports)
 
-    _setup_logging(args.verbose, args.log_file, to_stderr=ready_fd is None)
+    _setup_logging(args.verbose + args.mount_verbose, args.log_file, to_stderr=ready_fd is None)
 
     def report(problem: str | None) -> None:
         if ready_fd is None:
@@ -213,19 +342,39 @@ def _run_mount(args: argparse.Namespace) -> int:
     return _serve_foreground(config, args, ready_fd=None)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(with_mount_command(argv))
     try:
         if args.command == "mount":
             return _run_mount(args)
         if args.command == "umount":
             mounts.unmount(args.mountpoint, lazy=args.lazy)
             return 0
-        if hasattr(args, "control_command"):
-            return run_control_command(args)
+        from . import control_cli  # not before the mount's fork: the API and its imports
+
+        return control_cli.run(args)
     except UserError as error:
         print(f"cowfs: {one_line(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         return 130
-    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(sys.argv[1:] if argv is None else argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe could no longer be handled
+    except BrokenPipeError:
+        _die_of_closed_pipe()
+
+
+def _die_of_closed_pipe() -> NoReturn:
+    """End as other Unix tools do when the reader went away (`cowfs status | head -1`):
+    killed by SIGPIPE, which shells do not report, and no traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
+    os._exit(128 + signal.SIGPIPE)  # not reached

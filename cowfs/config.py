@@ -14,3 +14,5 @@ class MountConfig:
     store_dir: Path
     max_store: int | None = None
     allow_other: bool = False
+    allow_root: bool = False  # FUSE's allow_root: the user who mounted, and root
+    noexec: bool = False

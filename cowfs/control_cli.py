@@ -1,77 +1,23 @@
-"""The `cowfs` subcommands that control a live mount: status, diff, reset, commit, export."""
+"""What the `cowfs` commands that look at or control live mounts do: list, status, diff, reset, commit,
+export (their arguments are in cli.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import mounts
 from .api import FileDiff, Mount, Status, locate
 from .errors import UserError
-from .transfer import Plan
-
-
-def human(size: int | None) -> str:
-    """1536 -> '1.5 KiB' (binary units, one decimal)."""
-    if size is None:
-        return "-"
-    if size < 1024:
-        return f"{size} B"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
-        value /= 1024
-        if value < 1024 or unit == "PiB":
-            break
-    return f"{value:.1f} {unit}"
-
-
-def add_control_commands(commands: Any) -> None:
-    status = commands.add_parser("status", help="what a mount changed and how much store it uses",
-                                 description="Show the base, the store and every changed path of a mount.")
-    status.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
-    status.add_argument("--json", action="store_true", help="stable JSON for scripts")
-    status.set_defaults(control_command=_status)
-
-    diff = commands.add_parser("diff", help="changed byte ranges of one file",
-                               description="Show the byte ranges of a file that differ from its base.")
-    diff.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
-    diff.add_argument("--json", action="store_true", help="stable JSON for scripts")
-    diff.add_argument("--map", action="store_true", help="draw the file as a strip shaded by how much changed")
-    diff.set_defaults(control_command=_diff)
-
-    reset = commands.add_parser("reset", help="throw away the changes of one path (or all) while mounted",
-                                description="Throw away the changes of MOUNTPOINT/PATH (a directory: everything "
-                                "under it; the mountpoint: everything). Store space is freed at once. Refuses "
-                                "while an affected file is open, unless --force (open handles then see the base).")
-    reset.add_argument("path", metavar="MOUNTPOINT[/PATH]", type=Path)
-    reset.add_argument("--force", action="store_true", help="reset open files too: their handles see the base")
-    reset.set_defaults(control_command=_reset)
-
-    commit = commands.add_parser("commit", help="write the changes of one file back into its base",
-                                 description="Write the changed ranges of MOUNTPOINT/FILE into its base file, "
-                                 "apply its size, fsync. Refuses (nothing written) if the base changed since the "
-                                 "mount used it or is not writable. The mount's view stays the same.")
-    commit.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
-    commit.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    commit.set_defaults(control_command=_commit)
-
-    export = commands.add_parser("export", help="save the current view of one file, without touching the base",
-                                 description="Save MOUNTPOINT/FILE as DEST: raw (a sparse full copy) or qcow2 "
-                                 "(an overlay backed by the base file, holding only the changes).")
-    export.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
-    export.add_argument("dest", metavar="DEST", type=Path)
-    export.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="raw (default) or qcow2")
-    export.add_argument("--force", action="store_true", help="overwrite DEST if it exists")
-    export.set_defaults(control_command=_export)
-
-
-def run_control_command(args: argparse.Namespace) -> int:
-    code: int = args.control_command(args)
-    return code
+from .features import summary
+from .protocol import Plan
+from .units import format_size
 
 
 def _mount_and_path(path: Path) -> tuple[Mount, str]:
@@ -86,10 +32,75 @@ def _file_argument(path: Path) -> tuple[Mount, str]:
     return mount, inside
 
 
+def run(args: argparse.Namespace) -> int:
+    commands = {"list": _list, "status": _status, "diff": _diff, "reset": _reset, "commit": _commit,
+                "export": _export}
+    return commands[args.command](args)
+
+
+# -- list -----------------------------------------------------------------------------
+
+
+def list_mounts() -> list[dict[str, Any]]:
+    """Every cowfs mount of the calling user (all of them for root), in mount order, with
+    ``state`` "live", "dead" (the daemon is gone; ``clear`` says how to remove the mount)
+    or "unreachable" (``error`` says why)."""
+    entries = {entry.mountpoint: entry for entry in mounts.cowfs_mounts(None if os.getuid() == 0 else os.getuid())}
+    found = []
+    for mountpoint in map(Path, entries):  # the last mount on a mountpoint: the others are hidden
+        row: dict[str, Any] = {"mountpoint": str(mountpoint), "state": "live", "pid": None, "base_dir": None,
+                               "store_dir": None, "store_bytes": None, "max_store": None}
+        try:
+            pid = mounts.control_info(mountpoint).pid
+            status = Mount(mountpoint).status()
+            row.update(pid=pid, base_dir=str(status.base_dir), store_dir=str(status.store_dir),
+                       store_bytes=status.store_bytes, max_store=status.max_store)
+        except UserError as error:
+            if mounts.is_dead(mountpoint):
+                row.update(state="dead", clear=f"cowfs umount {mountpoint}")
+            else:
+                row.update(state="unreachable", error=str(error))
+        found.append(row)
+    return found
+
+
+def _list(args: argparse.Namespace) -> int:
+    found = list_mounts()
+    if args.json:
+        print(json.dumps({"mounts": found}, indent=2))
+    else:
+        print_mounts(found, sys.stdout)
+    return 0
+
+
+def print_mounts(found: list[dict[str, Any]], out: TextIO) -> None:
+    if not found:
+        print("no cowfs mounts", file=out)
+        return
+    rows = [("MOUNTPOINT", "STATE", "PID", "WRITTEN", "LIMIT", "BASE", "STORE")]
+    for row in found:
+        live = row["state"] == "live"
+        rows.append((row["mountpoint"], row["state"], str(row["pid"]) if live else "-",
+                     format_size(row["store_bytes"]) if live else "-",
+                     (format_size(row["max_store"]) if row["max_store"] is not None else "none") if live else "-",
+                     row["base_dir"] or "-", row["store_dir"] or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for cells in rows:
+        print("  ".join(f"{cell:<{width}}" if index in (0, 1, 5, 6) else f"{cell:>{width}}"
+                        for index, (cell, width) in enumerate(zip(cells, widths, strict=True))).rstrip(), file=out)
+    for row in found:
+        if row["state"] == "dead":
+            print(f"{row['mountpoint']}: its daemon is gone; clear it with {row['clear']}", file=out)
+        elif row["state"] == "unreachable":
+            print(f"{row['mountpoint']}: {row['error']}", file=out)
+
+
 # -- status -------------------------------------------------------------------------
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.mountpoint is None:
+        return _list(args)
     mount, _ = _mount_and_path(args.mountpoint)
     status = mount.status()
     if args.json:
@@ -100,11 +111,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def print_status(status: Status, out: TextIO) -> None:
-    limit = f", limit {human(status.max_store)}" if status.max_store is not None else ""
+    limit = f", limit {format_size(status.max_store)}" if status.max_store is not None else ""
     print(f"mount  {status.mountpoint}", file=out)
     print(f"base   {status.base_dir}", file=out)
-    print(f"store  {status.store_dir}: {human(status.store_bytes)} written, "
-          f"{human(status.store_disk_bytes)} on disk{limit}", file=out)
+    print(f"store  {status.store_dir}: {format_size(status.store_bytes)} written, "
+          f"{format_size(status.store_disk_bytes)} on disk{limit}", file=out)
+    if status.features:
+        print(f"kernel {summary(status.features)}", file=out)
     if not status.changes:
         print("no changes", file=out)
         return
@@ -114,8 +127,8 @@ def print_status(status: Status, out: TextIO) -> None:
         path = change.path + (f"  (from {change.renamed_from})" if change.renamed_from else "")
         if change.type not in (None, "file"):
             path += f"  [{change.type}]"
-        rows.append((change.state, "-" if deleted else human(change.bytes_written),
-                     "-" if deleted else str(change.extents), human(change.size), path))
+        rows.append((change.state, "-" if deleted else format_size(change.bytes_written),
+                     "-" if deleted else str(change.extents), format_size(change.size), path))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print(file=out)
     for row in rows:
@@ -139,7 +152,8 @@ def _diff(args: argparse.Namespace) -> int:
         width = max(10, shutil.get_terminal_size().columns - 2)
         print(f"|{change_map(diff, width)}|")
         cell = -(-diff.size // width) if diff.size else 0
-        print(f"{diff.path}: {human(diff.changed_bytes)} changed of {human(diff.size)}, one cell = {human(cell)}; "
+        print(f"{diff.path}: {format_size(diff.changed_bytes)} changed of {format_size(diff.size)}, "
+              f"one cell = {format_size(cell)}; "
               f"'░' under 1/4 changed, '▒' under 1/2, '▓' under 3/4, '█' more")
         return 0
     print_diff(diff, sys.stdout)
@@ -147,12 +161,12 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def print_diff(diff: FileDiff, out: TextIO) -> None:
-    base = "created in the mount" if diff.base_size is None else f"base {human(diff.base_size)}"
+    base = "created in the mount" if diff.base_size is None else f"base {format_size(diff.base_size)}"
     count = len(diff.ranges)
-    print(f"{diff.path}: {human(diff.changed_bytes)} changed in {count} range{'s' if count != 1 else ''}, "
-          f"size {human(diff.size)} ({base})", file=out)
+    print(f"{diff.path}: {format_size(diff.changed_bytes)} changed in {count} range{'s' if count != 1 else ''}, "
+          f"size {format_size(diff.size)} ({base})", file=out)
     if diff.ranges:
-        rows = [("START", "END", "LENGTH")] + [(str(start), str(end), human(end - start))
+        rows = [("START", "END", "LENGTH")] + [(str(start), str(end), format_size(end - start))
                                                for start, end in diff.ranges]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         for row in rows:
@@ -212,7 +226,7 @@ class ProgressBar:
         bar_width = max(10, min(40, shutil.get_terminal_size().columns - len(self.label) - 35))
         filled = int(share * bar_width)
         self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (bar_width - filled)}] {share:4.0%} "
-                          f"{human(done)}/{human(total)}\033[K")
+                          f"{format_size(done)}/{format_size(total)}\033[K")
         self.stream.flush()
 
     def finish(self) -> None:
@@ -233,8 +247,8 @@ def _commit(args: argparse.Namespace) -> int:
 
     def confirm(plan: Plan) -> bool:
         count = len(plan.written)
-        question = (f"Write {human(plan.written_bytes)} of changes ({count} range{'s' if count != 1 else ''}, "
-                    f"size {human(plan.size)}) of {args.file} into {plan.base_file}? This cannot be undone.")
+        question = (f"Write {format_size(plan.written_bytes)} of changes ({count} range{'s' if count != 1 else ''}, "
+                    f"size {format_size(plan.size)}) of {args.file} into {plan.base_file}? This cannot be undone.")
         return args.yes or _confirm(question)
 
     progress = ProgressBar(f"committing {inside.lstrip('/')}")

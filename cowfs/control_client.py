@@ -1,4 +1,4 @@
-"""Client side of the control channel (protocol in control.py).
+"""The client side of the control channel (the protocol is in `cowfs.protocol`).
 
 Kept apart from the daemon side so that the commands import neither pyfuse3
 nor trio: `cowfs mount` starts faster.
@@ -6,27 +6,29 @@ nor trio: `cowfs mount` starts faster.
 
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .protocol import MAX_LINE, ControlError, ControlInfo, ProtocolError, Request, decode_reply, encode_line
 
 
-def request(mountpoint: Path, socket_name: str, operation: str, **arguments: Any) -> Any:
-    """Send one request to a mount's daemon; its answer, or UserError with its message."""
+def request(mountpoint: Path, info: ControlInfo, message: Request) -> Any:
+    """Send one request to a mount's daemon; its result, or UserError with the daemon's message."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as client:
         try:
-            client.connect("\0" + socket_name)
-            client.sendall(json.dumps({"op": operation, **arguments}).encode() + b"\n")
-            with client.makefile("rb") as answers:
-                line = answers.readline()
+            client.connect("\0" + info.socket)
+            client.sendall(encode_line(message))
+            with client.makefile("rb") as replies:
+                line = replies.readline(MAX_LINE + 1)
         except OSError as error:
             raise UserError(f"{mountpoint}: cannot talk to the cowfs daemon ({error.strerror or error})") from None
     if not line:
         raise UserError(f"{mountpoint}: the cowfs daemon closed the control connection")
-    reply = json.loads(line)
-    if not reply.get("ok"):
-        raise UserError(str(reply.get("error")))
-    return reply.get("result")
+    try:
+        return decode_reply(line)
+    except ControlError as error:
+        raise UserError(str(error)) from None
+    except ProtocolError as error:
+        raise UserError(f"{mountpoint}: unreadable reply from the cowfs daemon ({error})") from None

@@ -8,7 +8,6 @@ one-line reason it could not mount, through a callback, so that the parent
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -18,16 +17,18 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from . import counters
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
+from .features import Pyfuse3Features, describe, log_missing
 from .fuse_ops import CowfsOperations
+from .kernel_cache import KernelCache
 from .namespace import Namespace
+from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
 
 log = logging.getLogger(__name__)
-
-CONTROL_XATTR = b"user.cowfs.control"
 
 
 def _raise_fd_limit() -> None:
@@ -41,6 +42,10 @@ def fuse_options(config: MountConfig) -> set[str]:
     options = set(pyfuse3.default_options) | {"fsname=cowfs", "subtype=cowfs"}
     if config.allow_other:
         options.add("allow_other")
+    if config.allow_root:
+        options.add("allow_root")
+    if config.noexec:
+        options.add("noexec")
     return options
 
 
@@ -57,6 +62,14 @@ class _AbandonedReplyFilter(logging.Filter):
         return True
 
 
+def _granted_init_flags(found: Pyfuse3Features) -> int | None:
+    """The INIT flags the patched pyfuse3 added to its reply (None before INIT or on a stock build)."""
+    if not found.init_flags:
+        return None
+    offered, granted = getattr(pyfuse3, "negotiated_init_flags")()  # noqa: B009 (absent from stock stubs)
+    return int(granted) if offered else None
+
+
 def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     """Mount and serve until unmounted or signalled.  ``report(None)`` says
     "ready", ``report(message)`` says why mounting failed.  Returns the exit code."""
@@ -69,11 +82,13 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         report(f"cannot open {error.filename}: {error.strerror}")
         return 1
     namespace = Namespace(base, store)
-    control = {"pid": os.getpid(), "base_dir": str(config.base_dir), "store_dir": str(config.store_dir),
-               "max_store": config.max_store}
-    control_server = ControlServer(namespace, dict(control))
-    control["socket"] = control_server.name
-    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR: json.dumps(control).encode()})
+    found = Pyfuse3Features.of(pyfuse3)
+    log_missing(found)
+    control_server = ControlServer(namespace, KernelCache(), lambda: describe(found, _granted_init_flags(found)),
+                                   lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()})
+    control = ControlInfo(os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir),
+                          config.max_store).to_json()
+    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control})
     operations.mountpoint = str(config.mountpoint)
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
@@ -94,6 +109,7 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         namespace.close()
         store.close()
         base.close()
+    counters.log_summary()
     log.info("unmounted %s", config.mountpoint)
     return code
 

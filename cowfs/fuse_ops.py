@@ -15,13 +15,16 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from .mounts import unescape_mount_field
+from . import counters
+from .features import FUSE_HANDLE_KILLPRIV_V2
+from .mounts import find_mount
 from .namespace import Namespace, Node, Stat
 
 log = logging.getLogger(__name__)
@@ -47,10 +50,20 @@ BDI_SETTINGS = {"read_ahead_kb": str(READ_AHEAD_KIB), "max_ratio": "50"}
 # Errors that are a normal answer, not worth a log line above debug.
 _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
                            errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EACCES,
-                           errno.ENOSPC, errno.EXDEV})
+                           errno.ENOSPC, errno.EXDEV, errno.ENXIO, errno.EOPNOTSUPP, errno.EMLINK})
 
 # Read-only attribute of the mount root: how many inodes the daemon tracks (tests check it stays flat).
 NODE_COUNT_XATTR = b"user.cowfs.nodes"
+
+# fallocate(2) modes (linux/falloc.h) that reach a FUSE filesystem.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+SEEK_DATA, SEEK_HOLE = 3, 4
+
+# O_DIRECT handles behave like a disk with 512-byte logical sectors: QEMU's alignment probe then
+# finds 512 (else it falls back to 4096 and refuses images whose size is not a multiple of it).
+DIRECT_IO_ALIGNMENT = 512
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -59,22 +72,32 @@ R = TypeVar("R")
 def _errno_replies(
     handler: Callable[Concatenate[CowfsOperations, P], Coroutine[Any, Any, R]],
 ) -> Callable[Concatenate[CowfsOperations, P], Coroutine[Any, Any, R]]:
-    """Let only FUSEError leave a handler: anything else would end the mount."""
+    """Let only FUSEError leave a handler: anything else would end the mount.
+    Every request is counted, with the time spent in its handler (counters.py)."""
+    counter = counters.counter(handler.__name__)
+    clock = time.perf_counter_ns
 
     @functools.wraps(handler)
     async def wrapper(self: CowfsOperations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        started = clock()
         try:
             return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
+            counter.errors += 1
             raise
         except OSError as error:
+            counter.errors += 1
             code = error.errno or errno.EIO
             if code not in _QUIET_ERRNOS:
                 log.warning("%s: %s", handler.__name__, error)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
+            counter.errors += 1
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            counter.count += 1
+            counter.handler_ns += clock() - started
 
     return wrapper
 
@@ -98,26 +121,15 @@ def _entry(st: Stat) -> pyfuse3.EntryAttributes:
     return entry
 
 
-def _mount_device(mountpoint: str) -> str | None:
-    """"major:minor" of the (last) mount at ``mountpoint``, from mountinfo:
-    a stat would ask this very daemon, which may still be answering INIT."""
-    device = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as table:
-        for line in table:
-            fields = line.split()
-            if len(fields) > 4 and unescape_mount_field(fields[4]) == mountpoint:
-                device = fields[2]
-    return device
-
-
 def tune_backing_device(mountpoint: str, settings: dict[str, str]) -> None:
     """Apply ``settings`` to the mount's bdi (each one left as is where not permitted)."""
-    device = _mount_device(mountpoint)
-    if device is None:
+    # From mountinfo: a stat would ask this very daemon, which may still be answering INIT.
+    entry = find_mount(mountpoint)
+    if entry is None:
         return
     for name, value in settings.items():
         try:
-            with open(f"/sys/class/bdi/{device}/{name}", "w") as setting:
+            with open(f"/sys/class/bdi/{entry.device}/{name}", "w") as setting:
                 setting.write(value)
         except OSError as error:
             log.debug("%s of the mount stays at the kernel default: %s", name, error)
@@ -128,11 +140,17 @@ class CowfsOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = True  # the kernel batches small writes into pages
+    # Honoured by the patched pyfuse3 only (cowfs.features): with it the kernel keeps SB_NOSEC and
+    # stops asking GETXATTR security.capability before every write(2); cowfs clears setuid itself.
+    extra_init_flags = FUSE_HANDLE_KILLPRIV_V2
+    # Where readdir entries go: the kernel's reply buffer (tests/ops collects them instead).
+    readdir_reply = staticmethod(pyfuse3.readdir_reply)
 
     def __init__(self, namespace: Namespace, virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None) -> None:
         super().__init__()
         self.ns = namespace
         self._open_files: dict[int, Node] = {}
+        self._direct_handles: set[int] = set()  # opened with O_DIRECT
         self._open_dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._next_handle = 0
         # Read-only attributes of the mount root that the control commands use.
@@ -168,6 +186,7 @@ class CowfsOperations(pyfuse3.Operations):
             self.ns.forget(node.ino, 1)  # the kernel will not count a failed lookup
             raise
 
+    @_errno_replies
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             try:
@@ -190,6 +209,7 @@ class CowfsOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            by_root=ctx.uid == 0,
         )
         return _entry(st)
 
@@ -233,13 +253,14 @@ class CowfsOperations(pyfuse3.Operations):
         node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
         handle = self._new_handle()
         self._open_files[handle] = node
+        if flags & os.O_DIRECT:
+            self._direct_handles.add(handle)
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     @_errno_replies
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid)
-        node.opens += 1
+        node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, opened=True)
         handle = self._new_handle()
         self._open_files[handle] = node
         return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)
@@ -248,6 +269,10 @@ class CowfsOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
         data = self._open_files[fh].data
         assert data is not None
+        # Only reads are checked: the kernel's write-back of cached pages may go through an
+        # O_DIRECT handle too, with a partial last page.
+        if (off | size) % DIRECT_IO_ALIGNMENT and fh in self._direct_handles:
+            raise OSError(errno.EINVAL, "O_DIRECT read not aligned to 512 bytes")
         if size > len(self._read_buffer):
             self._read_buffer = bytearray(size)
         # pyfuse3 copies the reply out before this buffer is used again (no
@@ -258,6 +283,7 @@ class CowfsOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.ns.write(self._open_files[fh], off, buf)
 
+    @_errno_replies
     async def flush(self, fh: int) -> None:
         # Nothing to do (data is in the store's page cache, readable by every
         # later request), and ENOSYS makes the kernel stop sending FLUSH: one
@@ -265,6 +291,7 @@ class CowfsOperations(pyfuse3.Operations):
         # pages back to us at close.
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
+    @_errno_replies
     async def fsync(self, fh: int, datasync: bool) -> None:
         # The store is disposable (as QEMU's -snapshot): nothing to make
         # durable.  ENOSYS: the kernel still writes dirty pages back to us on
@@ -272,8 +299,37 @@ class CowfsOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_errno_replies
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad fallocate range")
+        node = self._open_files[fh]
+        if mode & FALLOC_FL_PUNCH_HOLE:
+            if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
+                raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
+            self.ns.punch_hole(node, offset, length)
+        elif mode & FALLOC_FL_ZERO_RANGE:
+            if mode & ~(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+                raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")
+            self.ns.zero_range(node, offset, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
+        elif mode & ~FALLOC_FL_KEEP_SIZE:
+            raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")  # collapse, insert, unshare
+        else:
+            self.ns.allocate(node, offset, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
+
+    @_errno_replies
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        data = self._open_files[fh].data
+        assert data is not None
+        if whence == SEEK_DATA:
+            return data.seek_data(offset)
+        if whence == SEEK_HOLE:
+            return data.seek_hole(offset)
+        raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the filesystem")
+
+    @_errno_replies
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh)
+        self._direct_handles.discard(fh)
         self.ns.release(node.ino)
 
     # -- directories -----------------------------------------------------------
@@ -301,13 +357,15 @@ class CowfsOperations(pyfuse3.Operations):
             except OSError:
                 self.ns.forget(node.ino, 1)  # no reply, so the kernel will not count it
                 continue
-            if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+            if not self.readdir_reply(token, name, entry, index + 1):
                 self.ns.forget(node.ino, 1)
                 break
 
+    @_errno_replies
     async def releasedir(self, fh: int) -> None:
         self._open_dirs.pop(fh, None)
 
+    @_errno_replies
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         pass
 

@@ -63,11 +63,12 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .base import BaseDir, BasePath
 from .overlay import BaseIdentity, OverlayFile
+from .protocol import ControlError
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -81,15 +82,11 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
-class ChangeError(Exception):
-    """A control request that cannot be done; the message is for the user."""
-
-
 def split_mount_path(path: str) -> tuple[bytes, ...]:
     """'/a/b' -> (b'a', b'b'); rejects '.' and '..' components."""
     parts = tuple(os.fsencode(part) for part in path.split("/") if part)
     if any(part in (b".", b"..") for part in parts):
-        raise ChangeError(f"{path}: use a path without '.' or '..'")
+        raise ControlError(f"{path}: use a path without '.' or '..'")
     return parts
 
 
@@ -376,10 +373,15 @@ class Namespace:
 
     def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None,
-                atime_ns: int | None = None, mtime_ns: int | None = None) -> Stat:
+                atime_ns: int | None = None, mtime_ns: int | None = None, by_root: bool = True) -> Stat:
+        """Change metadata; ``by_root`` says whether the caller may keep setuid bits (CAP_FSETID)."""
         node = self.node(ino)
         attrs = self._capture(node)
         now = time.time_ns()
+        if (uid is not None or gid is not None) and not node.is_dir:
+            self._drop_privileges(node)  # chown: even root's (Linux's chown_common)
+        if size is not None and not by_root:
+            self._drop_privileges(node)
         if size is not None:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
@@ -452,8 +454,42 @@ class Namespace:
             self._capture(node)
         assert node.data is not None and node.attrs is not None
         written = node.data.write(offset, data)
+        self._drop_privileges(node)
         node.attrs.mtime_ns = node.attrs.ctime_ns = time.time_ns()
         return written
+
+    def _drop_privileges(self, node: Node) -> None:
+        """Clear setuid, setgid (where it means "run as group") and file capabilities: the kernel
+        leaves this to the filesystem (FUSE_HANDLE_KILLPRIV[_V2]) on write, truncate and chown.
+        pyfuse3 does not pass the kernel's "writer lacks CAP_FSETID" flag, so a write clears them
+        whoever writes (Linux keeps them for root)."""
+        attrs = node.attrs
+        if attrs is None or node.is_dir:
+            return
+        if attrs.mode & stat.S_ISUID or attrs.mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+            attrs.mode &= ~(stat.S_ISUID | (stat.S_ISGID if attrs.mode & stat.S_IXGRP else 0))
+        if node.xattrs is not None:
+            node.xattrs.pop(b"security.capability", None)
+        elif node.base_path is not None and b"security.capability" in self.base.xattrs(node.base_path):
+            node.xattrs = {name: value for name, value in self.base.xattrs(node.base_path).items()
+                           if name != b"security.capability"}
+
+    def _change_data(self, node: Node, change: Callable[[OverlayFile], None]) -> None:
+        """fallocate's changes: the bytes change like a write's."""
+        if node.attrs is None:
+            self._capture(node)
+        assert node.data is not None and node.attrs is not None
+        change(node.data)
+        node.attrs.mtime_ns = node.attrs.ctime_ns = time.time_ns()
+
+    def punch_hole(self, node: Node, offset: int, length: int) -> None:
+        self._change_data(node, lambda data: data.punch_hole(offset, length))
+
+    def zero_range(self, node: Node, offset: int, length: int, keep_size: bool) -> None:
+        self._change_data(node, lambda data: data.zero_range(offset, length, keep_size))
+
+    def allocate(self, node: Node, offset: int, length: int, keep_size: bool) -> None:
+        self._change_data(node, lambda data: data.allocate(offset, length, keep_size))
 
     # -- directories ----------------------------------------------------------
 
@@ -499,9 +535,12 @@ class Namespace:
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
         return self._new_node(parent_ino, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
 
-    def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+    def create(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, opened: bool = False) -> Node:
+        """A new regular file; ``opened``: the caller holds it open (FUSE's CREATE), as `open` counts."""
         node = self._new_node(parent_ino, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
         self._open_data(node)
+        if opened:
+            node.opens += 1
         return node
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> Node:
@@ -809,9 +848,9 @@ class Namespace:
                 try:
                     node = self._existing(directory, name)
                 except OSError:
-                    raise ChangeError(f"{path}: no such directory in the mount") from None
+                    raise ControlError(f"{path}: no such directory in the mount") from None
                 if not node.is_dir:
-                    raise ChangeError(f"{path}: {os.fsdecode(name)} is not a directory")
+                    raise ControlError(f"{path}: {os.fsdecode(name)} is not a directory")
                 directory, node = node, None
             try:
                 node = self._child(directory, parts[-1])
@@ -858,8 +897,8 @@ class Namespace:
         moved = self._moved_away(place)
         if place.name not in place.parent.entries and moved is None:
             if place.node is None:
-                raise ChangeError(f"{path}: no such file in the mount")
-            raise ChangeError(f"{path}: not changed in the mount, nothing to reset")
+                raise ControlError(f"{path}: no such file in the mount")
+            raise ControlError(f"{path}: not changed in the mount, nothing to reset")
         involved = []
         if place.node is not None and place.parent.entries.get(place.name) == place.node.ino:
             involved = self._subtree(place.node, include_self=True)
@@ -901,7 +940,7 @@ class Namespace:
         if open_nodes and not force:
             names = ", ".join(os.fsdecode(node.name) for node in open_nodes[:3])
             more = f" and {len(open_nodes) - 3} more" if len(open_nodes) > 3 else ""
-            raise ChangeError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
+            raise ControlError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
                               "(open handles then see the base)")
 
     def _reset_name(self, parent: Node, name: bytes, result: Invalidation, recount: bool = True) -> None:
@@ -1003,14 +1042,20 @@ class Namespace:
         place = self.place(path)
         node = None if place is None else place.node
         if node is None or node.type != stat.S_IFREG:
-            raise ChangeError(f"{path}: no such file in the mount")
+            raise ControlError(f"{path}: no such file in the mount")
         data = node.data
         self.refuse_extra_links(node, path)
-        if data is None or data.base_fd is None or self.change_token(node) != token or node.opens:
-            raise ChangeError(f"{path}: changed in the mount while committing; the base holds the "
-                              "earlier state, the mount keeps its changes")
-        if identity_dict(BaseIdentity.of(os.fstat(data.base_fd))) != new_identity:
-            raise ChangeError(f"{path}: its base file changed during the commit (by someone else?)")
+        if data is None or data.base_fd is None:
+            raise ControlError(f"{path}: reset or replaced in the mount while committing")
+        identity = BaseIdentity.of(os.fstat(data.base_fd))
+        if identity_dict(identity) != new_identity:
+            raise ControlError(f"{path}: its base file changed during the commit (by someone else?)")
+        if self.change_token(node) != token or node.opens:
+            # The base now holds the view as it was at the plan; every change since is still in the
+            # store on top of it, so the view stays right on the new base: adopt it, keep the changes.
+            data.adopt_base(identity)
+            raise ControlError(f"{path}: changed in the mount while committing; the base holds the "
+                               "earlier state, the mount keeps its changes")
         result = Invalidation(paths=[path])
         self._adopt(node, result)
         return result
@@ -1032,7 +1077,7 @@ class Namespace:
     @staticmethod
     def refuse_extra_links(node: Node, path: str) -> None:
         if len(node.links) > 1:
-            raise ChangeError(f"{path}: has {len(node.links)} names in the mount (hard links made there); "
+            raise ControlError(f"{path}: has {len(node.links)} names in the mount (hard links made there); "
                               "commit writes one base file: remove the other names first")
 
     @staticmethod

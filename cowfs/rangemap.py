@@ -1,26 +1,33 @@
-"""The map of written ranges: which bytes of a file live in the store, and where.
+"""The map of a file's changed ranges: which bytes live in the store, and where;
+which read as zeros with no store bytes at all.
 
 A `RangeMap` is a set of bytes of a file, kept as disjoint half-open ranges
 ``[start, end)``, each with the offset in the store file where its first byte
-lives (the next bytes follow contiguously).  It knows nothing of files or I/O.
+lives (the next bytes follow contiguously), or the sentinel ``ZEROS`` for a
+range that reads as zeros and holds no store bytes (a punched or zeroed range
+over base bytes).  It knows nothing of files or I/O.
 
 Layout.  Ranges are kept in *buckets* of ``BUCKET_SIZE`` bytes of file offset.
 Each bucket holds three parallel ``array('q')`` of starts, ends and store
-offsets, sorted, disjoint.  Two ranges that touch are merged when their store
-bytes touch too (the usual case for sequential writes).  A range that crosses
-a bucket boundary is stored as one piece per bucket.  Why buckets: a million
-scattered 4 KiB ranges cost 24 bytes each (not ~150 as Python objects would),
-and an insert shifts at most one bucket's arrays, so the cost of a write does
-not grow with the size of the map (a single flat array would shift megabytes
-per insert once the map is large).
+offsets (``ZEROS`` = -1 for zero ranges), sorted, disjoint: 24 bytes a range
+of either kind.  Two ranges that touch are merged when their store bytes
+continue (the usual case for sequential writes), and two zero ranges that touch
+are merged.  A range that crosses a bucket boundary is stored as one piece per
+bucket.  Why buckets: a million scattered 4 KiB ranges cost 24 bytes each (not
+~150 as Python objects would), and an insert shifts at most one bucket's
+arrays, so the cost of a write does not grow with the size of the map (a
+single flat array would shift megabytes per insert once the map is large).
 
 Invariants (checked by `check_invariants`):
   * within a bucket: ``starts[i] < ends[i] <= starts[i+1]``, and when
-    ``ends[i] == starts[i+1]`` the store bytes do not continue
-    (``stores[i] + ends[i] - starts[i] != stores[i+1]``: else they would be merged);
+    ``ends[i] == starts[i+1]`` the two do not continue each other (else they
+    would be merged): not both ``ZEROS``, and not store bytes that continue
+    (``stores[i] + ends[i] - starts[i] != stores[i+1]``);
+  * every store offset is ``ZEROS`` or ``>= 0``;
   * every range of bucket ``k`` lies inside ``[k*BUCKET_SIZE, (k+1)*BUCKET_SIZE)``;
   * no bucket is empty;
-  * ``total`` equals the sum of the lengths of all ranges.
+  * ``total`` equals the sum of the lengths of the ranges in the store, and
+    ``zeroed`` that of the ``ZEROS`` ranges.
 
 Examples::
 
@@ -31,52 +38,67 @@ Examples::
     [(0, 30)]
     >>> list(m.segments(5, 40))
     [(5, 20, 105), (20, 30, 0), (30, 40, None)]
+    >>> m.remove(2, 22), m.add(2, 22, ZEROS)
+    (20, 20)
+    >>> list(m.extents()), m.total, m.zeroed
+    ([(0, 2, 100), (2, 22, -1), (22, 30, 2)], 10, 20)
+    >>> list(m.ranges(zeros=True)), list(m.ranges(zeros=False))
+    ([(2, 22)], [(0, 2), (22, 30)])
     >>> m.remove_from(5)
-    25
-    >>> list(m.extents()), m.total
-    ([(0, 5, 100)], 5)
+    8
+    >>> list(m.extents()), m.total, m.zeroed
+    ([(0, 2, 100), (2, 5, -1)], 2, 3)
 """
 
 from __future__ import annotations
 
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 
 BUCKET_SHIFT = 26
 BUCKET_SIZE = 1 << BUCKET_SHIFT  # 64 MiB of file offset per bucket
+ZEROS = -1  # the store offset of a range that reads as zeros and holds no store bytes
+
+
+def _continues(start: int, end: int, store: int, next_store: int) -> bool:
+    """Does a range at ``next_store`` continue ``[start, end)`` at ``store`` (so that they merge)?"""
+    if store == ZEROS or next_store == ZEROS:
+        return store == next_store
+    return store + end - start == next_store
 
 
 class RangeMap:
     """A set of byte offsets, stored as ``[start, end)`` ranges with the store offset of each."""
 
-    __slots__ = ("_buckets", "total")
+    __slots__ = ("_buckets", "total", "zeroed")
 
     def __init__(self) -> None:
         self._buckets: dict[int, tuple[array[int], array[int], array[int]]] = {}
-        self.total = 0  # bytes covered
+        self.total = 0  # bytes mapped to the store
+        self.zeroed = 0  # bytes mapped to ZEROS
 
     def __len__(self) -> int:
         """Number of ranges (touching ranges are counted as one)."""
         return sum(1 for _ in self.ranges())
 
     def __bool__(self) -> bool:
-        return self.total > 0
+        return bool(self._buckets)
 
     # -- queries ---------------------------------------------------------
 
-    def covered(self, start: int, end: int) -> int:
-        """How many bytes of ``[start, end)`` are in the map."""
+    def stored_in(self, start: int, end: int) -> int:
+        """How many bytes of ``[start, end)`` are mapped to the store."""
         count = 0
         for seg_start, seg_end, store in self.segments(start, end):
-            if store is not None:
+            if store is not None and store != ZEROS:
                 count += seg_end - seg_start
         return count
 
     def segments(self, start: int, end: int) -> Iterator[tuple[int, int, int | None]]:
         """Split ``[start, end)`` into consecutive pieces, each wholly inside
         the map (with the store offset of its first byte, its bytes contiguous
-        there) or wholly outside it (None).  Adjacent pieces outside the map
+        there, or ``ZEROS``) or wholly outside it (None).  Adjacent pieces
         may be reported separately at bucket boundaries."""
         pos = start
         for key in range(start >> BUCKET_SHIFT, ((end - 1) >> BUCKET_SHIFT) + 1):
@@ -91,32 +113,36 @@ class RangeMap:
                 if range_start > pos:
                     yield pos, range_start, None
                 range_end = min(ends[i], stop)
-                yield range_start, range_end, stores[i] + range_start - starts[i]
+                store = stores[i]
+                yield range_start, range_end, store if store == ZEROS else store + range_start - starts[i]
                 pos = range_end
                 i += 1
         if pos < end:
             yield pos, end, None
 
     def extents(self) -> Iterator[tuple[int, int, int]]:
-        """All ``(start, end, store offset)`` in offset order, merged across
-        bucket boundaries where the store bytes continue."""
-        pending: list[int] | None = None
+        """All ``(start, end, store offset or ZEROS)`` in offset order, merged
+        across bucket boundaries where they continue each other."""
+        pending: tuple[int, int, int] | None = None
         for key in sorted(self._buckets):
             starts, ends, stores = self._buckets[key]
             for range_start, range_end, store in zip(starts, ends, stores, strict=True):
-                if pending is not None and pending[1] == range_start and pending[2] + range_start - pending[0] == store:
-                    pending[1] = range_end
+                if pending is not None and pending[1] == range_start and _continues(*pending, store):
+                    pending = (pending[0], range_end, pending[2])
                     continue
                 if pending is not None:
-                    yield pending[0], pending[1], pending[2]
-                pending = [range_start, range_end, store]
+                    yield pending
+                pending = (range_start, range_end, store)
         if pending is not None:
-            yield pending[0], pending[1], pending[2]
+            yield pending
 
-    def ranges(self) -> Iterator[tuple[int, int]]:
-        """All covered ranges in offset order, touching ranges merged."""
+    def ranges(self, zeros: bool | None = None) -> Iterator[tuple[int, int]]:
+        """Covered ranges in offset order, touching ranges merged: all of them,
+        only the ``ZEROS`` ones (``zeros=True``) or only those in the store (``False``)."""
         pending: tuple[int, int] | None = None
-        for range_start, range_end, _ in self.extents():
+        for range_start, range_end, store in self.extents():
+            if zeros is not None and (store == ZEROS) != zeros:
+                continue
             if pending is not None and pending[1] == range_start:
                 pending = (pending[0], range_end)
                 continue
@@ -136,16 +162,20 @@ class RangeMap:
 
     def add(self, start: int, end: int, store: int) -> int:
         """Map ``[start, end)``, which must not be in the map yet, to the store
-        bytes from ``store`` on; return the bytes added (``end - start``)."""
+        bytes from ``store`` on (or to ``ZEROS``); return the bytes added (``end - start``)."""
         added = 0
         while start < end:
             key = start >> BUCKET_SHIFT
             stop = min(end, (key + 1) << BUCKET_SHIFT)
             self._add_in_bucket(key, start, stop, store)
             added += stop - start
-            store += stop - start
+            if store != ZEROS:
+                store += stop - start
             start = stop
-        self.total += added
+        if store == ZEROS:
+            self.zeroed += added
+        else:
+            self.total += added
         return added
 
     def _add_in_bucket(self, key: int, start: int, end: int, store: int) -> None:
@@ -157,8 +187,8 @@ class RangeMap:
         i = bisect_right(starts, start)  # ranges [0, i) start at or before start
         if (i > 0 and ends[i - 1] > start) or (i < len(starts) and starts[i] < end):
             raise ValueError(f"[{start}, {end}) overlaps the map")
-        joins_left = i > 0 and ends[i - 1] == start and stores[i - 1] + start - starts[i - 1] == store
-        joins_right = i < len(starts) and starts[i] == end and store + end - start == stores[i]
+        joins_left = i > 0 and ends[i - 1] == start and _continues(starts[i - 1], start, stores[i - 1], store)
+        joins_right = i < len(starts) and starts[i] == end and _continues(start, end, store, stores[i])
         if joins_left and joins_right:
             ends[i - 1] = ends[i]
             del starts[i], ends[i], stores[i]
@@ -172,43 +202,73 @@ class RangeMap:
             ends.insert(i, end)
             stores.insert(i, store)
 
-    def remove_from(self, offset: int) -> int:
-        """Remove every byte at or after ``offset``; return the bytes removed."""
-        removed = 0
-        first_key = offset >> BUCKET_SHIFT
-        for key in [k for k in self._buckets if k >= first_key]:
+    def remove(self, start: int, end: int) -> int:
+        """Remove every byte of ``[start, end)``; return the bytes removed from
+        the store (``ZEROS`` bytes removed only leave ``zeroed``)."""
+        if start >= end or not self._buckets:
+            return 0
+        first_key, last_key = start >> BUCKET_SHIFT, (end - 1) >> BUCKET_SHIFT
+        if last_key - first_key < len(self._buckets):
+            keys = [key for key in range(first_key, last_key + 1) if key in self._buckets]
+        else:  # a huge range (truncate): fewer buckets than keys
+            keys = [key for key in self._buckets if first_key <= key <= last_key]
+        removed = zeroed = 0
+        for key in keys:
             starts, ends, stores = self._buckets[key]
-            i = bisect_right(ends, offset)  # first range that ends after offset
-            for j in range(i, len(starts)):
-                removed += ends[j] - max(starts[j], offset)
-            if i < len(starts) and starts[i] < offset:
-                ends[i] = offset
-                i += 1
-            del starts[i:], ends[i:], stores[i:]
+            i = bisect_right(ends, start)  # first range that ends after start
+            j = bisect_left(starts, end)  # first range that starts at or after end
+            if i >= j:
+                continue
+            for k in range(i, j):
+                length = min(ends[k], end) - max(starts[k], start)
+                if stores[k] == ZEROS:
+                    zeroed += length
+                else:
+                    removed += length
+            kept_starts, kept_ends, kept_stores = array("q"), array("q"), array("q")
+            if starts[i] < start:  # the head of the first range stays
+                kept_starts.append(starts[i])
+                kept_ends.append(start)
+                kept_stores.append(stores[i])
+            if ends[j - 1] > end:  # the tail of the last range stays
+                kept_starts.append(end)
+                kept_ends.append(ends[j - 1])
+                kept_stores.append(stores[j - 1] if stores[j - 1] == ZEROS else stores[j - 1] + end - starts[j - 1])
+            starts[i:j], ends[i:j], stores[i:j] = kept_starts, kept_ends, kept_stores
             if not starts:
                 del self._buckets[key]
         self.total -= removed
+        self.zeroed -= zeroed
         return removed
+
+    def remove_from(self, offset: int) -> int:
+        """Remove every byte at or after ``offset``; return the bytes removed from the store."""
+        return self.remove(offset, max(offset, self.last_end()))
 
     def clear(self) -> None:
         self._buckets.clear()
-        self.total = 0
+        self.total = self.zeroed = 0
 
     # -- checking --------------------------------------------------------
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the documented invariants do not hold."""
-        total = 0
+        total = zeroed = 0
         for key, (starts, ends, stores) in self._buckets.items():
             assert len(starts) == len(ends) == len(stores) > 0, f"bucket {key} empty or ragged"
             low, high = key << BUCKET_SHIFT, (key + 1) << BUCKET_SHIFT
-            previous: tuple[int, int] | None = None  # (end, store end) of the previous range
+            previous: tuple[int, int, int] | None = None  # (start, end, store) of the previous range
             for range_start, range_end, store in zip(starts, ends, stores, strict=True):
                 assert low <= range_start < range_end <= high, (key, range_start, range_end)
-                assert store >= 0, (range_start, store)
+                assert store >= 0 or store == ZEROS, (range_start, store)
                 if previous is not None:
-                    assert range_start >= previous[0], f"ranges overlap at {range_start}"
-                    assert (range_start, store) != previous, f"unmerged ranges at {range_start}"
-                previous = (range_end, store + range_end - range_start)
-                total += range_end - range_start
+                    assert range_start >= previous[1], f"ranges overlap at {range_start}"
+                    assert range_start != previous[1] or not _continues(*previous, store), \
+                        f"unmerged ranges at {range_start}"
+                previous = (range_start, range_end, store)
+                if store == ZEROS:
+                    zeroed += range_end - range_start
+                else:
+                    total += range_end - range_start
         assert total == self.total, (total, self.total)
+        assert zeroed == self.zeroed, (zeroed, self.zeroed)

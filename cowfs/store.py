@@ -7,12 +7,16 @@ as was written.  Because the files have no name, nothing ever appears in the
 store directory, and the kernel frees their space when the daemon's
 descriptors close -- at unmount, or when the daemon is killed.
 
-The store also keeps the space account that ``--max-store`` limits: the sum
-of the bytes that the mount's range maps cover.
+The store also owns the space account that ``--max-store`` limits: the sum
+of the bytes that the mount's range maps hold in store files.  Overlay files
+change it only through `hold` and `release`, after asking `ensure_room`.
+`punch_hole` (also used by ``cowfs commit`` on a base file) gives a file's
+blocks back to its filesystem, so ``df`` drops as soon as bytes are punched.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -24,6 +28,23 @@ log = logging.getLogger(__name__)
 
 STORE_MODE = 0o600
 
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc.fallocate.restype = ctypes.c_int
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Deallocate ``[offset, offset + length)`` of a file, keeping its size
+    (``fallocate(2)`` with PUNCH_HOLE|KEEP_SIZE; the os module has only
+    ``posix_fallocate``).  OSError EOPNOTSUPP where the filesystem cannot."""
+    if length <= 0:
+        return
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
 
 class Store:
     """Creates store files in one directory and accounts for their bytes."""
@@ -31,9 +52,10 @@ class Store:
     def __init__(self, directory: Path, limit: int | None = None) -> None:
         self.directory = directory
         self.limit = limit  # bytes, None for no limit
-        self.bytes_held = 0  # bytes covered by all range maps of this mount
+        self._bytes_held = 0  # bytes that all range maps of this mount hold in store files
         self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.uses_tmpfile = True
+        self.can_punch = True  # False once the store's filesystem refused to punch holes
 
     def close(self) -> None:
         os.close(self._dir_fd)
@@ -60,12 +82,41 @@ class Store:
             return fd
         raise OSError(errno.EEXIST, "could not create a store file")
 
+    def free_pages(self, fd: int, offset: int, length: int) -> None:
+        """Give the blocks of ``[offset, offset + length)`` of a store file back
+        (they hold no mapped bytes any more); a filesystem that cannot punch
+        keeps them until the file is closed or emptied."""
+        if not self.can_punch:
+            return
+        try:
+            punch_hole(fd, offset, length)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            log.info("store %s: cannot punch holes (%s); freed bytes keep their blocks until the file empties",
+                     self.directory, error.strerror)
+            self.can_punch = False
+
     # -- space accounting -------------------------------------------------
+
+    @property
+    def bytes_held(self) -> int:
+        """Bytes that the mount's range maps hold in store files."""
+        return self._bytes_held
 
     def ensure_room(self, nbytes: int) -> None:
         """ENOSPC if ``nbytes`` more would take the store past its limit."""
-        if self.limit is not None and self.bytes_held + nbytes > self.limit:
+        if self.limit is not None and self._bytes_held + nbytes > self.limit:
             raise OSError(errno.ENOSPC, "store limit reached")
+
+    def hold(self, nbytes: int) -> None:
+        """Account for ``nbytes`` newly mapped store bytes (after `ensure_room`)."""
+        self._bytes_held += nbytes
+
+    def release(self, nbytes: int) -> None:
+        """``nbytes`` store bytes are no longer mapped."""
+        assert 0 <= nbytes <= self._bytes_held, (nbytes, self._bytes_held)
+        self._bytes_held -= nbytes
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self._dir_fd)

@@ -3,32 +3,41 @@
 These run in the *client* process, never in the daemon (which only ever
 opens base files read-only).  The daemon hands over a *plan*: the base file
 and the identity it had when the mount first used it, the view's size, the
-base limit (below it the view shows the base) and the written ranges.  The
-client reads the changed bytes through the mount and writes them where they
-belong.  Cost is proportional to the changed data, not to the image.
+base limit (below it the view shows the base), the written ranges and the
+zeroed ranges (punched or zeroed base bytes: they read as zeros and are holes).
+The client reads the changed bytes through the mount and writes them where
+they belong.  Cost is proportional to the changed data, not to the image.
 
-Changed bytes are read from the view with O_DIRECT and exactly inside the
-written ranges, so the daemon serves them from its store alone: no readahead
-drags base bytes along (during a commit the base is being rewritten, and the
-daemon would rightly take a changed base for an error).
+Zeroed ranges stay holes: `commit` punches them into the base (or writes
+zeros where its filesystem cannot punch), ``export raw`` leaves them
+unwritten in DEST, ``export qcow2`` makes zero clusters only where the base
+has data the view hides.
+
+Changed bytes are read from the view with O_DIRECT, in whole 512-byte sectors
+around the written ranges (the mount refuses unaligned O_DIRECT reads, as a
+disk does), so no readahead drags in more.  A commit reads every change into
+a private spool file before it touches the base: the base being rewritten
+under a read of the view would rightly look like a changed base to the
+daemon.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 from .errors import UserError
 from .nbd import MAX_REQUEST, NbdClient
+from .protocol import Plan
+from .store import punch_hole
 
 CHUNK = 4 << 20
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
@@ -36,30 +45,6 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 def _no_progress(done: int, total: int) -> None:
     pass
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What the daemon says about one file (see `cowfs.changes.file_plan`)."""
-
-    path: str
-    base_file: Path | None
-    identity: dict[str, int] | None
-    size: int
-    base_limit: int
-    written: list[tuple[int, int]]
-    token: list[int]
-
-    @classmethod
-    def from_reply(cls, reply: dict[str, Any]) -> Plan:
-        return cls(reply["path"], Path(reply["base_file"]) if reply["base_file"] else None, reply["identity"],
-                   int(reply["size"]), int(reply["base_limit"]),
-                   [(int(start), min(int(end), int(reply["size"]))) for start, end in reply["written"]
-                    if int(start) < int(reply["size"])], list(reply["token"]))
-
-    @property
-    def written_bytes(self) -> int:
-        return sum(end - start for start, end in self.written)
 
 
 def identity_of(fd: int) -> dict[str, int]:
@@ -92,6 +77,21 @@ def _chunks(ranges: list[tuple[int, int]], size: int = CHUNK) -> Iterator[tuple[
             yield offset, min(size, end - offset)
 
 
+SECTOR = 512  # O_DIRECT reads of the view must be aligned to it, as on a disk
+
+
+def _read_view(fd: int, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset`` of the view, read with whole 512-byte sectors into a
+    page-aligned buffer (the kernel splits an O_DIRECT read at the buffer's page boundaries)."""
+    start = offset - offset % SECTOR
+    span = -(-(offset + length) // SECTOR) * SECTOR - start
+    with mmap.mmap(-1, span) as buffer:
+        got = os.preadv(fd, [buffer], start)
+        if got < offset - start + length:
+            raise UserError(f"short read from the mount at offset {offset}: the file changed meanwhile?")
+        return buffer[offset - start : offset - start + length]
+
+
 def _read_exact(fd: int, offset: int, length: int) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) != length:
@@ -102,8 +102,14 @@ def _read_exact(fd: int, offset: int, length: int) -> bytes:
 # -- commit ----------------------------------------------------------------------------
 
 
-def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[str, int]:
-    """Write the changes of ``view`` into its base file; return the base's new identity."""
+def commit(plan: Plan, view: Path, still_current: Callable[[], bool],
+           progress: Progress = _no_progress) -> dict[str, int]:
+    """Write the changes of ``view`` into its base file; return the base's new identity.
+
+    The changed bytes are first read through the mount into a private spool
+    file; only if ``still_current()`` then confirms the file did not change
+    meanwhile is the base written.  So a write that lands while the changes
+    are being read makes the commit refuse with nothing written."""
     assert plan.base_file is not None
     try:
         base_fd = os.open(plan.base_file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -112,13 +118,22 @@ def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[st
                         "nothing written") from None
     try:
         _check_identity(plan, base_fd)
-        total, done = plan.written_bytes, 0
+        total, done = 2 * plan.written_bytes, 0
         progress(0, total)
-        with _open_view(view) as view_fd:
+        with tempfile.TemporaryFile(prefix="cowfs-commit-") as spool:
+            with _open_view(view) as view_fd:  # closed before the check: an open file refuses a commit
+                for offset, length in _chunks(plan.written):
+                    os.pwrite(spool.fileno(), _read_view(view_fd, offset, length), offset)
+                    done += length
+                    progress(done, total)
+            if not still_current():
+                raise UserError(f"{plan.path}: written in the mount while committing: nothing written, "
+                                "the mount keeps its changes (commit again)")
             if plan.base_limit < os.fstat(base_fd).st_size:  # the view hides the base's tail: zeros now
                 os.ftruncate(base_fd, plan.base_limit)
+            _make_holes(base_fd, plan.zeroed)
             for offset, length in _chunks(plan.written):
-                os.pwrite(base_fd, _read_exact(view_fd, offset, length), offset)
+                os.pwrite(base_fd, _read_exact(spool.fileno(), offset, length), offset)
                 done += length
                 progress(done, total)
         if os.fstat(base_fd).st_size != plan.size:
@@ -127,6 +142,22 @@ def commit(plan: Plan, view: Path, progress: Progress = _no_progress) -> dict[st
         return identity_of(base_fd)
     finally:
         os.close(base_fd)
+
+
+def _make_holes(fd: int, ranges: list[tuple[int, int]]) -> None:
+    """Punch ``ranges`` into a file; write zeros instead where its filesystem cannot punch."""
+    can_punch = True
+    for start, end in ranges:
+        if can_punch:
+            try:
+                punch_hole(fd, start, end - start)
+                continue
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                can_punch = False
+        for offset, length in _chunks([(start, end)]):
+            os.pwrite(fd, bytes(length), offset)
 
 
 # -- export ----------------------------------------------------------------------------
@@ -166,17 +197,18 @@ def _data_regions(fd: int, end: int) -> Iterator[tuple[int, int]]:
         offset = stop
 
 
-def _subtract(regions: Iterator[tuple[int, int]], holes: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
-    """``regions`` minus the sorted, disjoint ``holes``."""
+def _subtract(regions: Iterable[tuple[int, int]], holes: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The sorted, disjoint ``regions`` minus the sorted, disjoint ``holes``."""
+    first = 0  # the holes before it end before every region still to come
     for start, end in regions:
-        for hole_start, hole_end in holes:
-            if hole_end <= start or hole_start >= end:
-                continue
-            if hole_start > start:
-                yield start, hole_start
-            start = max(start, hole_end)
-            if start >= end:
-                break
+        while first < len(holes) and holes[first][1] <= start:
+            first += 1
+        k = first
+        while k < len(holes) and holes[k][0] < end:
+            if holes[k][0] > start:
+                yield start, holes[k][0]
+            start = max(start, holes[k][1])
+            k += 1
         if start < end:
             yield start, end
 
@@ -213,8 +245,9 @@ def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress
         try:
             os.ftruncate(dest_fd, 0)
             os.ftruncate(dest_fd, plan.size)
+            changed = _merge(plan.written + plan.zeroed)  # zeroed ranges stay holes in DEST
             from_base = [] if base_fd is None else list(
-                _subtract(_data_regions(base_fd, min(plan.base_limit, plan.size)), plan.written))
+                _subtract(_data_regions(base_fd, min(plan.base_limit, plan.size)), changed))
             total = plan.written_bytes + sum(end - start for start, end in from_base)
             done = 0
             progress(0, total)
@@ -226,7 +259,7 @@ def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress
                     progress(done, total)
             with _open_view(view) as view_fd:
                 for offset, length in _chunks(plan.written):
-                    os.pwrite(dest_fd, _read_exact(view_fd, offset, length), offset)
+                    os.pwrite(dest_fd, _read_view(view_fd, offset, length), offset)
                     done += length
                     progress(done, total)
             os.fsync(dest_fd)
@@ -255,8 +288,12 @@ def export_qcow2(plan: Plan, view: Path, dest: Path, force: bool = False, progre
     clusters, so ``qemu-img check`` accepts the result.
     """
     base_fd = _open_base_for_reading(plan)  # checks the base is still the one the mount saw
+    base_data: list[tuple[int, int]] = []
     if base_fd is not None:
-        os.close(base_fd)
+        try:
+            base_data = list(_data_regions(base_fd, os.fstat(base_fd).st_size))
+        finally:
+            os.close(base_fd)
     if dest.exists() or dest.is_symlink():
         if not force:
             raise UserError(f"{dest} exists: use --force to overwrite it")
@@ -268,7 +305,7 @@ def export_qcow2(plan: Plan, view: Path, dest: Path, force: bool = False, progre
     if result.returncode != 0:
         raise UserError(f"qemu-img create failed: {result.stderr.strip()}")
     try:
-        _write_over_nbd(plan, view, dest, progress)
+        _write_over_nbd(plan, view, dest, base_data, progress)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
@@ -287,31 +324,46 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
-def qcow2_writes(plan: Plan, cluster: int = QCOW2_CLUSTER) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
-    """(ranges to copy from the view, cluster-aligned range to zero) for a qcow2 overlay.
+def _intersect(ranges: list[tuple[int, int]], others: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of the sorted, disjoint ``ranges`` inside the sorted, disjoint ``others``."""
+    gaps, previous_end = [], 0  # what ``others`` leaves out
+    for start, end in others + [(ranges[-1][1] if ranges else 0, 1 << 63)]:
+        if previous_end < start:
+            gaps.append((previous_end, start))
+        previous_end = end
+    return list(_subtract(ranges, gaps))
+
+
+def qcow2_writes(plan: Plan, base_data: list[tuple[int, int]],
+                 cluster: int = QCOW2_CLUSTER) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(ranges to copy from the view, cluster-aligned ranges to zero) for a qcow2
+    overlay over a base whose data regions (not holes) are ``base_data``.
 
     Copied ranges are widened to whole clusters, so QEMU never has to read the
     backing file to fill a partly written cluster (that would read, and touch
-    the atime of, the base).  The part of the base the view hides
-    (``[base_limit, min(size, base size))``) must read as zeros in the overlay:
-    its whole clusters are zeroed, its partial end clusters copied."""
+    the atime of, the base).  Base data the view hides (zeroed ranges, and
+    ``[base_limit, min(size, base size))``) must read as zeros in the overlay:
+    its whole clusters are zeroed, its partial end clusters copied.  Where the
+    base has holes, the backing file reads zeros already: no zero clusters."""
     base_size = plan.identity["size"] if plan.identity is not None else 0
-    zero_start, zero_end = plan.base_limit, min(plan.size, base_size)
+    hidden = list(_subtract(_merge(plan.zeroed + [(plan.base_limit, min(plan.size, base_size))]),
+                            _merge(plan.written)))
     copy = list(plan.written)
-    zeroed = None
-    if zero_start < zero_end:
+    zeroed = []
+    for zero_start, zero_end in _intersect(hidden, _merge(base_data)):
         inner_start, inner_end = -(-zero_start // cluster) * cluster, zero_end // cluster * cluster
         if inner_start < inner_end:
-            zeroed = (inner_start, inner_end)
+            zeroed.append((inner_start, inner_end))
             copy += [(zero_start, inner_start), (inner_end, zero_end)]
         else:
             copy.append((zero_start, zero_end))
     widened = [(start // cluster * cluster, min(plan.size, -(-end // cluster) * cluster)) for start, end in copy]
-    return _merge(widened), zeroed
+    return _merge(widened), _merge(zeroed)
 
 
-def _write_over_nbd(plan: Plan, view: Path, dest: Path, progress: Progress) -> None:
-    copy, zeroed = qcow2_writes(plan)
+def _write_over_nbd(plan: Plan, view: Path, dest: Path, base_data: list[tuple[int, int]],
+                    progress: Progress) -> None:
+    copy, zeroed = qcow2_writes(plan, base_data)
     with tempfile.TemporaryDirectory(prefix="cowfs-export-") as scratch:
         socket_path = os.path.join(scratch, "nbd.sock")
         server = subprocess.Popen(
@@ -322,11 +374,11 @@ def _write_over_nbd(plan: Plan, view: Path, dest: Path, progress: Progress) -> N
             try:
                 total, done = sum(end - start for start, end in copy), 0
                 progress(0, total)
-                if zeroed is not None:
-                    client.write_zeroes(zeroed[0], zeroed[1] - zeroed[0])
+                for zero_start, zero_end in zeroed:  # before the copies, which may share their clusters
+                    client.write_zeroes(zero_start, zero_end - zero_start)
                 with _open_view(view) as view_fd:
                     for offset, length in _chunks(copy, MAX_REQUEST):
-                        client.write(offset, _read_exact(view_fd, offset, length))
+                        client.write(offset, _read_view(view_fd, offset, length))
                         done += length
                         progress(done, total)
                 client.flush()

@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
+from cowfs.mounts import open_pidfd, wait_for_exit
+
 COWFS = str(Path(sys.executable).parent / "cowfs")
 SOAK = bool(os.environ.get("COWFS_SOAK"))
 
@@ -23,12 +26,6 @@ def run(argv: Sequence[str], check: bool = True, timeout: float = 120,
         **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # type: ignore[call-overload, no-any-return]
         list(argv), capture_output=True, text=True, check=check, timeout=timeout, **kwargs)
-
-
-def is_mounted(path: Path) -> bool:
-    wanted = os.path.abspath(path)
-    with open("/proc/self/mounts", encoding="utf-8") as table:
-        return any(line.split()[1] == wanted for line in table)
 
 
 def force_unmount(path: Path) -> None:
@@ -61,6 +58,10 @@ class Mount:
         if is_mounted(self.path):
             result = run([COWFS, "umount", str(self.path)], check=False, timeout=60)
             assert result.returncode == 0, f"cowfs umount failed: {result.stderr}"
+
+    def wait_for_daemon_exit(self, timeout: float = 10.0) -> bool:
+        assert self.pid is not None
+        return wait_for_pid_exit(self.pid, timeout)
 
     def daemon_alive(self) -> bool:
         return self.pid is not None and Path(f"/proc/{self.pid}").exists() and _state(self.pid) != "Z"
@@ -105,6 +106,16 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return "X"
+
+
+def wait_for_pid_exit(pid: int, timeout: float) -> bool:
+    """False if process ``pid`` is still there after ``timeout`` seconds (cowfs's own pidfd wait)."""
+    pidfd = open_pidfd(pid)
+    try:
+        return wait_for_exit(pidfd, timeout)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.05) -> bool:
@@ -162,6 +173,15 @@ def sha256(path: Path) -> str:
     finally:
         os.close(fd)
     return digest.hexdigest()
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    """pwrite into an existing file, changing nothing else of it."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
 
 
 def read_base(path: Path) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import read_base, run, sha256
+from ..helpers import COWFS, read_base, run, sha256
 from .blockdev import loop_device, loop_devices_of, mounted_filesystem
 
 MiB = 1 << 20
@@ -116,3 +116,33 @@ def test_fio_random_writes_verify_with_crc32c(engine: str, direct: str, base_dir
     assert report["jobs"][0]["error"] == 0
     assert report["jobs"][0]["write"]["io_bytes"] >= jobs * per_job
     assert report["jobs"][0]["read"]["io_bytes"] >= jobs * per_job  # the verify pass read it all back
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("direct_io", ["off", "on"])
+def test_fstrim_in_a_loop_mounted_ext4_frees_the_store(direct_io: str, base_dir: Path, tmp_path: Path,
+                                                       mount_factory: MountFactory) -> None:
+    base = make_ext4_image(base_dir, tmp_path)
+    mount = mount_factory(base_dir)
+    image = mount.path / base.name
+
+    def store_bytes() -> int:
+        return int(json.loads(run([COWFS, "status", "--json", str(mount.path)]).stdout)["store_bytes"])
+
+    try:
+        with loop_device(image, f"--direct-io={direct_io}") as device, \
+                mounted_filesystem(device, tmp_path / "fs") as fs:
+            (fs / "data.bin").write_bytes(b"\x5a" * (16 * MiB))
+            run(["sync", "-f", str(fs)])
+            run(["blockdev", "--flushbufs", device])
+            before = store_bytes()
+            assert before >= 16 * MiB
+            (fs / "data.bin").unlink()
+            run(["sync", "-f", str(fs)])  # blocks are free for fstrim once the journal committed the unlink
+            run(["fstrim", str(fs)])
+            run(["blockdev", "--flushbufs", device])
+            after = store_bytes()
+            assert after <= before - 15 * MiB, (before, after)  # the deleted file's blocks left the store
+    finally:
+        assert loop_devices_of(image) == []
+    assert run(["e2fsck", "-fn", str(image)], check=False).returncode == 0

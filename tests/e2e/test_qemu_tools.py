@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import read_base, run, sha256
+from ..helpers import COWFS, read_base, run, sha256
 
 MiB = 1 << 20
 IMAGE_SIZE = 16 * MiB
@@ -225,12 +225,15 @@ def test_qemu_img_create_with_preallocation_in_the_mount(preallocation: str, bas
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-def test_discard_is_a_no_op_on_raw(cache: str, base_dir: Path, mount_factory: MountFactory) -> None:
-    # QEMU discards on a raw file with fallocate(PUNCH_HOLE); FUSE answers
-    # EOPNOTSUPP and QEMU reports success without doing anything (discard
-    # never promises zeros).  A zero *write* does zero the range (see above).
+def test_discard_on_raw_reads_zeros_and_frees_the_store(cache: str, base_dir: Path,
+                                                        mount_factory: MountFactory) -> None:
+    # QEMU discards on a raw file with fallocate(PUNCH_HOLE|KEEP_SIZE), which the mount does:
+    # the range reads as zeros (as on ext4) and its written bytes leave the store.
     base_images(base_dir)
     mount = mount_factory(base_dir)
     mounted = mount.path / "disk.raw"
-    output = qemu_io(mounted, "raw", ("discard 8M 1M", "read -P 0x42 8M 1M"), "-t", cache, "-d", "unmap")
+    qemu_io(mounted, "raw", ("write -P 0x5a 8M 1M",), "-t", cache)
+    output = qemu_io(mounted, "raw", ("discard 8M 1M", "read -P 0 8M 1M"), "-t", cache, "-d", "unmap")
     assert "discard 1048576/1048576 bytes at offset 8388608" in output
+    status = json.loads(run([COWFS, "status", "--json", str(mount.path)]).stdout)
+    assert status["store_bytes"] == 0

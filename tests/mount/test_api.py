@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import cowfs
+from cowfs.mounts import mount_table
 
 from ..helpers import is_mounted, read_base, tree_fingerprint
 
@@ -19,8 +20,7 @@ EXAMPLE = Path(__file__).parents[2] / "examples" / "pytest_example"
 
 
 def cowfs_mounts_under(path: Path) -> list[str]:
-    with open("/proc/self/mounts", encoding="utf-8") as table:
-        return [line.split()[1] for line in table if line.split()[1].startswith(str(path))]
+    return [entry.mountpoint for entry in mount_table() if entry.mountpoint.startswith(str(path))]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..conftest import MountFactory
 from ..helpers import COWFS, is_mounted, run, tree_fingerprint
-from .users import NOBODY, as_user, visible_tmp  # noqa: F401 (a fixture)
+from .users import NOBODY, as_user
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,42 @@ def _cases(top: Path, base: Path, mnt: Path, live: Path) -> list[Case]:
         Case(["mount", "--store", str(mnt), str(base), str(mnt)], "inside MOUNTPOINT"),
         Case(["mount", "--log-file", str(top / "nope" / "log"), str(base), str(mnt)], "log file"),
         Case(["mount", "--log-file", str(top), str(base), str(mnt)], "is a directory"),
+        # -o options: cowfs's own go through the same validators as the long options
+        *[Case(["mount", "-o", options, str(base), str(mnt)], expected) for options, expected in [
+            ("ro", "ro: a cowfs mount is writable"),
+            ("rw,ro", "ro: a cowfs mount is writable"),
+            ("frobnicate", "unknown mount option 'frobnicate'"),
+            ("fsname=x", "unknown mount option 'fsname=x'"),
+            ("sync", "unknown mount option 'sync'"),
+            ("max_store=lots", "max_store: invalid size 'lots'"),
+            ("max_store=0", "max_store: invalid size '0'"),
+            ("max_store=", "max_store needs a value"),
+            ("store", "store needs a value"),
+            ("store=", "store needs a value"),
+            ("log_file=", "log_file needs a value"),
+            ("allow_other=1", "allow_other takes no value"),
+            ("nofail=yes", "nofail takes no value"),
+            (f"store={top / 'nope'}", "store directory"),
+            (f"store={a_file}", "not a directory"),
+            (f"log_file={top}", "is a directory"),
+            (f"log_file={top / 'nope' / 'log'}", "log file"),
+            ("allow_other,allow_root", "allow_other and allow_root exclude each other"),
+        ]],
+        Case(["mount", "--allow-other", "--allow-root", str(base), str(mnt)], "exclude each other"),
+        Case(["mount", str(base), str(mnt), "-o"], "expected one argument"),
+        Case(["mount", "--store", "", str(base), str(mnt)], "an empty path"),
+        Case(["mount", "", str(mnt)], "an empty path"),
+        # the bare form mount.fuse3 runs: the same checks as cowfs mount
+        Case([str(base), str(mnt), "-o", "ro"], "ro: a cowfs mount is writable"),
+        Case([str(base), str(mnt), "-o", "bogus,dev,suid"], "unknown mount option 'bogus'"),
+        Case([str(top / "nope"), str(mnt), "-o", "rw,dev,suid"], "does not exist"),
+        Case([str(base), str(live), "-o", "rw"], "already a mount"),
+        Case([str(base)], "required: MOUNTPOINT"),
+        Case(["stauts", str(mnt)], "invalid choice: 'stauts'"),  # a mistyped command is not a path
+        # list and status
+        Case(["list", "extra"], "unrecognized arguments: extra"),
+        Case(["list", "--bogus"], "unrecognized arguments: --bogus"),
+        Case(["status", str(mnt)], "is not in a cowfs mount"),
         # umount of what is not a cowfs mount
         Case(["umount", str(mnt)], "not mounted"),
         Case(["umount", str(top / "nope")], "not mounted"),
@@ -67,8 +103,11 @@ def _cases(top: Path, base: Path, mnt: Path, live: Path) -> list[Case]:
     ]
 
 
-def test_bad_input_gets_one_clear_line_and_changes_nothing(visible_tmp: Path,  # noqa: F811
-                                                           mount_factory: MountFactory) -> None:
+def test_bad_input_gets_one_clear_line_and_changes_nothing(visible_tmp: Path,
+                                                           mount_factory: MountFactory,
+                                                           cowfs_for_others: tuple[list[str], dict[str, str]],
+                                                           ) -> None:
+    others_argv, others_env = cowfs_for_others
     top = visible_tmp
     base, mnt, full = top / "base", top / "mnt", top / "full"
     for directory in (base / "inner", mnt, full / "sub", top / "empty", top / "new\nline"):
@@ -80,8 +119,11 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(visible_tmp: Path,  #
     before = tree_fingerprint(top)
     failures = []
     for case in _cases(top, base, mnt, live.path):
-        argv = [COWFS, *case.argv]
-        result = run(as_user(NOBODY, NOBODY, argv) if case.as_nobody else argv, check=False, timeout=30)
+        if case.as_nobody:
+            result = run(as_user(NOBODY, NOBODY, [*others_argv, *case.argv]), check=False, timeout=30,
+                         env={**os.environ, **others_env})
+        else:
+            result = run([COWFS, *case.argv], check=False, timeout=30)
         lines = result.stderr.splitlines()
         if result.returncode == 0 or len(lines) != 1 or case.expected not in lines[0] or result.stdout:
             failures.append(f"{case.argv!r}: exit {result.returncode}, stderr {result.stderr!r}")

@@ -173,7 +173,7 @@ def _check_sigkill_frees_store(base_dir: Path, store: Path, mount_factory: Mount
     os.kill(m.pid, signal.SIGKILL)
     with pytest.raises(OSError):  # the connection is gone
         os.close(fd)
-    assert wait_until(lambda: not m.daemon_alive(), timeout=10)
+    assert m.wait_for_daemon_exit(timeout=10)
     assert wait_until(lambda: os.statvfs(store).f_bavail >= free_before - 256, timeout=10)
     assert is_mounted(m.path)  # dead, until cowfs umount cleans it
     result = run([COWFS, "umount", str(m.path)], check=False)
@@ -213,7 +213,7 @@ def test_plain_unmount_commands_work(base_dir: Path, mount_factory: MountFactory
     m = mount_factory(base_dir)
     run([*command, str(m.path)])
     assert not is_mounted(m.path)
-    assert wait_until(lambda: not m.daemon_alive(), timeout=10)
+    assert m.wait_for_daemon_exit(timeout=10)
 
 
 def test_fsync_and_statfs(base_dir: Path, mount_factory: MountFactory) -> None:

@@ -50,7 +50,7 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 def _assert_clean_exit(m: Mount, store: Path) -> None:
     """The daemon unmounted, logged its clean end and is gone; the store holds nothing."""
-    assert wait_until(lambda: not m.daemon_alive(), timeout=30), "the daemon did not exit"
+    assert m.wait_for_daemon_exit(timeout=30), "the daemon did not exit"
     assert not is_mounted(m.path)
     log = m.log.read_text()
     assert f"unmounted {m.path}" in log, log

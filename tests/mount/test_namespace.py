@@ -97,7 +97,7 @@ def apply(root: Path, op: Operation) -> tuple[str, object]:
         fd = os.open(path(name), os.O_WRONLY | os.O_NONBLOCK | int(flags), 0o644)  # type: ignore[call-overload]
         try:
             written = os.write(fd, payload) if int(flags) & os.O_APPEND else os.pwrite(fd, payload, offset)  # type: ignore[arg-type, call-overload]
-            return written + os.fstat(fd).st_size  # type: ignore[no-any-return]
+            return written + os.fstat(fd).st_size
         finally:
             os.close(fd)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import stat
 import threading
@@ -12,13 +13,12 @@ from pathlib import Path
 
 import pytest
 
-import cowfs
 from cowfs.base import BaseDir
 
 from ..conftest import MountFactory
-from ..helpers import fd_flags, is_mounted, read_base, run, sha256, wait_until
+from ..helpers import fd_flags, is_mounted, read_base, run, sha256, wait_for_pid_exit
 from .test_core import make_file
-from .users import NOBODY, as_user, dev_fuse_open_to_all, fresh_user, visible_tmp  # noqa: F401 (a fixture)
+from .users import NOBODY, as_user, dev_fuse_open_to_all, fresh_user
 
 MiB = 1 << 20
 
@@ -28,7 +28,7 @@ def _as_nobody(*argv: str) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-def _world_readable_base(visible_tmp: Path) -> Path:  # noqa: F811
+def _world_readable_base(visible_tmp: Path) -> Path:
     base = visible_tmp / "base"
     base.mkdir()
     (base / "public.img").write_bytes(b"for everyone")
@@ -37,7 +37,7 @@ def _world_readable_base(visible_tmp: Path) -> Path:  # noqa: F811
     return base
 
 
-def test_default_mount_lets_no_other_user_in(visible_tmp: Path,  # noqa: F811
+def test_default_mount_lets_no_other_user_in(visible_tmp: Path,
                                              mount_factory: MountFactory) -> None:
     m = mount_factory(_world_readable_base(visible_tmp), mountpoint=visible_tmp / "mnt")
     for argv in (["ls", str(m.path)], ["cat", str(m.path / "public.img")], ["stat", str(m.path)]):
@@ -45,7 +45,7 @@ def test_default_mount_lets_no_other_user_in(visible_tmp: Path,  # noqa: F811
         assert code != 0 and "Permission denied" in output, (argv, output)
 
 
-def test_allow_other_lets_others_in_with_normal_permission_checks(visible_tmp: Path,  # noqa: F811
+def test_allow_other_lets_others_in_with_normal_permission_checks(visible_tmp: Path,
                                                                    mount_factory: MountFactory) -> None:
     m = mount_factory(_world_readable_base(visible_tmp), "--allow-other", mountpoint=visible_tmp / "mnt")
     assert "allow_other" in Path("/proc/self/mounts").read_text().split(f" {m.path} ")[1].splitlines()[0]
@@ -60,14 +60,11 @@ def test_allow_other_lets_others_in_with_normal_permission_checks(visible_tmp: P
     assert (m.path / "private.img").read_bytes() == b"root only"  # the owner still can
 
 
-# The test venv's interpreter lives under root's private home: an ordinary user runs cowfs from
-# this source tree with the system Python and Debian's python3-pyfuse3 and python3-trio.
-SYSTEM_PYTHON_COWFS = ["/usr/bin/python3", "-m", "cowfs"]
-SOURCE_TREE = str(Path(cowfs.__file__).resolve().parent.parent)
-
-
-def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path) -> None:  # noqa: F811
-    """End to end as a fresh unprivileged user, through the setuid fusermount3."""
+def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
+                                                  cowfs_for_others: tuple[list[str], dict[str, str]]) -> None:
+    """End to end as a fresh unprivileged user, through the setuid fusermount3.  The user runs a
+    world-readable copy of cowfs with the system Python and Debian's stock pyfuse3."""
+    cowfs_argv, cowfs_env = cowfs_for_others
     base = visible_tmp / "base"
     base.mkdir()
     data = make_file(base / "disk.raw", 2 * MiB)
@@ -82,12 +79,12 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path) -> None:  #
 
         def as_them(*argv: str) -> str:
             result = run(as_user(user.pw_uid, user.pw_gid, argv), check=False,
-                         env={**os.environ, "PYTHONPATH": SOURCE_TREE, "HOME": str(home)})
+                         env={**os.environ, **cowfs_env, "HOME": str(home)})
             assert result.returncode == 0, (argv, result.stderr)
             return result.stdout
 
         try:
-            as_them(*SYSTEM_PYTHON_COWFS, "mount", "--store", str(home / "store"), str(base), str(mnt))
+            as_them(*cowfs_argv, "mount", "--store", str(home / "store"), str(base), str(mnt))
             assert is_mounted(mnt)
             line = next(line for line in Path("/proc/self/mounts").read_text().splitlines() if f" {mnt} " in line)
             assert f"user_id={user.pw_uid}" in line
@@ -97,12 +94,18 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path) -> None:  #
             expected = data[: 40960] + bytes(8192) + data[49152:]
             assert as_them("sha256sum", str(mnt / "disk.raw")).split()[0] == hashlib.sha256(expected).hexdigest()
             assert as_them("cat", str(mnt / "created.txt")) == "new\n"
+            # Debian's pyfuse3 is a stock build: cowfs runs on it and says which features are off.
+            status = json.loads(as_them(*cowfs_argv, "status", "--json", str(mnt)))
+            features = {f["name"]: f for f in status["features"]}
+            assert sorted(features) == ["fallocate", "killpriv_v2", "lseek"]
+            assert not any(f["enabled"] for f in features.values())
+            assert "is a stock build without it" in features["fallocate"]["detail"]
             pid = int(as_them("getfattr", "--only-values", "-n", "user.cowfs.control", str(mnt)).split(
                 '"pid": ')[1].split(",")[0])
             assert Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] == str(user.pw_uid)
-            as_them(*SYSTEM_PYTHON_COWFS, "umount", str(mnt))
+            as_them(*cowfs_argv, "umount", str(mnt))
             assert not is_mounted(mnt)
-            assert wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=10)
+            assert wait_for_pid_exit(pid, timeout=10)
         finally:
             if is_mounted(mnt):
                 run(["fusermount3", "-u", "-z", str(mnt)], check=False)

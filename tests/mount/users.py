@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+import cowfs
+
 NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"  # with Debian's python3-pyfuse3 (a stock build) and python3-trio
 
 
 def as_user(uid: int, gid: int, argv: Sequence[str]) -> list[str]:
@@ -60,3 +63,18 @@ def dev_fuse_open_to_all() -> Iterator[None]:
         yield
     finally:
         os.chmod("/dev/fuse", original)
+
+
+@pytest.fixture(scope="session")
+def cowfs_for_others() -> Iterator[tuple[list[str], dict[str, str]]]:
+    """(argv, environment) that run cowfs as any user: a copy of this checkout's package in a
+    world-readable temporary directory, run by the system Python.  The checkout itself may sit
+    where other users cannot read (a clone in /root, mode 0700), and so may the test venv."""
+    top = Path(tempfile.mkdtemp(prefix="cowfs-for-others-", dir="/tmp"))
+    try:
+        shutil.copytree(Path(cowfs.__file__).parent, top / "cowfs", ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [top, *top.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield [SYSTEM_PYTHON, "-m", "cowfs"], {"PYTHONPATH": str(top), "PYTHONDONTWRITEBYTECODE": "1"}
+    finally:
+        shutil.rmtree(top, ignore_errors=True)

@@ -24,8 +24,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cowfs import changes
 from cowfs.base import BaseDir
-from cowfs.namespace import ROOT_INO, ChangeError, Namespace, Node, identity_dict
+from cowfs.namespace import ROOT_INO, Namespace, Node, identity_dict
 from cowfs.overlay import BaseIdentity
+from cowfs.protocol import ControlError
 from cowfs.store import Store
 
 from ..helpers import SOAK, outcome, renameat2
@@ -307,7 +308,7 @@ class NamespaceMachine(RuleBasedStateMachine):
         if any(node.pinned for node, _ in self.handles):
             # A changed open file refuses a reset (without --force), and nothing changes.
             before = self._ns_tree(ROOT_INO, ())
-            with pytest.raises(ChangeError, match="open in the mount"):
+            with pytest.raises(ControlError, match="open in the mount"):
                 self.ns.reset("/")
             assert self._ns_tree(ROOT_INO, ()) == before
             return
@@ -326,7 +327,7 @@ class NamespaceMachine(RuleBasedStateMachine):
             return
         try:
             self.ns.reset("/" + "/".join(os.fsdecode(name) for name in path))
-        except ChangeError:
+        except ControlError:
             return
         shown = self._ns_tree(ROOT_INO, ())
         base_tree = self._tree_of(self.base_path)
@@ -345,23 +346,23 @@ class NamespaceMachine(RuleBasedStateMachine):
         mount_path = "/" + "/".join(os.fsdecode(name) for name in path)
         try:
             plan = changes.commit_plan(self.ns, mount_path)
-        except ChangeError:
+        except ControlError:
             return
         place = self.ns.place(mount_path)
         assert place is not None and place.node is not None and place.node.data is not None
         data = place.node.data
-        base_file = Path(str(plan["base_file"]))
+        base_file = Path(str(plan.base_file))
         fd = os.open(base_file, os.O_WRONLY)
         try:
             for start, end in changes.changed_ranges(data):
                 os.pwrite(fd, data.read(start, end - start), start)
-            os.ftruncate(fd, int(plan["size"]))
+            os.ftruncate(fd, plan.size)
         finally:
             os.close(fd)
         identity = identity_dict(BaseIdentity.of(base_file.lstat()))
-        self.ns.commit_done(mount_path, list(plan["token"]), identity)
+        self.ns.commit_done(mount_path, plan.token, identity)
         assert self.ns.place(mount_path) is not None
-        assert mount_path not in [change["path"] for change in changes.status(self.ns)["changes"]]
+        assert mount_path not in [change.path for change in changes.status(self.ns).changes]
 
     # -- checks -----------------------------------------------------------------
 
@@ -504,11 +505,11 @@ def test_commit_refuses_a_file_written_between_plan_and_done(tmp_path: Path) -> 
         ns.open(node.ino)
         ns.write(node, 0, b"XY")  # same range, same size: only the generation tells
         ns.release(node.ino)
-        with pytest.raises(ChangeError, match="changed in the mount while committing"):
-            ns.commit_done("/disk", list(plan["token"]), identity)
+        with pytest.raises(ControlError, match="changed in the mount while committing"):
+            ns.commit_done("/disk", plan.token, identity)
         ns.check_invariants()
         assert node.pinned and node.data is not None and node.data.read(0, 2) == b"XY"
-        assert [change["path"] for change in changes.status(ns)["changes"]] == ["/disk"]
+        assert [change.path for change in changes.status(ns).changes] == ["/disk"]
         ns.forget(node.ino, 1)
         ns.check_invariants()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,19 @@ from cowfs.store import Store
 from ..helpers import SOAK
 
 BASE_SIZE = 20_000
+BASE_DATA = [(0, 4096), (12288, BASE_SIZE)]  # the base file's data regions; between them a hole
 positions = st.integers(0, 3 * BASE_SIZE)
+lengths = st.integers(1, 9000)
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("write"), positions, st.integers(1, 9000)),
-        st.tuples(st.just("truncate"), positions, st.just(0)),
-        st.tuples(st.just("read"), positions, st.integers(0, 2 * BASE_SIZE)),
+        st.tuples(st.just("write"), positions, lengths, st.booleans()),  # True: write zeros (still data)
+        st.tuples(st.just("truncate"), positions, st.just(0), st.just(False)),
+        st.tuples(st.just("punch"), positions, lengths, st.just(True)),
+        st.tuples(st.just("zero"), positions, lengths, st.booleans()),  # the flag: keep_size
+        st.tuples(st.just("allocate"), positions, lengths, st.booleans()),
+        st.tuples(st.just("read"), positions, st.integers(0, 2 * BASE_SIZE), st.just(False)),
+        st.tuples(st.just("seek_data"), positions, st.just(0), st.just(False)),
+        st.tuples(st.just("seek_hole"), positions, st.just(0), st.just(False)),
     ),
     max_size=40,
 )
@@ -32,39 +40,127 @@ operations = st.lists(
 
 @pytest.fixture
 def base_file(tmp_path: Path) -> Path:
+    """A sparse base: data, a hole its filesystem really has, data."""
     path = tmp_path / "base.img"
-    path.write_bytes(bytes((i * 7 + 3) % 256 for i in range(BASE_SIZE)))
+    with open(path, "wb") as f:
+        for start, end in BASE_DATA:
+            f.seek(start)
+            f.write(bytes((i * 7 + 3) % 255 + 1 for i in range(start, end)))
     return path
+
+
+def _data_flags(fd: int, size: int) -> bytearray:
+    """1 for each byte of a file its filesystem reports as data, 0 in holes."""
+    flags = bytearray(size)
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:
+            break
+        offset = os.lseek(fd, start, os.SEEK_HOLE)
+        flags[start:offset] = b"\1" * (offset - start)
+    return flags
+
+
+class Model:
+    """The view as a bytearray, which bytes are data (not holes) and which are in the store."""
+
+    def __init__(self, content: bytes, is_data: bytearray) -> None:
+        self.content = bytearray(content)
+        self.is_data = is_data
+        self.stored = bytearray(len(content))
+        self.shows_base = bytearray(b"\1" * len(content))  # neither written, punched nor cut off yet
+
+    def resize(self, size: int) -> None:
+        for array in (self.content, self.is_data, self.stored, self.shows_base):
+            del array[size:]
+            array.extend(bytes(size - len(array)))
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.resize(max(len(self.content), offset + len(data)))
+        end = offset + len(data)
+        self.content[offset:end] = data
+        self.is_data[offset:end] = self.stored[offset:end] = b"\1" * len(data)
+        self.shows_base[offset:end] = bytes(len(data))
+
+    def punch(self, offset: int, length: int) -> None:
+        end = min(offset + length, len(self.content))
+        if offset < end:
+            self.content[offset:end] = self.is_data[offset:end] = self.stored[offset:end] = bytes(end - offset)
+            self.shows_base[offset:end] = bytes(end - offset)
+
+    def allocate(self, offset: int, length: int, keep_size: bool) -> None:
+        """Zeros the view shows that are not the base's take store space (and count as data)."""
+        if not keep_size:
+            self.resize(max(len(self.content), offset + length))
+        for index in range(offset, min(offset + length, len(self.content))):
+            if not self.stored[index] and not self.shows_base[index]:
+                self.stored[index] = self.is_data[index] = 1
+
+    def seek(self, offset: int, data: bool) -> int:
+        if offset >= len(self.content):
+            return -errno.ENXIO
+        found = self.is_data.find(b"\1" if data else b"\0", offset)
+        if found < 0:
+            return -errno.ENXIO if data else len(self.content)
+        return found
+
+
+def _seek(call: Callable[[int], int], offset: int) -> int:
+    try:
+        return call(offset)
+    except OSError as error:
+        assert error.errno is not None
+        return -error.errno
 
 
 @settings(max_examples=1000 if SOAK else 150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations, st.booleans())
-def test_overlay_matches_bytearray(base_file: Path, tmp_path: Path, ops: list[tuple[str, int, int]],
+def test_overlay_matches_bytearray(base_file: Path, tmp_path: Path, ops: list[tuple[str, int, int, bool]],
                                    from_base: bool) -> None:
     store = Store(tmp_path)
     base_fd = os.open(base_file, os.O_RDONLY) if from_base else None
-    model = bytearray(base_file.read_bytes()) if from_base else bytearray()
+    if base_fd is not None:
+        model = Model(base_file.read_bytes(), _data_flags(base_fd, BASE_SIZE))
+    else:
+        model = Model(b"", bytearray())
     overlay = OverlayFile(store, base_fd)
     try:
-        for step, (kind, offset, length) in enumerate(ops):
+        for step, (kind, offset, length, flag) in enumerate(ops):
+            generation = overlay.generation
+            before = bytes(model.content)
             if kind == "write":
-                data = bytes([step % 255 + 1]) * length
+                data = bytes([0 if flag else step % 255 + 1]) * length
                 assert overlay.write(offset, data) == length
-                if offset > len(model):
-                    model.extend(bytes(offset - len(model)))
-                model[offset : offset + length] = data
+                model.write(offset, data)
             elif kind == "truncate":
                 overlay.truncate(offset)
-                del model[offset:]
-                model.extend(bytes(offset - len(model)))
+                model.resize(offset)
+            elif kind == "punch":
+                overlay.punch_hole(offset, length)
+                model.punch(offset, length)
+            elif kind == "zero":
+                overlay.zero_range(offset, length, keep_size=flag)
+                model.punch(offset, length)
+                if not flag:
+                    model.resize(max(len(model.content), offset + length))
+            elif kind == "allocate":
+                overlay.allocate(offset, length, keep_size=flag)
+                model.allocate(offset, length, keep_size=flag)
+            elif kind == "read":
+                assert overlay.read(offset, length) == bytes(model.content[offset : offset + length])
+            elif kind == "seek_data":
+                assert _seek(overlay.seek_data, offset) == model.seek(offset, data=True), offset
             else:
-                assert overlay.read(offset, length) == bytes(model[offset : offset + length])
-            assert overlay.size == len(model)
-            assert overlay.base_limit <= overlay.size
-            assert store.bytes_held == overlay.written.total
-            overlay.written.check_invariants()
-        assert overlay.read(0, len(model) + 10) == bytes(model)
+                assert _seek(overlay.seek_hole, offset) == model.seek(offset, data=False), offset
+            assert overlay.size == len(model.content)
+            if bytes(model.content) != before:
+                assert overlay.generation > generation, f"{kind} changed the view but not the generation"
+            overlay.check_invariants()
+            assert store.bytes_held == overlay.written.total == sum(model.stored)
+        assert overlay.read(0, len(model.content) + 10) == bytes(model.content)
     finally:
         overlay.close()
         store.close()
@@ -139,3 +235,100 @@ def test_rangemap_refuses_overlaps_and_merges_only_contiguous_store_bytes() -> N
     m.add(20, 30, 60)
     assert list(m.extents()) == [(0, 10, 0), (10, 30, 50)]
     m.check_invariants()
+
+
+def test_punching_written_bytes_frees_store_blocks_at_once(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store)
+    try:
+        view.write(0, b"w" * (1 << 20))
+        blocks = view.store_blocks()
+        assert blocks >= (1 << 20) // 512
+        view.punch_hole(4096 * 10, 1 << 19)
+        assert store.bytes_held == (1 << 20) - (1 << 19)
+        assert view.store_blocks() <= blocks - (1 << 19) // 512
+        assert view.read(4096 * 10 - 1, 2) == b"w\0"
+        assert view.size == 1 << 20
+        view.punch_hole(0, 1 << 20)  # nothing mapped to the store any more: the store file is emptied
+        assert store.bytes_held == 0 and view.store_blocks() == 0 and view.store_end == 0
+        assert view.read(0, 1 << 20) == bytes(1 << 20)
+    finally:
+        view.close()
+        store.close()
+
+
+def test_punched_pages_shared_with_other_bytes_stay(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store)
+    try:
+        view.write(100, b"a" * 10)  # store page 0, bytes 100..110
+        view.write(8192 + 200, b"b" * 8192)  # store page 0 from 200 on, and pages 1 and 2
+        view.punch_hole(8192 + 200, 8192)
+        assert store.bytes_held == 10
+        assert view.read(100, 10) == b"a" * 10  # page 0 still holds them
+        assert list(view.written.extents()) == [(100, 110, 100)]
+    finally:
+        view.close()
+        store.close()
+
+
+def test_punch_over_base_bytes_takes_no_store_space(base_file: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store, os.open(base_file, os.O_RDONLY))
+    try:
+        view.punch_hole(1000, 2000)
+        assert store.bytes_held == 0 and view.store_fd is None
+        base = base_file.read_bytes()
+        assert view.read(999, 2002) == base[999:1000] + bytes(2000) + base[3000:3001]
+        assert view.seek_hole(0) == 1000 and view.seek_data(1000) == 3000
+        assert view.is_changed
+        view.write(1500, b"x")  # one byte inside the zeros takes one byte of store
+        assert store.bytes_held == 1 and view.seek_data(1000) == 1500
+        with pytest.raises(OSError) as error:
+            view.punch_hole(-1, 10)
+        assert error.value.errno == errno.EINVAL
+    finally:
+        view.close()
+        store.close()
+
+
+def test_allocate_takes_space_checks_the_limit_and_only_mode_0_grows(tmp_path: Path) -> None:
+    store = Store(tmp_path, limit=10_000)
+    view = OverlayFile(store)
+    try:
+        with pytest.raises(OSError) as error:
+            view.allocate(0, 20_000, keep_size=False)
+        assert error.value.errno == errno.ENOSPC and view.size == 0
+        view.allocate(0, 8000, keep_size=True)
+        assert view.size == 0
+        view.allocate(0, 8000, keep_size=False)
+        assert view.size == 8000 and store.bytes_held == 8000  # taken at once, as ext4 does
+        assert view.read(0, 8000) == bytes(8000) and view.seek_hole(0) == 8000  # zeros, and data
+        view.write(0, b"a" * 8000)
+        assert store.bytes_held == 8000  # written over the allocated bytes: no more space
+        view.allocate(0, 9000, keep_size=False)  # 1000 more bytes: room
+        assert store.bytes_held == 9000
+        with pytest.raises(OSError) as error:
+            view.allocate(0, 12_000, keep_size=False)
+        assert error.value.errno == errno.ENOSPC
+        assert view.size == 9000 and view.read(0, 9000) == b"a" * 8000 + bytes(1000)
+    finally:
+        view.close()
+        store.close()
+    assert store.bytes_held == 0
+
+
+def test_discard_changes_releases_everything_and_moves_the_generation(base_file: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    view = OverlayFile(store, os.open(base_file, os.O_RDONLY))
+    try:
+        view.write(0, b"x" * 5000)
+        view.punch_hole(6000, 100)
+        generation = view.generation
+        view.discard_changes(lambda: os.open(base_file, os.O_RDONLY))
+        assert store.bytes_held == 0 and not view.written and not view.is_changed
+        assert view.generation > generation
+        assert view.read(0, BASE_SIZE) == base_file.read_bytes()
+    finally:
+        view.close()
+        store.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cowfs.rangemap import BUCKET_SIZE, RangeMap
+from cowfs.rangemap import BUCKET_SIZE, ZEROS, RangeMap
 
 from ..helpers import SOAK
 
@@ -50,6 +50,11 @@ def _coalesce(pieces: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]
     return out
 
 
+def _cut(model: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """``model`` without ``[start, end)``."""
+    return _normalise([piece for s, e in model for piece in ((s, min(e, start)), (max(s, end), e))])
+
+
 # Offsets cluster around the first few bucket boundaries, where pieces are split.
 offsets = st.one_of(
     st.integers(0, 3 * BUCKET_SIZE),
@@ -59,6 +64,10 @@ operations = st.lists(
     st.one_of(
         st.tuples(st.just("add"), offsets, st.integers(1, BUCKET_SIZE + 500)),
         st.tuples(st.just("add"), offsets, st.integers(1, 600)),
+        st.tuples(st.just("zeros"), offsets, st.integers(1, BUCKET_SIZE + 500)),
+        st.tuples(st.just("zeros"), offsets, st.integers(1, 600)),
+        st.tuples(st.just("remove"), offsets, st.integers(1, 600)),
+        st.tuples(st.just("remove"), offsets, st.integers(1, 2 * BUCKET_SIZE)),
         st.tuples(st.just("remove_from"), offsets, st.just(0)),
         st.tuples(st.just("clear"), st.just(0), st.just(0)),
     ),
@@ -70,35 +79,46 @@ operations = st.lists(
 @given(operations, st.lists(st.tuples(offsets, st.integers(1, BUCKET_SIZE)), max_size=8))
 def test_rangemap_matches_model(ops: list[tuple[str, int, int]], queries: list[tuple[int, int]]) -> None:
     subject = RangeMap()
-    model: list[tuple[int, int]] = []
-    store_of: dict[int, int] = {}  # sampled bytes -> their store offset
+    stored: list[tuple[int, int]] = []  # the model: ranges in the store, and ZEROS ranges
+    zeros: list[tuple[int, int]] = []
+    store_of: dict[int, int] = {}  # sampled bytes -> their store offset (or ZEROS)
     next_store = 0
     for kind, offset, length in ops:
-        before = sum(e - s for s, e in model)
-        if kind == "add":
+        before = sum(e - s for s, e in stored)
+        if kind in ("add", "zeros"):
             added = 0
-            # As the overlay does: only the bytes not mapped yet get new store bytes.
+            # As the overlay does: only the bytes not mapped yet get new store bytes (or zeros).
             for start, end, store in list(subject.segments(offset, offset + length)):
                 if store is None:
-                    added += subject.add(start, end, next_store)
+                    new_store = next_store if kind == "add" else ZEROS
+                    added += subject.add(start, end, new_store)
                     for probe in (start, end - 1):
-                        store_of[probe] = next_store + probe - start
-                    next_store += end - start
-            model = _normalise(model + [(offset, offset + length)])
-            assert added == sum(e - s for s, e in model) - before
-        elif kind == "remove_from":
-            removed = subject.remove_from(offset)
-            model = _normalise([(s, min(e, offset)) for s, e in model])
-            assert removed == before - sum(e - s for s, e in model)
-            store_of = {k: v for k, v in store_of.items() if k < offset}
+                        store_of[probe] = ZEROS if kind == "zeros" else next_store + probe - start
+                    if kind == "add":
+                        next_store += end - start
+                    else:
+                        zeros = _normalise(zeros + [(start, end)])
+            if kind == "add":
+                stored = _without(_normalise(stored + [(offset, offset + length)]), zeros)
+                assert added == sum(e - s for s, e in stored) - before
+        elif kind in ("remove", "remove_from"):
+            end = offset + length if kind == "remove" else 1 << 62
+            removed = subject.remove(offset, end) if kind == "remove" else subject.remove_from(offset)
+            stored, zeros = _cut(stored, offset, end), _cut(zeros, offset, end)
+            assert removed == before - sum(e - s for s, e in stored)
+            store_of = {k: v for k, v in store_of.items() if not offset <= k < end}
         else:
             subject.clear()
-            model = []
+            stored, zeros = [], []
             store_of = {}
         subject.check_invariants()
-        assert list(subject.ranges()) == model
-        assert subject.total == sum(e - s for s, e in model)
-        assert subject.last_end() == (model[-1][1] if model else 0)
+        everything = _normalise(stored + zeros)
+        assert list(subject.ranges()) == everything
+        assert list(subject.ranges(zeros=False)) == stored
+        assert list(subject.ranges(zeros=True)) == zeros
+        assert subject.total == sum(e - s for s, e in stored)
+        assert subject.zeroed == sum(e - s for s, e in zeros)
+        assert subject.last_end() == (everything[-1][1] if everything else 0)
         for probe, store in store_of.items():
             [(_, _, found)] = list(subject.segments(probe, probe + 1))
             assert found == store, (probe, found, store)
@@ -107,8 +127,16 @@ def test_rangemap_matches_model(ops: list[tuple[str, int, int]], queries: list[t
         assert got[0][0] == start and got[-1][1] == start + length
         assert all(a[1] == b[0] for a, b in zip(got, got[1:], strict=False))  # contiguous
         inside_or_not = [(s, e, store is not None) for s, e, store in got]
-        assert _coalesce(inside_or_not) == _model_segments(model, start, start + length)
-        assert subject.covered(start, start + length) == sum(e - s for s, e, inside in inside_or_not if inside)
+        assert _coalesce(inside_or_not) == _model_segments(_normalise(stored + zeros), start, start + length)
+        in_store = [(s, e, store is not None and store != ZEROS) for s, e, store in got]
+        assert _coalesce(in_store) == _model_segments(stored, start, start + length)
+        assert subject.stored_in(start, start + length) == sum(e - s for s, e, inside in in_store if inside)
+
+
+def _without(model: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    for start, end in holes:
+        model = _cut(model, start, end)
+    return model
 
 
 def test_a_million_scattered_ranges_stay_compact() -> None:

@@ -1,0 +1,73 @@
+"""What the running pyfuse3 lets cowfs ask of the kernel.
+
+cowfs runs on a stock pyfuse3 (``pip install .``) and on the patched build
+that ``make setup`` makes (patches/pyfuse3/): the patched one adds the
+``fallocate`` and ``lseek`` handlers and a way to ask for INIT flags that
+pyfuse3 does not know.  The daemon detects which it has, logs once what is
+off and why, and ``cowfs status`` lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import ModuleType
+
+from .protocol import Feature
+
+log = logging.getLogger(__name__)
+
+FUSE_HANDLE_KILLPRIV_V2 = 1 << 28  # linux/fuse.h: the filesystem clears setuid/setgid and capabilities itself
+
+_PATCHED = "the patched pyfuse3 that `make setup` builds (patches/pyfuse3/)"
+
+
+@dataclass(frozen=True)
+class Pyfuse3Features:
+    version: str
+    fallocate: bool  # Operations.fallocate is called
+    lseek: bool  # Operations.lseek is called
+    init_flags: bool  # Operations.extra_init_flags is honoured
+
+    @classmethod
+    def of(cls, pyfuse3: ModuleType) -> Pyfuse3Features:
+        operations = pyfuse3.Operations
+        return cls(str(getattr(pyfuse3, "__version__", "?")), hasattr(operations, "fallocate"),
+                   hasattr(operations, "lseek"), hasattr(pyfuse3, "negotiated_init_flags"))
+
+
+def describe(found: Pyfuse3Features, granted_init_flags: int | None) -> list[Feature]:
+    """The features as `cowfs status` shows them; ``granted_init_flags`` is None before INIT."""
+    stock = f"pyfuse3 {found.version} is a stock build without it; `make setup` builds one with it"
+    if not found.init_flags:
+        killpriv = Feature("killpriv_v2", False, stock)
+    elif granted_init_flags is None:
+        killpriv = Feature("killpriv_v2", False, "not negotiated yet")
+    elif granted_init_flags & FUSE_HANDLE_KILLPRIV_V2:
+        killpriv = Feature("killpriv_v2", True, "one request per write(2); cowfs clears setuid/setgid itself")
+    else:
+        killpriv = Feature("killpriv_v2", False, "the kernel did not offer it")
+    return [
+        Feature("fallocate", found.fallocate,
+                "punch hole, zero range, preallocation; discard frees store space" if found.fallocate else stock),
+        Feature("lseek", found.lseek, "SEEK_DATA/SEEK_HOLE find holes" if found.lseek else stock),
+        killpriv,
+    ]
+
+
+def summary(features: list[Feature]) -> str:
+    """One line: 'fallocate, lseek on; killpriv_v2 off (the kernel did not offer it)'."""
+    on = [feature.name for feature in features if feature.enabled]
+    reasons: dict[str, list[str]] = {}
+    for feature in features:
+        if not feature.enabled:
+            reasons.setdefault(feature.detail, []).append(feature.name)
+    parts = [", ".join(on) + " on"] if on else []
+    parts += [f"{', '.join(names)} off ({detail})" for detail, names in reasons.items()]
+    return "; ".join(parts)
+
+
+def log_missing(found: Pyfuse3Features) -> None:
+    """One line naming what is off, at start (nothing when everything is on)."""
+    if not (found.fallocate and found.lseek and found.init_flags):
+        log.info("kernel features: %s", summary(describe(found, None)))

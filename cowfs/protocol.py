@@ -1,0 +1,358 @@
+"""The control protocol between the `cowfs` commands and a mount's daemon, defined once for both sides.
+
+Discovery.  The daemon publishes a `ControlInfo` record (its pid, the name of
+its control socket, base and store) as JSON in the read-only extended
+attribute ``user.cowfs.control`` of the mount root, so a client needs only the
+mountpoint.
+
+Transport.  An *abstract* unix socket (no file behind it; the name vanishes
+with the daemon), one request per connection.  Each message is one line of
+JSON (`encode_line` / `decode_line`, at most `MAX_LINE` bytes): the client
+sends ``{"op": OP, ...the request's fields}``, the daemon answers
+``{"ok": true, "result": ...}`` or ``{"ok": false, "error": "one line for the user"}``.
+The field names on the wire are the dataclass field names below: nothing is
+renamed on the way.
+
+Neither side trusts the other's JSON: `decode_request` and the ``from_wire``
+constructors check every field and raise `ProtocolError` (a ValueError) for
+anything malformed, however deep or odd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, cast
+
+CONTROL_XATTR = "user.cowfs.control"
+MAX_LINE = 1 << 20  # bytes of one message, newline included
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this protocol."""
+
+
+class ControlError(Exception):
+    """A request the daemon cannot do; the message is one line for the user."""
+
+
+class Op(StrEnum):
+    STATUS = "status"
+    DIFF = "diff"
+    RESET = "reset"
+    COMMIT_PLAN = "commit_plan"
+    COMMIT_DONE = "commit_done"
+    EXPORT_PLAN = "export_plan"
+
+
+# -- checked access to decoded JSON --------------------------------------------------
+
+
+def _get(record: dict[str, Any], key: str, kind: type | tuple[type, ...], optional: bool = False) -> Any:
+    value = record.get(key)
+    if value is None and optional:
+        return None
+    # bool is an int in Python; a count must not arrive as true/false.
+    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _kinds(kind)):
+        raise ProtocolError(f"field {key!r} must be {_kind_names(kind)}, not {type(value).__name__}")
+    return value
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_names(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in _kinds(kind))
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{what} must be a JSON object")
+    return value
+
+
+def _ranges(value: Any, key: str) -> list[tuple[int, int]]:
+    if not isinstance(value, list):
+        raise ProtocolError(f"field {key!r} must be a list of [start, end]")
+    ranges = []
+    for item in value:
+        if (not isinstance(item, list) or len(item) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in item)
+                or item[0] > item[1]):
+            raise ProtocolError(f"field {key!r} must be a list of [start, end] with 0 <= start <= end")
+        ranges.append((item[0], item[1]))
+    return ranges
+
+
+def _int_dict(value: Any, key: str) -> dict[str, int]:
+    record = _object(value, key)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in record.values()):
+        raise ProtocolError(f"field {key!r} must map names to integers")
+    return dict(record)
+
+
+# -- discovery ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlInfo:
+    """What the daemon of a mount publishes about itself in `CONTROL_XATTR`."""
+
+    pid: int
+    socket: str  # abstract socket name, without the leading NUL
+    base_dir: str
+    store_dir: str
+    max_store: int | None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> ControlInfo:
+        record = _object(_loads(raw), "control record")
+        return cls(_get(record, "pid", int), _get(record, "socket", str), _get(record, "base_dir", str),
+                   _get(record, "store_dir", str), _get(record, "max_store", int, optional=True))
+
+
+def read_control_info(mountpoint: Path) -> ControlInfo:
+    """The record of a live mount; OSError if there is none (not cowfs, or its daemon is gone)."""
+    raw = os.getxattr(mountpoint, CONTROL_XATTR)
+    try:
+        return ControlInfo.from_json(raw)
+    except ProtocolError as error:
+        raise OSError(f"{mountpoint}: unreadable {CONTROL_XATTR} ({error})") from None
+
+
+# -- requests -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    op: Literal[Op.STATUS] = Op.STATUS
+
+
+@dataclass(frozen=True)
+class PathRequest:
+    """diff, commit_plan and export_plan: one path in the mount ("/sub/disk.raw")."""
+
+    op: Literal[Op.DIFF, Op.COMMIT_PLAN, Op.EXPORT_PLAN]
+    path: str
+
+
+@dataclass(frozen=True)
+class ResetRequest:
+    path: str  # "/" for everything
+    force: bool = False
+    op: Literal[Op.RESET] = Op.RESET
+
+
+@dataclass(frozen=True)
+class CommitDoneRequest:
+    """The client wrote a plan into the base: the daemon adopts the base if nothing changed meanwhile."""
+
+    path: str
+    token: list[int]  # the plan's token
+    identity: dict[str, int]  # the base file's identity after the commit
+    op: Literal[Op.COMMIT_DONE] = Op.COMMIT_DONE
+
+
+Request = StatusRequest | PathRequest | ResetRequest | CommitDoneRequest
+
+
+def decode_request(line: bytes) -> Request:
+    record = _object(_loads(line), "a request")
+    try:
+        op = Op(str(record.get("op")))
+    except ValueError:
+        raise ProtocolError(f"unknown control request {record.get('op')!r}") from None
+    if op is Op.STATUS:
+        return StatusRequest()
+    if op is Op.RESET:
+        return ResetRequest(_get(record, "path", str), bool(_get(record, "force", bool, optional=True)))
+    if op is Op.COMMIT_DONE:
+        token = record.get("token")
+        if not isinstance(token, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in token):
+            raise ProtocolError("field 'token' must be a list of integers")
+        return CommitDoneRequest(_get(record, "path", str), token, _int_dict(record.get("identity"), "identity"))
+    return PathRequest(op, _get(record, "path", str))
+
+
+# -- replies ------------------------------------------------------------------------------
+
+ChangeState = Literal["modified", "created", "renamed", "deleted"]
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """One changed path of a mount."""
+
+    path: str  # in the mount, starting with "/"
+    state: ChangeState
+    type: str | None  # "file", "directory", "symlink", ... (None when deleted)
+    renamed_from: str | None  # the base path of a renamed entry
+    size: int | None  # the view's size (files only)
+    base_size: int | None  # the base file's size when the mount first used it
+    bytes_written: int  # bytes the store holds for it
+    extents: int  # changed byte ranges
+    open_handles: int
+
+    @classmethod
+    def from_wire(cls, value: Any) -> FileChange:
+        record = _object(value, "a change")
+        state = _get(record, "state", str)
+        if state not in ("modified", "created", "renamed", "deleted"):
+            raise ProtocolError(f"unknown change state {state!r}")
+        return cls(_get(record, "path", str), cast(ChangeState, state), _get(record, "type", str, optional=True),
+                   _get(record, "renamed_from", str, optional=True), _get(record, "size", int, optional=True),
+                   _get(record, "base_size", int, optional=True), _get(record, "bytes_written", int),
+                   _get(record, "extents", int), _get(record, "open_handles", int))
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A kernel feature the mount uses, or why it does not."""
+
+    name: str
+    enabled: bool
+    detail: str  # what it gives, or why it is off
+
+
+@dataclass(frozen=True)
+class StatusReply:
+    base_dir: str
+    store_dir: str
+    store_bytes: int  # bytes written and held in the store
+    store_disk_bytes: int  # what the store files take on disk
+    max_store: int | None
+    changes: list[FileChange]
+    features: list[Feature] = field(default_factory=list)
+    requests: dict[str, int] = field(default_factory=dict)  # FUSE requests served, by operation
+
+    @classmethod
+    def from_wire(cls, value: Any) -> StatusReply:
+        record = _object(value, "a status")
+        changes = record.get("changes")
+        features = record.get("features") or []
+        if not isinstance(changes, list) or not isinstance(features, list):
+            raise ProtocolError("fields 'changes' and 'features' must be lists")
+        return cls(_get(record, "base_dir", str), _get(record, "store_dir", str), _get(record, "store_bytes", int),
+                   _get(record, "store_disk_bytes", int), _get(record, "max_store", int, optional=True),
+                   [FileChange.from_wire(change) for change in changes],
+                   [Feature(_get(f, "name", str), _get(f, "enabled", bool), _get(f, "detail", str))
+                    for f in map(lambda item: _object(item, "a feature"), features)],
+                   _int_dict(record.get("requests") or {}, "requests"))
+
+
+@dataclass(frozen=True)
+class DiffReply:
+    """The byte ranges of one file that differ from its base, ``[start, end)`` in offset order."""
+
+    path: str
+    size: int
+    base_size: int | None  # None: created in the mount
+    ranges: list[tuple[int, int]]
+
+    @classmethod
+    def from_wire(cls, value: Any) -> DiffReply:
+        record = _object(value, "a diff")
+        return cls(_get(record, "path", str), _get(record, "size", int), _get(record, "base_size", int, optional=True),
+                   _ranges(record.get("ranges"), "ranges"))
+
+    @property
+    def changed_bytes(self) -> int:
+        return sum(end - start for start, end in self.ranges)
+
+    def as_json(self) -> dict[str, Any]:
+        """The stable JSON form (`cowfs diff --json`)."""
+        return {"path": self.path, "size": self.size, "base_size": self.base_size,
+                "changed_bytes": self.changed_bytes, "ranges": [list(r) for r in self.ranges]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `cowfs commit` / `cowfs export` must move for one file (the client does the I/O).
+
+    Below ``base_limit`` the view shows the base except in ``written`` (bytes
+    to read through the mount) and ``zeroed`` (ranges that read as zeros
+    without store space: punched or zeroed); from ``base_limit`` to ``size``
+    the view reads zeros except where written."""
+
+    path: str
+    base_file: str | None  # None: created in the mount
+    identity: dict[str, int] | None  # the base's identity when the mount first used it
+    size: int
+    base_limit: int
+    written: list[tuple[int, int]]
+    token: list[int]  # changes whenever the file's view does (detects writes during a commit)
+    zeroed: list[tuple[int, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> Plan:
+        record = _object(value, "a plan")
+        identity = record.get("identity")
+        token = record.get("token")
+        if not isinstance(token, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in token):
+            raise ProtocolError("field 'token' must be a list of integers")
+        return cls(_get(record, "path", str), _get(record, "base_file", str, optional=True),
+                   None if identity is None else _int_dict(identity, "identity"), _get(record, "size", int),
+                   _get(record, "base_limit", int), _ranges(record.get("written"), "written"), token,
+                   _ranges(record.get("zeroed") or [], "zeroed"))
+
+    @property
+    def written_bytes(self) -> int:
+        return sum(end - start for start, end in self.written)
+
+
+@dataclass(frozen=True)
+class ResetReply:
+    paths: list[str]  # what was reset
+
+
+# -- framing --------------------------------------------------------------------------------
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:  # e.g. a line of 100,000 '['
+        raise ProtocolError("malformed JSON: nested too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ProtocolError(f"malformed JSON: {error}") from None
+
+
+def encode_line(message: Any) -> bytes:
+    """One message as one line; dataclasses become objects with their field names."""
+    return json.dumps(message, default=_plain).encode() + b"\n"
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    raise TypeError(f"cannot send {type(value).__name__}")
+
+
+def decode_line(raw: bytes) -> Any:
+    """The JSON value of one received line (ProtocolError if it is not one)."""
+    if len(raw) > MAX_LINE:
+        raise ProtocolError("message too long")
+    return _loads(raw)
+
+
+def ok_reply(result: Any) -> bytes:
+    return encode_line({"ok": True, "result": result})
+
+
+def error_reply(message: str) -> bytes:
+    return encode_line({"ok": False, "error": message})
+
+
+def decode_reply(line: bytes) -> Any:
+    """The result of a reply line; ControlError with the daemon's message for an error reply."""
+    reply = _object(decode_line(line), "a reply")
+    if reply.get("ok") is True:
+        return reply.get("result")
+    raise ControlError(str(reply.get("error") or "the daemon gave no reason"))

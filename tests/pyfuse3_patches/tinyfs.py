@@ -1,0 +1,164 @@
+"""A one-file pyfuse3 filesystem that records what reaches its handlers.
+
+Usage: tinyfs.py MOUNTPOINT EVENTS [--extra-init-flags N] [--default-handlers]
+
+The root directory holds one regular file, ``file``, of FILE_SIZE bytes kept in
+memory. Every fallocate, lseek and getxattr request and the INIT negotiation
+are appended as JSON lines to EVENTS, so a test can check what the kernel sent.
+The lseek handler answers from a fixed layout: data in DATA_RANGES, holes
+elsewhere. With --default-handlers, fallocate and lseek are pyfuse3's
+defaults (ENOSYS). The script runs until the filesystem is unmounted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import stat
+from collections.abc import Sequence
+from typing import Any
+
+import pyfuse3
+import trio
+
+FILE_INODE = 2
+FILE_NAME = b"file"
+FILE_SIZE = 16384
+DATA_RANGES = ((0, 4096), (8192, 12288))
+# fallocate at or beyond this offset fails, to show that a FUSEError becomes the errno
+FALLOCATE_ENOSPC_FROM = 1 << 30
+
+
+class TinyFS(pyfuse3.Operations):
+    def __init__(self, events_path: str, extra_init_flags: int) -> None:
+        super().__init__()
+        self.extra_init_flags = extra_init_flags
+        self.data = bytearray(FILE_SIZE)
+        self.events = open(events_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the mount
+
+    def record(self, op: str, **fields: Any) -> None:
+        self.events.write(json.dumps({"op": op, **fields}) + "\n")
+
+    def init(self) -> None:
+        negotiated = getattr(pyfuse3, "negotiated_init_flags", None)
+        offered, granted = negotiated() if negotiated is not None else (0, 0)
+        self.record("init", offered=offered, granted=granted)
+
+    def attributes(self, inode: int) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        if inode == pyfuse3.ROOT_INODE:
+            entry.st_mode = stat.S_IFDIR | 0o755
+            entry.st_nlink = 2
+        else:
+            entry.st_mode = stat.S_IFREG | 0o644
+            entry.st_nlink = 1
+            entry.st_size = len(self.data)
+        entry.st_uid = os.getuid()
+        entry.st_gid = os.getgid()
+        entry.st_blksize = 4096
+        entry.st_blocks = (entry.st_size + 511) // 512
+        entry.attr_timeout = 300
+        entry.entry_timeout = 300
+        return entry
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if parent_inode != pyfuse3.ROOT_INODE or name != FILE_NAME:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self.attributes(FILE_INODE)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.attributes(inode)
+
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        if fields.update_size:
+            self.resize(attr.st_size)
+        return self.attributes(inode)
+
+    def resize(self, size: int) -> None:
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if inode != FILE_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=FILE_INODE)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return bytes(self.data[off : off + size])
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if off + len(buf) > len(self.data):
+            self.resize(off + len(buf))
+        self.data[off : off + len(buf)] = buf
+        return len(buf)
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        pass
+
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        self.record("fallocate", fh=fh, mode=mode, offset=offset, length=length)
+        if offset >= FALLOCATE_ENOSPC_FROM:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        if mode == 0 and offset + length > len(self.data):
+            self.resize(offset + length)
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        self.record("lseek", fh=fh, offset=offset, whence=whence)
+        if offset >= len(self.data):
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        for start, end in DATA_RANGES:
+            if whence == os.SEEK_DATA and offset < end:
+                return max(offset, start)
+            if whence == os.SEEK_HOLE and start <= offset < end:
+                return end
+        if whence == os.SEEK_DATA:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return offset
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self.record("getxattr", inode=inode, name=name.decode())
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        return pyfuse3.StatvfsData()
+
+
+class TinyFSWithDefaultHandlers(TinyFS):
+    fallocate = pyfuse3.Operations.fallocate
+    lseek = pyfuse3.Operations.lseek
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mountpoint")
+    parser.add_argument("events")
+    parser.add_argument("--extra-init-flags", type=lambda text: int(text, 0), default=0)
+    parser.add_argument("--default-handlers", action="store_true")
+    args = parser.parse_args(argv)
+    fs_class = TinyFSWithDefaultHandlers if args.default_handlers else TinyFS
+    fs = fs_class(args.events, args.extra_init_flags)
+    options = set(pyfuse3.default_options) | {"fsname=tinyfs"}
+    pyfuse3.init(fs, args.mountpoint, options)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+
+
+if __name__ == "__main__":
+    main()
