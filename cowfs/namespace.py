@@ -163,7 +163,6 @@ class Node:
     link_target: bytes | None = None  # symlinks created in the mount
     xattrs: dict[bytes, bytes] | None = None  # None: the base's
     last_seen_base: tuple[int, int, int, int] | None = None  # for the page-cache decision
-    data_serial: int = 0  # which OverlayFile ``data`` is: part of the commit token
 
     @property
     def is_dir(self) -> bool:
@@ -192,7 +191,6 @@ class Namespace:
         self._next_ino = _FIRST_CREATED_INO
         self._foreign_inos: dict[tuple[int, int], int] = {}
         self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
-        self._data_serial = 0
         root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
         self.nodes: dict[int, Node] = {ROOT_INO: root}
 
@@ -418,8 +416,7 @@ class Namespace:
         else:
             fd = self.base.open_file(node.base_path)
             data = OverlayFile(self.store, fd, name=os.fsdecode(b"/".join(node.base_path)))
-        self._data_serial += 1
-        node.data, node.data_serial = data, self._data_serial
+        node.data = data
         return data
 
     def open(self, ino: int, truncate: bool = False) -> tuple[Node, bool]:
@@ -1078,14 +1075,15 @@ class Namespace:
     def refuse_extra_links(node: Node, path: str) -> None:
         if len(node.links) > 1:
             raise ControlError(f"{path}: has {len(node.links)} names in the mount (hard links made there); "
-                              "commit writes one base file: remove the other names first")
+                               "commit writes one base file: remove the other names first")
 
     @staticmethod
     def change_token(node: Node) -> list[int]:
-        """Changes on every change of a file's bytes (to detect writes between plan and finish)."""
+        """Changes on every change of a file's bytes (to detect writes between plan and finish):
+        a generation names one state of one view for good."""
         if node.data is None:
             return []
-        return [node.data_serial, node.data.generation]
+        return [node.data.generation]
 
     # -- the end -------------------------------------------------------------------
 

@@ -541,9 +541,9 @@ def test_status_reset_and_commit_of_hard_links(tmp_path: Path) -> None:
         ns.release(disk.ino)
         made = ns.create(ROOT_INO, b"made", 0o644, ns.uid, ns.gid)
         ns.link(made.ino, ROOT_INO, b"made-too")
-        states = {change["path"]: change["state"] for change in changes.status(ns)["changes"]}
+        states = {change.path: change.state for change in changes.status(ns).changes}
         assert states == {"/disk": "modified", "/copy": "created", "/made": "created", "/made-too": "created"}
-        with pytest.raises(ChangeError, match="has 2 names in the mount"):
+        with pytest.raises(ControlError, match="has 2 names in the mount"):
             changes.commit_plan(ns, "/disk")
         # One name of a file made in the mount: the other keeps it.
         ns.reset("/made-too")
