@@ -32,10 +32,13 @@ time, so the mount follows changes of BASE_DIR for names it never touched.
 Invariants
 ----------
   * the root is always in ``nodes`` and never dropped;
-  * a pinned node is in ``nodes`` and its parent's ``entries`` maps its
-    ``name`` to its ``ino``; its parent is pinned (or the root);
-  * a node leaves ``nodes`` only when it is unpinned, not open and the
-    kernel holds no lookup on it (``lookups == 0``);
+  * a pinned node (one with ``links``) is in ``nodes``, each of its links'
+    directories maps that name to its ``ino`` and is pinned (or the root), and
+    every entry is one of its node's links; its primary name is one of them;
+    a directory has at most one;
+  * a node leaves ``nodes`` only when it is unpinned, not open, not
+    ``held_by_base_names`` and the kernel holds no lookup on it;
+  * a file made in the mount has as many links as names (``Attrs.nlink``);
   * a node with ``attrs`` set has captured its metadata; for a regular file
     it then also holds its ``data`` (the overlaid bytes);
   * lookup counts never go negative (that is a bug in the caller: it raises);
@@ -160,7 +163,6 @@ class Node:
     link_target: bytes | None = None  # symlinks created in the mount
     xattrs: dict[bytes, bytes] | None = None  # None: the base's
     last_seen_base: tuple[int, int, int, int] | None = None  # for the page-cache decision
-    data_serial: int = 0  # which OverlayFile ``data`` is: part of the commit token
 
     @property
     def is_dir(self) -> bool:
@@ -189,7 +191,6 @@ class Namespace:
         self._next_ino = _FIRST_CREATED_INO
         self._foreign_inos: dict[tuple[int, int], int] = {}
         self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
-        self._data_serial = 0
         root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
         self.nodes: dict[int, Node] = {ROOT_INO: root}
 
@@ -415,8 +416,7 @@ class Namespace:
         else:
             fd = self.base.open_file(node.base_path)
             data = OverlayFile(self.store, fd, name=os.fsdecode(b"/".join(node.base_path)))
-        self._data_serial += 1
-        node.data, node.data_serial = data, self._data_serial
+        node.data = data
         return data
 
     def open(self, ino: int, truncate: bool = False) -> tuple[Node, bool]:
@@ -595,7 +595,8 @@ class Namespace:
 
     def _drop_name(self, parent: Node, name: bytes, node: Node) -> None:
         """Remove one name of ``node`` (unlink, rmdir, rename over it)."""
-        if node.attrs is None and not node.is_dir and self.base.lstat(node.base_path or ()).st_nlink > 1:
+        if (node.attrs is None and node.base_path is not None and not node.is_dir
+                and self.base.lstat(node.base_path).st_nlink > 1):
             self._capture(node)  # it keeps its other base names: count them from now on
         self._remove_entry(parent, name)
         node.links.discard((parent.ino, name))
@@ -939,16 +940,19 @@ class Namespace:
             raise ControlError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
                               "(open handles then see the base)")
 
-    def _reset_name(self, parent: Node, name: bytes, result: Invalidation) -> None:
-        """Make ``name`` in ``parent`` show the base again; revert what was there."""
+    def _reset_name(self, parent: Node, name: bytes, result: Invalidation, recount: bool = True) -> None:
+        """Make ``name`` in ``parent`` show the base again; revert what was there.  ``recount``:
+        the directory's link count follows (a caller resetting many names recounts once)."""
         ino = parent.entries.pop(name, None)
         result.entries.add((parent.ino, name))
         if ino is None:
             return
+        may_be_dir = ino == WHITEOUT or self.nodes[ino].is_dir  # a whiteout may hide a base directory
         try:
             self._reset_entry(parent, name, ino, result)
         finally:
-            self._count_subdirs(parent)
+            if recount and may_be_dir:
+                self._count_subdirs(parent)
 
     def _reset_entry(self, parent: Node, name: bytes, ino: int, result: Invalidation) -> None:
         # A base entry deleted or replaced here that the kernel or a handle still holds exists again.
@@ -957,6 +961,10 @@ class Namespace:
             if displaced.base_path == wanted and wanted is not None and displaced.unlinked:
                 self._revert(displaced, result)
         if ino == WHITEOUT:
+            # The base name shows its base object again: if the mount moved that elsewhere, it comes back.
+            moved = self._moved_away(Place(parent, name, None))
+            if moved is not None:
+                self._reset_name(self.nodes[moved.parent], moved.name, result)
             return
         node = self.nodes[ino]
         node.links.discard((parent.ino, name))
@@ -1000,7 +1008,8 @@ class Namespace:
 
     def _reset_directory_entries(self, directory: Node, result: Invalidation) -> None:
         for name in list(directory.entries):
-            self._reset_name(directory, name, result)
+            self._reset_name(directory, name, result, recount=False)
+        self._count_subdirs(directory)
 
     def _revert(self, node: Node, result: Invalidation) -> None:
         """Forget a node's own changes: base metadata and bytes again, or gone if created."""
@@ -1066,14 +1075,15 @@ class Namespace:
     def refuse_extra_links(node: Node, path: str) -> None:
         if len(node.links) > 1:
             raise ControlError(f"{path}: has {len(node.links)} names in the mount (hard links made there); "
-                              "commit writes one base file: remove the other names first")
+                               "commit writes one base file: remove the other names first")
 
     @staticmethod
     def change_token(node: Node) -> list[int]:
-        """Changes on every change of a file's bytes (to detect writes between plan and finish)."""
+        """Changes on every change of a file's bytes (to detect writes between plan and finish):
+        a generation names one state of one view for good."""
         if node.data is None:
             return []
-        return [node.data_serial, node.data.generation]
+        return [node.data.generation]
 
     # -- the end -------------------------------------------------------------------
 

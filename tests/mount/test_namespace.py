@@ -16,6 +16,8 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+import cowfs
+
 from ..conftest import MountFactory
 from ..helpers import (
     SOAK,
@@ -370,6 +372,34 @@ def test_base_hard_links_are_one_inode_until_the_mount_changes_that(base_dir: Pa
     os.unlink(m.path / "other.img")
     assert (m.path / "third.img").stat().st_nlink == 1
     assert sorted(os.listdir(m.path)) == ["third.img"]
+
+
+@pytest.mark.base_may_change  # the commit writes the base
+def test_commit_refuses_a_write_that_lands_after_its_ranges_were_copied(base_dir: Path,
+                                                                       mount_factory: MountFactory) -> None:
+    """Issue 12, defect 2: the write overwrites bytes already in the store (same range, same
+    size), after `commit` copied them and before it reports done: the commit must refuse and
+    the mount keep the new bytes (before the fix the base got the old ones, and the view then
+    showed them).  Whole pages, so that no write needs the kernel to read the base page."""
+    (base_dir / "disk.img").write_bytes(b"0123456789" * 1000)
+    m = mount_factory(base_dir)
+    with open(m.path / "disk.img", "r+b") as view:
+        view.write(b"F" * 4096)
+    handle = cowfs.Mount(m.path)
+
+    def write_again(done: int, total: int) -> None:
+        if done == total:  # every range copied into the base, commit_done not yet sent
+            with open(m.path / "disk.img", "r+b") as view:
+                view.write(b"L" * 4096)
+                os.fsync(view.fileno())  # to the daemon, not only the page cache
+
+    with pytest.raises(cowfs.UserError, match="changed in the mount while committing"):
+        handle.commit("disk.img", progress=write_again)
+    assert read_base(base_dir / "disk.img")[:4096] == b"F" * 4096  # what the commit copied
+    assert [change.path for change in handle.status().changes] == ["/disk.img"]
+    assert handle.diff("disk.img").ranges == [(0, 4096)]
+    with open(m.path / "disk.img", "rb") as view:
+        assert view.read(4096) == b"L" * 4096  # still cached, or from the store: the newer bytes
 
 
 # -- the base changing underneath ------------------------------------------------------

@@ -530,3 +530,33 @@ def test_a_base_hard_link_unlinked_in_the_mount_stays_gone(tmp_path: Path) -> No
         ns.forget(node.ino, 2)
         ns.check_invariants()
 
+
+
+def test_status_reset_and_commit_of_hard_links(tmp_path: Path) -> None:
+    with namespace_over(tmp_path, {"disk": b"base bytes"}) as ns:
+        disk = ns.lookup(ROOT_INO, b"disk")
+        ns.link(disk.ino, ROOT_INO, b"copy")
+        ns.open(disk.ino)
+        ns.write(disk, 0, b"BASE")
+        ns.release(disk.ino)
+        made = ns.create(ROOT_INO, b"made", 0o644, ns.uid, ns.gid)
+        ns.link(made.ino, ROOT_INO, b"made-too")
+        states = {change.path: change.state for change in changes.status(ns).changes}
+        assert states == {"/disk": "modified", "/copy": "created", "/made": "created", "/made-too": "created"}
+        with pytest.raises(ControlError, match="has 2 names in the mount"):
+            changes.commit_plan(ns, "/disk")
+        # One name of a file made in the mount: the other keeps it.
+        ns.reset("/made-too")
+        ns.check_invariants()
+        assert ns.getattr(made.ino).nlink == 1 and [n for n, _, _ in ns.listdir(ROOT_INO)].count(b"made") == 1
+        # A base file goes back to the base under all its names; the name made in the mount goes.
+        ns.reset("/copy")
+        ns.check_invariants()
+        assert sorted(name for name, _, _ in ns.listdir(ROOT_INO)) == [b"disk", b"made"]
+        assert ns.getattr(disk.ino).nlink == 1
+        ns.open(disk.ino)
+        assert disk.data is not None and disk.data.read(0, 100) == b"base bytes"
+        ns.release(disk.ino)
+        ns.forget(disk.ino, 2)
+        ns.forget(made.ino, 2)
+        ns.check_invariants()
