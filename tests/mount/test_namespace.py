@@ -398,8 +398,8 @@ def test_commit_refuses_a_write_that_lands_after_its_ranges_were_copied(base_dir
     assert read_base(base_dir / "disk.img")[:4096] == b"F" * 4096  # what the commit copied
     assert [change.path for change in handle.status().changes] == ["/disk.img"]
     assert handle.diff("disk.img").ranges == [(0, 4096)]
-    with open(m.path / "disk.img", "rb") as view:
-        assert view.read(4096) == b"L" * 4096  # still cached, or from the store: the newer bytes
+    with open(m.path / "disk.img", "rb") as reader:
+        assert reader.read(4096) == b"L" * 4096  # still cached, or from the store: the newer bytes
 
 
 # -- the base changing underneath ------------------------------------------------------
