@@ -989,10 +989,15 @@ class Namespace:
         if node.base_path is not None and node.base_path != (None if parent.base_path is None
                                                              else parent.base_path + (name,)):
             origin = self._directory_at_base_path(node.base_path[:-1])
-            if origin is not None and origin.entries.get(node.base_path[-1]) == WHITEOUT:
+            there = None if origin is None else origin.entries.get(node.base_path[-1])
+            if origin is not None and there == WHITEOUT:
                 del origin.entries[node.base_path[-1]]
                 result.entries.add((origin.ino, node.base_path[-1]))
                 self._count_subdirs(origin)
+            elif origin is not None and there is not None and there != node.ino:
+                # Something else was put at its base name (RENAME_EXCHANGE): that goes back too,
+                # or the base name would show two objects.
+                self._reset_name(origin, node.base_path[-1], result)
 
     def _count_subdirs(self, directory: Node) -> None:
         """Recount a changed directory's link count (after a reset changed its listing)."""
