@@ -380,6 +380,10 @@ class Namespace:
             self._drop_privileges(node)  # chown: even root's (Linux's chown_common)
         if size is not None and not by_root:
             self._drop_privileges(node)
+        if all(value is None for value in (size, mode, uid, gid, atime_ns, mtime_ns)):
+            # An empty SETATTR is the kernel's "clear setuid/setgid" before a write by someone
+            # without CAP_FSETID (FATTR_KILL_SUIDGID, which libfuse 3.14 does not pass on).
+            self._drop_privileges(node)
         if size is not None:
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
@@ -456,10 +460,8 @@ class Namespace:
 
     def _drop_privileges(self, node: Node) -> None:
         """Clear setuid, setgid (where it means "run as group") and file capabilities: the kernel
-        leaves this to the filesystem (FUSE_HANDLE_KILLPRIV[_V2]) on chown and on a truncate by a
-        caller without CAP_FSETID.  A write keeps them, as a write by root does on Linux: pyfuse3
-        does not pass the kernel's "this writer lacks CAP_FSETID" flag, and the mount is nosuid,
-        so the bits grant nothing there anyway."""
+        leaves this to the filesystem (FUSE_HANDLE_KILLPRIV[_V2]) on chown, on a truncate by a
+        caller without CAP_FSETID, and before a write by one (an empty SETATTR)."""
         attrs = node.attrs
         if attrs is None or node.is_dir:
             return
