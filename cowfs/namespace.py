@@ -77,6 +77,7 @@ ROOT_INO = 1
 WHITEOUT = 0  # value in ``entries``: the base name was deleted in the mount
 _FIRST_CREATED_INO = 1 << 62  # inos of nodes created in the mount; base inos stay below
 _NAME_MAX = 255
+_CLOCK_REALTIME_COARSE = 5  # Linux's clock id; Python's time module does not name it
 _LINK_MAX = 65000  # as ext4
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -98,6 +99,13 @@ def identity_dict(identity: BaseIdentity) -> dict[str, int]:
     return {"dev": identity.dev, "ino": identity.ino, "size": identity.size,
             "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns}
 
+
+
+def _now() -> int:
+    """Timestamps from the clock the kernel stamps FUSE inodes with (coarse, updated each tick).
+    The kernel sets ctime and mtime itself on chown and writes (writeback cache), so a daemon
+    reading the finer clock made ctime go backwards by up to a tick after a chown."""
+    return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
 
 @dataclass
 class Attrs:
@@ -375,7 +383,7 @@ class Namespace:
         """Change metadata; ``by_root`` says whether the caller may keep setuid bits (CAP_FSETID)."""
         node = self.node(ino)
         attrs = self._capture(node)
-        now = time.time_ns()
+        now = _now()
         if (uid is not None or gid is not None) and not node.is_dir:
             self._drop_privileges(node)  # chown: even root's (Linux's chown_common)
         if size is not None and not by_root:
@@ -409,7 +417,7 @@ class Namespace:
 
     def _touch_dir(self, node: Node) -> None:
         attrs = self._capture(node)
-        attrs.mtime_ns = attrs.ctime_ns = time.time_ns()
+        attrs.mtime_ns = attrs.ctime_ns = _now()
 
     # -- file data ------------------------------------------------------------
 
@@ -455,7 +463,7 @@ class Namespace:
             self._capture(node)
         assert node.data is not None and node.attrs is not None
         written = node.data.write(offset, data)
-        node.attrs.mtime_ns = node.attrs.ctime_ns = time.time_ns()
+        node.attrs.mtime_ns = node.attrs.ctime_ns = _now()
         return written
 
     def _drop_privileges(self, node: Node) -> None:
@@ -479,7 +487,7 @@ class Namespace:
             self._capture(node)
         assert node.data is not None and node.attrs is not None
         change(node.data)
-        node.attrs.mtime_ns = node.attrs.ctime_ns = time.time_ns()
+        node.attrs.mtime_ns = node.attrs.ctime_ns = _now()
 
     def punch_hole(self, node: Node, offset: int, length: int) -> None:
         self._change_data(node, lambda data: data.punch_hole(offset, length))
@@ -517,7 +525,7 @@ class Namespace:
         if existing is not None:
             self._maybe_drop(existing)
             raise OSError(errno.EEXIST, "entry exists")
-        now = time.time_ns()
+        now = _now()
         node = Node(self._new_ino(), stat.S_IFMT(mode), parent.ino, name, base_path=None,
                     attrs=Attrs(mode, uid, gid, now, now, now, 2 if stat.S_ISDIR(mode) else 1, rdev))
         self.nodes[node.ino] = node
@@ -568,7 +576,7 @@ class Namespace:
             raise OSError(errno.EMLINK, "too many links")
         self._add_name(node, parent, new_name)
         attrs.nlink += 1
-        attrs.ctime_ns = time.time_ns()
+        attrs.ctime_ns = _now()
         self._touch_dir(parent)
         node.lookups += 1
         return node
@@ -606,7 +614,7 @@ class Namespace:
             self._count_subdir(parent, -1)
         elif node.attrs is not None:
             node.attrs.nlink -= 1
-            node.attrs.ctime_ns = time.time_ns()
+            node.attrs.ctime_ns = _now()
             if node.attrs.nlink > 0:
                 if node.links and (node.parent, node.name) not in node.links:
                     node.parent, node.name = min(node.links)
@@ -618,7 +626,7 @@ class Namespace:
         node.unlinked = True
         node.links.clear()
         if node.attrs is not None:
-            node.attrs.ctime_ns = time.time_ns()
+            node.attrs.ctime_ns = _now()
         self._maybe_drop(node)
 
     def unlink(self, parent_ino: int, name: bytes) -> None:
@@ -723,7 +731,7 @@ class Namespace:
         self._add_name(node, parent, name)
         self._touch_dir(parent)
         assert node.attrs is not None
-        node.attrs.ctime_ns = time.time_ns()
+        node.attrs.ctime_ns = _now()
 
     # -- extended attributes ----------------------------------------------------
 
@@ -754,7 +762,7 @@ class Namespace:
         self._check_xattr_writable(node, name)
         xattrs = dict(self._xattrs(node))
         xattrs[name] = value
-        self._capture(node).ctime_ns = time.time_ns()
+        self._capture(node).ctime_ns = _now()
         node.xattrs = xattrs
 
     def removexattr(self, ino: int, name: bytes) -> None:
@@ -764,7 +772,7 @@ class Namespace:
         if name not in xattrs:
             raise OSError(errno.ENODATA, "no such attribute")
         del xattrs[name]
-        self._capture(node).ctime_ns = time.time_ns()
+        self._capture(node).ctime_ns = _now()
         node.xattrs = xattrs
 
     # -- checking -------------------------------------------------------------

@@ -299,6 +299,24 @@ def test_modes_owner_and_times(base_dir: Path, mount_factory: MountFactory) -> N
     assert (root / "disk.img").stat().st_mtime_ns > before
 
 
+
+def test_ctime_never_goes_backwards(base_dir: Path, mount_factory: MountFactory) -> None:
+    """The kernel stamps a regular file's ctime itself on chown (writeback cache), with its
+    coarse clock; the daemon's own timestamps must come from that clock too (pjdfstest
+    chown/00.t saw ctime go backwards now and then, when a create fell early in a second)."""
+    m = mount_factory(base_dir)
+    backwards = []
+    for number in range(100):
+        path = m.path / f"f{number}"
+        path.touch()
+        created = path.stat().st_ctime_ns
+        os.chown(path, 123, 456)
+        changed = path.stat().st_ctime_ns
+        if changed < created:
+            backwards.append((created, changed))
+        path.unlink()
+    assert backwards == []
+
 def test_inode_numbers_stable_after_dropping_caches(base_dir: Path, mount_factory: MountFactory) -> None:
     make_tree(base_dir / "t")
     m = mount_factory(base_dir)
