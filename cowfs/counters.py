@@ -10,6 +10,10 @@ logs them at debug level at unmount.  The time is measured around the
 handler only: pyfuse3's own work (reading /dev/fuse, building the request,
 writing the reply) is not in it, so a request costs more than it shows.
 
+Besides the opcodes, ``read_uncached`` counts the reads whose bytes were not
+in the page cache, so that the daemon waited for the disk (its time is in
+``read``'s).
+
 Counting is two ``perf_counter_ns`` calls and two or three attribute updates
 on a preallocated object: about half a microsecond, against tens of
 microseconds for the cheapest request.  One process serves one mount, so the counters are

@@ -6,7 +6,8 @@ one place (`_errno_replies`).  Every handler runs in the trio thread and
 calls the namespace synchronously, with no await in between, so each request
 is atomic with respect to the others (the concurrency model of
 docs/design.md).  Reads and writes are plain pread/pwrite on the page cache:
-a thread hop would cost more than the call.
+a thread hop would cost more than the call.  The one await is in `read`,
+before any state is touched, when its bytes must come from the disk.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ _QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EN
 
 # Read-only attribute of the mount root: how many inodes the daemon tracks (tests check it stays flat).
 NODE_COUNT_XATTR = b"user.cowfs.nodes"
+
+# How many times a read that waits for the disk lets the requests queued behind it start their own
+# disk reads first (each round is one pass of the trio scheduler, a few microseconds).
+MAX_PREFETCH_ROUNDS = 32
+
+_UNCACHED_READS = counters.counter("read_uncached")  # reads that waited for the disk
 
 # fallocate(2) modes (linux/falloc.h) that reach a FUSE filesystem.
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -161,6 +168,7 @@ class CowfsOperations(pyfuse3.Operations):
         # Read-only attributes of the mount root that the control commands use.
         self._virtual_xattrs = virtual_xattrs or dict
         self._read_buffer = bytearray(READ_AHEAD_KIB * 1024)
+        self._reads_started = 0  # READ requests so far (a waiting read checks for newer ones)
         self.mountpoint: str | None = None  # set by the daemon: used to tune the mount's readahead
 
     def init(self) -> None:
@@ -283,10 +291,31 @@ class CowfsOperations(pyfuse3.Operations):
         # O_DIRECT handle too, with a partial last page.
         if (off | size) % DIRECT_IO_ALIGNMENT and fh in self._direct_handles:
             raise OSError(errno.EINVAL, "O_DIRECT read not aligned to 512 bytes")
+        self._reads_started += 1
         if size > len(self._read_buffer):
             self._read_buffer = bytearray(size)
-        # pyfuse3 copies the reply out before this buffer is used again (no
-        # await between our return and its reply).
+        try:
+            # pyfuse3 copies the reply out before this buffer is used again (no
+            # await between our return and its reply).
+            return data.read_into(off, size, self._read_buffer, nowait=True)
+        except BlockingIOError:
+            pass
+        # Bytes not in the page cache (a cold base, a base on NFS): start reading them, let the
+        # requests queued behind this one start theirs, then wait.  The disk then serves them
+        # side by side, though one thread answers them in turn.
+        _UNCACHED_READS.count += 1
+        data.prefetch(off, size)
+        started = self._reads_started
+        for round_ in range(MAX_PREFETCH_ROUNDS):
+            await trio.lowlevel.checkpoint()
+            # Two passes at least: a task woken to read the next request may run after us.
+            if round_ and self._reads_started == started:  # no new read came in: the queue is empty
+                break
+            started = self._reads_started
+        data = self._open_files[fh].data  # a reset may have given the file new data meanwhile
+        assert data is not None
+        if size > len(self._read_buffer):  # another request may have swapped it meanwhile
+            self._read_buffer = bytearray(size)
         return data.read_into(off, size, self._read_buffer)
 
     @_errno_replies

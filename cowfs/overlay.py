@@ -121,24 +121,36 @@ class OverlayFile:
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self.read_into(offset, size, bytearray(max(0, min(size, self.size - offset)))))
 
-    def read_into(self, offset: int, size: int, buffer: bytearray) -> memoryview:
+    def read_into(self, offset: int, size: int, buffer: bytearray, *, nowait: bool = False) -> memoryview:
         """Read into ``buffer`` (at least ``size`` long) and return the view of
         the bytes read.  Reusing one buffer saves an allocation, and the page
-        faults of fresh memory, per request."""
+        faults of fresh memory, per request.  With ``nowait``, raise
+        `BlockingIOError` instead of waiting for bytes that are not in the page
+        cache (then `prefetch` and read again)."""
         end = min(offset + size, self.size)
         if offset >= end:
             return memoryview(b"")
         view = memoryview(buffer)[: end - offset]
         if not self.written and end <= self.base_limit:  # untouched data: straight from the base
-            self._pread_into(self._base_for_read(), view, offset)
+            self._pread_into(self._base_for_read(), view, offset, nowait)
             return view
         for fd, start, stop, file_offset in self._pieces(offset, end):
             piece = view[start - offset : stop - offset]
             if fd is None:
                 piece[:] = bytes(stop - start)
             else:
-                self._pread_into(fd, piece, file_offset)
+                self._pread_into(fd, piece, file_offset, nowait)
         return view
+
+    def prefetch(self, offset: int, size: int) -> None:
+        """Ask the kernel to start reading [offset, offset + size) of the base and the store
+        into the page cache, without waiting for it (POSIX_FADV_WILLNEED)."""
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return
+        for fd, start, stop, file_offset in self._pieces(offset, end):
+            if fd is not None:
+                os.posix_fadvise(fd, file_offset, stop - start, os.POSIX_FADV_WILLNEED)
 
     def _pieces(self, start: int, end: int) -> list[tuple[int | None, int, int, int]]:
         """(descriptor or None for zeros, start, end, offset in that file) covering [start, end)."""
@@ -169,8 +181,17 @@ class OverlayFile:
         return self.base_fd
 
     @staticmethod
-    def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-        if os.preadv(fd, (view,), offset) != len(view):
+    def _pread_into(fd: int, view: memoryview, offset: int, nowait: bool = False) -> None:
+        if nowait:
+            try:
+                count = os.preadv(fd, (view,), offset, os.RWF_NOWAIT)
+            except OSError as error:
+                if error.errno != errno.EOPNOTSUPP:
+                    raise  # EAGAIN comes as BlockingIOError
+                count = os.preadv(fd, (view,), offset)  # a filesystem without RWF_NOWAIT: just wait
+            if count != len(view):
+                raise BlockingIOError(errno.EAGAIN, "only part of the range is cached")
+        elif os.preadv(fd, (view,), offset) != len(view):
             raise OSError(errno.EIO, "short read from base or store")
 
     # -- writing ------------------------------------------------------------

@@ -4,6 +4,7 @@ image with many scattered writes, and a base of many small files.  Bounded here;
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import mmap
 import os
@@ -20,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from ..conftest import MountFactory
-from ..helpers import SOAK, Mount, force_unmount, read_base, run, tree_fingerprint
+from ..helpers import COWFS, SOAK, Mount, force_unmount, read_base, run, tree_fingerprint
 from .test_core import make_file
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -38,6 +39,48 @@ def read_direct(path: Path, size_limit: int) -> bytes:
     finally:
         os.close(fd)
     return buffer[:got]
+
+
+# -- reads that wait for the disk ------------------------------------------------------------
+
+def test_uncached_reads_in_parallel_return_the_right_bytes(base_dir: Path, mount_factory: MountFactory) -> None:
+    """With the page cache dropped, reads wait for the disk, and several wait at once (each
+    starts its disk read, then lets the others start theirs): every one still gets its bytes,
+    from the base, from the store and from zeroed ranges."""
+    size, page = 32 * MiB, 4096
+    expected = bytearray(make_file(base_dir / "disk.raw", size, seed=3))
+    m = mount_factory(base_dir)
+    fd = os.open(m.path / "disk.raw", os.O_RDWR)
+    try:
+        for offset in range(0, size, 3 * MiB):  # store bytes here and there, some across pages
+            chunk = os.urandom(page + 100)
+            os.pwrite(fd, chunk, offset + 50)
+            expected[offset + 50 : offset + 50 + len(chunk)] = chunk
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")  # base, store and the mount's pages
+
+    def reader(worker: int) -> list[int]:
+        wrong = []
+        fd = os.open(m.path / "disk.raw", os.O_RDONLY | os.O_DIRECT)
+        buffer = mmap.mmap(-1, 64 * 1024)  # page-aligned, for O_DIRECT
+        try:
+            for offset in range(worker * 64 * 1024, size, 16 * 64 * 1024):
+                got = os.preadv(fd, [buffer], offset)
+                if buffer[:got] != expected[offset : offset + 64 * 1024]:
+                    wrong.append(offset)
+        finally:
+            buffer.close()
+            os.close(fd)
+        return wrong
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        wrong = [offset for result in pool.map(reader, range(16)) for offset in result]
+    assert wrong == []
+    requests = json.loads(run([COWFS, "status", "--json", str(m.path)]).stdout)["requests"]
+    assert requests.get("read_uncached", 0) > 0, requests  # the reads did wait for the disk
 
 
 # -- fio: several processes on the same and different files at once --------------------------
