@@ -67,6 +67,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from cowfs import mounts, units
+
 log = logging.getLogger("cowfs-bench")
 
 KiB = 1 << 10
@@ -143,18 +145,13 @@ class Config:
 
 
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 256M, 4G, 1T)")
-    mult = {"": 1, "K": KiB, "M": MiB, "G": GiB, "T": TiB}[m.group(2).upper()]
-    return int(m.group(1)) * mult
+    try:
+        return units.parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def human(n: float) -> str:
-    for unit, div in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= div:
-            return f"{n / div:.4g} {unit}"
-    return f"{n:.0f} B"
+human = units.format_size
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -330,15 +327,10 @@ def df_free(path: Path) -> int:
 
 
 def mounts_at_or_below(path: Path) -> list[str]:
-    """Mount points in /proc/mounts at or below path (any fs type)."""
+    """Mount points at or below path (any fs type)."""
     root = os.path.realpath(path)
-    out = []
-    with open("/proc/mounts") as f:
-        for line in f:
-            mp = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[1])
-            if mp == root or mp.startswith(root + "/"):
-                out.append(mp)
-    return out
+    return [entry.mountpoint for entry in mounts.mount_table()
+            if entry.mountpoint == root or entry.mountpoint.startswith(root + "/")]
 
 
 # --------------------------------------------------------------------------- signals / cleanup

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from cowfs.mounts import mount_table
+
 from ..conftest import MountFactory
 from ..helpers import COWFS, force_unmount, is_mounted, read_base, run, sha256, wait_until
 from .guest import BASE_APPEND, GuestAssets, fill_byte, parse_report
@@ -46,8 +48,7 @@ def example_env(scratch: Path, accel: list[str], cowfs_on_path: bool = False) ->
 
 def assert_nothing_left(scratch: Path, image_dir: Path) -> None:
     assert list(scratch.iterdir()) == [], "the example left files or mountpoints behind"
-    with open("/proc/self/mounts", encoding="utf-8") as table:
-        assert not [line for line in table if str(scratch) in line]
+    assert not [entry for entry in mount_table() if str(scratch) in entry.mountpoint]
     assert str(image_dir) not in run(["losetup", "--list", "--noheadings"]).stdout
     assert str(scratch) not in run(["losetup", "--list", "--noheadings"]).stdout
 
@@ -59,15 +60,15 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
     path.mkdir()
     yield path
     # Innermost first: filesystems on loop devices, the loop devices, then cowfs mounts.
-    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for _, where, fstype, *_ in mounts:
+    mounts = [(entry.mountpoint, entry.fstype) for entry in mount_table()]
+    for where, fstype in mounts:
         if where.startswith(f"{path}/") and fstype != "fuse.cowfs":
             subprocess.run(["umount", "-l", where], check=False, capture_output=True)
     for device in run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"]).stdout.splitlines():
         name, _, backing = device.partition(" ")
         if backing.strip().startswith(f"{path}/"):
             subprocess.run(["losetup", "--detach", name], check=False, capture_output=True)
-    for _, where, fstype, *_ in mounts:
+    for where, fstype in mounts:
         if where.startswith(f"{path}/") and fstype == "fuse.cowfs":
             force_unmount(Path(where))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import cowfs
+from cowfs.mounts import find_mount
 
 from ..conftest import MountFactory
 from ..helpers import COWFS, Mount, force_unmount, is_mounted, run, wait_until
@@ -24,10 +25,9 @@ MiB = 1 << 20
 
 
 def _options_of(mountpoint: Path) -> list[str]:
-    line = next(line for line in Path("/proc/self/mounts").read_text().splitlines()
-                if line.split()[1] == str(mountpoint))
-    assert line.split()[2] == "fuse.cowfs"
-    return line.split()[3].split(",")
+    entry = find_mount(mountpoint)
+    assert entry is not None and entry.fstype == "fuse.cowfs"
+    return list(entry.options)
 
 
 def _status(mountpoint: Path) -> dict[str, object]:

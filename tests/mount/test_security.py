@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.base import BaseDir
+from cowfs.mounts import find_mount
 
 from ..conftest import MountFactory
 from ..helpers import fd_flags, is_mounted, read_base, run, sha256, wait_for_pid_exit
@@ -48,7 +49,8 @@ def test_default_mount_lets_no_other_user_in(visible_tmp: Path,
 def test_allow_other_lets_others_in_with_normal_permission_checks(visible_tmp: Path,
                                                                    mount_factory: MountFactory) -> None:
     m = mount_factory(_world_readable_base(visible_tmp), "--allow-other", mountpoint=visible_tmp / "mnt")
-    assert "allow_other" in Path("/proc/self/mounts").read_text().split(f" {m.path} ")[1].splitlines()[0]
+    entry = find_mount(m.path)
+    assert entry is not None and "allow_other" in entry.options
     code, output = _as_nobody("cat", str(m.path / "public.img"))
     assert code == 0 and output == "for everyone"
     code, output = _as_nobody("cat", str(m.path / "private.img"))
@@ -86,8 +88,8 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
         try:
             as_them(*cowfs_argv, "mount", "--store", str(home / "store"), str(base), str(mnt))
             assert is_mounted(mnt)
-            line = next(line for line in Path("/proc/self/mounts").read_text().splitlines() if f" {mnt} " in line)
-            assert f"user_id={user.pw_uid}" in line
+            entry = find_mount(mnt)
+            assert entry is not None and entry.option("user_id") == str(user.pw_uid)
             as_them("dd", "if=/dev/zero", f"of={mnt / 'disk.raw'}", "bs=4096", "count=2", "seek=10",
                     "conv=notrunc,fsync", "status=none")
             as_them("sh", "-c", f"echo new > {mnt / 'created.txt'}")
