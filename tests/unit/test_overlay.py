@@ -331,3 +331,25 @@ def test_discard_changes_releases_everything_and_moves_the_generation(base_file:
     finally:
         view.close()
         store.close()
+
+
+def test_nowait_reads_give_the_same_bytes_or_refuse_to_wait(base_file: Path, tmp_path: Path) -> None:
+    """A read that may not wait returns what a plain read returns when the bytes are cached, and
+    raises BlockingIOError (never partial data) when some are not; prefetch changes nothing."""
+    store = Store(tmp_path)
+    overlay = OverlayFile(store, os.open(base_file, os.O_RDONLY), name="base.img")
+    try:
+        overlay.write(3000, b"w" * 5000)
+        size = overlay.size
+        expected = overlay.read(0, size)  # now every piece is in the page cache
+        overlay.prefetch(0, size)
+        assert bytes(overlay.read_into(0, size, bytearray(size), nowait=True)) == expected
+        assert overlay.base_fd is not None
+        os.fsync(overlay.base_fd)  # clean pages, so that the kernel can drop them
+        os.posix_fadvise(overlay.base_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(BlockingIOError):  # (tmpfs would keep them: tmp_path is on disk here)
+            overlay.read_into(0, size, bytearray(size), nowait=True)
+        assert overlay.read(0, size) == expected
+    finally:
+        overlay.close()
+        store.close()
