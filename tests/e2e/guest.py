@@ -23,7 +23,7 @@ by the kernel package version plus a digest of this kit's guest-side content.
 Cache entries are built in a private temporary directory and renamed into
 place, so concurrent test runs never observe a half-built entry.
 
-On-disk layout used by the ``write``/``check`` actions (all offsets in bytes,
+On-disk layout used by the ``write``/``check``/``discard`` actions (all offsets in bytes,
 relative to the start of the guest disk)::
 
     offset                      the marker string (ASCII, no terminator)
@@ -96,7 +96,7 @@ PATTERN_SIZE: Final = 1024 * 1024
 #: Markers travel on the kernel command line and through a shell script, so
 #: keep them to a harmless alphabet.
 MARKER_RE: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-ACTIONS: Final = ("none", "write", "check")
+ACTIONS: Final = ("none", "write", "check", "discard")
 
 QEMU: Final = "qemu-system-x86_64"
 BUSYBOX: Final = Path("/bin/busybox")  # from Debian's busybox-static
@@ -155,7 +155,7 @@ emit() {
     line="@PREFIX@ action=$ACTION status=$STATUS"
     [ -n "$SIZE" ] && line="$line disksize=$SIZE"
     case "$ACTION" in
-        write|check) line="$line pattern=$PATTERN marker=$MARKER_STATE" ;;
+        write|check|discard) line="$line pattern=$PATTERN marker=$MARKER_STATE" ;;
     esac
     [ -n "$ERR" ] && line="$line error=$ERR"
     # A leading empty line keeps the report clear of any partial kernel line.
@@ -202,7 +202,7 @@ case "$ACTION" in
         emit
         off
         ;;
-    write|check) ;;
+    write|check|discard) ;;
     *) die bad-action ;;
 esac
 
@@ -224,7 +224,7 @@ POFF=$((OFFSET + MARKER_SLOT))
 printf '%s' "$MARKER" > /tmp/marker || die tmp
 head -c "$PATTERN_SIZE" /dev/zero | tr '\000' "\\$(printf '%03o' "$FILL")" > /tmp/pattern || die tmp
 
-if [ "$ACTION" = write ]; then
+if [ "$ACTION" != check ]; then
     dd if=/tmp/pattern of=/dev/vda bs=65536 seek="$POFF" oflag=seek_bytes \
         conv=notrunc,fsync 2>/tmp/dd.err || die write-pattern
     dd if=/tmp/marker of=/dev/vda bs=4096 seek="$OFFSET" oflag=seek_bytes \
@@ -235,6 +235,24 @@ fi
 sync
 echo 3 > /proc/sys/vm/drop_caches
 blockdev --flushbufs /dev/vda || die flushbufs
+
+if [ "$ACTION" = discard ]; then
+    # TRIM the pattern's 64 KiB-aligned middle (the disk's discard granularity rounds the
+    # rest), then read that back: it must read as zeros.
+    DOFF=$(( (POFF + 65535) / 65536 * 65536 ))
+    DLEN=$(( (POFF + PATTERN_SIZE) / 65536 * 65536 - DOFF ))
+    blkdiscard -o "$DOFF" -l "$DLEN" /dev/vda 2>/tmp/discard.err || die discard
+    dd if=/dev/vda of=/tmp/rb-discarded bs=65536 skip="$DOFF" count="$DLEN" \
+        iflag=skip_bytes,count_bytes,fullblock 2>/tmp/dd.err || die read-discarded
+    head -c "$DLEN" /dev/zero > /tmp/zeros || die tmp
+    if cmp -s /tmp/zeros /tmp/rb-discarded; then PATTERN=zeroed; else PATTERN=kept; fi
+    dd if=/dev/vda of=/tmp/rb-marker bs=4096 skip="$OFFSET" count=${#MARKER} \
+        iflag=skip_bytes,count_bytes,fullblock 2>/tmp/dd.err || die read-marker
+    if cmp -s /tmp/marker /tmp/rb-marker; then MARKER_STATE=ok; else MARKER_STATE=fail; fi
+    STATUS=ok
+    emit
+    off
+fi
 
 dd if=/dev/vda of=/tmp/rb-pattern bs=65536 skip="$POFF" count="$PATTERN_SIZE" \
     iflag=skip_bytes,count_bytes,fullblock 2>/tmp/dd.err || die read-pattern
@@ -890,7 +908,9 @@ def boot(
 ) -> GuestResult:
     """Boot the guest once and return its parsed report.
 
-    ``action`` is ``write``/``check`` (both need ``disk`` and ``marker``) or
+    ``action`` is ``write``/``check`` (both need ``disk`` and ``marker``),
+    ``discard`` (write as ``write`` does, then TRIM the pattern's 64 KiB-aligned
+    middle and report ``pattern=zeroed`` if it then reads as zeros), or
     ``none`` (boot, report, power off).  ``disk`` is attached as virtio-blk
     ``/dev/vda`` with the given format (``raw``/``qcow2``) and QEMU cache
     mode; ``extra_drive_opts`` is appended verbatim to ``-drive`` (e.g.

@@ -9,13 +9,14 @@ the base, and a remount brings the pristine image back.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import read_base, run, sha256
+from ..helpers import COWFS, read_base, run, sha256
 from .guest import GuestAssets, GuestResult, boot, fill_byte, inspect_disk
 
 MiB = 1 << 20
@@ -126,3 +127,27 @@ def test_two_guests_from_two_mounts_of_one_base_see_only_their_own_writes(
     assert inspect_disk(disks[1], marker=markers[1], offset=OFFSET).marker_present
     assert not inspect_disk(disks[1], marker=markers[0], offset=OFFSET).marker_present
     assert read_base(base) == before
+
+
+@pytest.mark.e2e
+def test_a_guests_trim_frees_the_store_and_reads_as_zeros(
+        base_dir: Path, mount_factory: MountFactory, guest_assets: GuestAssets, guest_accel: list[str]) -> None:
+    """A guest's discard (virtio-blk TRIM, QEMU -drive discard=unmap) punches the mounted file:
+    the range reads zeros, over base bytes too, and its store space is freed."""
+    base = make_base_disk(base_dir, "raw")
+    marker = new_marker("cowfs-trim")
+    mount = mount_factory(base_dir)
+    disk = mount.path / base.name
+    result = guest(guest_assets, guest_accel, disk, "discard", marker, extra_drive_opts="discard=unmap")
+    assert result.report.get("status") == "ok" and result.report.get("pattern") == "zeroed", result.console
+    assert result.report.get("marker") == "ok", result.console
+    pattern_start = OFFSET + 4096
+    trim_start = -(-pattern_start // 65536) * 65536
+    trim_end = (pattern_start + (1 << 20)) // 65536 * 65536
+    data = disk.read_bytes()
+    assert data[trim_start:trim_end] == bytes(trim_end - trim_start)  # the base has 0x42 there
+    fill = fill_byte(marker)
+    assert set(data[pattern_start:trim_start]) == {fill} and set(data[trim_end:pattern_start + (1 << 20)]) == {fill}
+    store_bytes = json.loads(run([COWFS, "status", "--json", str(mount.path)]).stdout)["store_bytes"]
+    # 1 MiB of pattern and a marker page were written, then all but the pattern's edges trimmed.
+    assert store_bytes <= (1 << 20) - (trim_end - trim_start) + 3 * 65536, store_bytes
