@@ -143,6 +143,23 @@ def tune_backing_device(mountpoint: str, settings: dict[str, str]) -> None:
             log.debug("%s of the mount stays at the kernel default: %s", name, error)
 
 
+_CAP_FSETID = 4  # linux/capability.h
+
+
+def _holds_cap_fsetid(ctx: Any) -> bool:
+    """Whether the process that sent the request has CAP_FSETID in its effective set (the kernel
+    does not say so for a truncate: libfuse 3.14 drops its FATTR_KILL_SUIDGID).  When the process
+    is gone already, being root stands in for it."""
+    try:
+        with open(f"/proc/{ctx.pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_FSETID & 1)
+    except (OSError, ValueError):
+        pass
+    return bool(ctx.uid == 0)
+
+
 class CowfsOperations(pyfuse3.Operations):
     """pyfuse3 operations over a `Namespace`."""
 
@@ -229,7 +246,7 @@ class CowfsOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
-            by_root=ctx.uid == 0,
+            may_keep_setuid=not fields.update_size or _holds_cap_fsetid(ctx),
         )
         return _entry(st)
 

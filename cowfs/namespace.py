@@ -379,14 +379,15 @@ class Namespace:
 
     def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
                 uid: int | None = None, gid: int | None = None,
-                atime_ns: int | None = None, mtime_ns: int | None = None, by_root: bool = True) -> Stat:
-        """Change metadata; ``by_root`` says whether the caller may keep setuid bits (CAP_FSETID)."""
+                atime_ns: int | None = None, mtime_ns: int | None = None, may_keep_setuid: bool = True) -> Stat:
+        """Change metadata; ``may_keep_setuid``: the caller holds CAP_FSETID, so a truncate keeps
+        setuid and setgid."""
         node = self.node(ino)
         attrs = self._capture(node)
         now = _now()
         if (uid is not None or gid is not None) and not node.is_dir:
             self._drop_privileges(node)  # chown: even root's (Linux's chown_common)
-        if size is not None and not by_root:
+        if size is not None and not may_keep_setuid:
             self._drop_privileges(node)
         if all(value is None for value in (size, mode, uid, gid, atime_ns, mtime_ns)):
             # An empty SETATTR is the kernel's "clear setuid/setgid" before a write by someone

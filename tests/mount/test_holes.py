@@ -261,6 +261,24 @@ def test_setuid_is_cleared_as_on_linux(visible_tmp: Path, mount_factory: MountFa
     assert stat.S_IMODE(tool.stat().st_mode) == 0o777
 
 
+
+def test_a_truncate_keeps_setuid_only_for_a_caller_with_cap_fsetid(visible_tmp: Path,
+                                                                   mount_factory: MountFactory) -> None:
+    """As on Linux: a truncate clears setuid/setgid unless the caller holds CAP_FSETID, whoever
+    it is (the kernel does not tell the daemon which, so it asks /proc)."""
+    base_dir = visible_tmp / "base"
+    base_dir.mkdir()
+    (base_dir / "tool").write_bytes(b"#!/bin/sh\n")
+    m = mount_factory(base_dir, "--allow-other", mountpoint=visible_tmp / "mnt")
+    tool = m.path / "tool"
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    with_fsetid = ["--inh-caps=+fsetid", "--ambient-caps=+fsetid"]
+    root_without_fsetid = ["setpriv", "--bounding-set=-fsetid"]
+    for argv, kept in ((as_nobody + with_fsetid, True), (as_nobody, False), (root_without_fsetid, False)):
+        tool.chmod(0o6777)
+        run([*argv, "truncate", "-s", "5", str(tool)])
+        assert stat.S_IMODE(tool.stat().st_mode) == (0o6777 if kept else 0o777), argv
+
 def test_a_write_costs_no_capability_probe(base_dir: Path, mount_factory: MountFactory) -> None:
     """With FUSE_HANDLE_KILLPRIV_V2 accepted, the kernel stops asking GETXATTR security.capability
     before every write(2) (on a stock pyfuse3 each of these writes costs one)."""
