@@ -958,19 +958,26 @@ class Namespace:
         result.entries.add((parent.ino, name))
         if ino is None:
             return
-        may_be_dir = ino == WHITEOUT or self.nodes[ino].is_dir  # a whiteout may hide a base directory
+        # A whiteout, or a file put over it (rename, RENAME_EXCHANGE), may hide a base directory.
+        may_be_dir = ino == WHITEOUT or self.nodes[ino].is_dir or self._base_is_directory(parent, name)
         try:
             self._reset_entry(parent, name, ino, result)
         finally:
             if recount and may_be_dir:
                 self._count_subdirs(parent)
 
-    def _reset_entry(self, parent: Node, name: bytes, ino: int, result: Invalidation) -> None:
-        # A base entry deleted or replaced here that the kernel or a handle still holds exists again.
-        wanted = None if parent.base_path is None else parent.base_path + (name,)
+    def _revive_displaced(self, parent: Node, name: bytes, result: Invalidation) -> None:
+        """The base entry at ``name`` shows again: if it was deleted or replaced here and the
+        kernel or a handle still holds its node, that node exists again."""
+        if parent.base_path is None:
+            return
+        wanted = parent.base_path + (name,)
         for displaced in list(self.nodes.values()):
-            if displaced.base_path == wanted and wanted is not None and displaced.unlinked:
+            if displaced.base_path == wanted and displaced.unlinked:
                 self._revert(displaced, result)
+
+    def _reset_entry(self, parent: Node, name: bytes, ino: int, result: Invalidation) -> None:
+        self._revive_displaced(parent, name, result)
         if ino == WHITEOUT:
             # The base name shows its base object again: if the mount moved that elsewhere, it comes back.
             moved = self._moved_away(Place(parent, name, None))
@@ -979,6 +986,7 @@ class Namespace:
             return
         node = self.nodes[ino]
         node.links.discard((parent.ino, name))
+        links_before = set(node.links)
         if node.is_dir:
             self._reset_directory_entries(node, result)
         elif node.base_path is None and node.links:
@@ -990,11 +998,16 @@ class Namespace:
             result.inodes.add(node.ino)
             return
         else:
-            # A base file goes back to the base under all its names: the names made in the mount go.
-            for other_parent, other_name in list(node.links):
-                self.nodes[other_parent].entries.pop(other_name, None)
-                result.entries.add((other_parent, other_name))
+            # A base file goes back to the base under all its names: the names made in the mount go,
+            # and what the base has at those names shows again.
             node.links.clear()
+            for other_parent, other_name in list(links_before):
+                directory = self.nodes[other_parent]
+                directory.entries.pop(other_name, None)
+                result.entries.add((other_parent, other_name))
+                self._revive_displaced(directory, other_name, result)
+                if self._base_is_directory(directory, other_name):
+                    self._count_subdirs(directory)
         self._revert(node, result)
         # A base node moved here goes back to its base name: drop the whiteout there.
         if node.base_path is not None and node.base_path != (None if parent.base_path is None
@@ -1009,6 +1022,14 @@ class Namespace:
                 # Something else was put at its base name (RENAME_EXCHANGE): that goes back too,
                 # or the base name would show two objects.
                 self._reset_name(origin, node.base_path[-1], result)
+
+    def _base_is_directory(self, parent: Node, name: bytes) -> bool:
+        if parent.base_path is None:
+            return False
+        try:
+            return stat.S_ISDIR(self.base.lstat(parent.base_path + (name,)).st_mode)
+        except OSError:
+            return False
 
     def _count_subdirs(self, directory: Node) -> None:
         """Recount a changed directory's link count (after a reset changed its listing)."""

@@ -24,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cowfs import changes
 from cowfs.base import BaseDir
-from cowfs.namespace import ROOT_INO, Namespace, Node, identity_dict
+from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Namespace, Node, identity_dict
 from cowfs.overlay import BaseIdentity
 from cowfs.protocol import ControlError
 from cowfs.store import Store
@@ -325,16 +325,26 @@ class NamespaceMachine(RuleBasedStateMachine):
         namespace says (a moved file's return is the namespace's rule): the local copy follows."""
         if self._through_symlink(path):
             return
+        mount_path = "/" + "/".join(os.fsdecode(name) for name in path)
         try:
-            self.ns.reset("/" + "/".join(os.fsdecode(name) for name in path))
+            place = self.ns.place(mount_path)
+        except ControlError:
+            return  # a directory on the way is missing: the reset refuses too
+        # The name goes back to what its directory's base holds there (that directory may have been
+        # moved here from another base name, or made in the mount: then nothing).
+        origin = None if place is None or place.parent.base_path is None else place.parent.base_path + (path[-1],)
+        try:
+            self.ns.reset(mount_path)
         except ControlError:
             return
         shown = self._ns_tree(ROOT_INO, ())
         base_tree = self._tree_of(self.base_path)
-        for key in set(shown) | set(base_tree):
+        expected = {} if origin is None else {
+            path + key[len(origin):]: value for key, value in base_tree.items() if key[: len(origin)] == origin}
+        for key in set(shown) | set(expected):
             if key[: len(path)] == path:  # link counts and groups may differ: names elsewhere changed
                 assert (shown[key][:2] + shown[key][3:4] if key in shown else None) == \
-                    (base_tree[key][:2] + base_tree[key][3:4] if key in base_tree else None), key
+                    (expected[key][:2] + expected[key][3:4] if key in expected else None), key
         self._copy_tree_to_local(shown)
 
     @rule(path=paths)
@@ -348,7 +358,10 @@ class NamespaceMachine(RuleBasedStateMachine):
             plan = changes.commit_plan(self.ns, mount_path)
         except ControlError:
             return
-        place = self.ns.place(mount_path)
+        try:
+            place = self.ns.place(mount_path)
+        except ControlError:
+            return  # a directory on the way is missing: the reset refuses too
         assert place is not None and place.node is not None and place.node.data is not None
         data = place.node.data
         base_file = Path(str(plan.base_file))
@@ -560,3 +573,39 @@ def test_status_reset_and_commit_of_hard_links(tmp_path: Path) -> None:
         ns.forget(disk.ino, 2)
         ns.forget(made.ino, 2)
         ns.check_invariants()
+
+
+def test_reset_after_an_exchange_recounts_the_directory_that_gets_its_subdirectory_back(tmp_path: Path) -> None:
+    """RENAME_EXCHANGE of base directory a/c with base file c, then a reset of c: both go back,
+    and a counts a/c as its subdirectory again (found by the state machine)."""
+    with namespace_over(tmp_path, {"c": b"file"}) as ns:
+        (tmp_path / "base" / "a" / "c").mkdir(parents=True)
+        a = ns.lookup(ROOT_INO, b"a")
+        ns.lookup(a.ino, b"c")
+        ns.lookup(ROOT_INO, b"c")
+        ns.rename(a.ino, b"c", ROOT_INO, b"c", RENAME_EXCHANGE)
+        assert ns.getattr(a.ino).nlink == 2
+        ns.reset("/c")
+        ns.check_invariants()
+        assert ns.getattr(a.ino).nlink == 3
+        assert ns.lookup(a.ino, b"c").is_dir and not ns.lookup(ROOT_INO, b"c").is_dir
+
+
+def test_reset_everything_brings_back_a_base_file_unlinked_and_replaced_by_a_link(tmp_path: Path) -> None:
+    """Base file b unlinked (the kernel still holds it), then a hard link of base file d/f named b,
+    d changed before b: `reset /` resets d first, which drops the name b, and b must be the base b
+    again with its one link, not the deleted file (found by the state machine)."""
+    with namespace_over(tmp_path, {"b": b"base b"}) as ns:
+        (tmp_path / "base" / "d").mkdir()
+        (tmp_path / "base" / "d" / "f").write_bytes(b"base d/f")
+        d = ns.lookup(ROOT_INO, b"d")
+        ns.setattr(d.ino, mode=0o700)  # d's change comes before b's
+        b = ns.lookup(ROOT_INO, b"b")
+        ns.unlink(ROOT_INO, b"b")
+        f = ns.lookup(d.ino, b"f")
+        ns.link(f.ino, ROOT_INO, b"b")
+        ns.reset("/")
+        ns.check_invariants()
+        shown = ns.lookup(ROOT_INO, b"b")
+        assert shown.ino == b.ino and ns.getattr(shown.ino).nlink == 1
+        assert ns.getattr(ns.lookup(d.ino, b"f").ino).nlink == 1
