@@ -6,8 +6,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
-from .helpers import Mount, force_unmount, tree_fingerprint
+from .helpers import SOAK, Mount, force_unmount, tree_fingerprint
+
+# `make test` tries the same examples on every run, so that it passes or fails on the code, not by
+# luck; `make soak` searches afresh, with many more.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("search")
+settings.load_profile("search" if SOAK else "repeatable")
 
 MountFactory = Callable[..., Mount]
 
