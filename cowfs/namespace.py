@@ -1022,6 +1022,11 @@ class Namespace:
                 # Something else was put at its base name (RENAME_EXCHANGE): that goes back too,
                 # or the base name would show two objects.
                 self._reset_name(origin, node.base_path[-1], result)
+        # This name shows its base object again: if the mount moved that elsewhere, it comes back
+        # (or the object would show under two names).
+        moved = self._moved_away(Place(parent, name, None))
+        if moved is not None:
+            self._reset_name(self.nodes[moved.parent], moved.name, result)
 
     def _base_is_directory(self, parent: Node, name: bytes) -> bool:
         if parent.base_path is None:

@@ -609,3 +609,23 @@ def test_reset_everything_brings_back_a_base_file_unlinked_and_replaced_by_a_lin
         shown = ns.lookup(ROOT_INO, b"b")
         assert shown.ino == b.ino and ns.getattr(shown.ino).nlink == 1
         assert ns.getattr(ns.lookup(d.ino, b"f").ino).nlink == 1
+
+
+def test_resetting_a_directory_brings_back_a_base_directory_exchanged_out_of_it(tmp_path: Path) -> None:
+    """Base directory a/c exchanged with base file b, then base file c renamed over a/c: resetting
+    a puts c back, and a/c's own base directory comes back from b instead of showing at both
+    names (found by the soak state machine)."""
+    with namespace_over(tmp_path, {"b": b"base b", "c": b"base c"}) as ns:
+        (tmp_path / "base" / "a" / "c").mkdir(parents=True)
+        a = ns.lookup(ROOT_INO, b"a")
+        ns.lookup(a.ino, b"c")
+        ns.lookup(ROOT_INO, b"b")
+        ns.rename(a.ino, b"c", ROOT_INO, b"b", RENAME_EXCHANGE)
+        ns.lookup(ROOT_INO, b"c")
+        ns.rename(ROOT_INO, b"c", a.ino, b"c")
+        ns.reset("/a")
+        ns.check_invariants()
+        kinds = {name: kind for name, _, kind in ns.listdir(ROOT_INO)}
+        assert kinds == {b"a": stat.S_IFDIR, b"b": stat.S_IFREG, b"c": stat.S_IFREG}
+        assert [(name, kind) for name, _, kind in ns.listdir(a.ino)] == [(b"c", stat.S_IFDIR)]
+        assert ns.getattr(a.ino).nlink == 3
