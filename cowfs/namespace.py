@@ -100,12 +100,12 @@ def identity_dict(identity: BaseIdentity) -> dict[str, int]:
             "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns}
 
 
-
 def _now() -> int:
     """Timestamps from the clock the kernel stamps FUSE inodes with (coarse, updated each tick).
     The kernel sets ctime and mtime itself on chown and writes (writeback cache), so a daemon
     reading the finer clock made ctime go backwards by up to a tick after a chown."""
     return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
+
 
 @dataclass
 class Attrs:
@@ -986,7 +986,6 @@ class Namespace:
             return
         node = self.nodes[ino]
         node.links.discard((parent.ino, name))
-        links_before = set(node.links)
         if node.is_dir:
             self._reset_directory_entries(node, result)
         elif node.base_path is None and node.links:
@@ -1000,8 +999,8 @@ class Namespace:
         else:
             # A base file goes back to the base under all its names: the names made in the mount go,
             # and what the base has at those names shows again.
-            node.links.clear()
-            for other_parent, other_name in list(links_before):
+            other_names, node.links = node.links, set()
+            for other_parent, other_name in other_names:
                 directory = self.nodes[other_parent]
                 directory.entries.pop(other_name, None)
                 result.entries.add((other_parent, other_name))

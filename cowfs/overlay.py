@@ -98,6 +98,7 @@ class OverlayFile:
         self.store_fd: int | None = None
         self.store_end = 0  # where the next append goes
         self.generation = next(_changes)  # a new number at every change of the view's bytes or size
+        self._nowait_works = True  # False once a filesystem refused RWF_NOWAIT: then reads just wait
 
     @property
     def is_changed(self) -> bool:
@@ -131,6 +132,7 @@ class OverlayFile:
         if offset >= end:
             return memoryview(b"")
         view = memoryview(buffer)[: end - offset]
+        nowait = nowait and self._nowait_works
         if not self.written and end <= self.base_limit:  # untouched data: straight from the base
             self._pread_into(self._base_for_read(), view, offset, nowait)
             return view
@@ -180,15 +182,15 @@ class OverlayFile:
             raise OSError(errno.EIO, "base file changed under the mount")
         return self.base_fd
 
-    @staticmethod
-    def _pread_into(fd: int, view: memoryview, offset: int, nowait: bool = False) -> None:
+    def _pread_into(self, fd: int, view: memoryview, offset: int, nowait: bool) -> None:
         if nowait:
             try:
                 count = os.preadv(fd, (view,), offset, os.RWF_NOWAIT)
             except OSError as error:
                 if error.errno != errno.EOPNOTSUPP:
                     raise  # EAGAIN comes as BlockingIOError
-                count = os.preadv(fd, (view,), offset)  # a filesystem without RWF_NOWAIT: just wait
+                self._nowait_works = False  # a filesystem without RWF_NOWAIT: wait, now and later
+                count = os.preadv(fd, (view,), offset)
             if count != len(view):
                 raise BlockingIOError(errno.EAGAIN, "only part of the range is cached")
         elif os.preadv(fd, (view,), offset) != len(view):

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
 from cowfs.mounts import open_pidfd, wait_for_exit
@@ -27,6 +28,12 @@ def run(argv: Sequence[str], check: bool = True, timeout: float = 120,
     return subprocess.run(  # type: ignore[call-overload, no-any-return]
         list(argv), capture_output=True, text=True, check=check, timeout=timeout, **kwargs)
 
+
+
+def status_json(mountpoint: Path) -> dict[str, Any]:
+    """What `cowfs status --json MOUNTPOINT` says."""
+    status: dict[str, Any] = json.loads(run([COWFS, "status", "--json", str(mountpoint)]).stdout)
+    return status
 
 def force_unmount(path: Path) -> None:
     """Last-resort cleanup: never leave a mount behind."""
@@ -65,6 +72,9 @@ class Mount:
 
     def daemon_alive(self) -> bool:
         return self.pid is not None and Path(f"/proc/{self.pid}").exists() and _state(self.pid) != "Z"
+
+    def status(self) -> dict[str, Any]:
+        return status_json(self.path)
 
     def rss_kib(self, peak: bool = False) -> int:
         key = "VmHWM:" if peak else "VmRSS:"

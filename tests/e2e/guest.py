@@ -238,20 +238,13 @@ blockdev --flushbufs /dev/vda || die flushbufs
 
 if [ "$ACTION" = discard ]; then
     # TRIM the pattern's 64 KiB-aligned middle (the disk's discard granularity rounds the
-    # rest), then read that back: it must read as zeros.
+    # rest); read back below, it must read as zeros.
     DOFF=$(( (POFF + 65535) / 65536 * 65536 ))
     DLEN=$(( (POFF + PATTERN_SIZE) / 65536 * 65536 - DOFF ))
     blkdiscard -o "$DOFF" -l "$DLEN" /dev/vda 2>/tmp/discard.err || die discard
     dd if=/dev/vda of=/tmp/rb-discarded bs=65536 skip="$DOFF" count="$DLEN" \
         iflag=skip_bytes,count_bytes,fullblock 2>/tmp/dd.err || die read-discarded
     head -c "$DLEN" /dev/zero > /tmp/zeros || die tmp
-    if cmp -s /tmp/zeros /tmp/rb-discarded; then PATTERN=zeroed; else PATTERN=kept; fi
-    dd if=/dev/vda of=/tmp/rb-marker bs=4096 skip="$OFFSET" count=${#MARKER} \
-        iflag=skip_bytes,count_bytes,fullblock 2>/tmp/dd.err || die read-marker
-    if cmp -s /tmp/marker /tmp/rb-marker; then MARKER_STATE=ok; else MARKER_STATE=fail; fi
-    STATUS=ok
-    emit
-    off
 fi
 
 dd if=/dev/vda of=/tmp/rb-pattern bs=65536 skip="$POFF" count="$PATTERN_SIZE" \
@@ -259,14 +252,16 @@ dd if=/dev/vda of=/tmp/rb-pattern bs=65536 skip="$POFF" count="$PATTERN_SIZE" \
 dd if=/dev/vda of=/tmp/rb-marker bs=4096 skip="$OFFSET" count=${#MARKER} \
     iflag=skip_bytes,count_bytes,fullblock 2>/tmp/dd.err || die read-marker
 
-if [ "$ACTION" = write ]; then
-    good=ok
-    bad=fail
-else
+if [ "$ACTION" = check ]; then
     good=present
     bad=absent
+else
+    good=ok
+    bad=fail
 fi
-if cmp -s /tmp/pattern /tmp/rb-pattern; then PATTERN=$good; else PATTERN=$bad; fi
+if [ "$ACTION" = discard ]; then
+    if cmp -s /tmp/zeros /tmp/rb-discarded; then PATTERN=zeroed; else PATTERN=kept; fi
+elif cmp -s /tmp/pattern /tmp/rb-pattern; then PATTERN=$good; else PATTERN=$bad; fi
 if cmp -s /tmp/marker /tmp/rb-marker; then MARKER_STATE=$good; else MARKER_STATE=$bad; fi
 
 if [ "$ACTION" = write ] && { [ "$PATTERN" != ok ] || [ "$MARKER_STATE" != ok ]; }; then

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, read_base, run, sha256
+from ..helpers import read_base, run, sha256
 from .blockdev import loop_device, loop_devices_of, mounted_filesystem
 
 MiB = 1 << 20
@@ -127,7 +127,7 @@ def test_fstrim_in_a_loop_mounted_ext4_frees_the_store(direct_io: str, base_dir:
     image = mount.path / base.name
 
     def store_bytes() -> int:
-        return int(json.loads(run([COWFS, "status", "--json", str(mount.path)]).stdout)["store_bytes"])
+        return int(mount.status()["store_bytes"])
 
     try:
         with loop_device(image, f"--direct-io={direct_io}") as device, \

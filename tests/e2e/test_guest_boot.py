@@ -9,14 +9,13 @@ the base, and a remount brings the pristine image back.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import uuid
 from pathlib import Path
 
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, read_base, run, sha256
+from ..helpers import read_base, run, sha256
 from .guest import GuestAssets, GuestResult, boot, fill_byte, inspect_disk
 
 MiB = 1 << 20
@@ -148,6 +147,6 @@ def test_a_guests_trim_frees_the_store_and_reads_as_zeros(
     assert data[trim_start:trim_end] == bytes(trim_end - trim_start)  # the base has 0x42 there
     fill = fill_byte(marker)
     assert set(data[pattern_start:trim_start]) == {fill} and set(data[trim_end:pattern_start + (1 << 20)]) == {fill}
-    store_bytes = json.loads(run([COWFS, "status", "--json", str(mount.path)]).stdout)["store_bytes"]
+    store_bytes = mount.status()["store_bytes"]
     # 1 MiB of pattern and a marker page were written, then all but the pattern's edges trimmed.
     assert store_bytes <= (1 << 20) - (trim_end - trim_start) + 3 * 65536, store_bytes

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, read_base, run, sha256
+from ..helpers import read_base, run, sha256
 
 MiB = 1 << 20
 IMAGE_SIZE = 16 * MiB
@@ -235,5 +235,5 @@ def test_discard_on_raw_reads_zeros_and_frees_the_store(cache: str, base_dir: Pa
     qemu_io(mounted, "raw", ("write -P 0x5a 8M 1M",), "-t", cache)
     output = qemu_io(mounted, "raw", ("discard 8M 1M", "read -P 0 8M 1M"), "-t", cache, "-d", "unmap")
     assert "discard 1048576/1048576 bytes at offset 8388608" in output
-    status = json.loads(run([COWFS, "status", "--json", str(mount.path)]).stdout)
+    status = mount.status()
     assert status["store_bytes"] == 0

@@ -18,7 +18,7 @@ import cowfs
 from cowfs.mounts import find_mount
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, Mount, force_unmount, is_mounted, run, wait_until
+from ..helpers import COWFS, Mount, force_unmount, is_mounted, run, status_json, wait_until
 from .users import NOBODY, as_user, visible_tmp  # noqa: F401 (a fixture)
 
 MiB = 1 << 20
@@ -28,11 +28,6 @@ def _options_of(mountpoint: Path) -> list[str]:
     entry = find_mount(mountpoint)
     assert entry is not None and entry.fstype == "fuse.cowfs"
     return list(entry.options)
-
-
-def _status(mountpoint: Path) -> dict[str, object]:
-    status: dict[str, object] = json.loads(run([COWFS, "status", "--json", str(mountpoint)]).stdout)
-    return status
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
@@ -155,8 +150,8 @@ def test_o_options_mean_what_the_long_options_mean(base_dir: Path, tmp_path: Pat
                    "x-systemd.requires=/srv,comment=scratch,default_permissions,dev,suid,nodev,nosuid,exec"
     by_o = mount_factory(base_dir, "-o", f"store={store},max_store=1M,log_file={log},allow_other,{passed_along}")
     by_long = mount_factory(base_dir, "--store", str(store), "--max-store", "1M", "--allow-other")
-    assert {**_status(by_o.path), "mountpoint": None} == {**_status(by_long.path), "mountpoint": None}
-    assert _status(by_o.path)["store_dir"] == str(store) and _status(by_o.path)["max_store"] == MiB
+    assert {**status_json(by_o.path), "mountpoint": None} == {**status_json(by_long.path), "mountpoint": None}
+    assert status_json(by_o.path)["store_dir"] == str(store) and status_json(by_o.path)["max_store"] == MiB
     assert " INFO cowfs.daemon: mounted " in log.read_text()  # log_file= (and -v) took effect
     options = _options_of(by_o.path)
     assert "allow_other" in options and "nosuid" in options and "nodev" in options  # dev,suid: ignored
@@ -197,7 +192,7 @@ def test_bare_form_as_mount_fuse3_runs_it_means_mount(base_dir: Path, tmp_path: 
     try:
         run([COWFS, str(base_dir), str(mountpoint), "-o", f"rw,store={store},max_store=2M,dev,suid"])
         assert (mountpoint / "disk.raw").read_bytes() == b"base"
-        assert _status(mountpoint)["store_dir"] == str(store) and _status(mountpoint)["max_store"] == 2 * MiB
+        assert status_json(mountpoint)["store_dir"] == str(store) and status_json(mountpoint)["max_store"] == 2 * MiB
     finally:
         run([COWFS, "umount", str(mountpoint)], check=False)
         force_unmount(mountpoint)
@@ -229,7 +224,7 @@ def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_f
     listing = json.loads(run([COWFS, "list", "--json"]).stdout)
     assert _ours(listing, [first, second, dead]) == [
         {"mountpoint": str(first.path), "state": "live", "pid": first.pid, "base_dir": str(base_dir),
-         "store_dir": _status(first.path)["store_dir"], "store_bytes": 0, "max_store": 1 << 30},
+         "store_dir": status_json(first.path)["store_dir"], "store_bytes": 0, "max_store": 1 << 30},
         {"mountpoint": str(second.path), "state": "live", "pid": second.pid, "base_dir": str(base_dir),
          "store_dir": str(store), "store_bytes": MiB, "max_store": None},
         {"mountpoint": str(dead.path), "state": "dead", "pid": None, "base_dir": None, "store_dir": None,
@@ -241,7 +236,7 @@ def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_f
     assert text[0].split() == ["MOUNTPOINT", "STATE", "PID", "WRITTEN", "LIMIT", "BASE", "STORE"]
     row = {line.split()[0]: line.split() for line in text[1:]}
     assert row[str(first.path)] == [str(first.path), "live", str(first.pid), "0", "B", "1.0", "GiB", str(base_dir),
-                                    str(_status(first.path)["store_dir"])]
+                                    str(status_json(first.path)["store_dir"])]
     assert row[str(second.path)][3:6] == ["1.0", "MiB", "none"]
     assert row[str(dead.path)][1:] == ["dead", "-", "-", "-", "-", "-"]
     assert f"{dead.path}: its daemon is gone; clear it with cowfs umount {dead.path}" in text

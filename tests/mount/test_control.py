@@ -46,13 +46,8 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def status_json(m: Mount) -> dict[str, object]:
-    result: dict[str, object] = json.loads(cowfs("status", "--json", str(m.path)).stdout)
-    return result
-
-
 def changes_by_path(m: Mount) -> dict[str, dict[str, object]]:
-    return {c["path"]: c for c in status_json(m)["changes"]}  # type: ignore[attr-defined]
+    return {c["path"]: c for c in m.status()["changes"]}
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
@@ -83,7 +78,7 @@ def test_status_lists_every_change_as_json_and_as_a_table(images: Path, mount_fa
     (m.path / "old.txt").unlink()
     (m.path / "new.img").write_bytes(b"n" * 8192)
     (m.path / "dir").mkdir()
-    report = status_json(m)
+    report = m.status()
     assert report["mountpoint"] == str(m.path)
     assert report["base_dir"] == str(images)
     assert report["max_store"] is None
@@ -116,8 +111,8 @@ def test_status_works_for_several_mounts_at_once(images: Path, tmp_path: Path, m
     (other / "x.raw").write_bytes(b"x" * 100)
     first, second = mount_factory(images), mount_factory(other)
     write_at(second.path / "x.raw", 0, b"y")
-    assert status_json(first)["changes"] == []
-    assert [c["path"] for c in status_json(second)["changes"]] == ["/x.raw"]  # type: ignore[attr-defined]
+    assert first.status()["changes"] == []
+    assert [c["path"] for c in second.status()["changes"]] == ["/x.raw"]
 
 
 # -- --max-store ----------------------------------------------------------------------------
@@ -142,7 +137,7 @@ def test_max_store_fails_only_the_write_that_overflows(images: Path, mount_facto
         os.close(fd)
     vfs = os.statvfs(m.path)
     assert vfs.f_blocks * vfs.f_frsize <= MiB
-    assert status_json(m)["max_store"] == MiB
+    assert m.status()["max_store"] == MiB
     assert "limit 1.0 MiB" in cowfs("status", str(m.path)).stdout
 
 
@@ -229,7 +224,7 @@ def test_reset_everything_brings_back_the_base_tree(images: Path, mount_factory:
     assert (m.path / "a.txt").read_text() == "hello\n"
     assert (m.path / "old.txt").read_text() == "old\n"
     assert (m.path / "disk.raw").open("rb").read(4) == b"BBBB"
-    assert status_json(m)["changes"] == [] and status_json(m)["store_bytes"] == 0
+    assert m.status()["changes"] == [] and m.status()["store_bytes"] == 0
     assert m.store_fds() == []
     cowfs("reset", str(m.path))  # nothing left to reset: still fine
 
@@ -239,7 +234,7 @@ def test_reset_of_a_renamed_file_puts_it_back(images: Path, mount_factory: Mount
     (m.path / "a.txt").rename(m.path / "b.txt")
     cowfs("reset", str(m.path / "b.txt"))
     assert sorted(os.listdir(m.path)) == ["a.txt", "disk.raw", "old.txt"]
-    assert status_json(m)["changes"] == []
+    assert m.status()["changes"] == []
 
 
 # -- commit -------------------------------------------------------------------------------------
@@ -264,7 +259,7 @@ def test_commit_writes_only_the_changes_into_the_base(images: Path, mount_factor
     finally:
         os.close(fd)
     assert content_hash(disk) == view  # the view is unchanged ...
-    assert status_json(m)["changes"] == [] and m.store_fds() == []  # ... and its store freed
+    assert m.status()["changes"] == [] and m.store_fds() == []  # ... and its store freed
     write_at(disk, 0, b"again")  # the mount keeps working on the new base
     assert read_base(base)[:5] == b"BBBBB"
 

@@ -33,13 +33,8 @@ def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
         os.close(fd)
 
 
-def status(m: Mount) -> dict[str, object]:
-    result: dict[str, object] = json.loads(run([COWFS, "status", "--json", str(m.path)]).stdout)
-    return result
-
-
 def store_bytes(m: Mount) -> int:
-    return int(str(status(m)["store_bytes"]))
+    return int(m.status()["store_bytes"])
 
 
 def seek_map(path: Path, step: int = 64 * KiB) -> list[tuple[int, int | str, int | str]]:
@@ -99,7 +94,7 @@ def images(base_dir: Path) -> Path:
 
 
 def test_the_mount_runs_on_the_patched_pyfuse3(images: Path, mount_factory: MountFactory) -> None:
-    features = {f["name"]: f for f in status(mount_factory(images))["features"]}  # type: ignore[attr-defined]
+    features = {f["name"]: f for f in mount_factory(images).status()["features"]}
     assert all(f["enabled"] for f in features.values()), features
 
 
@@ -109,14 +104,14 @@ def test_punch_hole_reads_zeros_keeps_the_size_and_frees_the_store(images: Path,
     write_at(disk, 2 * MiB, b"w" * (2 * MiB))
     os.sync()
     assert store_bytes(m) == 2 * MiB
-    disk_before = int(str(status(m)["store_disk_bytes"]))
+    disk_before = int(m.status()["store_disk_bytes"])
     fallocate(disk, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 2 * MiB + 512 * KiB, MiB)
     assert disk.stat().st_size == 8 * MiB
     view = disk.read_bytes()
     assert view[2 * MiB + 512 * KiB : 3 * MiB + 512 * KiB] == bytes(MiB)
     assert view[2 * MiB : 2 * MiB + 512 * KiB] == b"w" * (512 * KiB)
     assert store_bytes(m) == MiB  # at once, exactly
-    assert int(str(status(m)["store_disk_bytes"])) <= disk_before - MiB
+    assert int(m.status()["store_disk_bytes"]) <= disk_before - MiB
 
 
 def test_punch_over_base_bytes_reads_zeros_without_store_space(images: Path, mount_factory: MountFactory) -> None:
@@ -287,11 +282,11 @@ def test_a_write_costs_no_capability_probe(base_dir: Path, mount_factory: MountF
     fd = os.open(m.path / "disk.raw", os.O_RDWR)
     try:
         os.pwrite(fd, b"w", 0)  # the first probe may still come (the attributes are fresh)
-        before = dict(status(m)["requests"])  # type: ignore[call-overload]
+        before = dict(m.status()["requests"])
         for index in range(200):
             os.pwrite(fd, b"x" * 4096, index * 16384)
         os.fsync(fd)
-        after = dict(status(m)["requests"])  # type: ignore[call-overload]
+        after = dict(m.status()["requests"])
     finally:
         os.close(fd)
     assert after.get("write", 0) > before.get("write", 0)

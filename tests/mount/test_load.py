@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, SOAK, Mount, force_unmount, read_base, run, tree_fingerprint
+from ..helpers import SOAK, Mount, force_unmount, read_base, run, tree_fingerprint
 from .test_core import make_file
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -79,7 +79,7 @@ def test_uncached_reads_in_parallel_return_the_right_bytes(base_dir: Path, mount
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         wrong = [offset for result in pool.map(reader, range(16)) for offset in result]
     assert wrong == []
-    requests = json.loads(run([COWFS, "status", "--json", str(m.path)]).stdout)["requests"]
+    requests = m.status()["requests"]
     assert requests.get("read_uncached", 0) > 0, requests  # the reads did wait for the disk
 
 
