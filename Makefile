@@ -101,6 +101,7 @@ iotests: setup
 
 lint: setup
 	$(VENV)/bin/ruff check cowfs tests bench examples
+	$(VENV)/bin/ruff format --check cowfs tests bench examples
 
 typecheck: setup
 	$(VENV)/bin/mypy cowfs tests bench

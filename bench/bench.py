@@ -171,48 +171,73 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--size", type=parse_size, help="base image size (default 4G)")
     p.add_argument("--reps", type=int, help="runs per workload and target (default 3)")
     p.add_argument("--runtime", type=int, help="seconds per time-based fio run (default 10)")
-    p.add_argument("--prep", type=parse_size,
-                   help="distinct random 4k writes before mixedread and the store measurement "
-                   "(default 256M)")
+    p.add_argument(
+        "--prep",
+        type=parse_size,
+        help="distinct random 4k writes before mixedread and the store measurement (default 256M)",
+    )
     p.add_argument("--mounts", type=int, help="dedicated mount + first-write probes (default 5)")
-    p.add_argument("--scale-size", type=parse_size, default=TiB,
-                   help="sparse image size for the scale test (default 1T)")
-    p.add_argument("--scale-writes", type=int, help="4 KiB writes in the scale test "
-                   "(default 1000000)")
-    p.add_argument("--scale-verify", type=int, default=1000,
-                   help="written blocks read back after the scale test (default 1000)")
-    p.add_argument("--scale-timeout", type=float, default=900.0,
-                   help="stop the scale writer after this many seconds and report what was "
-                   "done (default 900)")
+    p.add_argument(
+        "--scale-size", type=parse_size, default=TiB, help="sparse image size for the scale test (default 1T)"
+    )
+    p.add_argument("--scale-writes", type=int, help="4 KiB writes in the scale test (default 1000000)")
+    p.add_argument(
+        "--scale-verify", type=int, default=1000, help="written blocks read back after the scale test (default 1000)"
+    )
+    p.add_argument(
+        "--scale-timeout",
+        type=float,
+        default=900.0,
+        help="stop the scale writer after this many seconds and report what was done (default 900)",
+    )
     p.add_argument("--skip-scale", action="store_true", help="skip the scale test")
     p.add_argument("--skip-qemu", action="store_true", help="skip the qemu-img bench reads")
-    p.add_argument("--work-dir", type=Path, default=Path("/var/tmp/cowfs-bench"),
-                   help="images, mount points, store, raw fio output (default %(default)s)")
-    p.add_argument("--out-dir", type=Path, default=SCRIPT_DIR / "results",
-                   help="where the JSON and PNG go (default bench/results)")
-    p.add_argument("--mount-cmd", default=DEFAULT_MOUNT,
-                   help="shell template that mounts (default %(default)r)")
-    p.add_argument("--umount-cmd", default=DEFAULT_UMOUNT,
-                   help="shell template that unmounts (default %(default)r)")
-    p.add_argument("--mount-timeout", type=float, default=60.0,
-                   help="seconds to wait for the file to become readable (default 60)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("/var/tmp/cowfs-bench"),
+        help="images, mount points, store, raw fio output (default %(default)s)",
+    )
+    p.add_argument(
+        "--out-dir", type=Path, default=SCRIPT_DIR / "results", help="where the JSON and PNG go (default bench/results)"
+    )
+    p.add_argument("--mount-cmd", default=DEFAULT_MOUNT, help="shell template that mounts (default %(default)r)")
+    p.add_argument("--umount-cmd", default=DEFAULT_UMOUNT, help="shell template that unmounts (default %(default)r)")
+    p.add_argument(
+        "--mount-timeout", type=float, default=60.0, help="seconds to wait for the file to become readable (default 60)"
+    )
     p.add_argument("--peers", type=Path, help="peers harness results.json to compare with")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
 
     def pick(val: int | None, full: int, quick: int) -> int:
         return val if val is not None else (quick if a.quick else full)
 
     cfg = Config(
-        work=a.work_dir.resolve(), out_dir=a.out_dir.resolve(),
-        size=pick(a.size, 4 * GiB, 256 * MiB), reps=pick(a.reps, 3, 1),
-        runtime=pick(a.runtime, 10, 2), prep=pick(a.prep, 256 * MiB, 64 * MiB),
-        mounts=pick(a.mounts, 5, 3), scale_size=a.scale_size,
-        scale_writes=pick(a.scale_writes, 1_000_000, 50_000), scale_verify=a.scale_verify,
-        scale_timeout=a.scale_timeout, skip_scale=a.skip_scale, skip_qemu=a.skip_qemu, mount_cmd=a.mount_cmd,
-        umount_cmd=a.umount_cmd, mount_timeout=a.mount_timeout, peers=a.peers, quick=a.quick)
+        work=a.work_dir.resolve(),
+        out_dir=a.out_dir.resolve(),
+        size=pick(a.size, 4 * GiB, 256 * MiB),
+        reps=pick(a.reps, 3, 1),
+        runtime=pick(a.runtime, 10, 2),
+        prep=pick(a.prep, 256 * MiB, 64 * MiB),
+        mounts=pick(a.mounts, 5, 3),
+        scale_size=a.scale_size,
+        scale_writes=pick(a.scale_writes, 1_000_000, 50_000),
+        scale_verify=a.scale_verify,
+        scale_timeout=a.scale_timeout,
+        skip_scale=a.skip_scale,
+        skip_qemu=a.skip_qemu,
+        mount_cmd=a.mount_cmd,
+        umount_cmd=a.umount_cmd,
+        mount_timeout=a.mount_timeout,
+        peers=a.peers,
+        quick=a.quick,
+    )
     if cfg.size < 16 * MiB or cfg.size % MiB:
         p.error("--size must be a multiple of 1 MiB and at least 16 MiB")
     if not 0 < cfg.prep <= cfg.size or cfg.prep % BLOCK:
@@ -268,7 +293,7 @@ def proc_stat(pid: int) -> tuple[str, int, int] | None:
         s = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    rest = s[s.rfind(")") + 2:].split()
+    rest = s[s.rfind(")") + 2 :].split()
     return rest[0], int(rest[1]), int(rest[19])
 
 
@@ -329,8 +354,11 @@ def df_free(path: Path) -> int:
 def mounts_at_or_below(path: Path) -> list[str]:
     """Mount points at or below path (any fs type)."""
     root = os.path.realpath(path)
-    return [entry.mountpoint for entry in mounts.mount_table()
-            if entry.mountpoint == root or entry.mountpoint.startswith(root + "/")]
+    return [
+        entry.mountpoint
+        for entry in mounts.mount_table()
+        if entry.mountpoint == root or entry.mountpoint.startswith(root + "/")
+    ]
 
 
 # --------------------------------------------------------------------------- signals / cleanup
@@ -401,10 +429,12 @@ class Mount:
         self.state = cfg.run_dir / "state"
         self.file = self.mnt / IMAGE
         self.log = cfg.raw / f"mount-{Mount.seq:03d}.log"
-        self.ctx = dict(base_dir=str(base_dir), mnt=str(self.mnt), state=str(self.state),
-                        store=str(cfg.store), py=sys.executable)
-        self.env = dict(os.environ, TMPDIR=str(cfg.store),
-                        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+        self.ctx = dict(
+            base_dir=str(base_dir), mnt=str(self.mnt), state=str(self.state), store=str(cfg.store), py=sys.executable
+        )
+        self.env = dict(
+            os.environ, TMPDIR=str(cfg.store), PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+        )
         self.daemons: list[Proc] = []
         self.mount_s = 0.0
         self.free_before = 0
@@ -417,8 +447,7 @@ class Mount:
             lf.flush()
             try:
                 # own session: a Ctrl-C in the terminal must not reach the daemon first
-                return run_group(["bash", "-c", cmd], timeout, output=lf, env=self.env,
-                                 stop=signal.SIGTERM)[0]
+                return run_group(["bash", "-c", cmd], timeout, output=lf, env=self.env, stop=signal.SIGTERM)[0]
             except subprocess.TimeoutExpired:
                 return "timeout"
 
@@ -438,8 +467,7 @@ class Mount:
         try:
             rc = self._sh(self.cfg.mount_cmd, self.cfg.mount_timeout)
             if rc != 0:
-                raise MountError(f"mount command failed (rc={rc}): {tail_line(self.log)} "
-                                 f"[log {self.log}]")
+                raise MountError(f"mount command failed (rc={rc}): {tail_line(self.log)} [log {self.log}]")
             deadline = t0 + self.cfg.mount_timeout
             while True:
                 with contextlib.suppress(OSError):
@@ -451,9 +479,11 @@ class Mount:
                         finally:
                             os.close(fd)
                 if time.perf_counter() > deadline:
-                    raise MountError(f"{self.file} not readable with size {self.size} within "
-                                     f"{self.cfg.mount_timeout:.0f} s: {tail_line(self.log)} "
-                                     f"[log {self.log}]")
+                    raise MountError(
+                        f"{self.file} not readable with size {self.size} within "
+                        f"{self.cfg.mount_timeout:.0f} s: {tail_line(self.log)} "
+                        f"[log {self.log}]"
+                    )
                 time.sleep(0.001)
             self.mount_s = time.perf_counter() - t0
         except BaseException:
@@ -464,8 +494,7 @@ class Mount:
         self.daemons = [p for p in procs if holds_dev_fuse(p.pid)] or procs
         if not self.daemons:
             log.warning("no daemon found among our descendants: RSS/store numbers will be 0")
-        log.debug("mounted in %.1f ms, daemons %s", self.mount_s * 1e3,
-                  [(p.pid, p.cmdline()) for p in self.daemons])
+        log.debug("mounted in %.1f ms, daemons %s", self.mount_s * 1e3, [(p.pid, p.cmdline()) for p in self.daemons])
         return self
 
     def down(self) -> None:
@@ -482,12 +511,12 @@ class Mount:
                     log.warning("umount command failed (rc=%s): %s", rc, tail_line(self.log))
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and (
-                    mounts_at_or_below(self.mnt) or any(p.alive() for p in self.daemons)):
+                mounts_at_or_below(self.mnt) or any(p.alive() for p in self.daemons)
+            ):
                 for p in self.daemons:
                     p.reap()
                 time.sleep(0.02)
-            for mp in sorted(mounts_at_or_below(self.mnt) + mounts_at_or_below(self.state),
-                             key=len, reverse=True):
+            for mp in sorted(mounts_at_or_below(self.mnt) + mounts_at_or_below(self.state), key=len, reverse=True):
                 log.warning("%s still mounted after the umount command: lazy unmount", mp)
                 lazy_unmount(mp)
             deadline = time.monotonic() + 5  # a FUSE daemon exits once its mount is gone
@@ -497,8 +526,7 @@ class Mount:
                 time.sleep(0.05)
             for p in self.daemons:  # only processes this mount started (our descendants)
                 if p.alive():
-                    log.warning("daemon %d (%s) still alive after umount: SIGTERM", p.pid,
-                                p.cmdline())
+                    log.warning("daemon %d (%s) still alive after umount: SIGTERM", p.pid, p.cmdline())
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(p.pid, signal.SIGTERM)
                     for _ in range(50):
@@ -613,13 +641,25 @@ class Bench:
 
     # ------------------------------------------------------------------ fio
 
-    def fio(self, tag: str, file: Path, rw: str, bs: str, time_based: bool = True,
-            extra: Sequence[str] = ()) -> JSON:
+    def fio(self, tag: str, file: Path, rw: str, bs: str, time_based: bool = True, extra: Sequence[str] = ()) -> JSON:
         out = self.cfg.raw / f"{tag}.json"
-        args = ["fio", "--name=w", f"--filename={file}", f"--rw={rw}", f"--bs={bs}",
-                "--ioengine=psync", "--iodepth=1", "--numjobs=1", "--direct=0",
-                "--invalidate=0", "--fallocate=none", f"--size={self.cfg.size}",
-                "--output-format=json", f"--output={out}", *extra]
+        args = [
+            "fio",
+            "--name=w",
+            f"--filename={file}",
+            f"--rw={rw}",
+            f"--bs={bs}",
+            "--ioengine=psync",
+            "--iodepth=1",
+            "--numjobs=1",
+            "--direct=0",
+            "--invalidate=0",
+            "--fallocate=none",
+            f"--size={self.cfg.size}",
+            "--output-format=json",
+            f"--output={out}",
+            *extra,
+        ]
         if time_based:
             args += [f"--runtime={self.cfg.runtime}", "--time_based=1"]
         res: JSON = {"tag": tag}
@@ -628,11 +668,14 @@ class Bench:
             res["rc"] = rc
             job = json.loads(out.read_text())["jobs"][0]
             d = job["write" if "write" in rw else "read"]
-            res.update(iops=round(d["iops"], 1), mbps=round(d["bw_bytes"] / 1e6, 1),
-                       bytes=d["io_bytes"], runtime_ms=d["runtime"],
-                       lat_mean_us=round(d["lat_ns"]["mean"] / 1e3, 2),
-                       lat_p99_us=round(d["clat_ns"].get("percentile", {})
-                                        .get("99.000000", 0) / 1e3, 2))
+            res.update(
+                iops=round(d["iops"], 1),
+                mbps=round(d["bw_bytes"] / 1e6, 1),
+                bytes=d["io_bytes"],
+                runtime_ms=d["runtime"],
+                lat_mean_us=round(d["lat_ns"]["mean"] / 1e3, 2),
+                lat_p99_us=round(d["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1e3, 2),
+            )
             if rc or job.get("error"):
                 err = (stderr.strip().splitlines() or ["?"])[-1]
                 res["error"] = f"fio rc={rc} error={job.get('error')}: {err}"
@@ -651,8 +694,7 @@ class Bench:
                     with self.view(target) as v:
                         res = self.run_workload(wl, target, rep, v)
                     self.R["workloads"][wl.key][target].append(res)
-                    log.info("  %-6s rep %d: %s", target, rep,
-                             res.get("error") or f"{res[wl.metric]:,.1f} {wl.unit}")
+                    log.info("  %-6s rep %d: %s", target, rep, res.get("error") or f"{res[wl.metric]:,.1f} {wl.unit}")
 
     def run_workload(self, wl: Workload, target: str, rep: int, v: View) -> JSON:
         tag = f"{wl.key}.{target}.{rep}"
@@ -660,29 +702,42 @@ class Bench:
         if wl.writes:
             self.first_write(target, v)
         if wl.key == "mixedread":
-            prep = self.fio(f"prep.{target}.{rep}", v.file, "randwrite", "4k", time_based=False,
-                            extra=[f"--io_size={cfg_prep(self.cfg)}", "--randseed=4242"])
+            prep = self.fio(
+                f"prep.{target}.{rep}",
+                v.file,
+                "randwrite",
+                "4k",
+                time_based=False,
+                extra=[f"--io_size={cfg_prep(self.cfg)}", "--randseed=4242"],
+            )
             self.R["prep"][target].append(prep)
             os.sync()
             if target == "cowfs":
                 assert v.mount is not None
-                self.R["store_after_prep"].append(dict(
-                    deleted_files_bytes=deleted_store_bytes(v.daemons),
-                    df_delta_bytes=v.mount.free_before - df_free(self.cfg.store)))
+                self.R["store_after_prep"].append(
+                    dict(
+                        deleted_files_bytes=deleted_store_bytes(v.daemons),
+                        df_delta_bytes=v.mount.free_before - df_free(self.cfg.store),
+                    )
+                )
         sampler = RssSampler(v.daemons) if wl.key == "randwrite" and v.daemons else None
         if sampler:
             sampler.start()
         try:
-            res = self.fio(tag, v.file, wl.rw, wl.bs, wl.time_based,
-                           [*wl.extra, *(seed if wl.rw.startswith("rand") else [])])
+            res = self.fio(
+                tag, v.file, wl.rw, wl.bs, wl.time_based, [*wl.extra, *(seed if wl.rw.startswith("rand") else [])]
+            )
         finally:
             if sampler:
                 sampler.stop()
         if sampler:
-            self.R["rss_randwrite"].append(dict(
-                vmhwm_kib=sum(p.status_kib("VmHWM") for p in v.daemons),
-                sampled_peak_vmrss_kib=sampler.peak,
-                daemons=[dict(pid=p.pid, cmd=p.cmdline()) for p in v.daemons]))
+            self.R["rss_randwrite"].append(
+                dict(
+                    vmhwm_kib=sum(p.status_kib("VmHWM") for p in v.daemons),
+                    sampled_peak_vmrss_kib=sampler.peak,
+                    daemons=[dict(pid=p.pid, cmd=p.cmdline()) for p in v.daemons],
+                )
+            )
             os.sync()
             self.R["store_after_randwrite"].append(deleted_store_bytes(v.daemons))
         return res
@@ -702,8 +757,7 @@ class Bench:
                     with self.view(target) as v:
                         res = self.qemu_read(qr, f"qemu.{qr.key}.{target}.{rep}", v, count)
                     self.R["qemu_reads"][qr.key][target].append(res)
-                    log.info("  %-6s rep %d: %s", target, rep,
-                             res.get("error") or f"{res['iops']:,.0f} IOPS")
+                    log.info("  %-6s rep %d: %s", target, rep, res.get("error") or f"{res['iops']:,.0f} IOPS")
                     if "drop_caches" in res.get("error", ""):
                         return  # not root: no cold runs
 
@@ -716,8 +770,23 @@ class Bench:
                 res["error"] = f"cold run needs root (drop_caches): {e}"
                 self.error(f"{tag}: {res['error']}")
                 return res
-        args = ["qemu-img", "bench", "-f", "raw", "-t", qr.cache, "-c", str(count), "-d",
-                str(qr.depth), "-s", str(BLOCK), "-S", str(QEMU_STRIDE), str(v.file)]
+        args = [
+            "qemu-img",
+            "bench",
+            "-f",
+            "raw",
+            "-t",
+            qr.cache,
+            "-c",
+            str(count),
+            "-d",
+            str(qr.depth),
+            "-s",
+            str(BLOCK),
+            "-S",
+            str(QEMU_STRIDE),
+            str(v.file),
+        ]
         out = self.cfg.raw / f"{tag}.log"
         cpu0 = cpu_seconds(v.daemons)
         try:
@@ -731,8 +800,7 @@ class Bench:
             else:
                 res.update(seconds=float(m.group(1)), iops=round(count / float(m.group(1)), 1))
                 if v.daemons:
-                    res["daemon_cpu_us_per_read"] = round(
-                        (cpu_seconds(v.daemons) - cpu0) / count * 1e6, 1)
+                    res["daemon_cpu_us_per_read"] = round((cpu_seconds(v.daemons) - cpu0) / count * 1e6, 1)
         except (subprocess.TimeoutExpired, OSError) as e:
             res["error"] = f"qemu-img bench failed: {type(e).__name__}: {e}"[:300]
         if "error" in res:
@@ -777,8 +845,9 @@ class Bench:
                         if i % (step * 100) == 0 and i < n:
                             log.info("  scale: %d writes, %.0f/s so far", i, i / (now - t0))
                         if now - t0 > cfg.scale_timeout:
-                            self.error(f"scale: stopped after {i} of {n} writes "
-                                       f"(--scale-timeout {cfg.scale_timeout:.0f} s)")
+                            self.error(
+                                f"scale: stopped after {i} of {n} writes (--scale-timeout {cfg.scale_timeout:.0f} s)"
+                            )
                             done = i
                             break
                     done = i
@@ -787,23 +856,29 @@ class Bench:
                 S["fsync_s"] = round(time.perf_counter() - t1, 3)
             finally:
                 os.close(fd)
-            S.update(writes_done=done, write_s=round(marks[-1][1] - t0, 3),
-                     rate_overall=round(done / (marks[-1][1] - t0), 1),
-                     rate_first10=round(window_rate(marks, 0, done // 10), 1),
-                     rate_last10=round(window_rate(marks, done - done // 10, done), 1),
-                     rate_deciles=[round(window_rate(marks, done * k // 10,
-                                                     done * (k + 1) // 10), 1)
-                                   for k in range(10)],
-                     rss_curve_kib=rss_curve)
+            S.update(
+                writes_done=done,
+                write_s=round(marks[-1][1] - t0, 3),
+                rate_overall=round(done / (marks[-1][1] - t0), 1),
+                rate_first10=round(window_rate(marks, 0, done // 10), 1),
+                rate_last10=round(window_rate(marks, done - done // 10, done), 1),
+                rate_deciles=[round(window_rate(marks, done * k // 10, done * (k + 1) // 10), 1) for k in range(10)],
+                rss_curve_kib=rss_curve,
+            )
             S["rate_last_over_first"] = round(S["rate_last10"] / S["rate_first10"], 3)
             os.sync()
             S["daemon_vmrss_kib_end"] = sum(p.status_kib("VmRSS") for p in m.daemons)
             S["daemon_vmhwm_kib_end"] = sum(p.status_kib("VmHWM") for p in m.daemons)
             S["store_deleted_files_bytes"] = deleted_store_bytes(m.daemons)
             S["store_df_delta_bytes"] = m.free_before - df_free(cfg.store)
-            log.info("scale: %d writes in %.1f s; first 10%% %.0f/s, last 10%% %.0f/s; daemon "
-                     "RSS %.1f MiB", done, S["write_s"], S["rate_first10"], S["rate_last10"],
-                     S["daemon_vmrss_kib_end"] / 1024)
+            log.info(
+                "scale: %d writes in %.1f s; first 10%% %.0f/s, last 10%% %.0f/s; daemon RSS %.1f MiB",
+                done,
+                S["write_s"],
+                S["rate_first10"],
+                S["rate_last10"],
+                S["daemon_vmrss_kib_end"] / 1024,
+            )
             # read-back spot check (fresh open; the kernel may still cache the pages)
             written = blocks[:done]
             check = rng.sample(written, min(cfg.scale_verify, done))
@@ -825,30 +900,43 @@ class Bench:
                 bad_u = sum(os.pread(fd, BLOCK, b * BLOCK) != zero for b in unwritten)
             finally:
                 os.close(fd)
-            S.update(verify_written=len(check), verify_written_bad=bad_w,
-                     verify_unwritten=len(unwritten), verify_unwritten_bad=bad_u)
+            S.update(
+                verify_written=len(check),
+                verify_written_bad=bad_w,
+                verify_unwritten=len(unwritten),
+                verify_unwritten_bad=bad_u,
+            )
             if bad_w or bad_u:
-                self.error(f"scale: read-back mismatch: {bad_w}/{len(check)} written blocks, "
-                           f"{bad_u}/{len(unwritten)} unwritten blocks")
+                self.error(
+                    f"scale: read-back mismatch: {bad_w}/{len(check)} written blocks, "
+                    f"{bad_u}/{len(unwritten)} unwritten blocks"
+                )
         finally:
             m.down()
         blocks_alloc = cfg.scale_base.stat().st_blocks
         S["base_allocated_bytes_after"] = blocks_alloc * 512
         if blocks_alloc:
-            self.error(f"scale: the sparse base got {blocks_alloc * 512} bytes allocated: "
-                       "writes reached the base")
+            self.error(f"scale: the sparse base got {blocks_alloc * 512} bytes allocated: writes reached the base")
 
 
-def run_group(args: Sequence[str], timeout: float, output: IO[bytes] | None = None,
-              env: dict[str, str] | None = None,
-              stop: signal.Signals = signal.SIGINT) -> tuple[int, str]:
+def run_group(
+    args: Sequence[str],
+    timeout: float,
+    output: IO[bytes] | None = None,
+    env: dict[str, str] | None = None,
+    stop: signal.Signals = signal.SIGINT,
+) -> tuple[int, str]:
     """Run a command in a new session (its own process group) and return (rc, stderr).
     On timeout or Ctrl-C, end that whole group, which this process created (fio runs its
     jobs in forked children, which outlive a killed fio parent), then re-raise."""
-    proc = subprocess.Popen(list(args), stdin=subprocess.DEVNULL,
-                            stdout=output or subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT if output else subprocess.PIPE,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        list(args),
+        stdin=subprocess.DEVNULL,
+        stdout=output or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if output else subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     try:
         if output is not None:
             # No pipe to read: wait on a pidfd.  (Popen.wait/communicate with a timeout
@@ -879,8 +967,10 @@ def cfg_prep(cfg: Config) -> str:
 
 def window_rate(marks: Sequence[tuple[int, float]], lo: int, hi: int) -> float:
     """Writes/s between write counts lo and hi, using the nearest recorded marks."""
+
     def at(count: int) -> tuple[int, float]:
         return min(marks, key=lambda m: abs(m[0] - count))
+
     (c0, t0), (c1, t1) = at(lo), at(hi)
     return (c1 - c0) / (t1 - t0) if t1 > t0 and c1 > c0 else float("nan")
 
@@ -924,17 +1014,36 @@ class Workload:
 
 
 WORKLOADS = [
-    Workload("seqread1", "read", "1M", "mbps", time_based=False, extra=("--runtime=900",),
-             label="seq read 1M, one pass, fresh mount"),
+    Workload(
+        "seqread1",
+        "read",
+        "1M",
+        "mbps",
+        time_based=False,
+        extra=("--runtime=900",),
+        label="seq read 1M, one pass, fresh mount",
+    ),
     Workload("seqread", "read", "1M", "mbps", label="seq read 1M, {rt} s"),
-    Workload("randread", "randread", "4k", "iops", extra=("--norandommap=1",),
-             label="rand read 4k, {rt} s"),
-    Workload("randwrite", "randwrite", "4k", "iops", writes=True, extra=("--norandommap=1",),
-             label="rand write 4k, {rt} s, fresh view"),
-    Workload("seqwrite", "write", "1M", "mbps", writes=True,
-             label="seq write 1M, {rt} s, fresh view"),
-    Workload("mixedread", "randread", "4k", "iops", writes=True, extra=("--norandommap=1",),
-             label="rand read 4k after {prep} rand writes"),
+    Workload("randread", "randread", "4k", "iops", extra=("--norandommap=1",), label="rand read 4k, {rt} s"),
+    Workload(
+        "randwrite",
+        "randwrite",
+        "4k",
+        "iops",
+        writes=True,
+        extra=("--norandommap=1",),
+        label="rand write 4k, {rt} s, fresh view",
+    ),
+    Workload("seqwrite", "write", "1M", "mbps", writes=True, label="seq write 1M, {rt} s, fresh view"),
+    Workload(
+        "mixedread",
+        "randread",
+        "4k",
+        "iops",
+        writes=True,
+        extra=("--norandommap=1",),
+        label="rand read 4k after {prep} rand writes",
+    ),
 ]
 
 
@@ -949,8 +1058,7 @@ class QemuRead:
     peer_key: str | None = None  # the same run in the peer harness's results.json
 
     def title(self, count: int) -> str:
-        return (f"{'cold cache, ' if self.cold else ''}depth {self.depth}, -t {self.cache}, "
-                f"{count} x 4k")
+        return f"{'cold cache, ' if self.cold else ''}depth {self.depth}, -t {self.cache}, {count} x 4k"
 
 
 QEMU_STRIDE = 64 * KiB
@@ -998,10 +1106,11 @@ def make_images(cfg: Config) -> None:
     else:
         need = cfg.size * 3
         if df_free(cfg.work) < need:
-            raise BenchError(f"{cfg.work}: need about {human(need)} free for the base, its "
-                             f"native copy and the store; {human(df_free(cfg.work))} free")
-        log.info("generating base image %s (%s of incompressible data)", cfg.base,
-                 human(cfg.size))
+            raise BenchError(
+                f"{cfg.work}: need about {human(need)} free for the base, its "
+                f"native copy and the store; {human(df_free(cfg.work))} free"
+            )
+        log.info("generating base image %s (%s of incompressible data)", cfg.base, human(cfg.size))
         cfg.native.unlink(missing_ok=True)
         tmp = cfg.base.with_suffix(".tmp")
         rng = random.Random(BASE_SEED)
@@ -1053,9 +1162,13 @@ def machine_info() -> JSON:
     with contextlib.suppress(OSError):
         m = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.M)
         cpu = m.group(1).strip() if m else ""
-    return dict(kernel=os.uname().release, cpu=cpu, nproc=os.cpu_count(),
-                mem_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
-                hostname=os.uname().nodename)
+    return dict(
+        kernel=os.uname().release,
+        cpu=cpu,
+        nproc=os.cpu_count(),
+        mem_gib=round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB, 1),
+        hostname=os.uname().nodename,
+    )
 
 
 def versions() -> JSON:
@@ -1071,8 +1184,11 @@ def versions() -> JSON:
             if "libfuse3.so" in line:
                 libfuse = os.path.basename(os.path.realpath(line.split()[-1]))
                 break
-    v["libfuse"] = (libfuse.split(".so.", 1)[1] if libfuse and ".so." in libfuse
-                    else run_out(["fusermount3", "-V"]).rpartition(" ")[2] or None)
+    v["libfuse"] = (
+        libfuse.split(".so.", 1)[1]
+        if libfuse and ".so." in libfuse
+        else run_out(["fusermount3", "-V"]).rpartition(" ")[2] or None
+    )
     v["fio"] = run_out(["fio", "--version"]).removeprefix("fio-") or None
     git = run_out(["git", "-C", str(SCRIPT_DIR), "rev-parse", "--short", "HEAD"])
     if git:
@@ -1096,14 +1212,18 @@ def load_peers(path: Path) -> JSON:
         vals = [float(r[key]) for r in runs if isinstance(r, dict) and r.get(key) is not None]
         return statistics.median(vals) if vals else None
 
-    out: JSON = dict(file=str(path), started=data.get("meta", {}).get("started"),
-                     base_size=data.get("meta", {}).get("base_size"), setups={})
+    out: JSON = dict(
+        file=str(path),
+        started=data.get("meta", {}).get("started"),
+        base_size=data.get("meta", {}).get("base_size"),
+        setups={},
+    )
+
     def qemu_iops(setup: JSON, key: str) -> float | None:
         run = setup.get("qemu", {}).get(key)
         return float(run["iops"]) if isinstance(run, dict) and run.get("iops") else None
 
-    out["native_qemu"] = {qr.key: qemu_iops(setups["native"], qr.peer_key)
-                          for qr in QEMU_READS if qr.peer_key}
+    out["native_qemu"] = {qr.key: qemu_iops(setups["native"], qr.peer_key) for qr in QEMU_READS if qr.peer_key}
     for name, s in setups.items():
         if name in ("native", "native-base") or not (s.get("results") or s.get("qemu")):
             continue
@@ -1141,15 +1261,23 @@ def summarize(R: JSON) -> None:
     for wl in WORKLOADS:
         w = R["workloads"][wl.key]
         nat, cow = median_of(w["native"], wl.metric), median_of(w["cowfs"], wl.metric)
-        w.update(metric=wl.metric, unit=wl.unit, native_median=nat, cowfs_median=cow,
-                 ratio=(cow / nat) if nat and cow is not None else None)
+        w.update(
+            metric=wl.metric,
+            unit=wl.unit,
+            native_median=nat,
+            cowfs_median=cow,
+            ratio=(cow / nat) if nat and cow is not None else None,
+        )
 
     for qr in QEMU_READS:
         q = R["qemu_reads"][qr.key]
         nat, cow = median_of(q["native"], "iops"), median_of(q["cowfs"], "iops")
-        q.update(native_median=nat, cowfs_median=cow,
-                 ratio=(cow / nat) if nat and cow is not None else None,
-                 cowfs_daemon_cpu_us_per_read=median_of(q["cowfs"], "daemon_cpu_us_per_read"))
+        q.update(
+            native_median=nat,
+            cowfs_median=cow,
+            ratio=(cow / nat) if nat and cow is not None else None,
+            cowfs_daemon_cpu_us_per_read=median_of(q["cowfs"], "daemon_cpu_us_per_read"),
+        )
 
     def med(xs: Sequence[float]) -> float | None:
         return statistics.median(xs) if xs else None
@@ -1161,7 +1289,8 @@ def summarize(R: JSON) -> None:
     sp = R["store_after_prep"]
     R["store_after_prep_median"] = dict(
         deleted_files_bytes=med([s["deleted_files_bytes"] for s in sp]),
-        df_delta_bytes=med([s["df_delta_bytes"] for s in sp]))
+        df_delta_bytes=med([s["df_delta_bytes"] for s in sp]),
+    )
 
 
 def fmt(v: float | None, unit: str = "") -> str:
@@ -1181,70 +1310,116 @@ def table(rows: list[list[str]], right: set[int] | None = None) -> str:
     right = right if right is not None else set(range(1, len(widths)))
     lines = []
     for k, r in enumerate(rows):
-        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def report_text(cfg: Config, R: JSON) -> str:
-    out = [f"cowfs benchmark {R['date']}  image {human(cfg.size)}, {cfg.reps} rep(s), "
-           f"{cfg.runtime} s per time-based run; medians; ratio = cowfs/native "
-           "(higher is better)",
-           f"mount: {cfg.mount_cmd}", ""]
+    out = [
+        f"cowfs benchmark {R['date']}  image {human(cfg.size)}, {cfg.reps} rep(s), "
+        f"{cfg.runtime} s per time-based run; medians; ratio = cowfs/native "
+        "(higher is better)",
+        f"mount: {cfg.mount_cmd}",
+        "",
+    ]
     rows = [["workload", "unit", "native", "cowfs", "cowfs/native"]]
     for wl in WORKLOADS:
         w = R["workloads"][wl.key]
-        rows.append([wl.title(cfg), wl.unit, fmt(w.get("native_median")),
-                     fmt(w.get("cowfs_median")), fmt(w.get("ratio"), "x")])
+        rows.append(
+            [wl.title(cfg), wl.unit, fmt(w.get("native_median")), fmt(w.get("cowfs_median")), fmt(w.get("ratio"), "x")]
+        )
     out += [table(rows, {2, 3, 4}), ""]
 
     Q = R.get("qemu_reads", {})
     if any(q["native"] or q["cowfs"] for q in Q.values()):
         P = R.get("peers")
         peer_names = [n for n in P["setups"] if any(P["setups"][n]["qemu"].values())] if P else []
-        rows = [["qemu-img bench read (IOPS)", "native", "cowfs", "cowfs/native",
-                 "daemon CPU us/read", *(["peers: native"] if P else []), *peer_names]]
+        rows = [
+            [
+                "qemu-img bench read (IOPS)",
+                "native",
+                "cowfs",
+                "cowfs/native",
+                "daemon CPU us/read",
+                *(["peers: native"] if P else []),
+                *peer_names,
+            ]
+        ]
         for qr in QEMU_READS:
             q = Q[qr.key]
-            rows.append([q["title"], fmt(q.get("native_median")), fmt(q.get("cowfs_median")),
-                         fmt(q.get("ratio"), "x"), fmt(q.get("cowfs_daemon_cpu_us_per_read")),
-                         *([fmt(P["native_qemu"].get(qr.key))] if P else []),
-                         *[fmt(P["setups"][n]["qemu"].get(qr.key)) if P else "" for n in peer_names]])
+            rows.append(
+                [
+                    q["title"],
+                    fmt(q.get("native_median")),
+                    fmt(q.get("cowfs_median")),
+                    fmt(q.get("ratio"), "x"),
+                    fmt(q.get("cowfs_daemon_cpu_us_per_read")),
+                    *([fmt(P["native_qemu"].get(qr.key))] if P else []),
+                    *[fmt(P["setups"][n]["qemu"].get(qr.key)) if P else "" for n in peer_names],
+                ]
+            )
         out += [table(rows), ""]
         if peer_names:
             out += ["  (peer columns: IOPS from their own run, one sample, depth 16 only)", ""]
 
     fw, sp = R["first_write"], R.get("store_after_prep_median", {})
-    rows = [["metric", "native", "cowfs"],
-            [f"mount time ms (median of {len(R['mount']['mount_ms'])})", "-",
-             fmt(R["mount"].get("median_ms"))],
-            [f"first 4 KiB write ms, open+pwrite+close (median of {len(fw['cowfs'])})",
-             fmt(fw.get("native_median_ms")), fmt(fw.get("cowfs_median_ms"))],
-            ["daemon peak RSS during randwrite MiB (VmHWM, median)", "-",
-             mib(_kib(R.get("rss_randwrite_vmhwm_median_kib")))],
-            [f"store MiB after {human(cfg.prep)} distinct 4k writes: deleted files held open",
-             "-", mib(sp.get("deleted_files_bytes"))],
-            ["  same, change of df free space of the store dir", "-",
-             mib(sp.get("df_delta_bytes"))]]
+    rows = [
+        ["metric", "native", "cowfs"],
+        [f"mount time ms (median of {len(R['mount']['mount_ms'])})", "-", fmt(R["mount"].get("median_ms"))],
+        [
+            f"first 4 KiB write ms, open+pwrite+close (median of {len(fw['cowfs'])})",
+            fmt(fw.get("native_median_ms")),
+            fmt(fw.get("cowfs_median_ms")),
+        ],
+        [
+            "daemon peak RSS during randwrite MiB (VmHWM, median)",
+            "-",
+            mib(_kib(R.get("rss_randwrite_vmhwm_median_kib"))),
+        ],
+        [
+            f"store MiB after {human(cfg.prep)} distinct 4k writes: deleted files held open",
+            "-",
+            mib(sp.get("deleted_files_bytes")),
+        ],
+        ["  same, change of df free space of the store dir", "-", mib(sp.get("df_delta_bytes"))],
+    ]
     S = R.get("scale")
     if S and "verify_written" in S:
         rows += [
-            [f"scale: {S['writes_done']:,} random 4k writes, {human(S['size'])} sparse image",
-             "-", f"{S['write_s']:.1f} s, {fmt(S['rate_overall'])}/s"],
-            ["  writes/s first 10% / last 10% (last/first)", "-",
-             f"{fmt(S['rate_first10'])} / {fmt(S['rate_last10'])} "
-             f"({fmt(S['rate_last_over_first'], 'x')})"],
-            ["  writes/s in each tenth", "-",
-             " ".join(f"{r / 1000:.3g}k" for r in S["rate_deciles"])],
-            ["  daemon RSS MiB at the end (VmRSS / VmHWM)", "-",
-             f"{mib(_kib(S['daemon_vmrss_kib_end']))} / {mib(_kib(S['daemon_vmhwm_kib_end']))}"],
-            ["  store MiB at the end (deleted files / df change)", "-",
-             f"{mib(S['store_deleted_files_bytes'])} / {mib(S['store_df_delta_bytes'])}"],
-            ["  read back: written blocks ok / unwritten blocks zero", "-",
-             f"{S['verify_written'] - S['verify_written_bad']}/{S['verify_written']} / "
-             f"{S['verify_unwritten'] - S['verify_unwritten_bad']}/{S['verify_unwritten']}"]]
+            [
+                f"scale: {S['writes_done']:,} random 4k writes, {human(S['size'])} sparse image",
+                "-",
+                f"{S['write_s']:.1f} s, {fmt(S['rate_overall'])}/s",
+            ],
+            [
+                "  writes/s first 10% / last 10% (last/first)",
+                "-",
+                f"{fmt(S['rate_first10'])} / {fmt(S['rate_last10'])} ({fmt(S['rate_last_over_first'], 'x')})",
+            ],
+            ["  writes/s in each tenth", "-", " ".join(f"{r / 1000:.3g}k" for r in S["rate_deciles"])],
+            [
+                "  daemon RSS MiB at the end (VmRSS / VmHWM)",
+                "-",
+                f"{mib(_kib(S['daemon_vmrss_kib_end']))} / {mib(_kib(S['daemon_vmhwm_kib_end']))}",
+            ],
+            [
+                "  store MiB at the end (deleted files / df change)",
+                "-",
+                f"{mib(S['store_deleted_files_bytes'])} / {mib(S['store_df_delta_bytes'])}",
+            ],
+            [
+                "  read back: written blocks ok / unwritten blocks zero",
+                "-",
+                f"{S['verify_written'] - S['verify_written_bad']}/{S['verify_written']} / "
+                f"{S['verify_unwritten'] - S['verify_unwritten_bad']}/{S['verify_unwritten']}",
+            ],
+        ]
     elif S:
         rows.append(["scale test", "-", "did not complete"])
     out += [table(rows, {1}), ""]
@@ -1254,20 +1429,38 @@ def report_text(cfg: Config, R: JSON) -> str:
         names = list(P["setups"])
         rows = [["peers: ratio vs their native", "cowfs", *names]]
         for wl in WORKLOADS:
-            rows.append([wl.key, fmt(R["workloads"][wl.key].get("ratio"), "x"),
-                         *[fmt(P["setups"][n]["ratio"][wl.key], "x") for n in names]])
-        rows.append(["mount ms", fmt(R["mount"].get("median_ms")),
-                     *[fmt(P["setups"][n]["mount_ms"]) for n in names]])
-        rows.append(["first write ms", fmt(fw.get("cowfs_median_ms")),
-                     *[fmt(P["setups"][n]["first_write_ms"]) for n in names]])
-        rows.append(["daemon RSS MiB", mib(_kib(R.get("rss_randwrite_vmhwm_median_kib"))),
-                     *[mib(_kib(P["setups"][n]["rss_kib"])) for n in names]])
-        rows.append(["store after prep MiB", mib(sp.get("deleted_files_bytes")),
-                     *[mib(P["setups"][n]["store_after_prep_bytes"]) for n in names]])
-        out += [f"peers from {P['file']} (run {P['started']}, image "
-                f"{human(P['base_size'] or 0)}); their RSS is the sum of VmHWM of all their "
-                "daemons, their store includes files in their state dir",
-                table(rows), ""]
+            rows.append(
+                [
+                    wl.key,
+                    fmt(R["workloads"][wl.key].get("ratio"), "x"),
+                    *[fmt(P["setups"][n]["ratio"][wl.key], "x") for n in names],
+                ]
+            )
+        rows.append(["mount ms", fmt(R["mount"].get("median_ms")), *[fmt(P["setups"][n]["mount_ms"]) for n in names]])
+        rows.append(
+            ["first write ms", fmt(fw.get("cowfs_median_ms")), *[fmt(P["setups"][n]["first_write_ms"]) for n in names]]
+        )
+        rows.append(
+            [
+                "daemon RSS MiB",
+                mib(_kib(R.get("rss_randwrite_vmhwm_median_kib"))),
+                *[mib(_kib(P["setups"][n]["rss_kib"])) for n in names],
+            ]
+        )
+        rows.append(
+            [
+                "store after prep MiB",
+                mib(sp.get("deleted_files_bytes")),
+                *[mib(P["setups"][n]["store_after_prep_bytes"]) for n in names],
+            ]
+        )
+        out += [
+            f"peers from {P['file']} (run {P['started']}, image "
+            f"{human(P['base_size'] or 0)}); their RSS is the sum of VmHWM of all their "
+            "daemons, their store includes files in their state dir",
+            table(rows),
+            "",
+        ]
     nerr = len(R["errors"])
     out.append(f"status: {R['status']}; checks: " + (f"{nerr} FAILED" if nerr else "all passed"))
     out += [f"  - {e}" for e in R["errors"][:20]]
@@ -1286,54 +1479,75 @@ def chart(cfg: Config, R: JSON, path: Path) -> None:
     from matplotlib import ticker
 
     series: list[tuple[str, list[float | None]]] = [
-        ("cowfs", [R["workloads"][wl.key].get("ratio") for wl in WORKLOADS])]
+        ("cowfs", [R["workloads"][wl.key].get("ratio") for wl in WORKLOADS])
+    ]
     P = R.get("peers")
     if P:
         series += [(n, [s["ratio"][wl.key] for wl in WORKLOADS]) for n, s in P["setups"].items()]
     nser = len(series)
-    fig, ax = plt.subplots(figsize=(max(11.0, 1.0 + 1.1 * len(WORKLOADS) * (0.35 + 0.2 * nser)),
-                                    5.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(max(11.0, 1.0 + 1.1 * len(WORKLOADS) * (0.35 + 0.2 * nser)), 5.8), dpi=110)
     width = min(0.8 / nser, 0.45)
     cmap = plt.get_cmap("tab10")
     for k, (name, vals) in enumerate(series):
         xs = [i + width * (k + 0.5 - nser / 2) for i in range(len(WORKLOADS))]
         ys = [v if v else 0.0 for v in vals]
         color = "#d62728" if k == 0 else cmap([0, 1, 2, 4, 5, 6, 7, 8, 9][(k - 1) % 9])
-        bars = ax.bar(xs, ys, width * 0.92, label=name, color=color,
-                      alpha=1.0 if k == 0 else 0.75, edgecolor="black" if k == 0 else "none",
-                      linewidth=0.8, zorder=3)
+        bars = ax.bar(
+            xs,
+            ys,
+            width * 0.92,
+            label=name,
+            color=color,
+            alpha=1.0 if k == 0 else 0.75,
+            edgecolor="black" if k == 0 else "none",
+            linewidth=0.8,
+            zorder=3,
+        )
         if k == 0:
             for b, v in zip(bars, vals, strict=True):
-                ax.annotate(f"{v:.2g}x" if v else "n/a",
-                            (b.get_x() + b.get_width() / 2, v if v else 0.01),
-                            ha="center", va="bottom", fontsize=8, fontweight="bold",
-                            xytext=(0, 2), textcoords="offset points", zorder=4)
+                ax.annotate(
+                    f"{v:.2g}x" if v else "n/a",
+                    (b.get_x() + b.get_width() / 2, v if v else 0.01),
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                    fontweight="bold",
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    zorder=4,
+                )
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(
-        lambda y, _: f"{y:g}" if f"{y:g}"[0] in "25" else ""))
+    ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}" if f"{y:g}"[0] in "25" else ""))
     ax.tick_params(axis="y", which="minor", labelsize=7)
     ax.axhline(1.0, color="black", lw=1, ls="--", zorder=2)
-    ax.text(0.005, 1.0, "native = 1", transform=ax.get_yaxis_transform(), va="bottom",
-            ha="left", fontsize=8)
+    ax.text(0.005, 1.0, "native = 1", transform=ax.get_yaxis_transform(), va="bottom", ha="left", fontsize=8)
     ax.set_xticks(range(len(WORKLOADS)))
-    ax.set_xticklabels([f"{wl.key}\n{textwrap.fill(wl.title(cfg), 22)}\n({wl.unit})"
-                        for wl in WORKLOADS], fontsize=8)
+    ax.set_xticklabels([f"{wl.key}\n{textwrap.fill(wl.title(cfg), 22)}\n({wl.unit})" for wl in WORKLOADS], fontsize=8)
     ax.set_ylabel("throughput relative to native (log scale)")
     ax.grid(axis="y", which="both", alpha=0.3, zorder=0)
     ymin = min([v for _, vals in series for v in vals if v] + [1.0])
     ymax = max([v for _, vals in series for v in vals if v] + [1.0])
     ax.set_ylim(ymin / 2, ymax * 2.5)
-    title = (f"cowfs vs native: ratio of medians, higher is better\n{human(cfg.size)} image, "
-             f"{cfg.reps} rep(s), {cfg.runtime} s runs, {R['date'][:16]}, "
-             f"{R['machine']['nproc']} CPUs, kernel {R['machine']['kernel']}")
+    title = (
+        f"cowfs vs native: ratio of medians, higher is better\n{human(cfg.size)} image, "
+        f"{cfg.reps} rep(s), {cfg.runtime} s runs, {R['date'][:16]}, "
+        f"{R['machine']['nproc']} CPUs, kernel {R['machine']['kernel']}"
+    )
     if cfg.mount_cmd != DEFAULT_MOUNT:
         cmd = cfg.mount_cmd if len(cfg.mount_cmd) <= 100 else cfg.mount_cmd[:99] + "…"
         title += f"\nmount command: {cmd}"
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, ncol=min(nser, 5), loc="upper center", framealpha=0.9,
-              title=(f"peers: from {Path(P['file']).name} ({human(P['base_size'] or 0)} "
-                     "image), each vs its own native") if P else None, title_fontsize=7)
+    ax.legend(
+        fontsize=8,
+        ncol=min(nser, 5),
+        loc="upper center",
+        framealpha=0.9,
+        title=(f"peers: from {Path(P['file']).name} ({human(P['base_size'] or 0)} image), each vs its own native")
+        if P
+        else None,
+        title_fontsize=7,
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -1349,13 +1563,15 @@ def preflight(cfg: Config) -> None:
         raise BenchError("/dev/fuse missing: FUSE is not available")
     first = cfg.mount_cmd.split()[0] if cfg.mount_cmd.split() else ""
     venv_bin = Path(sys.executable).parent
-    if first == "cowfs" and shutil.which("cowfs", path=f"{venv_bin}:{os.environ.get('PATH')}") \
-            is None:
-        raise BenchError(f"cowfs not found in {venv_bin} or PATH (install the project into "
-                         "this venv, or pass --mount-cmd/--umount-cmd)")
+    if first == "cowfs" and shutil.which("cowfs", path=f"{venv_bin}:{os.environ.get('PATH')}") is None:
+        raise BenchError(
+            f"cowfs not found in {venv_bin} or PATH (install the project into "
+            "this venv, or pass --mount-cmd/--umount-cmd)"
+        )
     if libc_prctl(PR_SET_CHILD_SUBREAPER, 1) != 0:
-        log.warning("could not become a child subreaper: daemons that double-fork are not "
-                    "found (RSS/store numbers may be 0)")
+        log.warning(
+            "could not become a child subreaper: daemons that double-fork are not found (RSS/store numbers may be 0)"
+        )
 
 
 def libc_prctl(option: int, arg: int) -> int:
@@ -1373,23 +1589,42 @@ def run(cfg: Config, bench: Bench) -> None:
     R = bench.R
     R.update(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        argv=sys.argv[1:], machine=machine_info(), versions=versions(),
-        config=dict(size=cfg.size, reps=cfg.reps, runtime_s=cfg.runtime, prep=cfg.prep,
-                    mounts=cfg.mounts, quick=cfg.quick, work_dir=str(cfg.work),
-                    mount_cmd=cfg.mount_cmd, umount_cmd=cfg.umount_cmd,
-                    scale_size=cfg.scale_size, scale_writes=cfg.scale_writes,
-                    fio_common="ioengine=psync iodepth=1 numjobs=1 direct=0 invalidate=0 "
-                               "fallocate=none",
-                    cache="warm: base and native copy read fully before the workloads; page "
-                          "cache dropped only before each cold qemu-img bench run"),
+        argv=sys.argv[1:],
+        machine=machine_info(),
+        versions=versions(),
+        config=dict(
+            size=cfg.size,
+            reps=cfg.reps,
+            runtime_s=cfg.runtime,
+            prep=cfg.prep,
+            mounts=cfg.mounts,
+            quick=cfg.quick,
+            work_dir=str(cfg.work),
+            mount_cmd=cfg.mount_cmd,
+            umount_cmd=cfg.umount_cmd,
+            scale_size=cfg.scale_size,
+            scale_writes=cfg.scale_writes,
+            fio_common="ioengine=psync iodepth=1 numjobs=1 direct=0 invalidate=0 fallocate=none",
+            cache="warm: base and native copy read fully before the workloads; page "
+            "cache dropped only before each cold qemu-img bench run",
+        ),
         workloads={wl.key: dict(title=wl.title(cfg), native=[], cowfs=[]) for wl in WORKLOADS},
-        qemu_reads={qr.key: dict(title=qr.title(qemu_count(cfg)), depth=qr.depth,
-                                 cache=qr.cache, cold=qr.cold, native=[], cowfs=[])
-                    for qr in QEMU_READS},
-        mount=dict(mount_ms=[]), first_write=dict(native=[], cowfs=[]),
-        rss_randwrite=[], store_after_randwrite=[], store_after_prep=[],
+        qemu_reads={
+            qr.key: dict(
+                title=qr.title(qemu_count(cfg)), depth=qr.depth, cache=qr.cache, cold=qr.cold, native=[], cowfs=[]
+            )
+            for qr in QEMU_READS
+        },
+        mount=dict(mount_ms=[]),
+        first_write=dict(native=[], cowfs=[]),
+        rss_randwrite=[],
+        store_after_randwrite=[],
+        store_after_prep=[],
         prep=dict(native=[], cowfs=[]),
-        checks=dict(fresh_view_mismatching_blocks=[]), errors=bench.errors, status="running")
+        checks=dict(fresh_view_mismatching_blocks=[]),
+        errors=bench.errors,
+        status="running",
+    )
     if cfg.peers:
         R["peers"] = load_peers(cfg.peers)
     make_images(cfg)
@@ -1411,8 +1646,7 @@ def write_outputs(cfg: Config, R: JSON) -> None:
     summarize(R)
     R["finished"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "cowfs-bench-" + R["date"][:19].replace(":", "").replace("T", "-") + \
-        ("-quick" if cfg.quick else "")
+    stem = "cowfs-bench-" + R["date"][:19].replace(":", "").replace("T", "-") + ("-quick" if cfg.quick else "")
     jpath, ppath = cfg.out_dir / f"{stem}.json", cfg.out_dir / f"{stem}.png"
     jpath.write_text(json.dumps(R, indent=1) + "\n")
     if not any(w["native"] or w["cowfs"] for w in R["workloads"].values()):
@@ -1423,8 +1657,7 @@ def write_outputs(cfg: Config, R: JSON) -> None:
         chart(cfg, R, ppath)
         log.info("results: %s and %s", jpath, ppath)
     except ImportError:
-        log.error("matplotlib is not installed in this venv (pip install matplotlib): "
-                  "no chart; results: %s", jpath)
+        log.error("matplotlib is not installed in this venv (pip install matplotlib): no chart; results: %s", jpath)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

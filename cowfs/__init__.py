@@ -16,8 +16,11 @@ if TYPE_CHECKING:
     from .errors import UserError
     from .protocol import FileChange
 
-_HOMES = {"UserError": ".errors", "FileChange": ".protocol",
-          **{name: ".api" for name in __all__ if name not in ("UserError", "FileChange")}}
+_HOMES = {
+    "UserError": ".errors",
+    "FileChange": ".protocol",
+    **{name: ".api" for name in __all__ if name not in ("UserError", "FileChange")},
+}
 
 
 def __getattr__(name: str) -> Any:

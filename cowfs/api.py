@@ -121,7 +121,7 @@ class Mount:
             inside = getattr(message, "path", None)
             if isinstance(inside, str) and str(error).startswith(f"{inside}:"):
                 full = self.path if inside == "/" else self.path / inside.lstrip("/")
-                raise UserError(f"{full}{str(error)[len(inside):]}") from None
+                raise UserError(f"{full}{str(error)[len(inside) :]}") from None
             raise
 
     def _reply(self, record: type[R], message: Request) -> R:
@@ -129,8 +129,10 @@ class Mount:
         try:
             return record.from_wire(self._request(message))  # type: ignore[attr-defined, no-any-return]
         except ProtocolError as error:
-            raise UserError(f"{self.path}: unreadable answer from its cowfs daemon ({error}): "
-                            "is it another cowfs version? remount it") from None
+            raise UserError(
+                f"{self.path}: unreadable answer from its cowfs daemon ({error}): "
+                "is it another cowfs version? remount it"
+            ) from None
 
     def _inside(self, path: StrPath) -> str:
         """A path inside the mount: relative to it, or absolute under it."""
@@ -158,8 +160,9 @@ class Mount:
         an error; resetting everything when nothing changed is not."""
         self._request(ResetRequest("/" if path is None else self._inside(path), force))
 
-    def commit(self, path: StrPath, progress: transfer.Progress | None = None,
-               confirm: Callable[[Plan], bool] | None = None) -> None:
+    def commit(
+        self, path: StrPath, progress: transfer.Progress | None = None, confirm: Callable[[Plan], bool] | None = None
+    ) -> None:
         """Write the changes of one file into its base file (only the changed ranges, then fsync).
 
         Refuses, writing nothing, when the base changed since the mount used
@@ -170,18 +173,26 @@ class Mount:
         plan = self._reply(Plan, PathRequest(Op.COMMIT_PLAN, inside))
         if confirm is not None and not confirm(plan):
             raise UserError("commit cancelled, nothing written")
+
         def still_current() -> bool:
             try:
                 return self._reply(Plan, PathRequest(Op.COMMIT_PLAN, inside)).token == plan.token
             except UserError:
                 return False  # opened, changed or gone meanwhile
 
-        identity = transfer.commit(plan, self.path / inside.lstrip("/"), still_current,
-                                   progress or transfer._no_progress)
+        identity = transfer.commit(
+            plan, self.path / inside.lstrip("/"), still_current, progress or transfer._no_progress
+        )
         self._request(CommitDoneRequest(inside, plan.token, identity))
 
-    def export(self, path: StrPath, dest: StrPath, format: Literal["raw", "qcow2"] = "raw", force: bool = False,
-               progress: transfer.Progress | None = None) -> None:
+    def export(
+        self,
+        path: StrPath,
+        dest: StrPath,
+        format: Literal["raw", "qcow2"] = "raw",
+        force: bool = False,
+        progress: transfer.Progress | None = None,
+    ) -> None:
         """Save the current view of one file to ``dest`` without touching the base.
 
         ``raw``: a sparse full copy.  ``qcow2``: an overlay whose backing file is
@@ -202,9 +213,16 @@ def attach(mountpoint: StrPath) -> Mount:
 
 
 @contextlib.contextmanager
-def mount(base_dir: StrPath, mountpoint: StrPath | None = None, *, store: StrPath | None = None,
-          max_store: int | None = None, allow_other: bool = False, log_file: StrPath | None = None,
-          verbose: int = 0) -> Iterator[Mount]:
+def mount(
+    base_dir: StrPath,
+    mountpoint: StrPath | None = None,
+    *,
+    store: StrPath | None = None,
+    max_store: int | None = None,
+    allow_other: bool = False,
+    log_file: StrPath | None = None,
+    verbose: int = 0,
+) -> Iterator[Mount]:
     """Mount ``base_dir`` (on a temporary directory when ``mountpoint`` is None) for the
     duration of a ``with`` block; unmount on exit, also on exceptions and KeyboardInterrupt.
 
@@ -222,8 +240,13 @@ def mount(base_dir: StrPath, mountpoint: StrPath | None = None, *, store: StrPat
     if log_file is not None:
         argv += ["--log-file", os.fspath(log_file)]
     try:
-        result = subprocess.run(argv + ["--", os.fspath(base_dir), str(target)], capture_output=True, text=True,
-                                check=False, stdin=subprocess.DEVNULL)
+        result = subprocess.run(
+            argv + ["--", os.fspath(base_dir), str(target)],
+            capture_output=True,
+            text=True,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
         if result.returncode != 0:
             message = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "cowfs mount failed"
             raise UserError(message.removeprefix("cowfs: "))

@@ -25,9 +25,15 @@ from .namespace import ROOT_INO, WHITEOUT, Namespace, Node, base_path_text, iden
 from .overlay import BaseIdentity, OverlayFile
 from .protocol import ChangeState, ControlError, DiffReply, FileChange, Plan, StatusReply
 
-_KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink",
-          stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFBLK: "block device",
-          stat.S_IFCHR: "character device"}
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "directory",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFBLK: "block device",
+    stat.S_IFCHR: "character device",
+}
 
 
 # -- reports ---------------------------------------------------------------------
@@ -76,8 +82,14 @@ def status(namespace: Namespace) -> StatusReply:
         if base_path not in moved_from:
             found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
     found.sort(key=lambda change: change.path)
-    return StatusReply(str(namespace.base.path), str(namespace.store.directory), namespace.store.bytes_held,
-                       store_disk_bytes(namespace), namespace.store.limit, found)
+    return StatusReply(
+        str(namespace.base.path),
+        str(namespace.store.directory),
+        namespace.store.bytes_held,
+        store_disk_bytes(namespace),
+        namespace.store.limit,
+        found,
+    )
 
 
 def _describe(path: str, node: Node, primary: bool) -> FileChange | None:
@@ -94,8 +106,17 @@ def _describe(path: str, node: Node, primary: bool) -> FileChange | None:
     written, extents = _data_summary(node.data)
     data = node.data
     base_size = data.base_identity.size if data is not None and data.base_identity is not None else None
-    return FileChange(path, state, _KINDS.get(node.type, "other"), origin, data.size if data is not None else None,
-                      base_size, written, extents, node.opens)
+    return FileChange(
+        path,
+        state,
+        _KINDS.get(node.type, "other"),
+        origin,
+        data.size if data is not None else None,
+        base_size,
+        written,
+        extents,
+        node.opens,
+    )
 
 
 def _whiteouts(namespace: Namespace) -> list[tuple[str, BasePath]]:
@@ -148,8 +169,10 @@ def commit_plan(namespace: Namespace, path: str) -> Plan:
     if node.base_path is None:
         raise ControlError(f"{path}: created in the mount, it has no base file to commit to (use cowfs export)")
     if base_path_text(node.base_path) != path:
-        raise ControlError(f"{path}: renamed in the mount (from {base_path_text(node.base_path)}): "
-                           "commit writes file data only, reset or rename it back first")
+        raise ControlError(
+            f"{path}: renamed in the mount (from {base_path_text(node.base_path)}): "
+            "commit writes file data only, reset or rename it back first"
+        )
     if data is None or data.base_identity is None or not data.is_changed:
         raise ControlError(f"{path}: no data changes to commit")
     if node.opens:
@@ -176,9 +199,16 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         assert node.base_path is not None
         identity = BaseIdentity.of(namespace.base.lstat(node.base_path))
         return Plan(path, base_file, identity_dict(identity), identity.size, identity.size, [], [])
-    return Plan(path, base_file, identity_dict(data.base_identity) if data.base_identity is not None else None,
-                data.size, data.base_limit, _clip(data.written.ranges(zeros=False), data.size),
-                namespace.change_token(node), _clip(data.written.ranges(zeros=True), data.size))
+    return Plan(
+        path,
+        base_file,
+        identity_dict(data.base_identity) if data.base_identity is not None else None,
+        data.size,
+        data.base_limit,
+        _clip(data.written.ranges(zeros=False), data.size),
+        namespace.change_token(node),
+        _clip(data.written.ranges(zeros=True), data.size),
+    )
 
 
 def _clip(ranges: Iterator[tuple[int, int]], size: int) -> list[tuple[int, int]]:

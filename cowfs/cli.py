@@ -44,24 +44,53 @@ def path_argument(text: str) -> Path:
 # `-o` options (comma-separated, as mount(8) and mount.fuse3 pass them), by what they do.
 # cowfs's own: the same destinations and validators as the long options.
 _VALUE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "store": ("store", path_argument), "max_store": ("max_store", size_argument),
-    "log_file": ("log_file", path_argument)}
-_FLAG_OPTIONS = {"allow_other": ("allow_other", True), "allow_root": ("allow_root", True),
-                 "noexec": ("noexec", True), "exec": ("noexec", False)}
+    "store": ("store", path_argument),
+    "max_store": ("max_store", size_argument),
+    "log_file": ("log_file", path_argument),
+}
+_FLAG_OPTIONS = {
+    "allow_other": ("allow_other", True),
+    "allow_root": ("allow_root", True),
+    "noexec": ("noexec", True),
+    "exec": ("noexec", False),
+}
 # Always so in a cowfs mount (permissions are checked by the kernel; no devices, no setuid).
 _ALWAYS_SO = {"rw", "default_permissions", "nodev", "nosuid"}
 # For mount(8), fstab and systemd themselves, or added by mount.fuse3 to every mount
 # (`dev,suid`: a cowfs mount stays nodev,nosuid): accepted and ignored.
-_IGNORED = {"defaults", "auto", "noauto", "nofail", "_netdev", "user", "users", "nouser", "owner", "group",
-            "dev", "suid", "async", "atime", "noatime", "relatime", "strictatime", "nodiratime"}
+_IGNORED = {
+    "defaults",
+    "auto",
+    "noauto",
+    "nofail",
+    "_netdev",
+    "user",
+    "users",
+    "nouser",
+    "owner",
+    "group",
+    "dev",
+    "suid",
+    "async",
+    "atime",
+    "noatime",
+    "relatime",
+    "strictatime",
+    "nodiratime",
+}
 _IGNORED_PREFIXES = ("x-", "comment=")
 
 
 class _MountOptions(argparse.Action):
     """``-o store=DIR,max_store=10G,allow_other,nofail``: each one as its long option would set it."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         for option in str(values).split(","):
             if not option:
                 continue  # "a,,b", as mount.fuse3 skips it
@@ -79,11 +108,15 @@ class _MountOptions(argparse.Action):
             elif name in _FLAG_OPTIONS:
                 setattr(namespace, *_FLAG_OPTIONS[name])
             elif name == "ro":
-                raise argparse.ArgumentError(self, "ro: a cowfs mount is writable by design (its writes are "
-                                             "thrown away at unmount); drop ro")
+                raise argparse.ArgumentError(
+                    self, "ro: a cowfs mount is writable by design (its writes are thrown away at unmount); drop ro"
+                )
             elif not (name in _ALWAYS_SO or name in _IGNORED or option.startswith(_IGNORED_PREFIXES)):
-                raise argparse.ArgumentError(self, f"unknown mount option {option!r}: cowfs takes store=, "
-                                             "max_store=, log_file=, allow_other, allow_root, noexec")
+                raise argparse.ArgumentError(
+                    self,
+                    f"unknown mount option {option!r}: cowfs takes store=, "
+                    "max_store=, log_file=, allow_other, allow_root, noexec",
+                )
 
 
 _EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log"}
@@ -96,43 +129,79 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cowfs", description="Mount a directory of disk images as disposable, writable copies.",
-                     epilog="cowfs BASE_DIR MOUNTPOINT [-o OPTIONS] (as mount.fuse3 runs it) means cowfs mount.")
+    parser = _Parser(
+        prog="cowfs",
+        description="Mount a directory of disk images as disposable, writable copies.",
+        epilog="cowfs BASE_DIR MOUNTPOINT [-o OPTIONS] (as mount.fuse3 runs it) means cowfs mount.",
+    )
     parser.add_argument("-V", "--version", action="version", version=f"cowfs {__version__}")
     # -v and -f also after `mount` (other dests there: a subcommand's defaults would overwrite these).
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (repeat for debug)")
     parser.add_argument("-f", "--foreground", action="store_true", help="mount: stay in the foreground")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    mount = commands.add_parser("mount", help="mount BASE_DIR on MOUNTPOINT; writes are thrown away at umount",
-                                description="Mount BASE_DIR on MOUNTPOINT. Every file shows up writable; "
-                                "writes go to a deleted temporary store and are gone at umount.")
+    mount = commands.add_parser(
+        "mount",
+        help="mount BASE_DIR on MOUNTPOINT; writes are thrown away at umount",
+        description="Mount BASE_DIR on MOUNTPOINT. Every file shows up writable; "
+        "writes go to a deleted temporary store and are gone at umount.",
+    )
     mount.add_argument("base_dir", metavar="BASE_DIR", type=path_argument)
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=path_argument)
-    mount.add_argument("--store", metavar="DIR", type=path_argument, default=None,
-                       help="where the (deleted) store files live (default: $TMPDIR, else /var/tmp)")
-    mount.add_argument("--max-store", metavar="SIZE", type=size_argument, default=None,
-                       help="fail writes with ENOSPC once the mount holds SIZE of written data (e.g. 10G)")
-    mount.add_argument("--allow-other", action="store_true",
-                       help="let other users in (with normal permission checks; needs user_allow_other "
-                       "in /etc/fuse.conf when not root)")
-    mount.add_argument("--allow-root", action="store_true",
-                       help="let root in too, and no one else (needs user_allow_other in /etc/fuse.conf "
-                       "when not root)")
-    mount.add_argument("-f", "--foreground", action="store_true", default=argparse.SUPPRESS,
-                       help="stay in the foreground, logging to stderr")
-    mount.add_argument("-v", "--verbose", action="count", dest="mount_verbose", default=0,
-                       help="more log output (repeat for debug)")
-    mount.add_argument("--log-file", metavar="FILE", type=path_argument, default=None,
-                       help="append the daemon's log to FILE")
-    mount.add_argument("-o", metavar="OPTIONS", action=_MountOptions, dest="options",
-                       help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, allow_other, "
-                       "allow_root, noexec; rw, default_permissions, nofail, _netdev, x-systemd.* and the like "
-                       "are accepted and ignored; ro is refused")
+    mount.add_argument(
+        "--store",
+        metavar="DIR",
+        type=path_argument,
+        default=None,
+        help="where the (deleted) store files live (default: $TMPDIR, else /var/tmp)",
+    )
+    mount.add_argument(
+        "--max-store",
+        metavar="SIZE",
+        type=size_argument,
+        default=None,
+        help="fail writes with ENOSPC once the mount holds SIZE of written data (e.g. 10G)",
+    )
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users in (with normal permission checks; needs user_allow_other "
+        "in /etc/fuse.conf when not root)",
+    )
+    mount.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="let root in too, and no one else (needs user_allow_other in /etc/fuse.conf when not root)",
+    )
+    mount.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="stay in the foreground, logging to stderr",
+    )
+    mount.add_argument(
+        "-v", "--verbose", action="count", dest="mount_verbose", default=0, help="more log output (repeat for debug)"
+    )
+    mount.add_argument(
+        "--log-file", metavar="FILE", type=path_argument, default=None, help="append the daemon's log to FILE"
+    )
+    mount.add_argument(
+        "-o",
+        metavar="OPTIONS",
+        action=_MountOptions,
+        dest="options",
+        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, allow_other, "
+        "allow_root, noexec; rw, default_permissions, nofail, _netdev, x-systemd.* and the like "
+        "are accepted and ignored; ro is refused",
+    )
     mount.set_defaults(noexec=False)
 
-    umount = commands.add_parser("umount", help="unmount and throw away every write",
-                                 description="Unmount a cowfs mount; every write made in it is gone.")
+    umount = commands.add_parser(
+        "umount",
+        help="unmount and throw away every write",
+        description="Unmount a cowfs mount; every write made in it is gone.",
+    )
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     umount.add_argument("-l", "--lazy", action="store_true", help="detach now even if files are open")
     _add_control_commands(commands)
@@ -140,40 +209,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_control_commands(commands: Any) -> None:
-    listing = commands.add_parser("list", help="every live cowfs mount (yours; all of them for root)",
-                                  description="List the cowfs mounts of the calling user (every one for root): "
-                                  "mountpoint, base, store, bytes written, limit, daemon pid; dead ones too.")
+    listing = commands.add_parser(
+        "list",
+        help="every live cowfs mount (yours; all of them for root)",
+        description="List the cowfs mounts of the calling user (every one for root): "
+        "mountpoint, base, store, bytes written, limit, daemon pid; dead ones too.",
+    )
     listing.add_argument("--json", action="store_true", help="stable JSON for scripts")
 
-    status = commands.add_parser("status", help="what a mount changed and how much store it uses",
-                                 description="Show the base, the store and every changed path of a mount; "
-                                 "with no MOUNTPOINT, the same as cowfs list.")
+    status = commands.add_parser(
+        "status",
+        help="what a mount changed and how much store it uses",
+        description="Show the base, the store and every changed path of a mount; "
+        "with no MOUNTPOINT, the same as cowfs list.",
+    )
     status.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, nargs="?")
     status.add_argument("--json", action="store_true", help="stable JSON for scripts")
 
-    diff = commands.add_parser("diff", help="changed byte ranges of one file",
-                               description="Show the byte ranges of a file that differ from its base.")
+    diff = commands.add_parser(
+        "diff",
+        help="changed byte ranges of one file",
+        description="Show the byte ranges of a file that differ from its base.",
+    )
     diff.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
     diff.add_argument("--json", action="store_true", help="stable JSON for scripts")
     diff.add_argument("--map", action="store_true", help="draw the file as a strip shaded by how much changed")
 
-    reset = commands.add_parser("reset", help="throw away the changes of one path (or all) while mounted",
-                                description="Throw away the changes of MOUNTPOINT/PATH (a directory: everything "
-                                "under it; the mountpoint: everything). Store space is freed at once. Refuses "
-                                "while an affected file is open, unless --force (open handles then see the base).")
+    reset = commands.add_parser(
+        "reset",
+        help="throw away the changes of one path (or all) while mounted",
+        description="Throw away the changes of MOUNTPOINT/PATH (a directory: everything "
+        "under it; the mountpoint: everything). Store space is freed at once. Refuses "
+        "while an affected file is open, unless --force (open handles then see the base).",
+    )
     reset.add_argument("path", metavar="MOUNTPOINT[/PATH]", type=Path)
     reset.add_argument("--force", action="store_true", help="reset open files too: their handles see the base")
 
-    commit = commands.add_parser("commit", help="write the changes of one file back into its base",
-                                 description="Write the changed ranges of MOUNTPOINT/FILE into its base file, "
-                                 "apply its size, fsync. Refuses (nothing written) if the base changed since the "
-                                 "mount used it or is not writable. The mount's view stays the same.")
+    commit = commands.add_parser(
+        "commit",
+        help="write the changes of one file back into its base",
+        description="Write the changed ranges of MOUNTPOINT/FILE into its base file, "
+        "apply its size, fsync. Refuses (nothing written) if the base changed since the "
+        "mount used it or is not writable. The mount's view stays the same.",
+    )
     commit.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
     commit.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
 
-    export = commands.add_parser("export", help="save the current view of one file, without touching the base",
-                                 description="Save MOUNTPOINT/FILE as DEST: raw (a sparse full copy) or qcow2 "
-                                 "(an overlay backed by the base file, holding only the changes).")
+    export = commands.add_parser(
+        "export",
+        help="save the current view of one file, without touching the base",
+        description="Save MOUNTPOINT/FILE as DEST: raw (a sparse full copy) or qcow2 "
+        "(an overlay backed by the base file, holding only the changes).",
+    )
     export.add_argument("file", metavar="MOUNTPOINT/FILE", type=Path)
     export.add_argument("dest", metavar="DEST", type=Path)
     export.add_argument("--format", choices=("raw", "qcow2"), default="raw", help="raw (default) or qcow2")
@@ -203,8 +290,9 @@ def _setup_logging(verbosity: int, log_file: Path | None, to_stderr: bool) -> No
         handlers.append(logging.StreamHandler())
     if not handlers:
         handlers.append(logging.NullHandler())
-    logging.basicConfig(level=level, handlers=handlers,
-                        format="%(asctime)s cowfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level, handlers=handlers, format="%(asctime)s cowfs[%(process)d] %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _directory(path: Path, role: str) -> Path:
@@ -272,8 +360,7 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     if args.log_file is not None:
         _check_log_file(args.log_file)
     mounts.fusermount()
-    return MountConfig(base_dir, mountpoint, store_dir, args.max_store, args.allow_other, args.allow_root,
-                       args.noexec)
+    return MountConfig(base_dir, mountpoint, store_dir, args.max_store, args.allow_other, args.allow_root, args.noexec)
 
 
 def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
@@ -305,8 +392,9 @@ def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
     if message == "ready":
         return 0
     _, status = os.waitpid(pid, 0)
-    raise UserError(message or f"the cowfs daemon exited with status {os.waitstatus_to_exitcode(status)} "
-                    "before mounting")
+    raise UserError(
+        message or f"the cowfs daemon exited with status {os.waitstatus_to_exitcode(status)} before mounting"
+    )
 
 
 def _detach() -> None:

@@ -59,9 +59,13 @@ MAX_CONNECTIONS = 64
 class ControlServer:
     """A listening abstract socket and the request handlers of one mount."""
 
-    def __init__(self, namespace: Namespace, kernel_cache: KernelCache,
-                 features: Callable[[], list[Feature]] = list,
-                 request_counts: Callable[[], dict[str, int]] = dict) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        kernel_cache: KernelCache,
+        features: Callable[[], list[Feature]] = list,
+        request_counts: Callable[[], dict[str, int]] = dict,
+    ) -> None:
         self.namespace = namespace
         self.kernel_cache = kernel_cache
         self._features = features
@@ -98,7 +102,8 @@ class ControlServer:
         try:
             with connection:
                 pid, uid, _ = _CREDENTIALS.unpack(
-                    connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+                    connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+                )
                 # Read the (bounded) request line even from a refused peer: closing with its
                 # request unread would reset the connection before it reads the refusal.
                 with trio.fail_after(REQUEST_TIMEOUT):
@@ -109,8 +114,10 @@ class ControlServer:
                         return
                 if uid not in (self.owner_uid, 0):
                     log.info("refused a control connection from uid %d (pid %d)", uid, pid)
-                    await _send(connection, error_reply("permission denied: only the user who mounted "
-                                                        "(or root) may control this mount"))
+                    await _send(
+                        connection,
+                        error_reply("permission denied: only the user who mounted (or root) may control this mount"),
+                    )
                     return
                 await _send(connection, await self.answer(line))
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as error:
@@ -151,8 +158,9 @@ class ControlServer:
         return changes.export_plan(self.namespace, request.path)
 
     def _status(self) -> StatusReply:
-        return dataclasses.replace(changes.status(self.namespace), features=self._features(),
-                                   requests=self._request_counts())
+        return dataclasses.replace(
+            changes.status(self.namespace), features=self._features(), requests=self._request_counts()
+        )
 
     async def _reset(self, request: ResetRequest) -> ResetReply:
         # Dirty pages of open files would otherwise reach us after the reset.

@@ -33,8 +33,7 @@ def _file_argument(path: Path) -> tuple[Mount, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    commands = {"list": _list, "status": _status, "diff": _diff, "reset": _reset, "commit": _commit,
-                "export": _export}
+    commands = {"list": _list, "status": _status, "diff": _diff, "reset": _reset, "commit": _commit, "export": _export}
     return commands[args.command](args)
 
 
@@ -48,13 +47,25 @@ def list_mounts() -> list[dict[str, Any]]:
     entries = {entry.mountpoint: entry for entry in mounts.cowfs_mounts(None if os.getuid() == 0 else os.getuid())}
     found = []
     for mountpoint in map(Path, entries):  # the last mount on a mountpoint: the others are hidden
-        row: dict[str, Any] = {"mountpoint": str(mountpoint), "state": "live", "pid": None, "base_dir": None,
-                               "store_dir": None, "store_bytes": None, "max_store": None}
+        row: dict[str, Any] = {
+            "mountpoint": str(mountpoint),
+            "state": "live",
+            "pid": None,
+            "base_dir": None,
+            "store_dir": None,
+            "store_bytes": None,
+            "max_store": None,
+        }
         try:
             pid = mounts.control_info(mountpoint).pid
             status = Mount(mountpoint).status()
-            row.update(pid=pid, base_dir=str(status.base_dir), store_dir=str(status.store_dir),
-                       store_bytes=status.store_bytes, max_store=status.max_store)
+            row.update(
+                pid=pid,
+                base_dir=str(status.base_dir),
+                store_dir=str(status.store_dir),
+                store_bytes=status.store_bytes,
+                max_store=status.max_store,
+            )
         except UserError as error:
             if mounts.is_dead(mountpoint):
                 row.update(state="dead", clear=f"cowfs umount {mountpoint}")
@@ -80,14 +91,26 @@ def print_mounts(found: list[dict[str, Any]], out: TextIO) -> None:
     rows = [("MOUNTPOINT", "STATE", "PID", "WRITTEN", "LIMIT", "BASE", "STORE")]
     for row in found:
         live = row["state"] == "live"
-        rows.append((row["mountpoint"], row["state"], str(row["pid"]) if live else "-",
-                     format_size(row["store_bytes"]) if live else "-",
-                     (format_size(row["max_store"]) if row["max_store"] is not None else "none") if live else "-",
-                     row["base_dir"] or "-", row["store_dir"] or "-"))
+        rows.append(
+            (
+                row["mountpoint"],
+                row["state"],
+                str(row["pid"]) if live else "-",
+                format_size(row["store_bytes"]) if live else "-",
+                (format_size(row["max_store"]) if row["max_store"] is not None else "none") if live else "-",
+                row["base_dir"] or "-",
+                row["store_dir"] or "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for cells in rows:
-        print("  ".join(f"{cell:<{width}}" if index in (0, 1, 5, 6) else f"{cell:>{width}}"
-                        for index, (cell, width) in enumerate(zip(cells, widths, strict=True))).rstrip(), file=out)
+        print(
+            "  ".join(
+                f"{cell:<{width}}" if index in (0, 1, 5, 6) else f"{cell:>{width}}"
+                for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip(),
+            file=out,
+        )
     for row in found:
         if row["state"] == "dead":
             print(f"{row['mountpoint']}: its daemon is gone; clear it with {row['clear']}", file=out)
@@ -114,8 +137,11 @@ def print_status(status: Status, out: TextIO) -> None:
     limit = f", limit {format_size(status.max_store)}" if status.max_store is not None else ""
     print(f"mount  {status.mountpoint}", file=out)
     print(f"base   {status.base_dir}", file=out)
-    print(f"store  {status.store_dir}: {format_size(status.store_bytes)} written, "
-          f"{format_size(status.store_disk_bytes)} on disk{limit}", file=out)
+    print(
+        f"store  {status.store_dir}: {format_size(status.store_bytes)} written, "
+        f"{format_size(status.store_disk_bytes)} on disk{limit}",
+        file=out,
+    )
     if status.features:
         print(f"kernel {summary(status.features)}", file=out)
     if not status.changes:
@@ -127,13 +153,22 @@ def print_status(status: Status, out: TextIO) -> None:
         path = change.path + (f"  (from {change.renamed_from})" if change.renamed_from else "")
         if change.type not in (None, "file"):
             path += f"  [{change.type}]"
-        rows.append((change.state, "-" if deleted else format_size(change.bytes_written),
-                     "-" if deleted else str(change.extents), format_size(change.size), path))
+        rows.append(
+            (
+                change.state,
+                "-" if deleted else format_size(change.bytes_written),
+                "-" if deleted else str(change.extents),
+                format_size(change.size),
+                path,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     print(file=out)
     for row in rows:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}",
-              file=out)
+        print(
+            f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}",
+            file=out,
+        )
 
 
 # -- diff ---------------------------------------------------------------------------
@@ -152,9 +187,11 @@ def _diff(args: argparse.Namespace) -> int:
         width = max(10, shutil.get_terminal_size().columns - 2)
         print(f"|{change_map(diff, width)}|")
         cell = -(-diff.size // width) if diff.size else 0
-        print(f"{diff.path}: {format_size(diff.changed_bytes)} changed of {format_size(diff.size)}, "
-              f"one cell = {format_size(cell)}; "
-              f"'░' under 1/4 changed, '▒' under 1/2, '▓' under 3/4, '█' more")
+        print(
+            f"{diff.path}: {format_size(diff.changed_bytes)} changed of {format_size(diff.size)}, "
+            f"one cell = {format_size(cell)}; "
+            f"'░' under 1/4 changed, '▒' under 1/2, '▓' under 3/4, '█' more"
+        )
         return 0
     print_diff(diff, sys.stdout)
     return 0
@@ -163,11 +200,15 @@ def _diff(args: argparse.Namespace) -> int:
 def print_diff(diff: FileDiff, out: TextIO) -> None:
     base = "created in the mount" if diff.base_size is None else f"base {format_size(diff.base_size)}"
     count = len(diff.ranges)
-    print(f"{diff.path}: {format_size(diff.changed_bytes)} changed in {count} range{'s' if count != 1 else ''}, "
-          f"size {format_size(diff.size)} ({base})", file=out)
+    print(
+        f"{diff.path}: {format_size(diff.changed_bytes)} changed in {count} range{'s' if count != 1 else ''}, "
+        f"size {format_size(diff.size)} ({base})",
+        file=out,
+    )
     if diff.ranges:
-        rows = [("START", "END", "LENGTH")] + [(str(start), str(end), format_size(end - start))
-                                               for start, end in diff.ranges]
+        rows = [("START", "END", "LENGTH")] + [
+            (str(start), str(end), format_size(end - start)) for start, end in diff.ranges
+        ]
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         for row in rows:
             print(f"{row[0]:>{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}", file=out)
@@ -225,8 +266,10 @@ class ProgressBar:
         share = done / total if total else 1.0
         bar_width = max(10, min(40, shutil.get_terminal_size().columns - len(self.label) - 35))
         filled = int(share * bar_width)
-        self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (bar_width - filled)}] {share:4.0%} "
-                          f"{format_size(done)}/{format_size(total)}\033[K")
+        self.stream.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (bar_width - filled)}] {share:4.0%} "
+            f"{format_size(done)}/{format_size(total)}\033[K"
+        )
         self.stream.flush()
 
     def finish(self) -> None:
@@ -247,8 +290,10 @@ def _commit(args: argparse.Namespace) -> int:
 
     def confirm(plan: Plan) -> bool:
         count = len(plan.written)
-        question = (f"Write {format_size(plan.written_bytes)} of changes ({count} range{'s' if count != 1 else ''}, "
-                    f"size {format_size(plan.size)}) of {args.file} into {plan.base_file}? This cannot be undone.")
+        question = (
+            f"Write {format_size(plan.written_bytes)} of changes ({count} range{'s' if count != 1 else ''}, "
+            f"size {format_size(plan.size)}) of {args.file} into {plan.base_file}? This cannot be undone."
+        )
         return args.yes or _confirm(question)
 
     progress = ProgressBar(f"committing {inside.lstrip('/')}")
@@ -269,4 +314,3 @@ def _export(args: argparse.Namespace) -> int:
         progress.finish()
     print(f"exported {args.file} to {args.dest} ({args.format})")
     return 0
-

@@ -70,5 +70,11 @@ def reset() -> None:
 def log_summary() -> None:
     """One debug line per opcode, busiest first."""
     for opcode, entry in sorted(snapshot().items(), key=lambda item: -item[1]["count"]):
-        log.debug("requests: %-11s %9d (%d errors), %.3f s in the handler, %.1f us each",
-                  opcode, entry["count"], entry["errors"], entry["handler_s"], entry["mean_us"])
+        log.debug(
+            "requests: %-11s %9d (%d errors), %.3f s in the handler, %.1f us each",
+            opcode,
+            entry["count"],
+            entry["errors"],
+            entry["handler_s"],
+            entry["mean_us"],
+        )

@@ -85,10 +85,15 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     found = Pyfuse3Features.of(pyfuse3)
     log_missing(found)
     kernel_cache = KernelCache()
-    control_server = ControlServer(namespace, kernel_cache, lambda: describe(found, _granted_init_flags(found)),
-                                   lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()})
-    control = ControlInfo(os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir),
-                          config.max_store).to_json()
+    control_server = ControlServer(
+        namespace,
+        kernel_cache,
+        lambda: describe(found, _granted_init_flags(found)),
+        lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
+    )
+    control = ControlInfo(
+        os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir), config.max_store
+    ).to_json()
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache)
     operations.mountpoint = str(config.mountpoint)
     try:

@@ -32,8 +32,12 @@ class Pyfuse3Features:
     @classmethod
     def of(cls, pyfuse3: ModuleType) -> Pyfuse3Features:
         operations = pyfuse3.Operations
-        return cls(str(getattr(pyfuse3, "__version__", "?")), hasattr(operations, "fallocate"),
-                   hasattr(operations, "lseek"), hasattr(pyfuse3, "negotiated_init_flags"))
+        return cls(
+            str(getattr(pyfuse3, "__version__", "?")),
+            hasattr(operations, "fallocate"),
+            hasattr(operations, "lseek"),
+            hasattr(pyfuse3, "negotiated_init_flags"),
+        )
 
 
 def describe(found: Pyfuse3Features, granted_init_flags: int | None) -> list[Feature]:
@@ -48,8 +52,11 @@ def describe(found: Pyfuse3Features, granted_init_flags: int | None) -> list[Fea
     else:
         killpriv = Feature("killpriv_v2", False, "the kernel did not offer it")
     return [
-        Feature("fallocate", found.fallocate,
-                "punch hole, zero range, preallocation; discard frees store space" if found.fallocate else stock),
+        Feature(
+            "fallocate",
+            found.fallocate,
+            "punch hole, zero range, preallocation; discard frees store space" if found.fallocate else stock,
+        ),
         Feature("lseek", found.lseek, "SEEK_DATA/SEEK_HOLE find holes" if found.lseek else stock),
         killpriv,
     ]

@@ -50,9 +50,25 @@ READ_AHEAD_KIB = 1024
 BDI_SETTINGS = {"read_ahead_kb": str(READ_AHEAD_KIB), "max_ratio": "50"}
 
 # Errors that are a normal answer, not worth a log line above debug.
-_QUIET_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENODATA, errno.ENOTDIR,
-                           errno.EISDIR, errno.EINVAL, errno.ENAMETOOLONG, errno.EPERM, errno.EACCES,
-                           errno.ENOSPC, errno.EXDEV, errno.ENXIO, errno.EOPNOTSUPP, errno.EMLINK})
+_QUIET_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.ENODATA,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EINVAL,
+        errno.ENAMETOOLONG,
+        errno.EPERM,
+        errno.EACCES,
+        errno.ENOSPC,
+        errno.EXDEV,
+        errno.ENXIO,
+        errno.EOPNOTSUPP,
+        errno.EMLINK,
+    }
+)
 
 # Read-only attribute of the mount root: how many inodes the daemon tracks (tests check it stays flat).
 NODE_COUNT_XATTR = b"user.cowfs.nodes"
@@ -171,8 +187,12 @@ class CowfsOperations(pyfuse3.Operations):
     # Where readdir entries go: the kernel's reply buffer (tests/ops collects them instead).
     readdir_reply = staticmethod(pyfuse3.readdir_reply)
 
-    def __init__(self, namespace: Namespace, virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None,
-                 kernel_cache: KernelCache | None = None) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None,
+        kernel_cache: KernelCache | None = None,
+    ) -> None:
         super().__init__()
         self.ns = namespace
         self.kernel_cache = kernel_cache or KernelCache()
@@ -236,8 +256,9 @@ class CowfsOperations(pyfuse3.Operations):
         return _entry(self.ns.getattr(inode))
 
     @_errno_replies
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
         st = self.ns.setattr(
             inode,
             size=attr.st_size if fields.update_size else None,
@@ -275,8 +296,9 @@ class CowfsOperations(pyfuse3.Operations):
         self.ns.rmdir(parent_inode, name)
 
     @_errno_replies
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: Any) -> None:
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any
+    ) -> None:
         self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_errno_replies
@@ -294,8 +316,9 @@ class CowfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     @_errno_replies
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, opened=True)
         handle = self._new_handle(node, flags)
         return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)
@@ -480,4 +503,3 @@ class CowfsOperations(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and (name in self._virtual_xattrs() or name == NODE_COUNT_XATTR):
             raise OSError(errno.EPERM, "read-only attribute")
         self.ns.removexattr(inode, name)
-

@@ -31,7 +31,7 @@ class MountEntry:
     def option(self, name: str) -> str | None:
         """The value of ``name=value`` among the options, None when absent."""
         prefix = name + "="
-        return next((option[len(prefix):] for option in self.options if option.startswith(prefix)), None)
+        return next((option[len(prefix) :] for option in self.options if option.startswith(prefix)), None)
 
 
 def unescape_mount_field(field: str) -> str:
@@ -45,7 +45,7 @@ def parse_mountinfo_line(line: str) -> MountEntry | None:
     fields = line.split()
     try:
         separator = fields.index("-", 6)
-        fstype, source, super_options = fields[separator + 1: separator + 4]
+        fstype, source, super_options = fields[separator + 1 : separator + 4]
     except ValueError:
         return None
     options = tuple(fields[5].split(",")) + tuple(super_options.split(","))
@@ -74,8 +74,11 @@ def is_mounted(path: Path | str) -> bool:
 
 def cowfs_mounts(uid: int | None) -> list[MountEntry]:
     """Every cowfs mount, in mount order; only those ``uid`` mounted unless None."""
-    return [entry for entry in mount_table()
-            if entry.fstype == FSTYPE and (uid is None or entry.option("user_id") == str(uid))]
+    return [
+        entry
+        for entry in mount_table()
+        if entry.fstype == FSTYPE and (uid is None or entry.option("user_id") == str(uid))
+    ]
 
 
 def control_info(mountpoint: Path) -> ControlInfo:
@@ -84,8 +87,9 @@ def control_info(mountpoint: Path) -> ControlInfo:
         return read_control_info(mountpoint)
     except OSError as error:
         if error.errno == errno.ENOTCONN:
-            raise UserError(f"{mountpoint} is a dead mount (its daemon is gone): run cowfs umount {mountpoint}") \
-                from None
+            raise UserError(
+                f"{mountpoint} is a dead mount (its daemon is gone): run cowfs umount {mountpoint}"
+            ) from None
         raise UserError(f"{mountpoint}: cannot reach the cowfs daemon ({error.strerror or error})") from None
 
 

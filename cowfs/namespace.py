@@ -96,8 +96,13 @@ def base_path_text(parts: BasePath) -> str:
 
 
 def identity_dict(identity: BaseIdentity) -> dict[str, int]:
-    return {"dev": identity.dev, "ino": identity.ino, "size": identity.size,
-            "mtime_ns": identity.mtime_ns, "ctime_ns": identity.ctime_ns}
+    return {
+        "dev": identity.dev,
+        "ino": identity.ino,
+        "size": identity.size,
+        "mtime_ns": identity.mtime_ns,
+        "ctime_ns": identity.ctime_ns,
+    }
 
 
 def _now() -> int:
@@ -184,8 +189,13 @@ class Node:
     def held_by_base_names(self) -> bool:
         """A changed base file with names in BASE_DIR the mount has not listed in entries
         (other hard links of it): it must stay, so that those names show its changes."""
-        return (not self.is_dir and self.attrs is not None and self.base_path is not None
-                and not self.unlinked and self.attrs.nlink > len(self.links))
+        return (
+            not self.is_dir
+            and self.attrs is not None
+            and self.base_path is not None
+            and not self.unlinked
+            and self.attrs.nlink > len(self.links)
+        )
 
 
 class Namespace:
@@ -245,8 +255,12 @@ class Namespace:
             return None
         ino = self._ino_for_base(st.st_dev, st.st_ino)
         node = self.nodes.get(ino)
-        if (node is not None and node.base_path != path and (node.pinned or node.opens or node.attrs is not None)
-                and not self._holds_base_object(node, st)):
+        if (
+            node is not None
+            and node.base_path != path
+            and (node.pinned or node.opens or node.attrs is not None)
+            and not self._holds_base_object(node, st)
+        ):
             # The base reused the inode number of an object this mount still holds (or it is
             # a hard link of an object we cannot tell apart): number this one apart so the two do not merge.
             key = (st.st_dev, st.st_ino, path)
@@ -313,8 +327,7 @@ class Namespace:
         mode = st.st_mode
         if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
             mode |= stat.S_IWUSR  # the mounting user may change everything in the mount
-        return Attrs(mode, self.uid, self.gid, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns,
-                     st.st_nlink, st.st_rdev)
+        return Attrs(mode, self.uid, self.gid, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_rdev)
 
     def getattr(self, ino: int) -> Stat:
         return self._stat(self.node(ino))
@@ -337,8 +350,19 @@ class Namespace:
         if node.is_dir:
             size, blocks = 4096, 8
         nlink = 0 if node.unlinked else attrs.nlink
-        return Stat(node.ino, attrs.mode, nlink, attrs.uid, attrs.gid, size, blocks,
-                    attrs.atime_ns, attrs.mtime_ns, attrs.ctime_ns, attrs.rdev)
+        return Stat(
+            node.ino,
+            attrs.mode,
+            nlink,
+            attrs.uid,
+            attrs.gid,
+            size,
+            blocks,
+            attrs.atime_ns,
+            attrs.mtime_ns,
+            attrs.ctime_ns,
+            attrs.rdev,
+        )
 
     @staticmethod
     def _blocks(data: OverlayFile) -> int:
@@ -377,9 +401,18 @@ class Namespace:
         node.links.add((parent.ino, name))
         self._pin(parent)
 
-    def setattr(self, ino: int, *, size: int | None = None, mode: int | None = None,
-                uid: int | None = None, gid: int | None = None,
-                atime_ns: int | None = None, mtime_ns: int | None = None, may_keep_setuid: bool = True) -> Stat:
+    def setattr(
+        self,
+        ino: int,
+        *,
+        size: int | None = None,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        may_keep_setuid: bool = True,
+    ) -> Stat:
         """Change metadata; ``may_keep_setuid``: the caller holds CAP_FSETID, so a truncate keeps
         setuid and setgid."""
         node = self.node(ino)
@@ -479,8 +512,11 @@ class Namespace:
         if node.xattrs is not None:
             node.xattrs.pop(b"security.capability", None)
         elif node.base_path is not None and b"security.capability" in self.base.xattrs(node.base_path):
-            node.xattrs = {name: value for name, value in self.base.xattrs(node.base_path).items()
-                           if name != b"security.capability"}
+            node.xattrs = {
+                name: value
+                for name, value in self.base.xattrs(node.base_path).items()
+                if name != b"security.capability"
+            }
 
     def _change_data(self, node: Node, change: Callable[[OverlayFile], None]) -> None:
         """fallocate's changes: the bytes change like a write's."""
@@ -527,8 +563,14 @@ class Namespace:
             self._maybe_drop(existing)
             raise OSError(errno.EEXIST, "entry exists")
         now = _now()
-        node = Node(self._new_ino(), stat.S_IFMT(mode), parent.ino, name, base_path=None,
-                    attrs=Attrs(mode, uid, gid, now, now, now, 2 if stat.S_ISDIR(mode) else 1, rdev))
+        node = Node(
+            self._new_ino(),
+            stat.S_IFMT(mode),
+            parent.ino,
+            name,
+            base_path=None,
+            attrs=Attrs(mode, uid, gid, now, now, now, 2 if stat.S_ISDIR(mode) else 1, rdev),
+        )
         self.nodes[node.ino] = node
         self._pin(node)
         self._touch_dir(parent)
@@ -606,8 +648,12 @@ class Namespace:
 
     def _drop_name(self, parent: Node, name: bytes, node: Node) -> None:
         """Remove one name of ``node`` (unlink, rmdir, rename over it)."""
-        if (node.attrs is None and node.base_path is not None and not node.is_dir
-                and self.base.lstat(node.base_path).st_nlink > 1):
+        if (
+            node.attrs is None
+            and node.base_path is not None
+            and not node.is_dir
+            and self.base.lstat(node.base_path).st_nlink > 1
+        ):
             self._capture(node)  # it keeps its other base names: count them from now on
         self._remove_entry(parent, name)
         node.links.discard((parent.ino, name))
@@ -667,8 +713,9 @@ class Namespace:
                 return False
             node = self.nodes[node.parent]
 
-    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes,
-               flags: int = 0) -> None:
+    def rename(
+        self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes, flags: int = 0
+    ) -> None:
         old_parent, new_parent = self.node(old_parent_ino), self.node(new_parent_ino)
         source = self._existing(old_parent, old_name)
         target = self._child(new_parent, new_name)
@@ -680,8 +727,16 @@ class Namespace:
             if target is not None:
                 self._maybe_drop(target)
 
-    def _rename(self, old_parent: Node, old_name: bytes, source: Node, new_parent: Node, new_name: bytes,
-                target: Node | None, flags: int) -> None:
+    def _rename(
+        self,
+        old_parent: Node,
+        old_name: bytes,
+        source: Node,
+        new_parent: Node,
+        new_name: bytes,
+        target: Node | None,
+        flags: int,
+    ) -> None:
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise OSError(errno.EINVAL, "unsupported rename flags")
         # The checks in the order Linux makes them (fs/namei.c do_renameat2, then vfs_rename).
@@ -692,8 +747,9 @@ class Namespace:
         if source.is_dir and self._is_ancestor(source, new_parent):
             raise OSError(errno.EINVAL, "cannot move a directory into itself")
         if target is not None and target.is_dir and self._is_ancestor(target, old_parent):
-            raise OSError(errno.EINVAL if flags & RENAME_EXCHANGE else errno.ENOTEMPTY,
-                          "cannot replace an ancestor of the source")
+            raise OSError(
+                errno.EINVAL if flags & RENAME_EXCHANGE else errno.ENOTEMPTY, "cannot replace an ancestor of the source"
+            )
         if source is target:
             return
         if flags & RENAME_EXCHANGE:
@@ -785,8 +841,9 @@ class Namespace:
         for ino, node in self.nodes.items():
             assert node.ino == ino, f"node {ino} is registered under another ino ({node.ino})"
             assert node.lookups >= 0 and node.opens >= 0, f"node {ino}: negative counts"
-            assert node.lookups or node.opens or node.pinned or node.held_by_base_names, \
+            assert node.lookups or node.opens or node.pinned or node.held_by_base_names, (
                 f"node {ino} ({node.name!r}) should have been dropped"
+            )
             assert not (node.pinned and node.unlinked), f"node {ino} is both pinned and unlinked"
             if node.entries:
                 assert node.is_dir, f"non-directory {ino} has entries"
@@ -799,8 +856,9 @@ class Namespace:
                 assert parent.pinned, f"pinned node {ino} has an unpinned parent"
                 assert parent.entries.get(name) == ino, f"link {name!r} of {ino} is not in its parent's entries"
             if node.attrs is not None and not node.is_dir and not node.unlinked:
-                assert node.attrs.nlink >= len(node.links) >= 1 or node.held_by_base_names, \
+                assert node.attrs.nlink >= len(node.links) >= 1 or node.held_by_base_names, (
                     f"node {ino}: link count {node.attrs.nlink} for {len(node.links)} names"
+                )
                 if node.base_path is None:
                     assert node.attrs.nlink == len(node.links), f"created node {ino}: link count and names disagree"
             if node.attrs is not None:
@@ -948,8 +1006,10 @@ class Namespace:
         if open_nodes and not force:
             names = ", ".join(os.fsdecode(node.name) for node in open_nodes[:3])
             more = f" and {len(open_nodes) - 3} more" if len(open_nodes) > 3 else ""
-            raise ControlError(f"{path}: open in the mount ({names}{more}): close it first, or use --force "
-                              "(open handles then see the base)")
+            raise ControlError(
+                f"{path}: open in the mount ({names}{more}): close it first, or use --force "
+                "(open handles then see the base)"
+            )
 
     def _reset_name(self, parent: Node, name: bytes, result: Invalidation, recount: bool = True) -> None:
         """Make ``name`` in ``parent`` show the base again; revert what was there.  ``recount``:
@@ -1009,8 +1069,9 @@ class Namespace:
                     self._count_subdirs(directory)
         self._revert(node, result)
         # A base node moved here goes back to its base name: drop the whiteout there.
-        if node.base_path is not None and node.base_path != (None if parent.base_path is None
-                                                             else parent.base_path + (name,)):
+        if node.base_path is not None and node.base_path != (
+            None if parent.base_path is None else parent.base_path + (name,)
+        ):
             origin = self._directory_at_base_path(node.base_path[:-1])
             there = None if origin is None else origin.entries.get(node.base_path[-1])
             if origin is not None and there == WHITEOUT:
@@ -1092,8 +1153,10 @@ class Namespace:
             # The base now holds the view as it was at the plan; every change since is still in the
             # store on top of it, so the view stays right on the new base: adopt it, keep the changes.
             data.adopt_base(identity)
-            raise ControlError(f"{path}: changed in the mount while committing; the base holds the "
-                               "earlier state, the mount keeps its changes")
+            raise ControlError(
+                f"{path}: changed in the mount while committing; the base holds the "
+                "earlier state, the mount keeps its changes"
+            )
         result = Invalidation(paths=[path])
         self._adopt(node, result)
         return result
@@ -1115,8 +1178,10 @@ class Namespace:
     @staticmethod
     def refuse_extra_links(node: Node, path: str) -> None:
         if len(node.links) > 1:
-            raise ControlError(f"{path}: has {len(node.links)} names in the mount (hard links made there); "
-                               "commit writes one base file: remove the other names first")
+            raise ControlError(
+                f"{path}: has {len(node.links)} names in the mount (hard links made there); "
+                "commit writes one base file: remove the other names first"
+            )
 
     @staticmethod
     def change_token(node: Node) -> list[int]:

@@ -103,8 +103,11 @@ class OverlayFile:
     @property
     def is_changed(self) -> bool:
         """True once the view differs from the base (data or size)."""
-        return bool(self.written) or self.base_identity is None or self.size != self.base_limit or (
-            self.base_limit != self.base_identity.size
+        return (
+            bool(self.written)
+            or self.base_identity is None
+            or self.size != self.base_limit
+            or (self.base_limit != self.base_identity.size)
         )
 
     def close(self) -> None:
@@ -204,8 +207,9 @@ class OverlayFile:
             return 0
         segments = list(self.written.segments(offset, offset + length))
         if self._store.limit is not None:
-            self._store.ensure_room(sum(stop - start for start, stop, store in segments
-                                        if store is None or store == ZEROS))
+            self._store.ensure_room(
+                sum(stop - start for start, stop, store in segments if store is None or store == ZEROS)
+            )
         fd = self._store_fd()
         self.generation = next(_changes)
         view = memoryview(data)
@@ -360,8 +364,9 @@ class OverlayFile:
         assert self.written.last_end() <= self.size, (self.written.last_end(), self.size)
         last_zeros_end = max((end for _, end in self.written.ranges(zeros=True)), default=0)
         assert last_zeros_end <= self.base_limit, (last_zeros_end, self.base_limit)
-        assert self.store_end >= max((store + end - start for start, end, store in self.written.extents()
-                                      if store != ZEROS), default=0)
+        assert self.store_end >= max(
+            (store + end - start for start, end, store in self.written.extents() if store != ZEROS), default=0
+        )
 
     def _store_fd(self) -> int:
         if self.store_fd is None:

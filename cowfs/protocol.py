@@ -80,9 +80,12 @@ def _ranges(value: Any, key: str) -> list[tuple[int, int]]:
         raise ProtocolError(f"field {key!r} must be a list of [start, end]")
     ranges = []
     for item in value:
-        if (not isinstance(item, list) or len(item) != 2
-                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in item)
-                or item[0] > item[1]):
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in item)
+            or item[0] > item[1]
+        ):
             raise ProtocolError(f"field {key!r} must be a list of [start, end] with 0 <= start <= end")
         ranges.append((item[0], item[1]))
     return ranges
@@ -114,8 +117,13 @@ class ControlInfo:
     @classmethod
     def from_json(cls, raw: bytes) -> ControlInfo:
         record = _object(_loads(raw), "control record")
-        return cls(_get(record, "pid", int), _get(record, "socket", str), _get(record, "base_dir", str),
-                   _get(record, "store_dir", str), _get(record, "max_store", int, optional=True))
+        return cls(
+            _get(record, "pid", int),
+            _get(record, "socket", str),
+            _get(record, "base_dir", str),
+            _get(record, "store_dir", str),
+            _get(record, "max_store", int, optional=True),
+        )
 
 
 def read_control_info(mountpoint: Path) -> ControlInfo:
@@ -206,10 +214,17 @@ class FileChange:
         state = _get(record, "state", str)
         if state not in ("modified", "created", "renamed", "deleted"):
             raise ProtocolError(f"unknown change state {state!r}")
-        return cls(_get(record, "path", str), cast(ChangeState, state), _get(record, "type", str, optional=True),
-                   _get(record, "renamed_from", str, optional=True), _get(record, "size", int, optional=True),
-                   _get(record, "base_size", int, optional=True), _get(record, "bytes_written", int),
-                   _get(record, "extents", int), _get(record, "open_handles", int))
+        return cls(
+            _get(record, "path", str),
+            cast(ChangeState, state),
+            _get(record, "type", str, optional=True),
+            _get(record, "renamed_from", str, optional=True),
+            _get(record, "size", int, optional=True),
+            _get(record, "base_size", int, optional=True),
+            _get(record, "bytes_written", int),
+            _get(record, "extents", int),
+            _get(record, "open_handles", int),
+        )
 
 
 @dataclass(frozen=True)
@@ -239,12 +254,19 @@ class StatusReply:
         features = record.get("features") or []
         if not isinstance(changes, list) or not isinstance(features, list):
             raise ProtocolError("fields 'changes' and 'features' must be lists")
-        return cls(_get(record, "base_dir", str), _get(record, "store_dir", str), _get(record, "store_bytes", int),
-                   _get(record, "store_disk_bytes", int), _get(record, "max_store", int, optional=True),
-                   [FileChange.from_wire(change) for change in changes],
-                   [Feature(_get(f, "name", str), _get(f, "enabled", bool), _get(f, "detail", str))
-                    for f in map(lambda item: _object(item, "a feature"), features)],
-                   _int_dict(record.get("requests") or {}, "requests"))
+        return cls(
+            _get(record, "base_dir", str),
+            _get(record, "store_dir", str),
+            _get(record, "store_bytes", int),
+            _get(record, "store_disk_bytes", int),
+            _get(record, "max_store", int, optional=True),
+            [FileChange.from_wire(change) for change in changes],
+            [
+                Feature(_get(f, "name", str), _get(f, "enabled", bool), _get(f, "detail", str))
+                for f in map(lambda item: _object(item, "a feature"), features)
+            ],
+            _int_dict(record.get("requests") or {}, "requests"),
+        )
 
 
 @dataclass(frozen=True)
@@ -259,8 +281,12 @@ class DiffReply:
     @classmethod
     def from_wire(cls, value: Any) -> DiffReply:
         record = _object(value, "a diff")
-        return cls(_get(record, "path", str), _get(record, "size", int), _get(record, "base_size", int, optional=True),
-                   _ranges(record.get("ranges"), "ranges"))
+        return cls(
+            _get(record, "path", str),
+            _get(record, "size", int),
+            _get(record, "base_size", int, optional=True),
+            _ranges(record.get("ranges"), "ranges"),
+        )
 
     @property
     def changed_bytes(self) -> int:
@@ -268,8 +294,13 @@ class DiffReply:
 
     def as_json(self) -> dict[str, Any]:
         """The stable JSON form (`cowfs diff --json`)."""
-        return {"path": self.path, "size": self.size, "base_size": self.base_size,
-                "changed_bytes": self.changed_bytes, "ranges": [list(r) for r in self.ranges]}
+        return {
+            "path": self.path,
+            "size": self.size,
+            "base_size": self.base_size,
+            "changed_bytes": self.changed_bytes,
+            "ranges": [list(r) for r in self.ranges],
+        }
 
 
 @dataclass(frozen=True)
@@ -297,10 +328,16 @@ class Plan:
         token = record.get("token")
         if not isinstance(token, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in token):
             raise ProtocolError("field 'token' must be a list of integers")
-        return cls(_get(record, "path", str), _get(record, "base_file", str, optional=True),
-                   None if identity is None else _int_dict(identity, "identity"), _get(record, "size", int),
-                   _get(record, "base_limit", int), _ranges(record.get("written"), "written"), token,
-                   _ranges(record.get("zeroed") or [], "zeroed"))
+        return cls(
+            _get(record, "path", str),
+            _get(record, "base_file", str, optional=True),
+            None if identity is None else _int_dict(identity, "identity"),
+            _get(record, "size", int),
+            _get(record, "base_limit", int),
+            _ranges(record.get("written"), "written"),
+            token,
+            _ranges(record.get("zeroed") or [], "zeroed"),
+        )
 
     @property
     def written_bytes(self) -> int:

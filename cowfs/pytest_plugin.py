@@ -35,8 +35,9 @@ _INI = "cowfs_images"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addini(_INI, "directory of disk images that the cowfs_images fixture mounts (relative to the ini file)",
-                  default="")
+    parser.addini(
+        _INI, "directory of disk images that the cowfs_images fixture mounts (relative to the ini file)", default=""
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -75,8 +76,9 @@ def _image_directory(request: pytest.FixtureRequest) -> Path:
     else:
         configured = str(request.config.getini(_INI) or "")
         if not configured:
-            raise pytest.UsageError("cowfs_images: set `cowfs_images = DIR` in the ini file or use "
-                                    "@pytest.mark.cowfs_images(DIR)")
+            raise pytest.UsageError(
+                "cowfs_images: set `cowfs_images = DIR` in the ini file or use @pytest.mark.cowfs_images(DIR)"
+            )
         ini_dir = request.config.inipath.parent if request.config.inipath else request.config.rootpath
         directory = ini_dir / configured
     if not directory.is_dir():

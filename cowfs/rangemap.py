@@ -263,8 +263,9 @@ class RangeMap:
                 assert store >= 0 or store == ZEROS, (range_start, store)
                 if previous is not None:
                     assert range_start >= previous[1], f"ranges overlap at {range_start}"
-                    assert range_start != previous[1] or not _continues(*previous, store), \
+                    assert range_start != previous[1] or not _continues(*previous, store), (
                         f"unmerged ranges at {range_start}"
+                    )
                 previous = (range_start, range_end, store)
                 if store == ZEROS:
                     zeroed += range_end - range_start

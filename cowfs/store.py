@@ -93,8 +93,11 @@ class Store:
         except OSError as error:
             if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            log.info("store %s: cannot punch holes (%s); freed bytes keep their blocks until the file empties",
-                     self.directory, error.strerror)
+            log.info(
+                "store %s: cannot punch holes (%s); freed bytes keep their blocks until the file empties",
+                self.directory,
+                error.strerror,
+            )
             self.can_punch = False
 
     # -- space accounting -------------------------------------------------

@@ -49,14 +49,21 @@ def _no_progress(done: int, total: int) -> None:
 
 def identity_of(fd: int) -> dict[str, int]:
     st = os.fstat(fd)
-    return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "ctime_ns": st.st_ctime_ns}
+    return {
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
 
 
 def _check_identity(plan: Plan, fd: int) -> None:
     if identity_of(fd) != plan.identity:
-        raise UserError(f"{plan.path}: its base file {plan.base_file} changed since the mount started using it: "
-                        "refusing (nothing written)")
+        raise UserError(
+            f"{plan.path}: its base file {plan.base_file} changed since the mount started using it: "
+            "refusing (nothing written)"
+        )
 
 
 @contextlib.contextmanager
@@ -102,8 +109,9 @@ def _read_exact(fd: int, offset: int, length: int) -> bytes:
 # -- commit ----------------------------------------------------------------------------
 
 
-def commit(plan: Plan, view: Path, still_current: Callable[[], bool],
-           progress: Progress = _no_progress) -> dict[str, int]:
+def commit(
+    plan: Plan, view: Path, still_current: Callable[[], bool], progress: Progress = _no_progress
+) -> dict[str, int]:
     """Write the changes of ``view`` into its base file; return the base's new identity.
 
     The changed bytes are first read through the mount into a private spool
@@ -114,8 +122,9 @@ def commit(plan: Plan, view: Path, still_current: Callable[[], bool],
     try:
         base_fd = os.open(plan.base_file, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as error:
-        raise UserError(f"{plan.path}: base file {plan.base_file} is not writable ({error.strerror}): "
-                        "nothing written") from None
+        raise UserError(
+            f"{plan.path}: base file {plan.base_file} is not writable ({error.strerror}): nothing written"
+        ) from None
     try:
         _check_identity(plan, base_fd)
         total, done = 2 * plan.written_bytes, 0
@@ -127,8 +136,10 @@ def commit(plan: Plan, view: Path, still_current: Callable[[], bool],
                     done += length
                     progress(done, total)
             if not still_current():
-                raise UserError(f"{plan.path}: written in the mount while committing: nothing written, "
-                                "the mount keeps its changes (commit again)")
+                raise UserError(
+                    f"{plan.path}: written in the mount while committing: nothing written, "
+                    "the mount keeps its changes (commit again)"
+                )
             if plan.base_limit < os.fstat(base_fd).st_size:  # the view hides the base's tail: zeros now
                 os.ftruncate(base_fd, plan.base_limit)
             _make_holes(base_fd, plan.zeroed)
@@ -246,8 +257,11 @@ def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress
             os.ftruncate(dest_fd, 0)
             os.ftruncate(dest_fd, plan.size)
             changed = _merge(plan.written + plan.zeroed)  # zeroed ranges stay holes in DEST
-            from_base = [] if base_fd is None else list(
-                _subtract(_data_regions(base_fd, min(plan.base_limit, plan.size)), changed))
+            from_base = (
+                []
+                if base_fd is None
+                else list(_subtract(_data_regions(base_fd, min(plan.base_limit, plan.size)), changed))
+            )
             total = plan.written_bytes + sum(end - start for start, end in from_base)
             done = 0
             progress(0, total)
@@ -334,8 +348,9 @@ def _intersect(ranges: list[tuple[int, int]], others: list[tuple[int, int]]) -> 
     return list(_subtract(ranges, gaps))
 
 
-def qcow2_writes(plan: Plan, base_data: list[tuple[int, int]],
-                 cluster: int = QCOW2_CLUSTER) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def qcow2_writes(
+    plan: Plan, base_data: list[tuple[int, int]], cluster: int = QCOW2_CLUSTER
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """(ranges to copy from the view, cluster-aligned ranges to zero) for a qcow2
     overlay over a base whose data regions (not holes) are ``base_data``.
 
@@ -346,8 +361,7 @@ def qcow2_writes(plan: Plan, base_data: list[tuple[int, int]],
     its whole clusters are zeroed, its partial end clusters copied.  Where the
     base has holes, the backing file reads zeros already: no zero clusters."""
     base_size = plan.identity["size"] if plan.identity is not None else 0
-    hidden = list(_subtract(_merge(plan.zeroed + [(plan.base_limit, min(plan.size, base_size))]),
-                            _merge(plan.written)))
+    hidden = list(_subtract(_merge(plan.zeroed + [(plan.base_limit, min(plan.size, base_size))]), _merge(plan.written)))
     copy = list(plan.written)
     zeroed = []
     for zero_start, zero_end in _intersect(hidden, _merge(base_data)):
@@ -361,14 +375,16 @@ def qcow2_writes(plan: Plan, base_data: list[tuple[int, int]],
     return _merge(widened), _merge(zeroed)
 
 
-def _write_over_nbd(plan: Plan, view: Path, dest: Path, base_data: list[tuple[int, int]],
-                    progress: Progress) -> None:
+def _write_over_nbd(plan: Plan, view: Path, dest: Path, base_data: list[tuple[int, int]], progress: Progress) -> None:
     copy, zeroed = qcow2_writes(plan, base_data)
     with tempfile.TemporaryDirectory(prefix="cowfs-export-") as scratch:
         socket_path = os.path.join(scratch, "nbd.sock")
         server = subprocess.Popen(
-            [_qemu_tool("qemu-nbd"), "--socket", socket_path, "--format", "qcow2", "--cache", "writeback",
-             str(dest)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [_qemu_tool("qemu-nbd"), "--socket", socket_path, "--format", "qcow2", "--cache", "writeback", str(dest)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             client = _connect_when_ready(server, socket_path)
             try:

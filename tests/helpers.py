@@ -23,17 +23,19 @@ COWFS = str(Path(sys.executable).parent / "cowfs")
 SOAK = bool(os.environ.get("COWFS_SOAK"))
 
 
-def run(argv: Sequence[str], check: bool = True, timeout: float = 120,
-        **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: Sequence[str], check: bool = True, timeout: float = 120, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        list(argv), capture_output=True, text=True, check=check, timeout=timeout, **kwargs)
-
+        list(argv), capture_output=True, text=True, check=check, timeout=timeout, **kwargs
+    )
 
 
 def status_json(mountpoint: Path) -> dict[str, Any]:
     """What `cowfs status --json MOUNTPOINT` says."""
     status: dict[str, Any] = json.loads(run([COWFS, "status", "--json", str(mountpoint)]).stdout)
     return status
+
 
 def force_unmount(path: Path) -> None:
     """Last-resort cleanup: never leave a mount behind."""

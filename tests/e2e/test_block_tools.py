@@ -29,15 +29,18 @@ def make_ext4_image(base_dir: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("direct_io", ["off", "on"])
-def test_loop_mounted_ext4_can_be_changed_and_stays_consistent(direct_io: str, base_dir: Path, tmp_path: Path,
-                                                               mount_factory: MountFactory) -> None:
+def test_loop_mounted_ext4_can_be_changed_and_stays_consistent(
+    direct_io: str, base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     base = make_ext4_image(base_dir, tmp_path)
     before = read_base(base)
     mount = mount_factory(base_dir)
     image = mount.path / base.name
     try:
-        with loop_device(image, f"--direct-io={direct_io}") as device, \
-                mounted_filesystem(device, tmp_path / "fs") as fs:
+        with (
+            loop_device(image, f"--direct-io={direct_io}") as device,
+            mounted_filesystem(device, tmp_path / "fs") as fs,
+        ):
             assert (fs / "etc" / "hostname").read_text() == "base-image\n"
             assert (fs / "big.bin").read_bytes() == bytes(range(256)) * 8192
             (fs / "etc" / "hostname").write_text("poked\n")
@@ -47,8 +50,10 @@ def test_loop_mounted_ext4_can_be_changed_and_stays_consistent(direct_io: str, b
         fsck = run(["e2fsck", "-fn", str(image)], check=False)
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
         # The changes are in the mounted image (read back through a fresh loop device) ...
-        with loop_device(image, "--read-only") as device, \
-                mounted_filesystem(device, tmp_path / "fs", "-o", "ro,noload") as fs:
+        with (
+            loop_device(image, "--read-only") as device,
+            mounted_filesystem(device, tmp_path / "fs", "-o", "ro,noload") as fs,
+        ):
             assert (fs / "etc" / "hostname").read_text() == "poked\n"
             assert not (fs / "doomed.txt").exists()
             assert (fs / "new" / "data.bin").read_bytes() == b"\x5a" * (8 * MiB)
@@ -68,8 +73,9 @@ def partition_table(image: Path) -> dict[str, object]:
 
 
 @pytest.mark.e2e
-def test_sfdisk_and_parted_write_partition_tables_into_mounted_images(base_dir: Path, tmp_path: Path,
-                                                                      mount_factory: MountFactory) -> None:
+def test_sfdisk_and_parted_write_partition_tables_into_mounted_images(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     for name in ("sfdisk.raw", "parted.raw"):
         run(["qemu-img", "create", "-q", "-f", "raw", str(base_dir / name), "64M"])
     base_digests = {name: sha256(base_dir / name) for name in ("sfdisk.raw", "parted.raw")}
@@ -84,8 +90,25 @@ def test_sfdisk_and_parted_write_partition_tables_into_mounted_images(base_dir: 
     assert partitions[0]["size"] * 512 == 16 * MiB
 
     by_parted = mount.path / "parted.raw"
-    run(["parted", "--script", str(by_parted), "mklabel", "msdos", "mkpart", "primary", "ext4", "1MiB", "33MiB",
-         "mkpart", "primary", "ext4", "33MiB", "100%"])
+    run(
+        [
+            "parted",
+            "--script",
+            str(by_parted),
+            "mklabel",
+            "msdos",
+            "mkpart",
+            "primary",
+            "ext4",
+            "1MiB",
+            "33MiB",
+            "mkpart",
+            "primary",
+            "ext4",
+            "33MiB",
+            "100%",
+        ]
+    )
     printed = run(["parted", "--script", "--machine", str(by_parted), "unit", "MiB", "print"]).stdout
     assert "1:1.00MiB:33.0MiB:32.0MiB" in printed and "2:33.0MiB:" in printed, printed
     assert partition_table(by_parted)["label"] == "dos"
@@ -101,18 +124,37 @@ def test_sfdisk_and_parted_write_partition_tables_into_mounted_images(base_dir: 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(("engine", "direct"), [("psync", "0"), ("libaio", "1")])
-def test_fio_random_writes_verify_with_crc32c(engine: str, direct: str, base_dir: Path,
-                                              mount_factory: MountFactory) -> None:
+def test_fio_random_writes_verify_with_crc32c(
+    engine: str, direct: str, base_dir: Path, mount_factory: MountFactory
+) -> None:
     jobs, per_job = 4, 16 * MiB
     run(["qemu-img", "create", "-q", "-f", "raw", str(base_dir / "disk.raw"), str(jobs * per_job)])
     mount = mount_factory(base_dir)
     image = mount.path / "disk.raw"
-    result = run(["fio", "--name=cowfs-verify", f"--filename={image}", f"--ioengine={engine}", f"--direct={direct}",
-                  "--rw=randwrite", "--bs=4k", "--bsrange=4k-64k", f"--size={per_job}",
-                  f"--offset_increment={per_job}", f"--numjobs={jobs}", "--iodepth=8", "--verify=crc32c",
-                  "--verify_fatal=1", "--verify_state_save=0", "--do_verify=1", "--group_reporting",
-                  "--output-format=json"], timeout=300)
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    result = run(
+        [
+            "fio",
+            "--name=cowfs-verify",
+            f"--filename={image}",
+            f"--ioengine={engine}",
+            f"--direct={direct}",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--bsrange=4k-64k",
+            f"--size={per_job}",
+            f"--offset_increment={per_job}",
+            f"--numjobs={jobs}",
+            "--iodepth=8",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+            "--verify_state_save=0",
+            "--do_verify=1",
+            "--group_reporting",
+            "--output-format=json",
+        ],
+        timeout=300,
+    )
+    report = json.loads(result.stdout[result.stdout.index("{") :])
     assert report["jobs"][0]["error"] == 0
     assert report["jobs"][0]["write"]["io_bytes"] >= jobs * per_job
     assert report["jobs"][0]["read"]["io_bytes"] >= jobs * per_job  # the verify pass read it all back
@@ -120,8 +162,9 @@ def test_fio_random_writes_verify_with_crc32c(engine: str, direct: str, base_dir
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("direct_io", ["off", "on"])
-def test_fstrim_in_a_loop_mounted_ext4_frees_the_store(direct_io: str, base_dir: Path, tmp_path: Path,
-                                                       mount_factory: MountFactory) -> None:
+def test_fstrim_in_a_loop_mounted_ext4_frees_the_store(
+    direct_io: str, base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     base = make_ext4_image(base_dir, tmp_path)
     mount = mount_factory(base_dir)
     image = mount.path / base.name
@@ -130,8 +173,10 @@ def test_fstrim_in_a_loop_mounted_ext4_frees_the_store(direct_io: str, base_dir:
         return int(mount.status()["store_bytes"])
 
     try:
-        with loop_device(image, f"--direct-io={direct_io}") as device, \
-                mounted_filesystem(device, tmp_path / "fs") as fs:
+        with (
+            loop_device(image, f"--direct-io={direct_io}") as device,
+            mounted_filesystem(device, tmp_path / "fs") as fs,
+        ):
             (fs / "data.bin").write_bytes(b"\x5a" * (16 * MiB))
             run(["sync", "-f", str(fs)])
             run(["blockdev", "--flushbufs", device])

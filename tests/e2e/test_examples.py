@@ -29,10 +29,23 @@ BOOT_TIMEOUT = 180
 
 def guest_args(assets: GuestAssets, action: str, marker: str, console: Path) -> list[str]:
     """QEMU arguments that boot the tiny guest with a write/check order."""
-    append = [*BASE_APPEND, f"cowfs.action={action}", f"cowfs.marker={marker}", f"cowfs.offset={OFFSET}",
-              f"cowfs.fill={fill_byte(marker)}"]
-    return ["-kernel", str(assets.kernel), "-initrd", str(assets.initrd), "-append", " ".join(append),
-            "-serial", f"file:{console}"]
+    append = [
+        *BASE_APPEND,
+        f"cowfs.action={action}",
+        f"cowfs.marker={marker}",
+        f"cowfs.offset={OFFSET}",
+        f"cowfs.fill={fill_byte(marker)}",
+    ]
+    return [
+        "-kernel",
+        str(assets.kernel),
+        "-initrd",
+        str(assets.initrd),
+        "-append",
+        " ".join(append),
+        "-serial",
+        f"file:{console}",
+    ]
 
 
 def example_env(scratch: Path, accel: list[str], cowfs_on_path: bool = False) -> dict[str, str]:
@@ -74,19 +87,37 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.e2e
-def test_disposable_vm_forgets_what_the_vm_wrote(base_dir: Path, tmp_path: Path, scratch: Path,
-                                                guest_assets: GuestAssets, guest_accel: list[str]) -> None:
+def test_disposable_vm_forgets_what_the_vm_wrote(
+    base_dir: Path, tmp_path: Path, scratch: Path, guest_assets: GuestAssets, guest_accel: list[str]
+) -> None:
     base = make_base_disk(base_dir, "qcow2")
     before = sha256(base)
     marker = new_marker("cowfs-example")
     env = example_env(scratch, guest_accel)
     for action, found in (("write", "ok"), ("check", "absent")):
         console = tmp_path / f"console-{action}.log"
-        run([str(EXAMPLES / "disposable-vm.sh"), str(base_dir), base.name, "-nodefaults", "-nographic",
-             "-no-reboot", "-monitor", "none", *guest_args(guest_assets, action, marker, console)],
-            env=env, timeout=BOOT_TIMEOUT)
+        run(
+            [
+                str(EXAMPLES / "disposable-vm.sh"),
+                str(base_dir),
+                base.name,
+                "-nodefaults",
+                "-nographic",
+                "-no-reboot",
+                "-monitor",
+                "none",
+                *guest_args(guest_assets, action, marker, console),
+            ],
+            env=env,
+            timeout=BOOT_TIMEOUT,
+        )
         assert parse_report(console.read_text(errors="replace")) == {
-            "action": action, "status": "ok", "disksize": str(DISK_SIZE), "pattern": found, "marker": found}
+            "action": action,
+            "status": "ok",
+            "disksize": str(DISK_SIZE),
+            "pattern": found,
+            "marker": found,
+        }
         assert_nothing_left(scratch, base_dir)
     assert sha256(base) == before
 
@@ -95,13 +126,26 @@ def test_disposable_vm_forgets_what_the_vm_wrote(base_dir: Path, tmp_path: Path,
 def test_disposable_vm_unmounts_when_killed(base_dir: Path, scratch: Path, guest_accel: list[str]) -> None:
     base = make_base_disk(base_dir, "raw")
     # No kernel and no bootable disk: the firmware waits forever, like a VM in use.
-    script = subprocess.Popen([str(EXAMPLES / "disposable-vm.sh"), str(base_dir), base.name, "-nodefaults",
-                               "-display", "none", "-monitor", "none"],
-                              env=example_env(scratch, guest_accel, cowfs_on_path=True),
-                              stdin=subprocess.DEVNULL, start_new_session=True)
+    script = subprocess.Popen(
+        [
+            str(EXAMPLES / "disposable-vm.sh"),
+            str(base_dir),
+            base.name,
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+        ],
+        env=example_env(scratch, guest_accel, cowfs_on_path=True),
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
+
         def vm_running() -> bool:
             return any(is_mounted(path) for path in scratch.iterdir())
+
         assert wait_until(vm_running, timeout=60)
         mountpoint = next(scratch.iterdir())
         assert wait_until(lambda: (mountpoint / base.name).exists() and _has_qemu_child(script.pid), timeout=60)
@@ -120,8 +164,9 @@ def _has_qemu_child(pid: int) -> bool:
 
 
 @pytest.mark.e2e
-def test_inspect_image_pokes_and_cleans_up(base_dir: Path, tmp_path: Path, scratch: Path,
-                                           guest_accel: list[str]) -> None:
+def test_inspect_image_pokes_and_cleans_up(
+    base_dir: Path, tmp_path: Path, scratch: Path, guest_accel: list[str]
+) -> None:
     base = make_ext4_image(base_dir, tmp_path)
     before = sha256(base)
     before_bytes = read_base(base)
@@ -141,8 +186,9 @@ def test_inspect_image_pokes_and_cleans_up(base_dir: Path, tmp_path: Path, scrat
 
 
 @pytest.mark.e2e
-def test_inspect_image_opens_a_partition(base_dir: Path, tmp_path: Path, scratch: Path,
-                                         mount_factory: MountFactory, guest_accel: list[str]) -> None:
+def test_inspect_image_opens_a_partition(
+    base_dir: Path, tmp_path: Path, scratch: Path, mount_factory: MountFactory, guest_accel: list[str]
+) -> None:
     image = base_dir / "disk.raw"
     run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"])
     run(["sfdisk", "--quiet", str(image)], input="label: gpt\n,16MiB,L\n,,L\n")
@@ -151,15 +197,18 @@ def test_inspect_image_opens_a_partition(base_dir: Path, tmp_path: Path, scratch
     seed.mkdir()
     (seed / "in-partition-2").write_text("found\n")
     run(["mkfs.ext4", "-q", "-F", "-E", f"offset={start * 512}", "-d", str(seed), str(image), "32M"])
-    result = run([str(EXAMPLES / "inspect-image.sh"), str(base_dir), "disk.raw", "cat", "in-partition-2"],
-                 env=dict(example_env(scratch, guest_accel), PARTITION="2"))
+    result = run(
+        [str(EXAMPLES / "inspect-image.sh"), str(base_dir), "disk.raw", "cat", "in-partition-2"],
+        env=dict(example_env(scratch, guest_accel), PARTITION="2"),
+    )
     assert result.stdout == "found\n"
     assert_nothing_left(scratch, base_dir)
 
 
 @pytest.mark.e2e
-def test_ci_vm_test_passes_fails_and_times_out(base_dir: Path, tmp_path: Path, scratch: Path,
-                                               guest_assets: GuestAssets, guest_accel: list[str]) -> None:
+def test_ci_vm_test_passes_fails_and_times_out(
+    base_dir: Path, tmp_path: Path, scratch: Path, guest_assets: GuestAssets, guest_accel: list[str]
+) -> None:
     base = make_base_disk(base_dir, "raw")
     before = sha256(base)
     marker = new_marker("cowfs-ci")
@@ -170,8 +219,12 @@ def test_ci_vm_test_passes_fails_and_times_out(base_dir: Path, tmp_path: Path, s
         console = tmp_path / "unused-console.log"  # the script sends the console to its own file
         args = [a for a in guest_args(guest_assets, action, marker, console)]
         args = args[: args.index("-serial")]
-        return run([script, str(base_dir), base.name, expect, *args], env=dict(env, **extra_env), check=False,
-                   timeout=BOOT_TIMEOUT)
+        return run(
+            [script, str(base_dir), base.name, expect, *args],
+            env=dict(env, **extra_env),
+            check=False,
+            timeout=BOOT_TIMEOUT,
+        )
 
     passed = ci("COWFS-GUEST-REPORT action=write status=ok .*marker=ok", "write")
     assert passed.returncode == 0, passed.stderr

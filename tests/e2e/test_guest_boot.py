@@ -49,14 +49,27 @@ def make_base_disk(base_dir: Path, fmt: str) -> Path:
 
 
 def guest(assets: GuestAssets, accel: list[str], disk: Path, action: str, marker: str, **options: str) -> GuestResult:
-    result = boot(assets, disk, action=action, marker=marker, offset=OFFSET, timeout=BOOT_TIMEOUT,
-                  accel=accel, **options)  # type: ignore[arg-type]
+    result = boot(
+        assets,
+        disk,
+        action=action,
+        marker=marker,
+        offset=OFFSET,
+        timeout=BOOT_TIMEOUT,
+        accel=accel,
+        **options,  # type: ignore[arg-type]
+    )
     return result
 
 
 def expect_report(result: GuestResult, action: str, found: str) -> None:
-    assert result.report == {"action": action, "status": "ok", "disksize": str(DISK_SIZE),
-                             "pattern": found, "marker": found}, result.console
+    assert result.report == {
+        "action": action,
+        "status": "ok",
+        "disksize": str(DISK_SIZE),
+        "pattern": found,
+        "marker": found,
+    }, result.console
 
 
 def marker_in_image(image: Path, fmt: str, marker: str, tmp_path: Path) -> bool:
@@ -71,11 +84,18 @@ def marker_in_image(image: Path, fmt: str, marker: str, tmp_path: Path) -> bool:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(("fmt", "cache"), [("raw", "writeback"), ("raw", "none"), ("qcow2", "writeback"),
-                                            ("qcow2", "none")])
+@pytest.mark.parametrize(
+    ("fmt", "cache"), [("raw", "writeback"), ("raw", "none"), ("qcow2", "writeback"), ("qcow2", "none")]
+)
 def test_guest_writes_to_mounted_image_and_a_remount_forgets_it(
-        fmt: str, cache: str, base_dir: Path, tmp_path: Path, mount_factory: MountFactory,
-        guest_assets: GuestAssets, guest_accel: list[str]) -> None:
+    fmt: str,
+    cache: str,
+    base_dir: Path,
+    tmp_path: Path,
+    mount_factory: MountFactory,
+    guest_assets: GuestAssets,
+    guest_accel: list[str],
+) -> None:
     base = make_base_disk(base_dir, fmt)
     base_digest = sha256(base)
     marker = new_marker("cowfs-e2e")
@@ -88,22 +108,24 @@ def test_guest_writes_to_mounted_image_and_a_remount_forgets_it(
         run(["qemu-img", "check", "-q", str(disk)])
     assert sha256(base) == base_digest  # (read with O_NOATIME: the fixture checks the base's atime too)
     # Same mount, second boot: the writes are still there.
-    expect_report(guest(guest_assets, guest_accel, disk, "check", marker, disk_format=fmt, cache=cache),
-                  "check", "present")
+    expect_report(
+        guest(guest_assets, guest_accel, disk, "check", marker, disk_format=fmt, cache=cache), "check", "present"
+    )
     mount.stop()
 
     again = mount_factory(base_dir)
     disk = again.path / base.name
-    expect_report(guest(guest_assets, guest_accel, disk, "check", marker, disk_format=fmt, cache=cache),
-                  "check", "absent")
+    expect_report(
+        guest(guest_assets, guest_accel, disk, "check", marker, disk_format=fmt, cache=cache), "check", "absent"
+    )
     assert not marker_in_image(disk, fmt, marker, tmp_path)
     assert sha256(base) == base_digest
 
 
 @pytest.mark.e2e
 def test_two_guests_from_two_mounts_of_one_base_see_only_their_own_writes(
-        base_dir: Path, tmp_path: Path, mount_factory: MountFactory,
-        guest_assets: GuestAssets, guest_accel: list[str]) -> None:
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory, guest_assets: GuestAssets, guest_accel: list[str]
+) -> None:
     base = make_base_disk(base_dir, "raw")
     before = read_base(base)
     mounts = [mount_factory(base_dir), mount_factory(base_dir)]
@@ -130,7 +152,8 @@ def test_two_guests_from_two_mounts_of_one_base_see_only_their_own_writes(
 
 @pytest.mark.e2e
 def test_a_guests_trim_frees_the_store_and_reads_as_zeros(
-        base_dir: Path, mount_factory: MountFactory, guest_assets: GuestAssets, guest_accel: list[str]) -> None:
+    base_dir: Path, mount_factory: MountFactory, guest_assets: GuestAssets, guest_accel: list[str]
+) -> None:
     """A guest's discard (virtio-blk TRIM, QEMU -drive discard=unmap) punches the mounted file:
     the range reads zeros, over base bytes too, and its store space is freed."""
     base = make_base_disk(base_dir, "raw")
@@ -146,7 +169,7 @@ def test_a_guests_trim_frees_the_store_and_reads_as_zeros(
     data = disk.read_bytes()
     assert data[trim_start:trim_end] == bytes(trim_end - trim_start)  # the base has 0x42 there
     fill = fill_byte(marker)
-    assert set(data[pattern_start:trim_start]) == {fill} and set(data[trim_end:pattern_start + (1 << 20)]) == {fill}
+    assert set(data[pattern_start:trim_start]) == {fill} and set(data[trim_end : pattern_start + (1 << 20)]) == {fill}
     store_bytes = mount.status()["store_bytes"]
     # 1 MiB of pattern and a marker page were written, then all but the pattern's edges trimmed.
     assert store_bytes <= (1 << 20) - (trim_end - trim_start) + 3 * 65536, store_bytes

@@ -52,8 +52,14 @@ QEMU_IO_SCRIPT = (
 
 # Every cache mode (none and directsync open with O_DIRECT); aio=native needs O_DIRECT.
 CACHE_AND_AIO_MODES = [
-    ("writeback", "threads"), ("writethrough", "threads"), ("unsafe", "threads"), ("none", "threads"),
-    ("directsync", "threads"), ("none", "native"), ("none", "io_uring"), ("writeback", "io_uring"),
+    ("writeback", "threads"),
+    ("writethrough", "threads"),
+    ("unsafe", "threads"),
+    ("none", "threads"),
+    ("directsync", "threads"),
+    ("none", "native"),
+    ("none", "io_uring"),
+    ("writeback", "io_uring"),
 ]
 
 
@@ -101,8 +107,9 @@ def test_qemu_img_info_and_check_on_mounted_qcow2(base_dir: Path, mount_factory:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_qemu_img_resize_changes_only_the_mounted_view(fmt: str, base_dir: Path, tmp_path: Path,
-                                                       mount_factory: MountFactory) -> None:
+def test_qemu_img_resize_changes_only_the_mounted_view(
+    fmt: str, base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     base = base_images(base_dir)[fmt]
     before = sha256(base)
     mount = mount_factory(base_dir)
@@ -129,8 +136,9 @@ def test_qemu_img_resize_changes_only_the_mounted_view(fmt: str, base_dir: Path,
 @pytest.mark.e2e
 @pytest.mark.parametrize(("cache", "aio"), CACHE_AND_AIO_MODES)
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
-def test_qemu_io_patterns_match_a_local_file(fmt: str, cache: str, aio: str, base_dir: Path, tmp_path: Path,
-                                             mount_factory: MountFactory) -> None:
+def test_qemu_io_patterns_match_a_local_file(
+    fmt: str, cache: str, aio: str, base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     base = base_images(base_dir)[fmt]
     reference = local_copy(base, tmp_path / "local")
     mount = mount_factory(base_dir)
@@ -157,8 +165,9 @@ class InteractiveQemuIo:
     PROMPT = b"qemu-io> "
 
     def __init__(self, image: Path, fmt: str) -> None:
-        self.process = subprocess.Popen(["qemu-io", "-f", fmt, str(image)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            ["qemu-io", "-f", fmt, str(image)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self._read_to_prompt()
 
     def command(self, line: str) -> str:
@@ -209,8 +218,9 @@ def test_image_locking_works_on_the_mount_and_protects_the_base(base_dir: Path, 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("preallocation", ["falloc", "full"])
-def test_qemu_img_create_with_preallocation_in_the_mount(preallocation: str, base_dir: Path,
-                                                         mount_factory: MountFactory) -> None:
+def test_qemu_img_create_with_preallocation_in_the_mount(
+    preallocation: str, base_dir: Path, mount_factory: MountFactory
+) -> None:
     # fallocate() fails with EOPNOTSUPP on FUSE here; glibc's posix_fallocate
     # then writes one zero byte per block, which QEMU accepts.
     mount = mount_factory(base_dir)
@@ -225,8 +235,9 @@ def test_qemu_img_create_with_preallocation_in_the_mount(preallocation: str, bas
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-def test_discard_on_raw_reads_zeros_and_frees_the_store(cache: str, base_dir: Path,
-                                                        mount_factory: MountFactory) -> None:
+def test_discard_on_raw_reads_zeros_and_frees_the_store(
+    cache: str, base_dir: Path, mount_factory: MountFactory
+) -> None:
     # QEMU discards on a raw file with fallocate(PUNCH_HOLE|KEEP_SIZE), which the mount does:
     # the range reads as zeros (as on ext4) and its written bytes leave the store.
     base_images(base_dir)

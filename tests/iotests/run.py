@@ -109,8 +109,10 @@ def warn_if_other_qemu() -> None:
             ["dpkg-query", "-W", "-f=${source:Version}", package], capture_output=True, text=True
         ).stdout.strip()
         if installed != DEBIAN_VERSION:
-            print(f"iotests: warning: {package} is {installed or 'not installed'}, the tests are from "
-                  f"{DEBIAN_VERSION}", file=sys.stderr)
+            print(
+                f"iotests: warning: {package} is {installed or 'not installed'}, the tests are from {DEBIAN_VERSION}",
+                file=sys.stderr,
+            )
 
 
 def prepare_tree(cache: Path) -> Path:
@@ -187,7 +189,12 @@ def run_check(iotests: Path, check_args: list[str], test_dir: Path, log: Path, l
         out.write(f"# {' '.join(command)}  (TEST_DIR={test_dir})\n")
         out.flush()
         process = subprocess.Popen(
-            command, cwd=iotests, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            command,
+            cwd=iotests,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
             start_new_session=True,
         )
         try:
@@ -277,15 +284,30 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run qemu-iotests on local ext4 and in a cowfs mount, and compare.")
     parser.add_argument("tests", nargs="*", help="tests to run instead of the group (e.g. 001 152)")
     parser.add_argument("--group", default="quick", help="iotests group (default: quick)")
-    parser.add_argument("--cache-mode", help="QEMU cache mode for the tests (check -c; default: writeback; "
-                        "none opens images with O_DIRECT)")
-    parser.add_argument("--format", dest="formats", action="append", choices=["raw", "qcow2"],
-                        help="image format; repeat for several (default: raw and qcow2)")
+    parser.add_argument(
+        "--cache-mode",
+        help="QEMU cache mode for the tests (check -c; default: writeback; none opens images with O_DIRECT)",
+    )
+    parser.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=["raw", "qcow2"],
+        help="image format; repeat for several (default: raw and qcow2)",
+    )
     default_cache = Path(os.environ.get("COWFS_IOTESTS_CACHE", "/var/cache/cowfs-iotests"))
-    parser.add_argument("--cache", type=Path, default=default_cache,
-                        help="where the QEMU source is kept (default: /var/cache/cowfs-iotests)")
-    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
-                        help="local directory for the ext4 TEST_DIR and the mount (default: /var/tmp)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=default_cache,
+        help="where the QEMU source is kept (default: /var/cache/cowfs-iotests)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp"),
+        help="local directory for the ext4 TEST_DIR and the mount (default: /var/tmp)",
+    )
     parser.add_argument("--results", type=Path, help="where logs go (default: CACHE/results/UTC-TIME)")
     return parser.parse_args()
 
@@ -305,8 +327,9 @@ class Runner:
         """The same check on the local directory, then in a fresh mount (unmounted afterwards)."""
         check_args = [f"-{fmt}", *self.cache_args, *selection]
         local_dir = self.workdir / f"{name}.local"
-        local = run_check(self.iotests, check_args, local_dir, self.results / f"{name}-local.log",
-                          f"{fmt} {self.local_label}")
+        local = run_check(
+            self.iotests, check_args, local_dir, self.results / f"{name}-local.log", f"{fmt} {self.local_label}"
+        )
         copy_bad_outputs(local_dir, self.results / f"{name}-local.bad")
         with cowfs_mount(self.cowfs, self.workdir, name, self.results / f"{name}-cowfs-daemon.log") as mountpoint:
             scratch = mountpoint / "scratch"
@@ -353,11 +376,14 @@ def main() -> int:
             ["findmnt", "--noheadings", "--output", "FSTYPE", "--target", str(workdir)], capture_output=True, text=True
         ).stdout.strip()
         print(f"iotests: local TEST_DIR on {fs_type} under {workdir}; logs in {results_dir}", flush=True)
-        runner = Runner(iotests, cowfs, workdir, results_dir, fs_type,
-                        ["-c", args.cache_mode] if args.cache_mode else [])
+        runner = Runner(
+            iotests, cowfs, workdir, results_dir, fs_type, ["-c", args.cache_mode] if args.cache_mode else []
+        )
         try:
-            mount_only = {fmt: runner.compare_format(fmt, args.tests or ["-g", args.group])
-                          for fmt in args.formats or ["raw", "qcow2"]}
+            mount_only = {
+                fmt: runner.compare_format(fmt, args.tests or ["-g", args.group])
+                for fmt in args.formats or ["raw", "qcow2"]
+            }
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     except RunnerError as error:

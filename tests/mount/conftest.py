@@ -27,4 +27,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(
             f"pjdfstest: {categories} categories, {totals['pjdfstest_checks']:.0f} checks, "
             f"{totals['pjdfstest_mount_seconds']:.0f} s in the mount, "
-            f"{totals['pjdfstest_tmpfs_seconds']:.0f} s rerunning failed files on tmpfs")
+            f"{totals['pjdfstest_tmpfs_seconds']:.0f} s rerunning failed files on tmpfs"
+        )

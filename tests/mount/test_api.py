@@ -57,8 +57,7 @@ def test_mount_gives_a_path_status_diff_export_reset(images: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
-def test_unmounts_on_exceptions_and_ctrl_c(images: Path, tmp_path: Path,
-                                          interruption: type[BaseException]) -> None:
+def test_unmounts_on_exceptions_and_ctrl_c(images: Path, tmp_path: Path, interruption: type[BaseException]) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
     with pytest.raises(interruption), cowfs.mount(images, mountpoint) as m:
@@ -94,9 +93,15 @@ def test_the_pytest_example_gives_each_test_a_pristine_copy(tmp_path: Path) -> N
     shutil.copytree(EXAMPLE, example, ignore=shutil.ignore_patterns("images", "__pycache__"))
     scratch = tmp_path / "scratch"  # where the plugin's temporary mountpoints go
     scratch.mkdir()
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=example,
-                            env={**os.environ, "TMPDIR": str(scratch)}, capture_output=True, text=True,
-                            timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=example,
+        env={**os.environ, "TMPDIR": str(scratch)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 passed" in result.stdout
     image = example / "images" / "disk.img"

@@ -34,8 +34,10 @@ def _cases(top: Path, base: Path, mnt: Path, live: Path) -> list[Case]:
         Case(["umount", "--bogus", str(mnt)], "unrecognized arguments: --bogus"),
         Case(["mount", str(base), str(mnt), "extra"], "unrecognized arguments: extra"),
         # nonsense sizes
-        *[Case(["mount", "--max-store", size, str(base), str(mnt)], "invalid size")
-          for size in ("0", "-5", "10Q", "", "lots", "1.2.3G", "0.0001")],
+        *[
+            Case(["mount", "--max-store", size, str(base), str(mnt)], "invalid size")
+            for size in ("0", "-5", "10Q", "", "lots", "1.2.3G", "0.0001")
+        ],
         Case(["mount", "--max-store", str(base), str(mnt)], "invalid size"),  # the size is missing
         # paths that are not usable directories
         Case(["mount", str(top / "nope"), str(mnt)], "BASE_DIR"),
@@ -61,26 +63,29 @@ def _cases(top: Path, base: Path, mnt: Path, live: Path) -> list[Case]:
         Case(["mount", "--log-file", str(top / "nope" / "log"), str(base), str(mnt)], "log file"),
         Case(["mount", "--log-file", str(top), str(base), str(mnt)], "is a directory"),
         # -o options: cowfs's own go through the same validators as the long options
-        *[Case(["mount", "-o", options, str(base), str(mnt)], expected) for options, expected in [
-            ("ro", "ro: a cowfs mount is writable"),
-            ("rw,ro", "ro: a cowfs mount is writable"),
-            ("frobnicate", "unknown mount option 'frobnicate'"),
-            ("fsname=x", "unknown mount option 'fsname=x'"),
-            ("sync", "unknown mount option 'sync'"),
-            ("max_store=lots", "max_store: invalid size 'lots'"),
-            ("max_store=0", "max_store: invalid size '0'"),
-            ("max_store=", "max_store needs a value"),
-            ("store", "store needs a value"),
-            ("store=", "store needs a value"),
-            ("log_file=", "log_file needs a value"),
-            ("allow_other=1", "allow_other takes no value"),
-            ("nofail=yes", "nofail takes no value"),
-            (f"store={top / 'nope'}", "store directory"),
-            (f"store={a_file}", "not a directory"),
-            (f"log_file={top}", "is a directory"),
-            (f"log_file={top / 'nope' / 'log'}", "log file"),
-            ("allow_other,allow_root", "allow_other and allow_root exclude each other"),
-        ]],
+        *[
+            Case(["mount", "-o", options, str(base), str(mnt)], expected)
+            for options, expected in [
+                ("ro", "ro: a cowfs mount is writable"),
+                ("rw,ro", "ro: a cowfs mount is writable"),
+                ("frobnicate", "unknown mount option 'frobnicate'"),
+                ("fsname=x", "unknown mount option 'fsname=x'"),
+                ("sync", "unknown mount option 'sync'"),
+                ("max_store=lots", "max_store: invalid size 'lots'"),
+                ("max_store=0", "max_store: invalid size '0'"),
+                ("max_store=", "max_store needs a value"),
+                ("store", "store needs a value"),
+                ("store=", "store needs a value"),
+                ("log_file=", "log_file needs a value"),
+                ("allow_other=1", "allow_other takes no value"),
+                ("nofail=yes", "nofail takes no value"),
+                (f"store={top / 'nope'}", "store directory"),
+                (f"store={a_file}", "not a directory"),
+                (f"log_file={top}", "is a directory"),
+                (f"log_file={top / 'nope' / 'log'}", "log file"),
+                ("allow_other,allow_root", "allow_other and allow_root exclude each other"),
+            ]
+        ],
         Case(["mount", "--allow-other", "--allow-root", str(base), str(mnt)], "exclude each other"),
         Case(["mount", str(base), str(mnt), "-o"], "expected one argument"),
         Case(["mount", "--store", "", str(base), str(mnt)], "an empty path"),
@@ -103,10 +108,11 @@ def _cases(top: Path, base: Path, mnt: Path, live: Path) -> list[Case]:
     ]
 
 
-def test_bad_input_gets_one_clear_line_and_changes_nothing(visible_tmp: Path,
-                                                           mount_factory: MountFactory,
-                                                           cowfs_for_others: tuple[list[str], dict[str, str]],
-                                                           ) -> None:
+def test_bad_input_gets_one_clear_line_and_changes_nothing(
+    visible_tmp: Path,
+    mount_factory: MountFactory,
+    cowfs_for_others: tuple[list[str], dict[str, str]],
+) -> None:
     others_argv, others_env = cowfs_for_others
     top = visible_tmp
     base, mnt, full = top / "base", top / "mnt", top / "full"
@@ -120,8 +126,12 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(visible_tmp: Path,
     failures = []
     for case in _cases(top, base, mnt, live.path):
         if case.as_nobody:
-            result = run(as_user(NOBODY, NOBODY, [*others_argv, *case.argv]), check=False, timeout=30,
-                         env={**os.environ, **others_env})
+            result = run(
+                as_user(NOBODY, NOBODY, [*others_argv, *case.argv]),
+                check=False,
+                timeout=30,
+                env={**os.environ, **others_env},
+            )
         else:
             result = run([COWFS, *case.argv], check=False, timeout=30)
         lines = result.stderr.splitlines()

@@ -39,8 +39,10 @@ def test_version_comes_from_the_one_version_source(flag: str) -> None:
 
 
 def test_import_cowfs_imports_no_api_until_used() -> None:
-    probe = ("import sys, cowfs; before = sorted(m for m in sys.modules if m.startswith('cowfs')); "
-             "cowfs.mount, cowfs.UserError; print(before, 'cowfs.api' in sys.modules)")
+    probe = (
+        "import sys, cowfs; before = sorted(m for m in sys.modules if m.startswith('cowfs')); "
+        "cowfs.mount, cowfs.UserError; print(before, 'cowfs.api' in sys.modules)"
+    )
     result = run([sys.executable, "-c", probe], cwd="/")
     assert result.stdout == "['cowfs'] True\n", result.stdout
 
@@ -53,8 +55,15 @@ def test_mount_parent_imports_nothing_it_does_not_need_before_the_fork(base_dir:
         result = run([sys.executable, "-X", "importtime", "-m", "cowfs", "mount", str(base_dir), str(mountpoint)])
         imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import")}
         assert "cowfs.cli" in imported and "cowfs.store" in imported
-        assert not imported & {"cowfs.api", "cowfs.control_cli", "cowfs.transfer", "cowfs.daemon", "pyfuse3",
-                               "trio", "tempfile"}, sorted(imported)
+        assert not imported & {
+            "cowfs.api",
+            "cowfs.control_cli",
+            "cowfs.transfer",
+            "cowfs.daemon",
+            "pyfuse3",
+            "trio",
+            "tempfile",
+        }, sorted(imported)
         assert is_mounted(mountpoint)
     finally:
         run([COWFS, "umount", str(mountpoint)], check=False)
@@ -96,8 +105,13 @@ def test_verbose_before_and_after_mount_add_up(base_dir: Path, tmp_path: Path) -
 def test_foreground_works_before_and_after_mount(base_dir: Path, tmp_path: Path, argv: list[str]) -> None:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    daemon = subprocess.Popen([COWFS, "-v", *argv, str(base_dir), str(mountpoint)], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    daemon = subprocess.Popen(
+        [COWFS, "-v", *argv, str(base_dir), str(mountpoint)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert wait_until(lambda: is_mounted(mountpoint) or daemon.poll() is not None, timeout=30)
         assert daemon.poll() is None, "a foreground mount returned"
@@ -114,8 +128,9 @@ def test_foreground_works_before_and_after_mount(base_dir: Path, tmp_path: Path,
         force_unmount(mountpoint)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["list"], ["status", "MNT"], ["status", "--json", "MNT"],
-                                  ["diff", "MNT/disk.raw"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["list"], ["status", "MNT"], ["status", "--json", "MNT"], ["diff", "MNT/disk.raw"]]
+)
 def test_a_closed_pipe_ends_a_command_quietly(mounted: Mount, base_dir: Path, argv: list[str]) -> None:
     """A real pipe whose reader is gone: the first write gets EPIPE. The command ends as
     `cat` would, by SIGPIPE (or, for --help, which argparse writes ignoring errors, exit 0),
@@ -125,8 +140,9 @@ def test_a_closed_pipe_ends_a_command_quietly(mounted: Mount, base_dir: Path, ar
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        result = subprocess.run([COWFS, *argv], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60,
-                                check=False)
+        result = subprocess.run(
+            [COWFS, *argv], stdout=writer, stderr=subprocess.PIPE, text=True, timeout=60, check=False
+        )
     finally:
         os.close(writer)
     assert result.stderr == ""
@@ -139,15 +155,16 @@ def test_a_closed_pipe_in_a_shell_pipeline_says_nothing(mounted: Mount) -> None:
     assert result.stdout.startswith("usage: cowfs")
 
 
-def test_o_options_mean_what_the_long_options_mean(base_dir: Path, tmp_path: Path,
-                                                   mount_factory: MountFactory) -> None:
+def test_o_options_mean_what_the_long_options_mean(base_dir: Path, tmp_path: Path, mount_factory: MountFactory) -> None:
     (base_dir / "disk.raw").write_bytes(bytes(4 * MiB))
     store = tmp_path / "store"
     store.mkdir()
     log = tmp_path / "o.log"
     # What fstab, mount(8) and mount.fuse3 add on the way is accepted and ignored.
-    passed_along = "rw,nofail,_netdev,noauto,auto,user,users,nouser,defaults,x-systemd.automount," \
-                   "x-systemd.requires=/srv,comment=scratch,default_permissions,dev,suid,nodev,nosuid,exec"
+    passed_along = (
+        "rw,nofail,_netdev,noauto,auto,user,users,nouser,defaults,x-systemd.automount,"
+        "x-systemd.requires=/srv,comment=scratch,default_permissions,dev,suid,nodev,nosuid,exec"
+    )
     by_o = mount_factory(base_dir, "-o", f"store={store},max_store=1M,log_file={log},allow_other,{passed_along}")
     by_long = mount_factory(base_dir, "--store", str(store), "--max-store", "1M", "--allow-other")
     assert {**status_json(by_o.path), "mountpoint": None} == {**status_json(by_long.path), "mountpoint": None}
@@ -204,8 +221,10 @@ def test_bare_form_as_mount_fuse3_runs_it_means_mount(base_dir: Path, tmp_path: 
 def _ours(listing: dict[str, list[dict[str, object]]], mounts: list[Mount]) -> list[dict[str, object]]:
     """Our rows only: other mounts on this machine are listed too (root sees all)."""
     paths = [str(m.path) for m in mounts]
-    return sorted((row for row in listing["mounts"] if row["mountpoint"] in paths),
-                  key=lambda row: paths.index(str(row["mountpoint"])))
+    return sorted(
+        (row for row in listing["mounts"] if row["mountpoint"] in paths),
+        key=lambda row: paths.index(str(row["mountpoint"])),
+    )
 
 
 def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_factory: MountFactory) -> None:
@@ -223,20 +242,53 @@ def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_f
 
     listing = json.loads(run([COWFS, "list", "--json"]).stdout)
     assert _ours(listing, [first, second, dead]) == [
-        {"mountpoint": str(first.path), "state": "live", "pid": first.pid, "base_dir": str(base_dir),
-         "store_dir": status_json(first.path)["store_dir"], "store_bytes": 0, "max_store": 1 << 30},
-        {"mountpoint": str(second.path), "state": "live", "pid": second.pid, "base_dir": str(base_dir),
-         "store_dir": str(store), "store_bytes": MiB, "max_store": None},
-        {"mountpoint": str(dead.path), "state": "dead", "pid": None, "base_dir": None, "store_dir": None,
-         "store_bytes": None, "max_store": None, "clear": f"cowfs umount {dead.path}"}]
-    assert _ours(json.loads(run([COWFS, "status", "--json"]).stdout), [first, second, dead]) == \
-        _ours(listing, [first, second, dead])
+        {
+            "mountpoint": str(first.path),
+            "state": "live",
+            "pid": first.pid,
+            "base_dir": str(base_dir),
+            "store_dir": status_json(first.path)["store_dir"],
+            "store_bytes": 0,
+            "max_store": 1 << 30,
+        },
+        {
+            "mountpoint": str(second.path),
+            "state": "live",
+            "pid": second.pid,
+            "base_dir": str(base_dir),
+            "store_dir": str(store),
+            "store_bytes": MiB,
+            "max_store": None,
+        },
+        {
+            "mountpoint": str(dead.path),
+            "state": "dead",
+            "pid": None,
+            "base_dir": None,
+            "store_dir": None,
+            "store_bytes": None,
+            "max_store": None,
+            "clear": f"cowfs umount {dead.path}",
+        },
+    ]
+    assert _ours(json.loads(run([COWFS, "status", "--json"]).stdout), [first, second, dead]) == _ours(
+        listing, [first, second, dead]
+    )
 
     text = run([COWFS, "list"]).stdout.splitlines()
     assert text[0].split() == ["MOUNTPOINT", "STATE", "PID", "WRITTEN", "LIMIT", "BASE", "STORE"]
     row = {line.split()[0]: line.split() for line in text[1:]}
-    assert row[str(first.path)] == [str(first.path), "live", str(first.pid), "0", "B", "1.0", "GiB", str(base_dir),
-                                    str(status_json(first.path)["store_dir"])]
+    assert row[str(first.path)] == [
+        str(first.path),
+        "live",
+        str(first.pid),
+        "0",
+        "B",
+        "1.0",
+        "GiB",
+        str(base_dir),
+        str(status_json(first.path)["store_dir"]),
+    ]
     assert row[str(second.path)][3:6] == ["1.0", "MiB", "none"]
     assert row[str(dead.path)][1:] == ["dead", "-", "-", "-", "-", "-"]
     assert f"{dead.path}: its daemon is gone; clear it with cowfs umount {dead.path}" in text
@@ -249,10 +301,12 @@ def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_f
 def test_list_shows_only_the_callers_mounts(visible_tmp: Path, mounted: Mount) -> None:  # noqa: F811
     """Root's mount is not listed for nobody (who has none). Nobody runs a copy of the
     package it can read: the checkout may be in a directory only root may enter."""
-    assert any(row["mountpoint"] == str(mounted.path) for row in json.loads(run([COWFS, "list", "--json"]).stdout)
-               ["mounts"])
-    shutil.copytree(Path(cowfs.__file__).parent, visible_tmp / "pkg" / "cowfs",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    assert any(
+        row["mountpoint"] == str(mounted.path) for row in json.loads(run([COWFS, "list", "--json"]).stdout)["mounts"]
+    )
+    shutil.copytree(
+        Path(cowfs.__file__).parent, visible_tmp / "pkg" / "cowfs", ignore=shutil.ignore_patterns("__pycache__")
+    )
     as_nobody = as_user(NOBODY, NOBODY, ["/usr/bin/python3", "-m", "cowfs", "list"])
     env = {**os.environ, "PYTHONPATH": str(visible_tmp / "pkg")}
     assert json.loads(run([*as_nobody, "--json"], cwd=visible_tmp, env=env).stdout) == {"mounts": []}

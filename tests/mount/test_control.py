@@ -87,16 +87,26 @@ def test_status_lists_every_change_as_json_and_as_a_table(images: Path, mount_fa
     changes = changes_by_path(m)
     assert set(changes) == {"/disk.raw", "/b.txt", "/old.txt", "/new.img", "/dir"}
     assert changes["/disk.raw"] | {} == {
-        "path": "/disk.raw", "state": "modified", "type": "file", "renamed_from": None, "size": 64 * MiB,
-        "base_size": 64 * MiB, "bytes_written": MiB + 4096, "extents": 2, "open_handles": 0}
+        "path": "/disk.raw",
+        "state": "modified",
+        "type": "file",
+        "renamed_from": None,
+        "size": 64 * MiB,
+        "base_size": 64 * MiB,
+        "bytes_written": MiB + 4096,
+        "extents": 2,
+        "open_handles": 0,
+    }
     assert (changes["/b.txt"]["state"], changes["/b.txt"]["renamed_from"]) == ("renamed", "/a.txt")
     assert changes["/old.txt"]["state"] == "deleted"
     assert (changes["/new.img"]["state"], changes["/new.img"]["bytes_written"]) == ("created", 8192)
     assert (changes["/dir"]["state"], changes["/dir"]["type"]) == ("created", "directory")
     table = cowfs("status", str(m.path)).stdout.splitlines()
-    assert table[:3] == [f"mount  {m.path}", f"base   {images}",
-                         f"store  {report['store_dir']}: 1.0 MiB written, "
-                         f"{table[2].split('written, ')[1]}"]
+    assert table[:3] == [
+        f"mount  {m.path}",
+        f"base   {images}",
+        f"store  {report['store_dir']}: 1.0 MiB written, {table[2].split('written, ')[1]}",
+    ]
     assert table[3].startswith("kernel fallocate")  # which kernel features this pyfuse3 gives
     rows = [line.split() for line in table[5:]]
     assert rows[0] == ["STATE", "WRITTEN", "EXTENTS", "SIZE", "PATH"]
@@ -152,8 +162,13 @@ def test_diff_reports_written_ranges_and_the_zeroed_tail(images: Path, mount_fac
     os.truncate(disk, 48 * MiB)  # hides the base's tail ...
     os.truncate(disk, 64 * MiB)  # ... which now reads as zeros: changed too
     report = json.loads(cowfs("diff", "--json", str(disk)).stdout)
-    assert report == {"path": "/disk.raw", "size": 64 * MiB, "base_size": 64 * MiB, "changed_bytes": 8192 + 17 * MiB,
-                      "ranges": [[4096, 12288], [16 * MiB, 17 * MiB], [48 * MiB, 64 * MiB]]}
+    assert report == {
+        "path": "/disk.raw",
+        "size": 64 * MiB,
+        "base_size": 64 * MiB,
+        "changed_bytes": 8192 + 17 * MiB,
+        "ranges": [[4096, 12288], [16 * MiB, 17 * MiB], [48 * MiB, 64 * MiB]],
+    }
     assert cowfs("diff", str(disk)).stdout.splitlines() == [
         "/disk.raw: 17.0 MiB changed in 3 ranges, size 64.0 MiB (base 64.0 MiB)",
         "   START       END    LENGTH",
@@ -199,8 +214,9 @@ def test_reset_refuses_an_open_file_unless_forced(images: Path, mount_factory: M
     fd = os.open(disk, os.O_RDWR)
     try:
         os.pwrite(fd, b"q" * 4096, 0)
-        one_line_error(cowfs("reset", str(disk), check=False),
-                       "open in the mount (disk.raw): close it first, or use --force")
+        one_line_error(
+            cowfs("reset", str(disk), check=False), "open in the mount (disk.raw): close it first, or use --force"
+        )
         assert os.pread(fd, 4, 0) == b"qqqq"
         cowfs("reset", "--force", str(disk))
         assert os.pread(fd, 4, 0) == b"BBBB"  # the open handle sees the base again
@@ -269,8 +285,10 @@ def test_commit_asks_first(images: Path, mount_factory: MountFactory) -> None:
     m = mount_factory(images)
     write_at(m.path / "a.txt", 0, b"H")
     result = cowfs("commit", str(m.path / "a.txt"), check=False, input="n\n")
-    assert result.stderr.startswith(f"Write 6 B of changes (1 range, size 6 B) of {m.path / 'a.txt'} into "
-                                    f"{images / 'a.txt'}? This cannot be undone. [y/N] ")
+    assert result.stderr.startswith(
+        f"Write 6 B of changes (1 range, size 6 B) of {m.path / 'a.txt'} into "
+        f"{images / 'a.txt'}? This cannot be undone. [y/N] "
+    )
     assert result.returncode == 1 and "commit cancelled, nothing written" in result.stderr
     assert read_base(images / "a.txt") == b"hello\n"
     cowfs("commit", str(m.path / "a.txt"), input="y\n")
@@ -283,8 +301,10 @@ def test_commit_refuses_when_the_base_changed(images: Path, mount_factory: Mount
     write_at(m.path / "a.txt", 0, b"H")
     with open(images / "a.txt", "a") as f:
         f.write("someone else\n")
-    one_line_error(cowfs("commit", "--yes", str(m.path / "a.txt"), check=False),
-                   "its base file changed since the mount started using it: refusing to commit")
+    one_line_error(
+        cowfs("commit", "--yes", str(m.path / "a.txt"), check=False),
+        "its base file changed since the mount started using it: refusing to commit",
+    )
     assert read_base(images / "a.txt") == b"hello\nsomeone else\n"
 
 
@@ -296,8 +316,10 @@ def test_commit_refuses_a_read_only_base(images: Path, tmp_path: Path, mount_fac
     try:
         m = mount_factory(read_only)
         write_at(m.path / "a.txt", 0, b"H")
-        one_line_error(cowfs("commit", "--yes", str(m.path / "a.txt"), check=False),
-                       "is not writable (Read-only file system): nothing written")
+        one_line_error(
+            cowfs("commit", "--yes", str(m.path / "a.txt"), check=False),
+            "is not writable (Read-only file system): nothing written",
+        )
         m.stop()
     finally:
         subprocess.run(["umount", str(read_only)], check=True)
@@ -331,8 +353,9 @@ def test_export_raw_is_a_sparse_copy_of_the_view(images: Path, tmp_path: Path, m
     assert dest.read_text() == "hello\n"
 
 
-def test_export_qcow2_holds_only_the_changes_over_the_base(images: Path, tmp_path: Path,
-                                                           mount_factory: MountFactory) -> None:
+def test_export_qcow2_holds_only_the_changes_over_the_base(
+    images: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     m = mount_factory(images)
     disk = m.path / "disk.raw"
     write_at(disk, 5, b"five")
@@ -375,14 +398,17 @@ def test_only_the_mounting_user_may_control_a_mount(images: Path, mount_factory:
         "import socket, sys\n"
         "s = socket.socket(socket.AF_UNIX)\n"
         f"s.connect('\\0{name}')\n"
-        "s.sendall(b'{\"op\": \"status\"}\\n')\n"
+        's.sendall(b\'{"op": "status"}\\n\')\n'
         "print(s.makefile().readline())\n"
     )
     python = "/usr/bin/python3"  # the test's virtualenv may not be reachable for nobody
-    as_nobody = subprocess.run([python, "-c", client], user="nobody", cwd="/", capture_output=True, text=True,
-                               check=False, timeout=30)
+    as_nobody = subprocess.run(
+        [python, "-c", client], user="nobody", cwd="/", capture_output=True, text=True, check=False, timeout=30
+    )
     assert as_nobody.returncode == 0, as_nobody.stderr
     assert json.loads(as_nobody.stdout) == {
-        "ok": False, "error": "permission denied: only the user who mounted (or root) may control this mount"}
+        "ok": False,
+        "error": "permission denied: only the user who mounted (or root) may control this mount",
+    }
     as_owner = subprocess.run([python, "-c", client], capture_output=True, text=True, check=True, timeout=30)
     assert json.loads(as_owner.stdout)["ok"] is True

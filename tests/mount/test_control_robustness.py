@@ -99,7 +99,8 @@ def _plan(m: ApiMount, path: str) -> Plan:
 
 @pytest.mark.base_may_change
 def test_a_write_while_commit_reads_the_changes_makes_it_refuse_with_nothing_written(
-        base_dir: Path, live: Mount) -> None:
+    base_dir: Path, live: Mount
+) -> None:
     view = live.path / "disk.raw"
     write_at(view, 4096, b"1" * 4096)
     api = ApiMount(live.path)

@@ -55,16 +55,24 @@ def test_writes_are_gone_after_umount_and_base_untouched(base_dir: Path, mount_f
     assert (sha256(base_dir / "disk.raw"), (base_dir / "disk.raw").stat().st_mtime_ns) == before
 
 
-def test_unaligned_spanning_past_eof_and_truncate_match_a_local_file(base_dir: Path, tmp_path: Path,
-                                                                     mount_factory: MountFactory) -> None:
+def test_unaligned_spanning_past_eof_and_truncate_match_a_local_file(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     original = make_file(base_dir / "f", 50_000)
     reference = tmp_path / "reference"
     reference.write_bytes(original)
     m = mount_factory(base_dir)
     operations: list[tuple[str, int, int]] = [
-        ("write", 1, 3), ("write", 4095, 2), ("write", 8000, 20_000), ("write", 60_000, 100),  # past EOF: a hole
-        ("truncate", 30_001, 0), ("truncate", 70_000, 0), ("write", 69_999, 5),
-        ("truncate", 0, 0), ("write", 10, 10), ("truncate", 5000, 0),
+        ("write", 1, 3),
+        ("write", 4095, 2),
+        ("write", 8000, 20_000),
+        ("write", 60_000, 100),  # past EOF: a hole
+        ("truncate", 30_001, 0),
+        ("truncate", 70_000, 0),
+        ("write", 69_999, 5),
+        ("truncate", 0, 0),
+        ("write", 10, 10),
+        ("truncate", 5000, 0),
     ]
     for target in (m.path / "f", reference):
         fd = os.open(target, os.O_RDWR)
@@ -155,8 +163,9 @@ def test_base_files_are_opened_read_only(base_dir: Path, mount_factory: MountFac
         assert checked >= 1
 
 
-def test_sigkill_frees_store_and_umount_cleans_dead_mount(base_dir: Path, tmp_path: Path,
-                                                         mount_factory: MountFactory) -> None:
+def test_sigkill_frees_store_and_umount_cleans_dead_mount(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     with private_tmpfs(tmp_path / "store", "256m") as store:
         _check_sigkill_frees_store(base_dir, store, mount_factory)
 
@@ -267,8 +276,12 @@ def test_modes_changed_in_the_mount_are_enforced(base_dir: Path, mount_factory: 
     secret.write_bytes(b"s")
     m = mount_factory(base_dir)
     os.chmod(m.path / "secret.img", 0o000)
-    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat",
-                             str(m.path / "secret.img")], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(m.path / "secret.img")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode != 0
     assert "Permission denied" in result.stderr
     assert stat.S_IMODE(secret.stat().st_mode) != 0  # the chmod stayed in the mount

@@ -36,8 +36,9 @@ while True:
 
 
 def _start_writer(path: Path) -> subprocess.Popen[str]:
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     assert writer.stdout is not None and writer.stdout.readline().strip() == "started"
     return writer
 
@@ -60,8 +61,9 @@ def _assert_clean_exit(m: Mount, store: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGHUP", "umount -l"])
-def test_signal_or_lazy_umount_while_writing_unmounts_cleanly(how: str, base_dir: Path, tmp_path: Path,
-                                                               mount_factory: MountFactory) -> None:
+def test_signal_or_lazy_umount_while_writing_unmounts_cleanly(
+    how: str, base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     make_file(base_dir / "disk.raw", 16 * MiB)
     store = tmp_path / "store"
     store.mkdir()
@@ -85,14 +87,19 @@ def test_signal_or_lazy_umount_while_writing_unmounts_cleanly(how: str, base_dir
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_foreground_daemon_exits_zero_on_signal_while_writing(signum: signal.Signals, base_dir: Path,
-                                                              tmp_path: Path) -> None:
+def test_foreground_daemon_exits_zero_on_signal_while_writing(
+    signum: signal.Signals, base_dir: Path, tmp_path: Path
+) -> None:
     """In the foreground the daemon is our child, so its exit status can be read directly."""
     make_file(base_dir / "disk.raw", 16 * MiB)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    daemon = subprocess.Popen([COWFS, "-v", "mount", "--foreground", str(base_dir), str(mnt)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    daemon = subprocess.Popen(
+        [COWFS, "-v", "mount", "--foreground", str(base_dir), str(mnt)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     writer = None
     try:
         assert wait_until(lambda: is_mounted(mnt), timeout=30)
@@ -140,8 +147,9 @@ def _read_uncached(path: Path, offset: int, size: int) -> bytes:
         os.close(fd)
 
 
-def test_full_store_gives_enospc_keeps_earlier_writes_and_recovers(base_dir: Path, small_store: Path,
-                                                                   mount_factory: MountFactory) -> None:
+def test_full_store_gives_enospc_keeps_earlier_writes_and_recovers(
+    base_dir: Path, small_store: Path, mount_factory: MountFactory
+) -> None:
     filler = small_store / "filler"
     filler.write_bytes(b"\0" * (16 * MiB))
     with open(base_dir / "disk.raw", "wb") as f:
@@ -193,8 +201,9 @@ _CHANGED_BASE_LOG = ["was modified while mounted", "base file changed under the 
 
 @pytest.mark.base_may_change
 @pytest.mark.parametrize("change", ["overwrite in place", "append", "truncate"])
-def test_base_modified_under_a_changed_file_gives_eio_and_a_log_line(change: str, base_dir: Path,
-                                                                     mount_factory: MountFactory) -> None:
+def test_base_modified_under_a_changed_file_gives_eio_and_a_log_line(
+    change: str, base_dir: Path, mount_factory: MountFactory
+) -> None:
     make_file(base_dir / "disk.raw", 4 * MiB)
     m = mount_factory(base_dir)
     m.allowed_log_problems = _CHANGED_BASE_LOG
@@ -232,8 +241,7 @@ def test_base_modified_under_a_changed_file_gives_eio_and_a_log_line(change: str
 
 
 @pytest.mark.base_may_change
-def test_base_modified_under_an_unchanged_file_shows_the_new_base(base_dir: Path,
-                                                                 mount_factory: MountFactory) -> None:
+def test_base_modified_under_an_unchanged_file_shows_the_new_base(base_dir: Path, mount_factory: MountFactory) -> None:
     old = make_file(base_dir / "disk.raw", MiB, seed=1)
     m = mount_factory(base_dir)
     assert (m.path / "disk.raw").read_bytes() == old  # now in the kernel's page cache
@@ -243,8 +251,9 @@ def test_base_modified_under_an_unchanged_file_shows_the_new_base(base_dir: Path
 
 @pytest.mark.base_may_change
 @pytest.mark.parametrize("how", ["renamed over", "deleted"])
-def test_base_replaced_under_a_changed_file_keeps_the_old_bytes(how: str, base_dir: Path,
-                                                                mount_factory: MountFactory) -> None:
+def test_base_replaced_under_a_changed_file_keeps_the_old_bytes(
+    how: str, base_dir: Path, mount_factory: MountFactory
+) -> None:
     old = make_file(base_dir / "disk.raw", 2 * MiB, seed=1)
     m = mount_factory(base_dir)
     with open(m.path / "disk.raw", "r+b") as f:
@@ -265,8 +274,8 @@ def test_base_replaced_under_a_changed_file_keeps_the_old_bytes(how: str, base_d
 
 # -- QEMU's own image locking protects a mounted base ----------------------------------------
 
-def test_qemu_cannot_write_or_resize_a_base_while_its_view_is_open(base_dir: Path,
-                                                                   mount_factory: MountFactory) -> None:
+
+def test_qemu_cannot_write_or_resize_a_base_while_its_view_is_open(base_dir: Path, mount_factory: MountFactory) -> None:
     make_file(base_dir / "disk.raw", 2 * MiB)
     base = str(base_dir / "disk.raw")
     before = sha256(base_dir / "disk.raw")

@@ -32,8 +32,10 @@ from ..helpers import COWFS, private_tmpfs, run, sha256, wait_for_pid_exit
 MiB = 1 << 20
 GENERATOR = Path("/lib/systemd/system-generators/systemd-fstab-generator")
 
-pytestmark = pytest.mark.skipif(os.getuid() != 0 or not Path("/sbin/mount.fuse3").exists(),
-                                reason="needs root and /sbin/mount.fuse3 (the fuse3 package)")
+pytestmark = pytest.mark.skipif(
+    os.getuid() != 0 or not Path("/sbin/mount.fuse3").exists(),
+    reason="needs root and /sbin/mount.fuse3 (the fuse3 package)",
+)
 
 
 @dataclass
@@ -76,11 +78,24 @@ def _mount_in_namespace(scene: Scene, start: str, stop: str) -> dict[str, str]:
     write 8 MiB, run ``stop``; the lines the script printed, by their label. The daemon
     must be gone afterwards and the store's space back."""
     free_before = os.statvfs(scene.store).f_bfree
-    env = {"BIN": str(scene.bin_dir), "BASE": str(scene.base), "MNT": str(scene.mountpoint),
-           "STORE": str(scene.store), "START": start, "STOP": stop, "PATH": os.environ["PATH"]}
+    env = {
+        "BIN": str(scene.bin_dir),
+        "BASE": str(scene.base),
+        "MNT": str(scene.mountpoint),
+        "STORE": str(scene.store),
+        "START": start,
+        "STOP": stop,
+        "PATH": os.environ["PATH"],
+    }
     before = sha256(scene.base / "disk.raw")
-    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", _SCRIPT], env=env,
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", _SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     seen = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     pid = json.loads(seen["control"])["pid"] if "control" in seen else None
     try:
@@ -101,21 +116,27 @@ def _table_entry(seen: dict[str, str]) -> list[str]:
 
 
 def test_mount_t_fuse_cowfs_through_mount_fuse3_then_umount(scene: Scene) -> None:
-    seen = _mount_in_namespace(scene, 'mount -t fuse.cowfs "$BASE" "$MNT" -o "store=$STORE,max_store=32M"',
-                               'umount "$MNT"')
+    seen = _mount_in_namespace(
+        scene, 'mount -t fuse.cowfs "$BASE" "$MNT" -o "store=$STORE,max_store=32M"', 'umount "$MNT"'
+    )
     source, where, fstype, options = _table_entry(seen)[:4]
     assert (where, fstype) == (str(scene.mountpoint), "fuse.cowfs")
     assert "nosuid" in options.split(",") and "nodev" in options.split(",")  # dev,suid of mount.fuse3 ignored
     status = json.loads(seen["status"])
-    assert (status["base_dir"], status["store_dir"], status["max_store"]) == (str(scene.base), str(scene.store),
-                                                                              32 * MiB)
+    assert (status["base_dir"], status["store_dir"], status["max_store"]) == (
+        str(scene.base),
+        str(scene.store),
+        32 * MiB,
+    )
 
 
 def test_fstab_line_mounts_with_mount_T_then_umount(scene: Scene) -> None:
     """The README's fstab line, with this test's paths, through ``mount -T FSTAB MOUNTPOINT``."""
     fstab = scene.top / "fstab"
-    fstab.write_text(f"# cowfs scratch view\n{scene.base} {scene.mountpoint} fuse.cowfs "
-                     f"store={scene.store},nofail,x-systemd.requires-mounts-for={scene.base} 0 0\n")
+    fstab.write_text(
+        f"# cowfs scratch view\n{scene.base} {scene.mountpoint} fuse.cowfs "
+        f"store={scene.store},nofail,x-systemd.requires-mounts-for={scene.base} 0 0\n"
+    )
     seen = _mount_in_namespace(scene, f'mount -T "{fstab}" "$MNT"', 'umount "$MNT"')
     assert _table_entry(seen)[1:3] == [str(scene.mountpoint), "fuse.cowfs"]
     assert json.loads(seen["status"])["store_dir"] == str(scene.store)
@@ -130,8 +151,11 @@ def test_systemd_mount_unit_from_the_fstab_line_starts_and_stops(scene: Scene) -
     unit_files = list(units.glob("*.mount"))
     assert len(unit_files) == 1, list(units.rglob("*"))
     assert (units / "remote-fs.target.wants" / unit_files[0].name).exists()  # _netdev: after the network
-    settings = dict(line.split("=", 1) for line in unit_files[0].read_text().splitlines()
-                    if "=" in line and not line.startswith("#"))
+    settings = dict(
+        line.split("=", 1)
+        for line in unit_files[0].read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
     assert settings["Type"] == "fuse.cowfs" and settings["Where"] == str(scene.mountpoint)
     # What systemd runs for the unit: ExecMount, then ExecUnmount at stop.
     start = f"mount {settings['What']} {settings['Where']} -t {settings['Type']} -o {settings['Options']}"
@@ -146,10 +170,22 @@ def test_mount_without_cowfs_on_the_default_path_says_why(scene: Scene) -> None:
     if shutil.which("cowfs", path="/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"):
         pytest.skip("cowfs is installed system-wide here")
     (scene.bin_dir / "cowfs").unlink()
-    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c",
-                             f'mount --bind {scene.bin_dir} /usr/local/bin && '
-                             f'mount -t fuse.cowfs {scene.base} {scene.mountpoint}; echo "rc=$?"; '
-                             f'grep -cF " {scene.mountpoint} " /proc/self/mounts || true'],
-                            capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "bash",
+            "-c",
+            f"mount --bind {scene.bin_dir} /usr/local/bin && "
+            f'mount -t fuse.cowfs {scene.base} {scene.mountpoint}; echo "rc=$?"; '
+            f'grep -cF " {scene.mountpoint} " /proc/self/mounts || true',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert "cowfs: not found" in result.stderr
     assert result.stdout.split() == ["rc=127", "0"]

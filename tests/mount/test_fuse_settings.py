@@ -25,8 +25,9 @@ def test_mount_widens_readahead_and_dirty_budget(base_dir: Path, mount_factory: 
     assert _bdi_setting(m.path, "strict_limit") == "1"  # FUSE's safety net stays on
 
 
-def test_writes_through_the_writeback_cache_reach_the_store_at_close(base_dir: Path,
-                                                                      mount_factory: MountFactory) -> None:
+def test_writes_through_the_writeback_cache_reach_the_store_at_close(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
     base = os.urandom(8 * MiB)
     (base_dir / "disk.raw").write_bytes(base)
     m = mount_factory(base_dir)

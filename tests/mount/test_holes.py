@@ -148,8 +148,9 @@ def _outcome(action: Callable[[Path], object], path: Path) -> str:
 
 
 @pytest.mark.parametrize("compare_holes", [False, True], ids=["bytes", "holes"])
-def test_fallocate_and_seek_match_a_local_ext4_file(compare_holes: bool, images: Path, tmp_path: Path,
-                                                    mount_factory: MountFactory) -> None:
+def test_fallocate_and_seek_match_a_local_ext4_file(
+    compare_holes: bool, images: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     """The same calls on the mount and on a local ext4 copy give the same results, bytes and sizes;
     and, leaving out a preallocation over a base hole (ext4 allocates it, cowfs keeps the base's
     hole: both read zeros), the same SEEK_DATA/SEEK_HOLE answers every 64 KiB."""
@@ -197,7 +198,8 @@ def test_sparse_tools_see_the_holes(images: Path, tmp_path: Path, mount_factory:
     expected = json.loads(run(["qemu-img", "map", "-f", "raw", "--output=json", str(local)]).stdout)
     got = json.loads(run(["qemu-img", "map", "-f", "raw", "--output=json", str(view)]).stdout)
     assert [(e["start"], e["length"], e["data"]) for e in got] == [
-        (e["start"], e["length"], e["data"]) for e in expected]
+        (e["start"], e["length"], e["data"]) for e in expected
+    ]
     copy = tmp_path / "copy.raw"
     run(["cp", "--sparse=always", str(view), str(copy)])
     assert copy.read_bytes() == local.read_bytes()
@@ -256,9 +258,9 @@ def test_setuid_is_cleared_as_on_linux(visible_tmp: Path, mount_factory: MountFa
     assert stat.S_IMODE(tool.stat().st_mode) == 0o777
 
 
-
-def test_a_truncate_keeps_setuid_only_for_a_caller_with_cap_fsetid(visible_tmp: Path,
-                                                                   mount_factory: MountFactory) -> None:
+def test_a_truncate_keeps_setuid_only_for_a_caller_with_cap_fsetid(
+    visible_tmp: Path, mount_factory: MountFactory
+) -> None:
     """As on Linux: a truncate clears setuid/setgid unless the caller holds CAP_FSETID, whoever
     it is (the kernel does not tell the daemon which, so it asks /proc)."""
     base_dir = visible_tmp / "base"
@@ -273,6 +275,7 @@ def test_a_truncate_keeps_setuid_only_for_a_caller_with_cap_fsetid(visible_tmp: 
         tool.chmod(0o6777)
         run([*argv, "truncate", "-s", "5", str(tool)])
         assert stat.S_IMODE(tool.stat().st_mode) == (0o6777 if kept else 0o777), argv
+
 
 def test_a_write_costs_no_capability_probe(base_dir: Path, mount_factory: MountFactory) -> None:
     """With FUSE_HANDLE_KILLPRIV_V2 accepted, the kernel stops asking GETXATTR security.capability

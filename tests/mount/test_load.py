@@ -43,6 +43,7 @@ def read_direct(path: Path, size_limit: int) -> bytes:
 
 # -- reads that wait for the disk ------------------------------------------------------------
 
+
 def test_uncached_reads_in_parallel_return_the_right_bytes(base_dir: Path, mount_factory: MountFactory) -> None:
     """With the page cache dropped, reads wait for the disk, and several wait at once (each
     starts its disk read, then lets the others start theirs): every one still gets its bytes,
@@ -85,8 +86,8 @@ def test_uncached_reads_in_parallel_return_the_right_bytes(base_dir: Path, mount
 
 # -- fio: several processes on the same and different files at once --------------------------
 
-def test_fio_concurrent_random_read_write_verifies_on_two_images(base_dir: Path,
-                                                                  mount_factory: MountFactory) -> None:
+
+def test_fio_concurrent_random_read_write_verifies_on_two_images(base_dir: Path, mount_factory: MountFactory) -> None:
     image_size, jobs = (512 if SOAK else 64) * MiB, 4
     for name in ("a.raw", "b.raw"):
         make_file(base_dir / name, image_size, seed=len(name))
@@ -100,10 +101,11 @@ def test_fio_concurrent_random_read_write_verifies_on_two_images(base_dir: Path,
             f"do_verify=1\nverify_state_save=0\ndirect={direct}\n{extra}\n"
             for name, bs, direct in (("a.raw", "4k", 0), ("b.raw", "12k", 1))  # page cache and O_DIRECT
         )
-        result = run(["fio", "--output-format=json", "-"], input=job_file, check=False, timeout=900,
-                     cwd=base_dir.parent)
+        result = run(
+            ["fio", "--output-format=json", "-"], input=job_file, check=False, timeout=900, cwd=base_dir.parent
+        )
         assert result.returncode == 0, result.stderr + result.stdout[-2000:]
-        jobs_report: list[dict[str, Any]] = json.loads(result.stdout[result.stdout.index("{"):])["jobs"]
+        jobs_report: list[dict[str, Any]] = json.loads(result.stdout[result.stdout.index("{") :])["jobs"]
         assert len(jobs_report) == 2 * jobs and all(job["error"] == 0 for job in jobs_report)
         return jobs_report
 
@@ -217,13 +219,21 @@ def test_random_file_operations_match_a_model(base_dir: Path, tmp_path: Path) ->
     MountedFilesMachine.mountpoint = tmp_path / "mnt"
     MountedFilesMachine.mountpoint.mkdir()
     MountedFilesMachine.log = tmp_path / "daemon.log"
-    run_state_machine_as_test(MountedFilesMachine, settings=settings(
-        max_examples=300 if SOAK else 25, stateful_step_count=100 if SOAK else 30, deadline=None,
-        suppress_health_check=list(HealthCheck), database=None))
+    run_state_machine_as_test(
+        MountedFilesMachine,
+        settings=settings(
+            max_examples=300 if SOAK else 25,
+            stateful_step_count=100 if SOAK else 30,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+        ),
+    )
     assert tree_fingerprint(base_dir) == before
 
 
 # -- scale: 1 TiB image, many scattered writes ----------------------------------------------
+
 
 @pytest.fixture
 def ext4_store(tmp_path: Path) -> Iterator[Path]:
@@ -247,7 +257,8 @@ def _block(i: int) -> bytes:
 
 
 def test_a_million_scattered_writes_into_a_tebibyte_stay_small_and_correct(
-        base_dir: Path, ext4_store: Path, mount_factory: MountFactory) -> None:
+    base_dir: Path, ext4_store: Path, mount_factory: MountFactory
+) -> None:
     writes = 1_000_000 if SOAK else 200_000
     base_marks = {0: b"start of base", 700 * GiB + 123: b"middle of base", TiB - 13: b"end of base"}
     with open(base_dir / "tera.raw", "wb") as f:
@@ -272,8 +283,10 @@ def test_a_million_scattered_writes_into_a_tebibyte_stay_small_and_correct(
     finally:
         os.close(fd)
     peak_kib = m.rss_kib(peak=True)
-    print(f"\n{writes} scattered 4 KiB writes into 1 TiB: {elapsed:.0f} s, daemon peak RSS {peak_kib // 1024} MiB, "
-          "writes/s per tenth: " + " ".join(f"{rate:.0f}" for rate in rates))
+    print(
+        f"\n{writes} scattered 4 KiB writes into 1 TiB: {elapsed:.0f} s, daemon peak RSS {peak_kib // 1024} MiB, "
+        "writes/s per tenth: " + " ".join(f"{rate:.0f}" for rate in rates)
+    )
     # What the daemon serves (O_DIRECT: not the page cache): a sample of writes, the holes beside
     # them, and the base's own bytes.
     fd = os.open(m.path / "tera.raw", os.O_RDONLY | os.O_DIRECT)
@@ -292,8 +305,8 @@ def test_a_million_scattered_writes_into_a_tebibyte_stay_small_and_correct(
     assert peak_kib < RSS_BOUND_MIB * 1024, f"daemon peak RSS {peak_kib} KiB"
 
 
-
 # -- many files ---------------------------------------------------------------------------
+
 
 def _many_small_files(root: Path, count: int) -> None:
     """``count`` empty files, a quarter at depth 1, the rest at depth 5 in 2,730 directories."""
@@ -316,7 +329,8 @@ def _median_mount_seconds(base: Path, mountpoint: Path, tries: int) -> float:
 
 
 def test_a_hundred_thousand_files_are_all_there_and_mount_as_fast_as_none(
-        base_dir: Path, tmp_path: Path, mount_factory: MountFactory) -> None:
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     _many_small_files(base_dir, 100_000)
     empty, mountpoint = tmp_path / "empty", tmp_path / "timing-mnt"
     empty.mkdir()
@@ -331,7 +345,7 @@ def test_a_hundred_thousand_files_are_all_there_and_mount_as_fast_as_none(
     m = mount_factory(base_dir)
     find_mount = subprocess.run(["find", str(m.path)], capture_output=True, text=True, check=True, timeout=900)
     find_base = subprocess.run(["find", str(base_dir)], capture_output=True, text=True, check=True)
-    in_mount = sorted(line[len(str(m.path)):] for line in find_mount.stdout.splitlines())
-    in_base = sorted(line[len(str(base_dir)):] for line in find_base.stdout.splitlines())
+    in_mount = sorted(line[len(str(m.path)) :] for line in find_mount.stdout.splitlines())
+    in_base = sorted(line[len(str(base_dir)) :] for line in find_base.stdout.splitlines())
     assert len(in_mount) == len(in_base) > 100_000
     assert in_mount == in_base

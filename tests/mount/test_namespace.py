@@ -57,16 +57,37 @@ def make_tree(root: Path) -> None:
 NAMES = ["disk.img", "ro.img", "dir", "inner.img", "inner-hard.img", "sub", "link", "new", "empty"]
 # Mostly names that exist or can be made, so that operations succeed as often as they fail.
 rel_paths = st.one_of(
-    st.sampled_from(["disk.img", "ro.img", "dir", "dir/inner.img", "dir/sub", "link", "dangling", "new",
-                     "dir/new", "dir/sub/new", "new/new", "new/dir", "empty", "empty/new"]),
+    st.sampled_from(
+        [
+            "disk.img",
+            "ro.img",
+            "dir",
+            "dir/inner.img",
+            "dir/sub",
+            "link",
+            "dangling",
+            "new",
+            "dir/new",
+            "dir/sub/new",
+            "new/new",
+            "new/dir",
+            "empty",
+            "empty/new",
+        ]
+    ),
     st.lists(st.sampled_from(NAMES), min_size=1, max_size=3).map(lambda parts: "/".join(parts)),
 )
 # Renames meet each other more often among fewer names: files, empty and full directories.
 rename_paths = st.sampled_from(["disk.img", "link", "dir", "dir/sub", "empty", "new", "new/x"])
 Operation = tuple[object, ...]
 operations: st.SearchStrategy[Operation] = st.one_of(
-    st.tuples(st.just("write"), rel_paths, st.integers(0, 30_000), st.binary(min_size=1, max_size=5000),
-              st.sampled_from([0, os.O_CREAT, os.O_CREAT | os.O_EXCL, os.O_TRUNC, os.O_APPEND])),
+    st.tuples(
+        st.just("write"),
+        rel_paths,
+        st.integers(0, 30_000),
+        st.binary(min_size=1, max_size=5000),
+        st.sampled_from([0, os.O_CREAT, os.O_CREAT | os.O_EXCL, os.O_TRUNC, os.O_APPEND]),
+    ),
     st.tuples(st.just("read"), rel_paths),
     st.tuples(st.just("truncate"), rel_paths, st.integers(0, 40_000)),
     st.tuples(st.just("mkdir"), rel_paths, st.sampled_from([0o755, 0o700])),
@@ -125,6 +146,7 @@ def apply(root: Path, op: Operation) -> tuple[str, object]:
         def run() -> list[str]:
             change()
             return sorted(n for n in os.listxattr(path(args[0])) if n.startswith("user."))
+
         return run
 
     actions: dict[str, Callable[[], object]] = {
@@ -160,8 +182,12 @@ def test_random_operations_match_a_local_copy(base_dir: Path, tmp_path: Path, mo
     make_tree(template)
     base_prints: dict[str, dict[str, tuple[object, ...]]] = {}
 
-    @settings(max_examples=500 if SOAK else 60, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @settings(
+        max_examples=500 if SOAK else 60,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(st.lists(operations, min_size=10, max_size=60 if SOAK else 30))
     def run_sequence(ops: list[Operation]) -> None:
         # A fresh tree per example, added to the live base: the mount shows it because it
@@ -184,6 +210,7 @@ def test_random_operations_match_a_local_copy(base_dir: Path, tmp_path: Path, mo
 
 
 # -- unlink, recreate, rename ------------------------------------------------------
+
 
 def test_unlinked_base_file_hides_but_open_handles_keep_working(base_dir: Path, mount_factory: MountFactory) -> None:
     data = os.urandom(3 * 4096)
@@ -224,7 +251,7 @@ def test_rename_moves_the_view_without_copying(base_dir: Path, mount_factory: Mo
     assert not (m.path / "disk.img").exists() and not (m.path / "dir").exists()
     assert moved.stat().st_ino == ino
     expected = bytearray(data)
-    expected[5 * MiB:5 * MiB + 7] = b"written"
+    expected[5 * MiB : 5 * MiB + 7] = b"written"
     assert moved.read_bytes() == expected
     held = sum(st.st_blocks * 512 for _, st, _ in m.store_fds())
     assert held <= 256 * 1024, f"renaming took {held} bytes of store: the file was copied"
@@ -250,6 +277,7 @@ def test_rename_over_a_base_file_and_exchange(base_dir: Path, mount_factory: Mou
 
 
 # -- what the base brings ----------------------------------------------------------
+
 
 def test_base_symlinks_and_xattrs_are_shown(base_dir: Path, mount_factory: MountFactory) -> None:
     make_tree(base_dir / "t")
@@ -293,11 +321,15 @@ def test_modes_owner_and_times(base_dir: Path, mount_factory: MountFactory) -> N
     os.utime(root / "ro.img", ns=(10**9, 2 * 10**9))
     st_ = (root / "ro.img").stat()
     assert (stat.S_IMODE(st_.st_mode), st_.st_uid, st_.st_gid, st_.st_atime_ns, st_.st_mtime_ns) == (
-        0o400, 1234, 5678, 10**9, 2 * 10**9)
+        0o400,
+        1234,
+        5678,
+        10**9,
+        2 * 10**9,
+    )
     before = (root / "disk.img").stat().st_mtime_ns
     (root / "disk.img").touch()
     assert (root / "disk.img").stat().st_mtime_ns > before
-
 
 
 def test_ctime_never_goes_backwards(base_dir: Path, mount_factory: MountFactory) -> None:
@@ -316,6 +348,7 @@ def test_ctime_never_goes_backwards(base_dir: Path, mount_factory: MountFactory)
             backwards.append((created, changed))
         path.unlink()
     assert backwards == []
+
 
 def test_inode_numbers_stable_after_dropping_caches(base_dir: Path, mount_factory: MountFactory) -> None:
     make_tree(base_dir / "t")
@@ -372,8 +405,9 @@ def test_link_counts_and_blocks(base_dir: Path, mount_factory: MountFactory) -> 
     os.close(fd)
 
 
-def test_base_hard_links_are_one_inode_until_the_mount_changes_that(base_dir: Path,
-                                                                   mount_factory: MountFactory) -> None:
+def test_base_hard_links_are_one_inode_until_the_mount_changes_that(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
     (base_dir / "disk.img").write_bytes(b"base bytes")
     os.link(base_dir / "disk.img", base_dir / "other.img")
     m = mount_factory(base_dir)
@@ -393,8 +427,9 @@ def test_base_hard_links_are_one_inode_until_the_mount_changes_that(base_dir: Pa
 
 
 @pytest.mark.base_may_change  # the commit writes the base
-def test_commit_refuses_a_write_that_lands_after_its_ranges_were_copied(base_dir: Path,
-                                                                       mount_factory: MountFactory) -> None:
+def test_commit_refuses_a_write_that_lands_after_its_ranges_were_copied(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
     """Issue 12, defect 2: the write overwrites bytes already in the store (same range, same
     size), after `commit` copied them and before it reports done: the commit must refuse and
     the mount keep the new bytes (before the fix the base got the old ones, and the view then
@@ -421,6 +456,7 @@ def test_commit_refuses_a_write_that_lands_after_its_ranges_were_copied(base_dir
 
 
 # -- the base changing underneath ------------------------------------------------------
+
 
 @pytest.mark.base_may_change
 def test_base_changes_show_for_untouched_names_only(base_dir: Path, mount_factory: MountFactory) -> None:
@@ -452,6 +488,7 @@ def test_base_changes_show_for_untouched_names_only(base_dir: Path, mount_factor
 
 
 # -- lookup counting -------------------------------------------------------------------
+
 
 def node_count(m: Mount) -> int:
     return int(os.getxattr(m.path, NODE_COUNT_XATTR))

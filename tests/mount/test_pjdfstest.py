@@ -84,7 +84,7 @@ def parse_prove(output: str, suite: Path) -> ProveRun:
         elif line.startswith("Test Summary Report"):
             in_summary = True
         elif line.startswith(prefix):
-            current = line[len(prefix):].split()[0]
+            current = line[len(prefix) :].split()[0]
             key = ""
             if in_summary:
                 fields[current] = {}
@@ -100,8 +100,9 @@ def parse_prove(output: str, suite: Path) -> ProveRun:
             if check and "# TODO" not in check[2]:
                 result.lines[current, int(check[1])] = line
     for name, found in fields.items():
-        problems = frozenset(f"{key}: {value}" for key, value in found.items()
-                             if key not in ("Failed tests", "TODO passed"))
+        problems = frozenset(
+            f"{key}: {value}" for key, value in found.items() if key not in ("Failed tests", "TODO passed")
+        )
         failure = FileFailure(frozenset(check_numbers(found.get("Failed tests", ""))), problems)
         if failure:
             result.failures[name] = failure
@@ -112,13 +113,20 @@ def prove(suite: Path, files: Iterable[str], cwd: Path) -> ProveRun:
     """Run .t files (relative to ``suite``) with prove in ``cwd``, the file system under test."""
     names = sorted(files)
     started = time.monotonic()
-    completed = subprocess.run(["prove", "--failures", f"-j{PROVE_JOBS}", *(str(suite / name) for name in names)],
-                               cwd=cwd, capture_output=True, text=True, timeout=900, check=False)
+    completed = subprocess.run(
+        ["prove", "--failures", f"-j{PROVE_JOBS}", *(str(suite / name) for name in names)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     result = parse_prove(completed.stdout, suite)
     result.seconds = time.monotonic() - started
     assert result.files == len(names), f"prove ran {result.files} of {len(names)} files:\n{completed.stdout[-3000:]}"
     assert (completed.returncode == 0) == (not result.failures), (
-        f"prove exited {completed.returncode}, but its report shows {result.failures}:\n{completed.stdout[-3000:]}")
+        f"prove exited {completed.returncode}, but its report shows {result.failures}:\n{completed.stdout[-3000:]}"
+    )
     return result
 
 
@@ -134,8 +142,10 @@ def ranges(numbers: Iterable[int]) -> str:
 
 
 def describe(category: str, failures: dict[str, FileFailure], in_mount: ProveRun) -> str:
-    lines = [f"pjdfstest {category}: {len(failures)} file(s) fail in the mount where a tmpfs passes "
-             f"(to see all: as root, in a mount made with --allow-other, prove -v {SUITE}/FILE):"]
+    lines = [
+        f"pjdfstest {category}: {len(failures)} file(s) fail in the mount where a tmpfs passes "
+        f"(to see all: as root, in a mount made with --allow-other, prove -v {SUITE}/FILE):"
+    ]
     for name, failure in sorted(failures.items()):
         lines.append(f"  {name}: checks {ranges(failure.checks) or '-'}")
         lines.extend(f"    {problem}" for problem in sorted(failure.problems))
@@ -156,14 +166,22 @@ def suite() -> Path:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="pjdfstest switches uids: it must run as root")
 @pytest.mark.parametrize("category", CATEGORIES)
-def test_pjdfstest_category(category: str, suite: Path, base_dir: Path, mount_factory: MountFactory,
-                            tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_pjdfstest_category(
+    category: str,
+    suite: Path,
+    base_dir: Path,
+    mount_factory: MountFactory,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
     mount = mount_factory(base_dir, "--allow-other")
     files = [f"{category}/{path.name}" for path in (suite / category).glob("*.t")]
     in_mount = prove(suite, files, mount.path)
     # Read by tests/mount/conftest.py, which prints the suite's totals at the end of the session.
-    request.node.user_properties += [("pjdfstest_checks", in_mount.checks),
-                                     ("pjdfstest_mount_seconds", in_mount.seconds)]
+    request.node.user_properties += [
+        ("pjdfstest_checks", in_mount.checks),
+        ("pjdfstest_mount_seconds", in_mount.seconds),
+    ]
     if not in_mount.failures:
         return
     with private_tmpfs(tmp_path / "tmpfs", "64m") as tmpfs:
@@ -198,14 +216,18 @@ Result: FAIL
 def test_prove_report_is_read_whole() -> None:
     result = parse_prove(SAMPLE, Path("/s/tests"))
     assert (result.files, result.checks) == (2, 19)
-    assert result.failures == {"link/00.t": FileFailure(
-        frozenset({4, 6, 7, 9}),
-        frozenset({"Non-zero exit status: 1", "Parse errors: Bad plan.  You planned 10 tests but ran 9."}))}
+    assert result.failures == {
+        "link/00.t": FileFailure(
+            frozenset({4, 6, 7, 9}),
+            frozenset({"Non-zero exit status: 1", "Parse errors: Bad plan.  You planned 10 tests but ran 9."}),
+        )
+    }
     assert result.lines == {("link/00.t", 4): "not ok 4 - tried 'link a b', expected 0, got EPERM"}
     assert ranges(check_numbers("4, 6-7 9")) == "4, 6-7, 9"
     tmpfs_too = FileFailure(frozenset({4, 9}), frozenset({"Non-zero exit status: 1"}))
     assert result.failures["link/00.t"].beyond(tmpfs_too) == FileFailure(
-        frozenset({6, 7}), frozenset({"Parse errors: Bad plan.  You planned 10 tests but ran 9."}))
+        frozenset({6, 7}), frozenset({"Parse errors: Bad plan.  You planned 10 tests but ran 9."})
+    )
     assert not FileFailure(frozenset({4})).beyond(FileFailure(frozenset({4, 5})))
 
 

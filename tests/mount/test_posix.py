@@ -85,8 +85,10 @@ def link_open_file(root: Path, source: str, name: str, unlink_first: bool) -> ob
     try:
         if unlink_first:
             os.unlink(root / source)
-        if libc.linkat(at_fdcwd, f"/proc/self/fd/{fd}".encode(), at_fdcwd,
-                       os.fsencode(root / name), at_symlink_follow) != 0:
+        if (
+            libc.linkat(at_fdcwd, f"/proc/self/fd/{fd}".encode(), at_fdcwd, os.fsencode(root / name), at_symlink_follow)
+            != 0
+        ):
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code))
         return os.stat(root / name).st_nlink, (root / name).read_bytes()
@@ -119,8 +121,15 @@ CASES: dict[str, list[Case]] = {
         ("file", lambda r: (os.chmod(r / "file", 0o600), info(r / "file"))),
         ("base read-only file", lambda r: (os.chmod(r / "ro", 0o755), info(r / "ro"))),
         ("directory", lambda r: (os.chmod(r / "dir", 0o700), info(r / "dir"))),
-        ("setuid and sticky bits", lambda r: (os.chmod(r / "file", 0o4755), os.chmod(r / "empty", 0o1777),
-                                             info(r / "file"), info(r / "empty"))),
+        (
+            "setuid and sticky bits",
+            lambda r: (
+                os.chmod(r / "file", 0o4755),
+                os.chmod(r / "empty", 0o1777),
+                info(r / "file"),
+                info(r / "empty"),
+            ),
+        ),
         ("through a symlink changes the target", lambda r: (os.chmod(r / "link", 0o611), info(r / "file"))),
         ("fchmod", fchmod_case),
         ("ENOENT", lambda r: os.chmod(r / "missing", 0o644)),
@@ -131,8 +140,14 @@ CASES: dict[str, list[Case]] = {
     "chown": [
         ("file", lambda r: (os.chown(r / "file", 1000, 1001), info(r / "file"))),
         ("only the group", lambda r: (os.chown(r / "dir", -1, 1002), info(r / "dir"))),
-        ("symlink itself (lchown)", lambda r: (os.chown(r / "link", 1003, 1003, follow_symlinks=False),
-                                               info(r / "link", follow=False), info(r / "file"))),
+        (
+            "symlink itself (lchown)",
+            lambda r: (
+                os.chown(r / "link", 1003, 1003, follow_symlinks=False),
+                info(r / "link", follow=False),
+                info(r / "file"),
+            ),
+        ),
         ("clears setuid", lambda r: (os.chmod(r / "ro", 0o6755), os.chown(r / "ro", 1004, 1004), info(r / "ro"))),
         ("ENOENT", lambda r: os.chown(r / "missing", 1, 1)),
         ("ENOTDIR", lambda r: os.chown(r / "file" / "x", 1, 1)),
@@ -142,25 +157,62 @@ CASES: dict[str, list[Case]] = {
     "link": [
         # Each case makes its own names: the cases run one after another on the same tree.
         ("base file", lambda r: (os.link(r / "file", r / "hard1"), link_info(r, "file", "hard1"))),
-        ("into another directory", lambda r: (os.link(r / "file", r / "dir" / "hard2"),
-                                              link_info(r, "file", "dir/hard2"))),
-        ("symlink itself", lambda r: (os.link(r / "link", r / "hard3", follow_symlinks=False),
-                                      link_info(r, "link", "hard3"))),
+        (
+            "into another directory",
+            lambda r: (os.link(r / "file", r / "dir" / "hard2"), link_info(r, "file", "dir/hard2")),
+        ),
+        (
+            "symlink itself",
+            lambda r: (os.link(r / "link", r / "hard3", follow_symlinks=False), link_info(r, "link", "hard3")),
+        ),
         ("fifo", lambda r: (os.mkfifo(r / "fifo"), os.link(r / "fifo", r / "hard4"), link_info(r, "fifo", "hard4"))),
-        ("created file, then unlink one name", lambda r: ((r / "new").write_bytes(b"made here"),
-                                                          os.link(r / "new", r / "hard5"), os.unlink(r / "new"),
-                                                          os.stat(r / "hard5").st_nlink, (r / "hard5").read_bytes())),
-        ("written through one name, read through the other", lambda r: (
-            (r / "hard1").write_bytes(b"new bytes"), (r / "file").read_bytes(), os.stat(r / "file").st_nlink)),
-        ("chmod through one name shows on the other", lambda r: (
-            os.link(r / "ro", r / "hard6"), os.chmod(r / "hard6", 0o600), info(r / "ro"))),
-        ("rename over a link", lambda r: (os.rename(r / "hard6", r / "hard1"), os.stat(r / "file").st_nlink,
-                                          os.stat(r / "ro").st_nlink, (r / "hard1").read_bytes())),
-        ("rename one link over the other does nothing", lambda r: (
-            os.link(r / "hard5", r / "hard7"), os.rename(r / "hard5", r / "hard7"), link_info(r, "hard5", "hard7"))),
+        (
+            "created file, then unlink one name",
+            lambda r: (
+                (r / "new").write_bytes(b"made here"),
+                os.link(r / "new", r / "hard5"),
+                os.unlink(r / "new"),
+                os.stat(r / "hard5").st_nlink,
+                (r / "hard5").read_bytes(),
+            ),
+        ),
+        (
+            "written through one name, read through the other",
+            lambda r: (
+                (r / "hard1").write_bytes(b"new bytes"),
+                (r / "file").read_bytes(),
+                os.stat(r / "file").st_nlink,
+            ),
+        ),
+        (
+            "chmod through one name shows on the other",
+            lambda r: (os.link(r / "ro", r / "hard6"), os.chmod(r / "hard6", 0o600), info(r / "ro")),
+        ),
+        (
+            "rename over a link",
+            lambda r: (
+                os.rename(r / "hard6", r / "hard1"),
+                os.stat(r / "file").st_nlink,
+                os.stat(r / "ro").st_nlink,
+                (r / "hard1").read_bytes(),
+            ),
+        ),
+        (
+            "rename one link over the other does nothing",
+            lambda r: (
+                os.link(r / "hard5", r / "hard7"),
+                os.rename(r / "hard5", r / "hard7"),
+                link_info(r, "hard5", "hard7"),
+            ),
+        ),
         ("open file through /proc", lambda r: link_open_file(r, "file", "again", unlink_first=False)),
-        ("open and unlinked ENOENT", lambda r: ((r / "lonely").write_bytes(b"one name"),
-                                                link_open_file(r, "lonely", "once-more", unlink_first=True))),
+        (
+            "open and unlinked ENOENT",
+            lambda r: (
+                (r / "lonely").write_bytes(b"one name"),
+                link_open_file(r, "lonely", "once-more", unlink_first=True),
+            ),
+        ),
         ("directory EPERM", lambda r: os.link(r / "dir", r / "dirhard")),
         ("ENOENT", lambda r: os.link(r / "missing", r / "new")),
         ("EEXIST", lambda r: os.link(r / "file", r / "ro")),
@@ -169,8 +221,10 @@ CASES: dict[str, list[Case]] = {
     ],
     "mkdir": [
         ("new", lambda r: (os.mkdir(r / "new", 0o755), info(r / "new"))),
-        ("nested in a base directory", lambda r: (os.mkdir(r / "dir" / "sub" / "deep", 0o700),
-                                                  info(r / "dir" / "sub" / "deep"))),
+        (
+            "nested in a base directory",
+            lambda r: (os.mkdir(r / "dir" / "sub" / "deep", 0o700), info(r / "dir" / "sub" / "deep")),
+        ),
         ("sticky mode", lambda r: (os.mkdir(r / "sticky", 0o1777), info(r / "sticky"))),
         ("EEXIST file", lambda r: os.mkdir(r / "file")),
         ("EEXIST directory", lambda r: os.mkdir(r / "dir")),
@@ -188,18 +242,32 @@ CASES: dict[str, list[Case]] = {
         ("ENOENT", lambda r: os.mkfifo(r / "missing" / "fifo")),
         ("ENOTDIR", lambda r: os.mkfifo(r / "file" / "fifo")),
         ("ENAMETOOLONG", lambda r: os.mkfifo(r / LONG)),
-        ("character device", lambda r: (os.mknod(r / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3)),
-                                        info(r / "dev"), os.stat(r / "dev").st_rdev)),
-        ("block device", lambda r: (os.mknod(r / "dev", stat.S_IFBLK | 0o600, os.makedev(8, 1)),
-                                    info(r / "dev"), os.stat(r / "dev").st_rdev)),
+        (
+            "character device",
+            lambda r: (
+                os.mknod(r / "dev", stat.S_IFCHR | 0o600, os.makedev(1, 3)),
+                info(r / "dev"),
+                os.stat(r / "dev").st_rdev,
+            ),
+        ),
+        (
+            "block device",
+            lambda r: (
+                os.mknod(r / "dev", stat.S_IFBLK | 0o600, os.makedev(8, 1)),
+                info(r / "dev"),
+                os.stat(r / "dev").st_rdev,
+            ),
+        ),
     ],
     "open": [
         ("O_CREAT new", lambda r: (write_read(r / "new", os.O_CREAT | os.O_WRONLY), info(r / "new"))),
         ("O_CREAT existing keeps data", lambda r: write_read(r / "file", os.O_CREAT | os.O_WRONLY)),
         ("O_CREAT|O_EXCL EEXIST", lambda r: os.open(r / "file", os.O_CREAT | os.O_EXCL | os.O_WRONLY)),
         ("O_CREAT|O_EXCL on a symlink EEXIST", lambda r: os.open(r / "dangling", os.O_CREAT | os.O_EXCL)),
-        ("O_CREAT through a dangling symlink", lambda r: (write_read(r / "dangling", os.O_CREAT | os.O_WRONLY),
-                                                          info(r / "made-by-open"))),
+        (
+            "O_CREAT through a dangling symlink",
+            lambda r: (write_read(r / "dangling", os.O_CREAT | os.O_WRONLY), info(r / "made-by-open")),
+        ),
         ("O_TRUNC base file", lambda r: write_read(r / "ro", os.O_TRUNC | os.O_WRONLY)),
         ("O_APPEND", lambda r: write_read(r / "dir" / "inner", os.O_APPEND | os.O_WRONLY)),
         ("O_APPEND after a seek", lambda r: write_read(r / "dir" / "inner", os.O_APPEND | os.O_RDWR, b"!" * 5000)),
@@ -216,8 +284,10 @@ CASES: dict[str, list[Case]] = {
         ("base file to a new name", lambda r: (os.rename(r / "file", r / "moved"), (r / "moved").read_bytes())),
         ("over a base file", lambda r: (os.rename(r / "moved", r / "ro"), (r / "ro").read_bytes())),
         ("directory over an empty directory", lambda r: os.rename(r / "dir" / "sub", r / "empty")),
-        ("symlink moves the link, not the target", lambda r: (os.rename(r / "dirlink", r / "dl"),
-                                                             os.readlink(r / "dl"))),
+        (
+            "symlink moves the link, not the target",
+            lambda r: (os.rename(r / "dirlink", r / "dl"), os.readlink(r / "dl")),
+        ),
         ("to itself", lambda r: os.rename(r / "ro", r / "ro")),
         ("directory over a non-empty directory ENOTEMPTY", lambda r: os.rename(r / "empty", r / "dir")),
         ("file over a directory EISDIR", lambda r: os.rename(r / "ro", r / "dir")),
@@ -229,15 +299,19 @@ CASES: dict[str, list[Case]] = {
         ("ENAMETOOLONG", lambda r: os.rename(r / "ro", r / LONG)),
         ("RENAME_NOREPLACE EEXIST", lambda r: renameat2(r / "ro", r / "dir", RENAME_NOREPLACE)),
         ("RENAME_NOREPLACE", lambda r: renameat2(r / "ro", r / "ro2", RENAME_NOREPLACE)),
-        ("RENAME_EXCHANGE file and directory", lambda r: (renameat2(r / "ro2", r / "dir", RENAME_EXCHANGE),
-                                                         info(r / "ro2"), info(r / "dir"))),
+        (
+            "RENAME_EXCHANGE file and directory",
+            lambda r: (renameat2(r / "ro2", r / "dir", RENAME_EXCHANGE), info(r / "ro2"), info(r / "dir")),
+        ),
         ("RENAME_EXCHANGE ENOENT", lambda r: renameat2(r / "ro2", r / "missing", RENAME_EXCHANGE)),
         ("ELOOP", lambda r: os.rename(r / "loop1" / "x", r / "new")),
     ],
     "rmdir": [
         ("empty base directory", lambda r: os.rmdir(r / "empty")),
-        ("base directory emptied in the mount", lambda r: (os.unlink(r / "dir" / "inner"),
-                                                           os.rmdir(r / "dir" / "sub"), os.rmdir(r / "dir"))),
+        (
+            "base directory emptied in the mount",
+            lambda r: (os.unlink(r / "dir" / "inner"), os.rmdir(r / "dir" / "sub"), os.rmdir(r / "dir")),
+        ),
         ("made and removed", lambda r: (os.mkdir(r / "new"), os.rmdir(r / "new"), os.path.exists(r / "new"))),
         ("ENOTEMPTY", lambda r: (os.mkdir(r / "full"), os.mkfifo(r / "full" / "f"), os.rmdir(r / "full"))),
         ("file ENOTDIR", lambda r: os.rmdir(r / "file")),
@@ -250,9 +324,10 @@ CASES: dict[str, list[Case]] = {
     "symlink": [
         ("new", lambda r: (os.symlink("file", r / "new"), os.readlink(r / "new"), info(r / "new", follow=False))),
         ("long target", lambda r: (os.symlink("t" * 1000, r / "long"), os.readlink(r / "long"))),
-        ("dangling, then the target appears", lambda r: (os.symlink("later", r / "soon"),
-                                                         (r / "later").write_bytes(b"x"),
-                                                         (r / "soon").read_bytes())),
+        (
+            "dangling, then the target appears",
+            lambda r: (os.symlink("later", r / "soon"), (r / "later").write_bytes(b"x"), (r / "soon").read_bytes()),
+        ),
         ("EEXIST", lambda r: os.symlink("x", r / "file")),
         ("EEXIST on a symlink", lambda r: os.symlink("x", r / "link")),
         ("ENOENT", lambda r: os.symlink("x", r / "missing" / "new")),
@@ -286,11 +361,23 @@ CASES: dict[str, list[Case]] = {
         ("ELOOP", lambda r: os.unlink(r / "loop1" / "x")),
     ],
     "utimensat": [
-        ("explicit times", lambda r: (os.utime(r / "file", ns=(1_000_000_001, 2_000_000_002)),
-                                      os.stat(r / "file").st_atime_ns, os.stat(r / "file").st_mtime_ns)),
+        (
+            "explicit times",
+            lambda r: (
+                os.utime(r / "file", ns=(1_000_000_001, 2_000_000_002)),
+                os.stat(r / "file").st_atime_ns,
+                os.stat(r / "file").st_mtime_ns,
+            ),
+        ),
         ("directory", lambda r: (os.utime(r / "dir", ns=(5 * 10**9, 6 * 10**9)), os.stat(r / "dir").st_mtime_ns)),
-        ("symlink itself", lambda r: (os.utime(r / "link", ns=(7 * 10**9, 8 * 10**9), follow_symlinks=False),
-                                      os.lstat(r / "link").st_mtime_ns, os.stat(r / "file").st_mtime_ns)),
+        (
+            "symlink itself",
+            lambda r: (
+                os.utime(r / "link", ns=(7 * 10**9, 8 * 10**9), follow_symlinks=False),
+                os.lstat(r / "link").st_mtime_ns,
+                os.stat(r / "file").st_mtime_ns,
+            ),
+        ),
         ("now", lambda r: (os.utime(r / "ro"), abs(os.stat(r / "ro").st_mtime_ns - time.time_ns()) < 60 * 10**9)),
         ("ENOENT", lambda r: os.utime(r / "missing")),
         ("ENOTDIR", lambda r: os.utime(r / "file" / "x")),

@@ -38,16 +38,16 @@ def _world_readable_base(visible_tmp: Path) -> Path:
     return base
 
 
-def test_default_mount_lets_no_other_user_in(visible_tmp: Path,
-                                             mount_factory: MountFactory) -> None:
+def test_default_mount_lets_no_other_user_in(visible_tmp: Path, mount_factory: MountFactory) -> None:
     m = mount_factory(_world_readable_base(visible_tmp), mountpoint=visible_tmp / "mnt")
     for argv in (["ls", str(m.path)], ["cat", str(m.path / "public.img")], ["stat", str(m.path)]):
         code, output = _as_nobody(*argv)
         assert code != 0 and "Permission denied" in output, (argv, output)
 
 
-def test_allow_other_lets_others_in_with_normal_permission_checks(visible_tmp: Path,
-                                                                   mount_factory: MountFactory) -> None:
+def test_allow_other_lets_others_in_with_normal_permission_checks(
+    visible_tmp: Path, mount_factory: MountFactory
+) -> None:
     m = mount_factory(_world_readable_base(visible_tmp), "--allow-other", mountpoint=visible_tmp / "mnt")
     entry = find_mount(m.path)
     assert entry is not None and "allow_other" in entry.options
@@ -62,8 +62,9 @@ def test_allow_other_lets_others_in_with_normal_permission_checks(visible_tmp: P
     assert (m.path / "private.img").read_bytes() == b"root only"  # the owner still can
 
 
-def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
-                                                  cowfs_for_others: tuple[list[str], dict[str, str]]) -> None:
+def test_ordinary_user_mounts_writes_and_unmounts(
+    visible_tmp: Path, cowfs_for_others: tuple[list[str], dict[str, str]]
+) -> None:
     """End to end as a fresh unprivileged user, through the setuid fusermount3.  The user runs a
     world-readable copy of cowfs with the system Python and Debian's stock pyfuse3."""
     cowfs_argv, cowfs_env = cowfs_for_others
@@ -80,8 +81,9 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
         mnt = home / "mnt"
 
         def as_them(*argv: str) -> str:
-            result = run(as_user(user.pw_uid, user.pw_gid, argv), check=False,
-                         env={**os.environ, **cowfs_env, "HOME": str(home)})
+            result = run(
+                as_user(user.pw_uid, user.pw_gid, argv), check=False, env={**os.environ, **cowfs_env, "HOME": str(home)}
+            )
             assert result.returncode == 0, (argv, result.stderr)
             return result.stdout
 
@@ -90,10 +92,18 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
             assert is_mounted(mnt)
             entry = find_mount(mnt)
             assert entry is not None and entry.option("user_id") == str(user.pw_uid)
-            as_them("dd", "if=/dev/zero", f"of={mnt / 'disk.raw'}", "bs=4096", "count=2", "seek=10",
-                    "conv=notrunc,fsync", "status=none")
+            as_them(
+                "dd",
+                "if=/dev/zero",
+                f"of={mnt / 'disk.raw'}",
+                "bs=4096",
+                "count=2",
+                "seek=10",
+                "conv=notrunc,fsync",
+                "status=none",
+            )
             as_them("sh", "-c", f"echo new > {mnt / 'created.txt'}")
-            expected = data[: 40960] + bytes(8192) + data[49152:]
+            expected = data[:40960] + bytes(8192) + data[49152:]
             assert as_them("sha256sum", str(mnt / "disk.raw")).split()[0] == hashlib.sha256(expected).hexdigest()
             assert as_them("cat", str(mnt / "created.txt")) == "new\n"
             # Debian's pyfuse3 is a stock build: cowfs runs on it and says which features are off.
@@ -102,8 +112,11 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
             assert sorted(features) == ["fallocate", "killpriv_v2", "lseek"]
             assert not any(f["enabled"] for f in features.values())
             assert "is a stock build without it" in features["fallocate"]["detail"]
-            pid = int(as_them("getfattr", "--only-values", "-n", "user.cowfs.control", str(mnt)).split(
-                '"pid": ')[1].split(",")[0])
+            pid = int(
+                as_them("getfattr", "--only-values", "-n", "user.cowfs.control", str(mnt))
+                .split('"pid": ')[1]
+                .split(",")[0]
+            )
             assert Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] == str(user.pw_uid)
             as_them(*cowfs_argv, "umount", str(mnt))
             assert not is_mounted(mnt)
@@ -116,8 +129,9 @@ def test_ordinary_user_mounts_writes_and_unmounts(visible_tmp: Path,
     assert os.listdir(home / "store") == []
 
 
-def test_store_is_private_and_planted_symlinks_are_not_followed(base_dir: Path, tmp_path: Path,
-                                                                 mount_factory: MountFactory) -> None:
+def test_store_is_private_and_planted_symlinks_are_not_followed(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     store = tmp_path / "store"
     store.mkdir(mode=0o1777)  # a shared, sticky directory like /var/tmp
     store.chmod(0o1777)
@@ -145,8 +159,9 @@ def test_store_is_private_and_planted_symlinks_are_not_followed(base_dir: Path, 
     assert all((store / name).is_symlink() for name in planted)
 
 
-def test_store_without_o_tmpfile_support_is_still_private_and_nameless(base_dir: Path, tmp_path: Path,
-                                                                      mount_factory: MountFactory) -> None:
+def test_store_without_o_tmpfile_support_is_still_private_and_nameless(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     """A store directory on a filesystem without O_TMPFILE (here: another FUSE mount) falls back to
     a random name made with O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600, unlinked at once."""
     store_base = tmp_path / "store-base"
@@ -220,8 +235,9 @@ def test_base_is_only_ever_opened_read_only(base_dir: Path, mount_factory: Mount
 
 
 @pytest.mark.base_may_change  # reading a symlink updates its atime (the kernel's readlink does): checked below
-def test_no_name_in_the_mount_reaches_outside_base_dir(base_dir: Path, tmp_path: Path,
-                                                       mount_factory: MountFactory) -> None:
+def test_no_name_in_the_mount_reaches_outside_base_dir(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
     """A base symlink is shown as a symlink; following it is the caller's business (the kernel
     resolves it where the caller stands), never the daemon's."""
     for where, content in ((tmp_path / "outside", b"daemon side"), (tmp_path / "mnts" / "outside", b"caller side")):
@@ -258,10 +274,14 @@ def test_base_access_layer_refuses_every_escape(base_dir: Path, tmp_path: Path) 
     base = BaseDir(base_dir)
     try:
         attempts = [
-            (base.lstat, (b"..",), errno.EINVAL), (base.lstat, (b"sub", b"..", b".."), errno.EINVAL),
-            (base.lstat, (b"a/b",), errno.EINVAL), (base.lstat, (b".",), errno.EINVAL),
-            (base.lstat, (b"escape", b"secret"), errno.ENOTDIR), (base.list, (b"escape",), errno.ENOTDIR),
-            (base.open_file, (b"file-link",), errno.ELOOP), (base.open_file, (b"escape", b"secret"), errno.ENOTDIR),
+            (base.lstat, (b"..",), errno.EINVAL),
+            (base.lstat, (b"sub", b"..", b".."), errno.EINVAL),
+            (base.lstat, (b"a/b",), errno.EINVAL),
+            (base.lstat, (b".",), errno.EINVAL),
+            (base.lstat, (b"escape", b"secret"), errno.ENOTDIR),
+            (base.list, (b"escape",), errno.ENOTDIR),
+            (base.open_file, (b"file-link",), errno.ELOOP),
+            (base.open_file, (b"escape", b"secret"), errno.ENOTDIR),
             (base.open_file, (b"..", b"outside", b"secret"), errno.EINVAL),
         ]
         for call, parts, expected in attempts:

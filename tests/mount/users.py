@@ -46,8 +46,11 @@ def visible_tmp() -> Iterator[Path]:
 def fresh_user() -> Iterator[pwd.struct_passwd]:
     """A new unprivileged user with no home, deleted afterwards."""
     name = f"cowfs{os.getpid() % 100000}"
-    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield pwd.getpwnam(name)
     finally:

@@ -129,23 +129,27 @@ def test_a_failed_lookup_takes_no_count(fs: Fs) -> None:
     assert len(fs.namespace.nodes) == before
 
 
-@pytest.mark.parametrize(("operation", "args", "expected"), [
-    ("unlink", (ROOT_INO, b"dir"), errno.EISDIR),
-    ("rmdir", (ROOT_INO, b"disk.raw"), errno.ENOTDIR),
-    ("rmdir", (ROOT_INO, b"missing"), errno.ENOENT),
-    ("mkdir", (ROOT_INO, b"dir", 0o755), errno.EEXIST),
-    ("rename", (ROOT_INO, b"dir", ROOT_INO, b"disk.raw", 0), errno.ENOTDIR),
-    ("rename", (ROOT_INO, b"disk.raw", ROOT_INO, b"dir", 0), errno.EISDIR),
-    ("rename", (ROOT_INO, b"disk.raw", ROOT_INO, b"x", 4), errno.EINVAL),  # RENAME_WHITEOUT
-    ("getattr", (123456789,), errno.ENOENT),
-    ("readlink", (ROOT_INO,), errno.EINVAL),
-])
+@pytest.mark.parametrize(
+    ("operation", "args", "expected"),
+    [
+        ("unlink", (ROOT_INO, b"dir"), errno.EISDIR),
+        ("rmdir", (ROOT_INO, b"disk.raw"), errno.ENOTDIR),
+        ("rmdir", (ROOT_INO, b"missing"), errno.ENOENT),
+        ("mkdir", (ROOT_INO, b"dir", 0o755), errno.EEXIST),
+        ("rename", (ROOT_INO, b"dir", ROOT_INO, b"disk.raw", 0), errno.ENOTDIR),
+        ("rename", (ROOT_INO, b"disk.raw", ROOT_INO, b"dir", 0), errno.EISDIR),
+        ("rename", (ROOT_INO, b"disk.raw", ROOT_INO, b"x", 4), errno.EINVAL),  # RENAME_WHITEOUT
+        ("getattr", (123456789,), errno.ENOENT),
+        ("readlink", (ROOT_INO,), errno.EINVAL),
+    ],
+)
 def test_errors_map_to_the_errno_linux_gives(fs: Fs, operation: str, args: tuple[Any, ...], expected: int) -> None:
     assert fs.errno_of(operation, *args, CTX) == expected
 
 
 def test_an_internal_error_is_eio_and_a_logged_traceback_never_an_exception(
-        fs: Fs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fs: Fs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken(ino: int) -> object:
         raise AssertionError("a bug")
 
@@ -201,15 +205,26 @@ def test_reset_invalidates_exactly_what_it_changed(fs: Fs) -> None:
     assert fs.namespace.store.bytes_held == 0
 
 
-@pytest.mark.parametrize("line", [b"[" * 100_000, b"{" * 100_000, b"\xff", b"1", b'{"op": "diff", "path": 7}',
-                                  b'{"op": "reset", "path": "/nothing"}', b'{"op": "commit_done", "path": "/"}'])
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 100_000,
+        b"{" * 100_000,
+        b"\xff",
+        b"1",
+        b'{"op": "diff", "path": 7}',
+        b'{"op": "reset", "path": "/nothing"}',
+        b'{"op": "commit_done", "path": "/"}',
+    ],
+)
 def test_a_malformed_control_request_is_an_error_reply(fs: Fs, line: bytes) -> None:
     reply = json.loads(fs.run(lambda: fs.control.answer(line)))
     assert reply["ok"] is False and reply["error"]
 
 
 def test_an_unexpected_error_in_a_control_handler_is_an_error_reply_and_a_logged_traceback(
-        fs: Fs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    fs: Fs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     def broken(namespace: Namespace) -> object:
         raise AssertionError("invariant broken")
 

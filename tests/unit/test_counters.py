@@ -49,7 +49,14 @@ def test_each_request_is_counted_once_with_its_errors(operations: CowfsOperation
     trio.run(requests)
     totals = counters.snapshot()
     assert {opcode: entry["count"] for opcode, entry in totals.items()} == {
-        "lookup": 1, "open": 1, "read": 3, "getxattr": 3, "flush": 1, "release": 1, "forget": 1}
+        "lookup": 1,
+        "open": 1,
+        "read": 3,
+        "getxattr": 3,
+        "flush": 1,
+        "release": 1,
+        "forget": 1,
+    }
     assert totals["getxattr"]["errors"] == 2
     assert totals["read"]["errors"] == 0
     assert totals["read"]["handler_s"] > 0

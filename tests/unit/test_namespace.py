@@ -157,6 +157,7 @@ class NamespaceMachine(RuleBasedStateMachine):
     def create_file(self, path: tuple[bytes, ...], payload: bytes) -> None:
         if self._through_symlink(path):
             return
+
         def on_ns() -> None:
             parent = self._resolve_dir(path[:-1])
             node = self.ns.create(parent.ino, path[-1], 0o644, self.ns.uid, self.ns.gid)
@@ -176,9 +177,11 @@ class NamespaceMachine(RuleBasedStateMachine):
     def mkdir(self, path: tuple[bytes, ...], mode: int) -> None:
         if self._through_symlink(path):
             return
+
         def on_ns() -> None:
-            node = self.ns.mkdir(self._resolve_dir(path[:-1]).ino, path[-1], stat.S_IFDIR | mode,
-                                 self.ns.uid, self.ns.gid)
+            node = self.ns.mkdir(
+                self._resolve_dir(path[:-1]).ino, path[-1], stat.S_IFDIR | mode, self.ns.uid, self.ns.gid
+            )
             self.kernel_lookups[node.ino] += 1
 
         self._both(on_ns, lambda: self._local(path).mkdir(mode))
@@ -187,6 +190,7 @@ class NamespaceMachine(RuleBasedStateMachine):
     def symlink(self, path: tuple[bytes, ...], link_to: bytes) -> None:
         if self._through_symlink(path):
             return
+
         def on_ns() -> None:
             node = self.ns.symlink(self._resolve_dir(path[:-1]).ino, path[-1], link_to, self.ns.uid, self.ns.gid)
             self.kernel_lookups[node.ino] += 1
@@ -197,6 +201,7 @@ class NamespaceMachine(RuleBasedStateMachine):
     def link(self, old: tuple[bytes, ...], new: tuple[bytes, ...]) -> None:
         if self._through_symlink(old, new):
             return
+
         def on_ns() -> None:
             source = self._resolve(old)  # the kernel resolves the source first (without following)
             parent = self._resolve_dir(new[:-1])
@@ -205,14 +210,19 @@ class NamespaceMachine(RuleBasedStateMachine):
 
         self._both(on_ns, lambda: os.link(self._local(old), self._local(new), follow_symlinks=False))
 
-    @rule(path=paths, kind=st.sampled_from([stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK]),
-          rdev=st.sampled_from([os.makedev(1, 3), os.makedev(8, 1)]))
+    @rule(
+        path=paths,
+        kind=st.sampled_from([stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK]),
+        rdev=st.sampled_from([os.makedev(1, 3), os.makedev(8, 1)]),
+    )
     def mknod(self, path: tuple[bytes, ...], kind: int, rdev: int) -> None:
         if self._through_symlink(path):
             return
+
         def on_ns() -> None:
-            node = self.ns.mknod(self._resolve_dir(path[:-1]).ino, path[-1], kind | 0o644,
-                                 self.ns.uid, self.ns.gid, rdev)
+            node = self.ns.mknod(
+                self._resolve_dir(path[:-1]).ino, path[-1], kind | 0o644, self.ns.uid, self.ns.gid, rdev
+            )
             self.kernel_lookups[node.ino] += 1
 
         self._both(on_ns, lambda: os.mknod(self._local(path), kind | 0o644, rdev))
@@ -221,20 +231,23 @@ class NamespaceMachine(RuleBasedStateMachine):
     def unlink(self, path: tuple[bytes, ...]) -> None:
         if self._through_symlink(path):
             return
-        self._both(lambda: self.ns.unlink(self._resolve_dir(path[:-1]).ino, path[-1]),
-                   lambda: os.unlink(self._local(path)))
+        self._both(
+            lambda: self.ns.unlink(self._resolve_dir(path[:-1]).ino, path[-1]), lambda: os.unlink(self._local(path))
+        )
 
     @rule(path=paths)
     def rmdir(self, path: tuple[bytes, ...]) -> None:
         if self._through_symlink(path):
             return
-        self._both(lambda: self.ns.rmdir(self._resolve_dir(path[:-1]).ino, path[-1]),
-                   lambda: os.rmdir(self._local(path)))
+        self._both(
+            lambda: self.ns.rmdir(self._resolve_dir(path[:-1]).ino, path[-1]), lambda: os.rmdir(self._local(path))
+        )
 
     @rule(old=paths, new=paths, flags=st.sampled_from([0, 0, 1, 2]))
     def rename(self, old: tuple[bytes, ...], new: tuple[bytes, ...], flags: int) -> None:
         if self._through_symlink(old, new):
             return
+
         def on_ns() -> None:
             old_parent, new_parent = self._resolve_dir(old[:-1]), self._resolve_dir(new[:-1])
             self._resolve(old)  # the kernel looks up the source first
@@ -246,9 +259,12 @@ class NamespaceMachine(RuleBasedStateMachine):
     def chmod(self, path: tuple[bytes, ...], mode: int) -> None:
         if self._through_symlink(path):
             return
-        self._both(lambda: self.ns.setattr(self._resolve(path).ino, mode=mode),
-                   lambda: os.chmod(self._local(path), mode, follow_symlinks=False)
-                   if not self._local(path).is_symlink() else None)
+        self._both(
+            lambda: self.ns.setattr(self._resolve(path).ino, mode=mode),
+            lambda: (
+                os.chmod(self._local(path), mode, follow_symlinks=False) if not self._local(path).is_symlink() else None
+            ),
+        )
 
     @rule(path=paths, truncate=st.booleans())
     def open(self, path: tuple[bytes, ...], truncate: bool) -> None:
@@ -292,6 +308,7 @@ class NamespaceMachine(RuleBasedStateMachine):
     def setxattr(self, path: tuple[bytes, ...], name: bytes, value: bytes) -> None:
         if self._through_symlink(path):
             return
+
         def on_ns() -> bytes:
             node = self._resolve(path)
             self.ns.setxattr(node.ino, name, value)
@@ -339,12 +356,16 @@ class NamespaceMachine(RuleBasedStateMachine):
             return
         shown = self._ns_tree(ROOT_INO, ())
         base_tree = self._tree_of(self.base_path)
-        expected = {} if origin is None else {
-            path + key[len(origin):]: value for key, value in base_tree.items() if key[: len(origin)] == origin}
+        expected = (
+            {}
+            if origin is None
+            else {path + key[len(origin) :]: value for key, value in base_tree.items() if key[: len(origin)] == origin}
+        )
         for key in set(shown) | set(expected):
             if key[: len(path)] == path:  # link counts and groups may differ: names elsewhere changed
-                assert (shown[key][:2] + shown[key][3:4] if key in shown else None) == \
-                    (expected[key][:2] + expected[key][3:4] if key in expected else None), key
+                assert (shown[key][:2] + shown[key][3:4] if key in shown else None) == (
+                    expected[key][:2] + expected[key][3:4] if key in expected else None
+                ), key
         self._copy_tree_to_local(shown)
 
     @rule(path=paths)
@@ -404,8 +425,13 @@ class NamespaceMachine(RuleBasedStateMachine):
                 else:
                     detail = attrs.rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else None
                 mode = None if kind == stat.S_IFLNK else attrs.mode
-                tree[path + (name,)] = (mode, attrs.size if kind != stat.S_IFDIR else None, attrs.nlink, detail,
-                                        attrs.ino)
+                tree[path + (name,)] = (
+                    mode,
+                    attrs.size if kind != stat.S_IFDIR else None,
+                    attrs.nlink,
+                    detail,
+                    attrs.ino,
+                )
                 if kind == stat.S_IFDIR:
                     tree.update(self._ns_tree(node.ino, path + (name,)))
             finally:
@@ -462,8 +488,11 @@ class NamespaceMachine(RuleBasedStateMachine):
 
 
 NamespaceMachine.TestCase.settings = settings(
-    max_examples=1000 if SOAK else 100, stateful_step_count=80 if SOAK else 40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+    max_examples=1000 if SOAK else 100,
+    stateful_step_count=80 if SOAK else 40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_namespace_matches_a_local_copy = NamespaceMachine.TestCase
 
 
@@ -542,7 +571,6 @@ def test_a_base_hard_link_unlinked_in_the_mount_stays_gone(tmp_path: Path) -> No
         assert stat.S_IMODE(ns.getattr(node.ino).mode) == 0o600
         ns.forget(node.ino, 2)
         ns.check_invariants()
-
 
 
 def test_status_reset_and_commit_of_hard_links(tmp_path: Path) -> None:

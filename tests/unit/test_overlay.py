@@ -115,11 +115,13 @@ def _seek(call: Callable[[int], int], offset: int) -> int:
         return -error.errno
 
 
-@settings(max_examples=1000 if SOAK else 150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=1000 if SOAK else 150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(operations, st.booleans())
-def test_overlay_matches_bytearray(base_file: Path, tmp_path: Path, ops: list[tuple[str, int, int, bool]],
-                                   from_base: bool) -> None:
+def test_overlay_matches_bytearray(
+    base_file: Path, tmp_path: Path, ops: list[tuple[str, int, int, bool]], from_base: bool
+) -> None:
     store = Store(tmp_path)
     base_fd = os.open(base_file, os.O_RDONLY) if from_base else None
     if base_fd is not None:

@@ -73,8 +73,16 @@ def _plan(base: Path) -> Plan:
 
 
 def test_plan_from_the_wire_checks_its_ranges() -> None:
-    wire = {"path": "/f", "base_file": None, "identity": None, "size": 100, "base_limit": 0,
-            "written": [[0, 10], [90, 100]], "zeroed": [[20, 30]], "token": [1]}
+    wire = {
+        "path": "/f",
+        "base_file": None,
+        "identity": None,
+        "size": 100,
+        "base_limit": 0,
+        "written": [[0, 10], [90, 100]],
+        "zeroed": [[20, 30]],
+        "token": [1],
+    }
     plan = Plan.from_wire(wire)
     assert plan.written == [(0, 10), (90, 100)] and plan.zeroed == [(20, 30)]
     with pytest.raises(ValueError, match="start <= end"):
@@ -98,8 +106,9 @@ def test_commit_punches_zeroed_ranges_into_the_base(files: tuple[Path, Path]) ->
     assert os.stat(base).st_blocks <= blocks - 128 * K // 512
 
 
-def test_commit_writes_zeros_where_the_base_cannot_punch(files: tuple[Path, Path],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_writes_zeros_where_the_base_cannot_punch(
+    files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     base, view = files
 
     def cannot_punch(fd: int, offset: int, length: int) -> None:
@@ -112,8 +121,9 @@ def test_commit_writes_zeros_where_the_base_cannot_punch(files: tuple[Path, Path
 
 def test_qcow2_zero_clusters_only_where_the_base_has_data_the_view_hides() -> None:
     cluster = 64 * K
-    plan = Plan("/f", None, {"size": SIZE}, SIZE + 64 * K, 900 * K, WRITTEN, [],
-                [(10 * K, 200 * K), (300 * K, 400 * K)])
+    plan = Plan(
+        "/f", None, {"size": SIZE}, SIZE + 64 * K, 900 * K, WRITTEN, [], [(10 * K, 200 * K), (300 * K, 400 * K)]
+    )
     copy, zeroed = qcow2_writes(plan, BASE_DATA, cluster)
     # base data hidden: [10K, 200K) and the cut tail [900K, 1M); the zeroed range over the base's hole needs nothing
     assert zeroed == [(64 * K, 192 * K), (960 * K, SIZE)]
@@ -125,10 +135,17 @@ def test_export_qcow2_holds_no_zero_clusters_for_base_holes(files: tuple[Path, P
     base, view = files
     dest = tmp_path / "dest.qcow2"
     transfer.export_qcow2(_plan(base), view, dest)
-    compare = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(view), str(dest)],
-                             capture_output=True, text=True, check=False)
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(view), str(dest)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert compare.returncode == 0, compare.stdout + compare.stderr
-    mapped = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(dest)], capture_output=True,
-                                       text=True, check=True).stdout)
+    mapped = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(dest)], capture_output=True, text=True, check=True
+        ).stdout
+    )
     zero_clusters = [(m["start"], m["start"] + m["length"]) for m in mapped if m["depth"] == 0 and m["zero"]]
     assert zero_clusters == [(64 * K, 192 * K)]
