@@ -48,7 +48,7 @@ $(PY): | system-packages
 
 $(PYFUSE3_SDIST): | $(PY)
 	mkdir -p $(@D)
-	$(PY) -m pip download -q --no-deps --no-binary :all: -d $(@D) pyfuse3==$(PYFUSE3_VERSION)
+	$(PY) -m pip download -q --no-deps --no-binary pyfuse3 -d $(@D) pyfuse3==$(PYFUSE3_VERSION)
 
 # Unpack afresh, check the hash, apply the series, drop the shipped C so that
 # Cython regenerates it from the patched sources, and install into the venv.
