@@ -62,7 +62,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 BUCKET_SHIFT = 26
 BUCKET_SIZE = 1 << BUCKET_SHIFT  # 64 MiB of file offset per bucket
@@ -74,6 +74,20 @@ def _continues(start: int, end: int, store: int, next_store: int) -> bool:
     if store == ZEROS or next_store == ZEROS:
         return store == next_store
     return store + end - start == next_store
+
+
+def _merge_touching(spans: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Spans in offset order, those that touch merged into one."""
+    pending: tuple[int, int] | None = None
+    for start, end in spans:
+        if pending is not None and pending[1] == start:
+            pending = (pending[0], end)
+            continue
+        if pending is not None:
+            yield pending
+        pending = (start, end)
+    if pending is not None:
+        yield pending
 
 
 class RangeMap:
@@ -148,35 +162,18 @@ class RangeMap:
     def ranges(self, zeros: bool | None = None) -> Iterator[tuple[int, int]]:
         """Covered ranges in offset order, touching ranges merged: all of them,
         only the ``ZEROS`` ones (``zeros=True``) or only those in the store (``False``)."""
-        pending: tuple[int, int] | None = None
-        for range_start, range_end, store in self.extents():
-            if zeros is not None and (store == ZEROS) != zeros:
-                continue
-            if pending is not None and pending[1] == range_start:
-                pending = (pending[0], range_end)
-                continue
-            if pending is not None:
-                yield pending
-            pending = (range_start, range_end)
-        if pending is not None:
-            yield pending
+        return _merge_touching(
+            (start, end) for start, end, store in self.extents() if zeros is None or (store == ZEROS) == zeros
+        )
 
     def unshared_spans(self, other: RangeMap) -> Iterator[tuple[int, int]]:
         """``[start, end)`` spans of file offset, bucket-aligned and merged, outside which this map
         and ``other`` share their buckets (so hold the same ranges): where they may differ."""
-        pending: tuple[int, int] | None = None
-        for key in sorted(self._buckets.keys() | other._buckets.keys()):
-            if self._buckets.get(key) is other._buckets.get(key):
-                continue
-            start, end = key << BUCKET_SHIFT, (key + 1) << BUCKET_SHIFT
-            if pending is not None and pending[1] == start:
-                pending = (pending[0], end)
-                continue
-            if pending is not None:
-                yield pending
-            pending = (start, end)
-        if pending is not None:
-            yield pending
+        return _merge_touching(
+            (key << BUCKET_SHIFT, (key + 1) << BUCKET_SHIFT)
+            for key in sorted(self._buckets.keys() | other._buckets.keys())
+            if self._buckets.get(key) is not other._buckets.get(key)
+        )
 
     def last_end(self) -> int:
         """End of the highest range, or 0 when empty."""
