@@ -196,7 +196,7 @@ _QED_F_BACKING_FORMAT_NO_PROBE = 0x04
 def _read_qed(fd: int, head: bytes, header: Header) -> None:
     if len(head) < 64:
         raise ImageRefused("its header is truncated")
-    (features,) = struct.unpack("<Q", head[24:32])
+    (features,) = struct.unpack("<Q", head[16:24])
     backing_offset, backing_size = struct.unpack("<II", head[56:64])
     if features & _QED_F_BACKING_FILE:
         header.backing = _name_at(fd, backing_offset, backing_size, "backing file")

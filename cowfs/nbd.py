@@ -324,8 +324,16 @@ def _raise_for(result: _Reply, what: str, offset: int) -> None:
         raise NbdError(f"NBD {what} failed at offset {offset}{detail}", code)
 
 
-def _allocation(export: Export, result: _Reply, offset: int, length: int) -> list[Extent]:
+def _status_span(export: Export, offset: int, length: int) -> int:
+    """How much a BLOCK_STATUS request at ``offset`` may ask about (EINVAL outside the export)."""
+    if not 0 <= offset < export.size or length <= 0:
+        raise NbdError(f"block status at {offset} outside the export", errno.EINVAL)
+    return min(length, export.size - offset, MAX_STATUS_LENGTH)
+
+
+def _allocation(result: _Reply, offset: int, length: int) -> list[Extent]:
     """The extents a BLOCK_STATUS reply gave, clipped to the request (at least one extent)."""
+    _raise_for(result, "block status", offset)
     end = offset + length
     extents = [e for e in result.extents if e.offset < end]
     if not extents:
@@ -409,12 +417,10 @@ class NbdClient:
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """The allocation of the export from ``offset`` on: at least one extent, at most ``length``
         bytes (the server may say less).  Without base:allocation, everything is data."""
-        length = min(length, self.export.size - offset, MAX_STATUS_LENGTH)
+        length = _status_span(self.export, offset, length)
         if self.export.allocation_context is None:
             return [Extent(offset, length)]
-        result = self._command(CMD_BLOCK_STATUS, offset, length)
-        _raise_for(result, "block status", offset)
-        return _allocation(self.export, result, offset, length)
+        return _allocation(self._command(CMD_BLOCK_STATUS, offset, length), offset, length)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         _raise_for(self._command(CMD_WRITE, offset, len(data), data), "write", offset)
@@ -526,12 +532,10 @@ class TrioNbdClient:
             _raise_for(await self._command(CMD_READ, start, len(piece), into=piece), "read", start)
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
-        length = min(length, self.export.size - offset, MAX_STATUS_LENGTH)
+        length = _status_span(self.export, offset, length)
         if self.export.allocation_context is None:
             return [Extent(offset, length)]
-        result = await self._command(CMD_BLOCK_STATUS, offset, length)
-        _raise_for(result, "block status", offset)
-        return _allocation(self.export, result, offset, length)
+        return _allocation(await self._command(CMD_BLOCK_STATUS, offset, length), offset, length)
 
     def close(self) -> None:
         """Hang up.  No DISC: closing is enough for a server started for this one client, and a

@@ -86,6 +86,13 @@ class GuestDisk:
         self.client.close()
         trio.lowlevel.spawn_system_task(_reap, self.pid, self.pidfd, self.stderr_fd, self.name)
 
+    async def aclose(self) -> None:
+        """Hang up and wait until the helper has exited (SIGKILL if it lingers)."""
+        if not self.closed:
+            self.closed = True
+            self.client.close()
+            await _reap(self.pid, self.pidfd, self.stderr_fd, self.name)
+
     def kill_now(self) -> None:
         """For shutdown without a trio loop: SIGKILL and reap at once."""
         if not self.closed:
@@ -133,7 +140,10 @@ def _first_line(stderr_fd: int) -> str:
     except OSError:
         return ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    if not lines:
+        return ""
+    # "qemu-nbd: Failed to blk_new_open 'json:{...}': Image is too big": the options are ours.
+    return lines[0].rsplit("}': ", 1)[-1].removeprefix("qemu-nbd: ")
 
 
 def _spawn(argv: list[str], fds: list[int], listen_fd: int, stderr_fd: int) -> int:
