@@ -88,7 +88,7 @@ demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./examples/demo.sh
 
 bench: setup
-	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 soak: setup
 	COWFS_SOAK=1 $(PY) -m pytest tests/unit tests/mount $(PYTEST_ARGS)

@@ -30,11 +30,10 @@ import trio
 
 from . import changes
 from .kernel_cache import KernelCache
-from .namespace import Namespace
+from .namespace import Namespace, Refused
 from .protocol import (
     MAX_LINE,
     CommitDoneRequest,
-    ControlError,
     Feature,
     Op,
     PathRequest,
@@ -134,7 +133,7 @@ class ControlServer:
             return ok_reply(await self._dispatch(request))
         except ProtocolError as error:
             return error_reply(f"bad control request: {error}")
-        except ControlError as error:
+        except Refused as error:
             return error_reply(str(error))
         except OSError as error:
             log.warning("control request failed: %s", error)
@@ -165,14 +164,11 @@ class ControlServer:
     async def _reset(self, request: ResetRequest) -> ResetReply:
         # Dirty pages of open files would otherwise reach us after the reset.
         if request.force:
-            await self.kernel_cache.invalidate(self._open_file_inodes())
+            await self.kernel_cache.invalidate(self.namespace.table.open_files())
         result = self.namespace.reset(request.path, request.force)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("reset %s (%d inodes)", request.path, len(result.inodes))
         return ResetReply(result.paths)
-
-    def _open_file_inodes(self) -> set[int]:
-        return {node.ino for node in self.namespace.nodes.values() if node.opens and node.data is not None}
 
     async def _commit_done(self, request: CommitDoneRequest) -> ResetReply:
         result = self.namespace.commit_done(request.path, request.token, request.identity)
