@@ -21,7 +21,9 @@ What it does, in order (the phases are workloads.PHASES):
   5. scale test: a sparse --scale-size (1 TiB) image, --scale-writes distinct random 4 KiB
      pwrite()s through the mount, write rate of the first vs the last 10 %, daemon RSS, and a
      read-back spot check;
-  6. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
+  6. sessions (cowfs only, skipped with a --mount-cmd stand-in): `cowfs run BASE -- true` against
+     `cowfs mount` + `cowfs umount`, --mounts times each;
+  7. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
 
 Mount/umount are shell templates. Placeholders: {base_dir} (directory that holds only the
 image), {mnt} (empty mount point), {state} (empty scratch directory, deleted after each

@@ -43,6 +43,7 @@ class Config:
     mount_timeout: float
     peers: Path | None
     quick: bool
+    skip_sessions: bool = False
 
     @property
     def base(self) -> Path:
@@ -115,6 +116,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument("--skip-scale", action="store_true", help="skip the scale test")
     parser.add_argument("--skip-qemu", action="store_true", help="skip the qemu-img bench reads")
     parser.add_argument(
+        "--skip-sessions", action="store_true", help="skip cowfs's own sessions (cowfs run, checkpoints, copies)"
+    )
+    parser.add_argument(
         "--work-dir",
         type=Path,
         default=Path("/var/tmp/cowfs-bench"),
@@ -161,6 +165,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         mount_timeout=args.mount_timeout,
         peers=args.peers,
         quick=args.quick,
+        skip_sessions=args.skip_sessions,
     )
     if config.size < 16 * MiB or config.size % MiB:
         parser.error("--size must be a multiple of 1 MiB and at least 16 MiB")

@@ -191,6 +191,17 @@ def _metrics_section(config: Config, results: Results) -> list[str]:
         ]
     elif scale is not None:
         rows.append(["scale test", "-", "did not complete"])
+    sessions = results.sessions
+    if sessions is not None:
+        rows += [
+            [f"cowfs run -- true ms (median of {len(sessions.run_true_ms)})", "-", number(sessions.run_true_median_ms)],
+            [
+                f"  cowfs mount + cowfs umount ms (median of {len(sessions.mount_umount_ms)})",
+                "-",
+                number(sessions.mount_umount_median_ms),
+            ],
+            ["  run / (mount + umount), target <= 1.2", "-", number(sessions.run_over_mount_umount, "x")],
+        ]
     return [table(rows, {1}), ""]
 
 

@@ -250,6 +250,22 @@ class Scale:
         self.rate_last_over_first = round(self.rate_last10 / self.rate_first10, 3)
 
 
+@dataclass(kw_only=True)
+class Sessions:
+    """cowfs's sessions (issue 20), on cowfs alone."""
+
+    run_true_ms: list[float] = field(default_factory=list)  # `cowfs run BASE -- true`, end to end
+    mount_umount_ms: list[float] = field(default_factory=list)  # `cowfs mount` + `cowfs umount`
+    run_true_median_ms: float | None = None
+    mount_umount_median_ms: float | None = None
+    run_over_mount_umount: float | None = None  # target: at most 1.2
+
+    def summarize(self) -> None:
+        self.run_true_median_ms = median_of(self.run_true_ms)
+        self.mount_umount_median_ms = median_of(self.mount_umount_ms)
+        self.run_over_mount_umount = ratio_of(self.run_true_median_ms, self.mount_umount_median_ms)
+
+
 # --------------------------------------------------------------------------- the peer harness
 
 
@@ -335,6 +351,7 @@ class Results:
     status: str = "running"  # then "ok", "failed: ...", "interrupted"
     peers: Peers | None = optional()
     scale: Scale | None = optional()
+    sessions: Sessions | None = optional()
     measurements: dict[str, Measurement] = field(default_factory=dict, metadata={"omit_if_empty": True})
     # summaries, by summarize()
     rss_randwrite_vmhwm_median_kib: float | None = None
@@ -351,6 +368,8 @@ class Results:
             qemu_result.summarize()
         for measurement in self.measurements.values():
             measurement.summarize()
+        if self.sessions is not None:
+            self.sessions.summarize()
         self.mount.median_ms = median_of(self.mount.mount_ms)
         self.first_write.native_median_ms = median_of(self.first_write.native)
         self.first_write.cowfs_median_ms = median_of(self.first_write.cowfs)

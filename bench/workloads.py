@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import scale
-from .config import BLOCK, Config, KiB, human
+from . import scale, sessions
+from .config import BLOCK, DEFAULT_MOUNT, Config, KiB, human
 from .harness import RssSampler, cpu_seconds, deleted_store_bytes, df_free, drop_page_cache, run_group
 from .results import TARGETS, FioRun, QemuRun, RssSample, StoreUsage, Target
 from .session import Bench, View, blocks_differ
@@ -339,4 +339,10 @@ PHASES = [
     Phase("fio", fio_phase),
     Phase("qemu", qemu_phase, skipped=lambda config: config.skip_qemu),
     Phase("scale", scale.scale_phase, skipped=lambda config: config.skip_scale),
+    # cowfs's own commands: not for a --mount-cmd stand-in
+    Phase(
+        "sessions",
+        sessions.sessions_phase,
+        skipped=lambda config: config.skip_sessions or config.mount_cmd != DEFAULT_MOUNT,
+    ),
 ]

@@ -66,11 +66,6 @@ def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
     return ranges
 
 
-def store_disk_bytes(namespace: Namespace) -> int:
-    """Bytes the store files of this mount take on disk."""
-    return sum(node.data.store_blocks() * 512 for node in namespace.nodes.values() if node.data is not None)
-
-
 def status(namespace: Namespace) -> StatusReply:
     """Every change of the mount, in path order."""
     found: list[FileChange] = []
@@ -90,7 +85,7 @@ def status(namespace: Namespace) -> StatusReply:
         str(namespace.base.path),
         str(namespace.store.directory),
         namespace.store.bytes_held,
-        store_disk_bytes(namespace),
+        namespace.store.disk_bytes(),
         namespace.store.limit,
         found,
     )

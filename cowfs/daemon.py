@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -29,6 +30,8 @@ from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each unmounts cleanly
 
 
 def _raise_fd_limit() -> None:
@@ -73,6 +76,14 @@ def _granted_init_flags(found: Pyfuse3Features) -> int | None:
 def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     """Mount and serve until unmounted or signalled.  ``report(None)`` says
     "ready", ``report(message)`` says why mounting failed.  Returns the exit code."""
+    try:
+        return _serve(config, report)
+    finally:
+        if config.remove_mountpoint:  # unmounted by now
+            _remove_directory(config.mountpoint)
+
+
+def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     _raise_fd_limit()
     logging.getLogger("pyfuse3").addFilter(_AbandonedReplyFilter())
     try:
@@ -129,8 +140,18 @@ async def _main(report: Callable[[str | None], None], control_server: ControlSer
         nursery.cancel_scope.cancel()
 
 
+def _remove_directory(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except OSError as error:
+        log.warning("could not remove the temporary mountpoint %s: %s", path, error.strerror)
+
+
 async def _terminate_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*TERMINATING_SIGNALS) as signals:
+        # `cowfs run` starts the daemon with these blocked, so that one that comes early waits
+        # for this receiver instead of ending the daemon with the mount still there.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING_SIGNALS)
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()

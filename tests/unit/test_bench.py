@@ -23,6 +23,7 @@ from bench.results import (
     Results,
     RunConfig,
     Scale,
+    Sessions,
     StoreUsage,
     Versions,
     median_of,
@@ -184,6 +185,17 @@ def test_the_report_shows_a_measurement_row_without_a_change_to_the_report() -> 
     row = next(line for line in text.splitlines() if line.startswith("stat 200,000 files"))
     assert row.split()[-4:] == ["better", "3.00", "6.00", "2.000x"]
     assert text.endswith("status: ok; checks: all passed")
+
+
+def test_the_sessions_rows_compare_cowfs_run_with_mount_and_umount() -> None:
+    results = empty_results()
+    results.sessions = Sessions(run_true_ms=[300.0, 500.0, 400.0], mount_umount_ms=[350.0, 450.0])
+    results.summarize()
+    assert results.sessions.run_over_mount_umount == 1.0
+    lines = report_text(config(), results).splitlines()
+    assert next(line for line in lines if line.startswith("cowfs run -- true ms")).split()[-1] == "400"
+    assert next(line for line in lines if "run / (mount + umount)" in line).split()[-1] == "1.000x"
+    assert "sessions" not in to_json(empty_results())  # left out of a run that did not reach it
 
 
 def test_the_report_lists_failed_checks() -> None:
