@@ -242,3 +242,18 @@ def test_a_guest_view_is_not_committed_into_its_image(images: Path, mount_factor
     result = run([COWFS, "commit", "--yes", str(m.path / "disk.qcow2")], check=False)
     assert result.returncode != 0
     assert len(result.stderr.splitlines()) == 1 and "cowfs export --format qcow2" in result.stderr
+
+
+def test_a_vmdk_whose_extent_is_missing_fails_alone(base_dir: Path, mount_factory: MountFactory) -> None:
+    make_guest_disk(base_dir / "disk.raw")
+    convert(base_dir / "disk.raw", base_dir / "split.vmdk", "vmdk", "subformat=monolithicFlat")
+    (base_dir / "split-flat.vmdk").rename(base_dir / "moved-flat.vmdk")
+    convert(base_dir / "disk.raw", base_dir / "whole.vmdk", "vmdk", "subformat=monolithicFlat")
+    read_once(base_dir)
+    m = mount_factory(base_dir, "--view", "guest")
+    m.allowed_log_problems = ["guest view of split.vmdk: its extent file split-flat.vmdk"]
+    with pytest.raises(OSError) as failed:
+        (m.path / "split.vmdk").stat()
+    assert failed.value.errno == errno.EIO
+    assert digest((m.path / "whole.vmdk").read_bytes()) == digest((base_dir / "disk.raw").read_bytes())
+    assert len([line for line in m.log.read_text().splitlines() if "split.vmdk" in line]) == 1
