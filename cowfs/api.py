@@ -144,9 +144,10 @@ class Mount:
             return inside
         return "/" + text.lstrip("/")
 
-    def status(self) -> Status:
-        """Base, store usage, every changed path, kernel features and request counts."""
-        return Status.of(self.path, self._reply(StatusReply, StatusRequest()))
+    def status(self, changes: bool = True) -> Status:
+        """Base, store usage, every changed path (however many), kernel features and request
+        counts; with ``changes=False`` only base and store usage, at once however much changed."""
+        return Status.of(self.path, self._reply(StatusReply, StatusRequest(changes)))
 
     def diff(self, path: StrPath) -> FileDiff:
         """The byte ranges of one file that differ from (or are not backed by) its base."""
