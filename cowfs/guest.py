@@ -201,6 +201,14 @@ class GuestFile(OverlayFile):
     def is_changed(self) -> bool:
         return bool(self.written) or self.size != self.base_limit or self.base_limit != self.image.size
 
+    @property
+    def guest_format(self) -> str:
+        return self.image.format
+
+    @property
+    def guest_size(self) -> int:
+        return self.image.size
+
     def close(self) -> None:
         super().close()
         if self.image is not None:
@@ -305,6 +313,12 @@ class GuestViews:
         if image.failure is not None:
             raise image.failure
         return image.size
+
+    def guest(self, st: os.stat_result) -> tuple[str, int] | None:
+        """(format, virtual size) of a base file that is a guest image, else None."""
+        size = self.size(st)
+        image = self._image(st)
+        return None if size is None or image is None else (image.format, size)
 
     def open_data(self, store: Store, fd: int, name: str) -> OverlayFile | None:
         """The overlay of a base file opened as ``fd``: a `GuestFile` for a guest image."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -207,3 +208,52 @@ def test_bad_view_names_are_refused(base_dir: Path, tmp_path: Path) -> None:
         assert result.returncode == 2
         assert len(result.stderr.splitlines()) == 1 and "view" in result.stderr, result.stderr
         assert not is_mounted(tmp_path / "mnt")
+
+
+def test_a_guest_view_exports_as_a_child_of_its_image_and_as_a_raw_disk(
+    images: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
+    m = mount_factory(images, "--view", "guest")
+    view = m.path / "disk.qcow2"
+    with open(view, "r+b") as disk:
+        disk.seek(50 * MIB + 100)
+        disk.write(b"changed in the guest view" * 1000)
+    subprocess.run(["fallocate", "--punch-hole", "-o", str(40 * MIB), "-l", str(MIB), str(view)], check=True)
+    child, raw = tmp_path / "child.qcow2", tmp_path / "disk-after.raw"
+    run([COWFS, "export", "--format", "qcow2", str(view), str(child)])
+    run([COWFS, "export", "--format", "raw", str(view), str(raw)])
+    info = json.loads(run(["qemu-img", "info", "--output=json", "--backing-chain", str(child)]).stdout)
+    assert [(entry["format"], entry.get("backing-filename")) for entry in info] == [
+        ("qcow2", str(images / "disk.qcow2")),
+        ("qcow2", None),
+    ]
+    assert info[0]["backing-filename-format"] == "qcow2"
+    run(["qemu-img", "check", str(child)])
+    run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(child), str(view)])
+    assert digest(raw.read_bytes()) == digest(view.read_bytes())
+    assert os.stat(raw).st_blocks * 512 < 16 * MIB  # sparse: the guest disk's holes stay holes
+    assert data_ranges(raw, "raw") == view_data_ranges(view)
+
+
+def test_a_guest_view_is_not_committed_into_its_image(images: Path, mount_factory: MountFactory) -> None:
+    m = mount_factory(images, "--view", "guest")
+    with open(m.path / "disk.qcow2", "r+b") as disk:
+        disk.write(b"guest bytes")
+    result = run([COWFS, "commit", "--yes", str(m.path / "disk.qcow2")], check=False)
+    assert result.returncode != 0
+    assert len(result.stderr.splitlines()) == 1 and "cowfs export --format qcow2" in result.stderr
+
+
+def test_a_vmdk_whose_extent_is_missing_fails_alone(base_dir: Path, mount_factory: MountFactory) -> None:
+    make_guest_disk(base_dir / "disk.raw")
+    convert(base_dir / "disk.raw", base_dir / "split.vmdk", "vmdk", "subformat=monolithicFlat")
+    (base_dir / "split-flat.vmdk").rename(base_dir / "moved-flat.vmdk")
+    convert(base_dir / "disk.raw", base_dir / "whole.vmdk", "vmdk", "subformat=monolithicFlat")
+    read_once(base_dir)
+    m = mount_factory(base_dir, "--view", "guest")
+    m.allowed_log_problems = ["guest view of split.vmdk: its extent file split-flat.vmdk"]
+    with pytest.raises(OSError) as failed:
+        (m.path / "split.vmdk").stat()
+    assert failed.value.errno == errno.EIO
+    assert digest((m.path / "whole.vmdk").read_bytes()) == digest((base_dir / "disk.raw").read_bytes())
+    assert len([line for line in m.log.read_text().splitlines() if "split.vmdk" in line]) == 1
