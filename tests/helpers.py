@@ -46,8 +46,9 @@ def force_unmount(path: Path) -> None:
 
 
 @dataclass
-class Mount:
-    """One cowfs mount of ``base`` on ``path``, with its daemon log."""
+class CommandLineMount:
+    """One cowfs mount of ``base`` on ``path`` made with the `cowfs` command, with its daemon's pid
+    and log (the Python API's is cowfs.Mount)."""
 
     base: Path
     path: Path

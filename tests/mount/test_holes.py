@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, Mount, data_regions, read_base, run, write_at
+from ..helpers import COWFS, CommandLineMount, data_regions, read_base, run, write_at
 
 KiB, MiB = 1 << 10, 1 << 20
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
@@ -33,7 +33,7 @@ def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
         os.close(fd)
 
 
-def store_bytes(m: Mount) -> int:
+def store_bytes(m: CommandLineMount) -> int:
     return int(m.status()["store_bytes"])
 
 
