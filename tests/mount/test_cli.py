@@ -227,6 +227,22 @@ def _ours(listing: dict[str, list[dict[str, object]]], mounts: list[CommandLineM
     )
 
 
+def test_a_dead_mount_given_as_a_directory_is_one_clear_line(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
+    dead = mount_factory(base_dir)
+    assert dead.pid is not None
+    os.kill(dead.pid, signal.SIGKILL)
+    assert dead.wait_for_daemon_exit(timeout=10)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for argv, role in (([str(dead.path), str(elsewhere)], "BASE_DIR"), ([str(base_dir), str(dead.path)], "MOUNTPOINT")):
+        result = run([COWFS, "mount", *argv], check=False)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == f"cowfs: {role} {dead.path} is a dead mount: run cowfs umount {dead.path}\n"
+    assert not is_mounted(elsewhere)
+
+
 def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_factory: MountFactory) -> None:
     (base_dir / "disk.raw").write_bytes(bytes(4 * MiB))
     store = tmp_path / "store"
