@@ -452,11 +452,14 @@ class CowfsOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     async def _open_window(self, window: Window, flags: int) -> pyfuse3.FileInfo:
-        """A partition: a handle on its disk, its offsets moved by the partition's start.  O_TRUNC
-        is ignored, as a block device does; no page cache, so the disk and its windows agree."""
+        """A partition: a handle on its disk, its offsets moved by the partition's start; no page
+        cache, so the disk and its windows agree.  O_TRUNC is refused: the kernel would take the
+        file for empty (with the writeback cache it keeps its own idea of a file's size)."""
         assert self.windows is not None
         if window.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
+        if flags & os.O_TRUNC:
+            raise OSError(errno.EINVAL, "a partition's size is its table's: open it without O_TRUNC")
         await self._prepare(self.ns.node(window.disk_ino))
         node, _ = self.ns.open(window.disk_ino)
         handle = self._new_handle(node, flags)

@@ -63,6 +63,13 @@ def test_a_write_through_a_window_lands_in_its_disk_and_stops_at_its_end(
         assert os.pread(fd, 4096, PARTITION_SIZE) == b""
     finally:
         os.close(fd)
+    with pytest.raises(OSError) as refused:  # O_TRUNC: a partition is not shortened
+        os.close(os.open(window, os.O_WRONLY | os.O_TRUNC))
+    assert refused.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as refused:
+        os.truncate(window, MIB)
+    assert refused.value.errno == errno.EINVAL
+    assert window.stat().st_size == PARTITION_SIZE
     whole = (m.path / "disk.qcow2").read_bytes()
     assert whole[PARTITION_START + 4 * MIB : PARTITION_START + 4 * MIB + 18] == b"through the window"
     assert whole[PARTITION_START + PARTITION_SIZE - 4096 : PARTITION_START + PARTITION_SIZE] == b"x" * 4096
