@@ -217,7 +217,6 @@ class CowfsOperations(pyfuse3.Operations):
         self.guest_views: GuestViews | None = None  # set by the daemon under --view guest
         self.windows: Windows | None = None  # partition windows, under --view guest
         self._window_handles: dict[int, Window] = {}  # file handle -> the partition it opened
-        self._windows_written: set[int] = set()  # window handles that wrote
 
     def init(self) -> None:
         # Called while the kernel's INIT request is answered, and INIT resets
@@ -359,6 +358,11 @@ class CowfsOperations(pyfuse3.Operations):
         window, _ = self.windows.window(directory.disk_ino, directory.disk_parent, directory.disk_name, partition)
         window.lookups += 1
         return _entry(partition_stat(window, self.ns.getattr(window.disk_ino))), window.ino
+
+    def _disk_open_elsewhere(self, node: Node) -> bool:
+        """Is a partition's disk open as itself?  Then a write through the partition makes its
+        cached pages stale (a later open drops them anyway: the disk has changes then)."""
+        return any(n is node and h not in self._window_handles for h, n in self._open_files.items())
 
     def _window_stat(self, window: Window) -> Stat:
         disk = self.ns.getattr(window.disk_ino)
@@ -537,8 +541,11 @@ class CowfsOperations(pyfuse3.Operations):
             off, length, _ = self._window_range(fh, off, len(buf))
             if not length:
                 raise OSError(errno.ENOSPC, "past the end of the partition")
-            buf = buf[:length]
-            self._windows_written.add(fh)
+            node = self._open_files[fh]
+            written = self.ns.write(node, off, buf[:length])
+            if self._disk_open_elsewhere(node):
+                await self.kernel_cache.invalidate([node.ino])
+            return written
         return self.ns.write(self._open_files[fh], off, buf)
 
     @_errno_replies
@@ -566,7 +573,6 @@ class CowfsOperations(pyfuse3.Operations):
             offset, length, _ = self._window_range(fh, offset, length)
             if not length:
                 raise OSError(errno.ENOSPC, "past the end of the partition")
-            self._windows_written.add(fh)
         node = self._open_files[fh]
         if mode & FALLOC_FL_PUNCH_HOLE:
             if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
@@ -580,6 +586,8 @@ class CowfsOperations(pyfuse3.Operations):
             raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")  # collapse, insert, unshare
         else:
             self.ns.allocate(node, offset, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
+        if fh in self._window_handles and self._disk_open_elsewhere(node):
+            await self.kernel_cache.invalidate([node.ino])
 
     @_errno_replies
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
@@ -628,9 +636,6 @@ class CowfsOperations(pyfuse3.Operations):
             dropped = self.windows.released(window)
             if dropped is not None:
                 self.ns.forget(dropped.disk_ino, 1)
-            if fh in self._windows_written:  # the disk's own cached pages may hold the old bytes
-                self._windows_written.discard(fh)
-                await self.kernel_cache.invalidate([node.ino])
 
     # -- directories -----------------------------------------------------------
 
