@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cowfs.guest import MAX_IDLE_HELPERS
+
 from ..conftest import MountFactory
 from ..helpers import COWFS, SOAK, force_unmount, is_mounted, private_tmpfs, run, sha256, wait_until
 from ..images import (
@@ -257,3 +259,15 @@ def test_a_vmdk_whose_extent_is_missing_fails_alone(base_dir: Path, mount_factor
     assert failed.value.errno == errno.EIO
     assert digest((m.path / "whole.vmdk").read_bytes()) == digest((base_dir / "disk.raw").read_bytes())
     assert len([line for line in m.log.read_text().splitlines() if "split.vmdk" in line]) == 1
+
+
+def test_listing_many_images_keeps_few_helpers(base_dir: Path, mount_factory: MountFactory) -> None:
+    for index in range(12):
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(base_dir / f"vm{index}.qcow2"), f"{index + 1}M"])
+    read_once(base_dir)
+    m = mount_factory(base_dir, "--view", "guest")
+    assert m.pid is not None
+    sizes = {entry.name: entry.stat().st_size for entry in os.scandir(m.path)}
+    assert sizes == {f"vm{index}.qcow2": (index + 1) * MIB for index in range(12)}
+    assert wait_until(lambda: len(qemu_helpers(m.pid or 0)) <= MAX_IDLE_HELPERS, timeout=5)
+    assert (m.path / "vm0.qcow2").read_bytes() == bytes(MIB)  # one stopped is started again
