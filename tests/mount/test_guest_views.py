@@ -271,3 +271,17 @@ def test_listing_many_images_keeps_few_helpers(base_dir: Path, mount_factory: Mo
     assert sizes == {f"vm{index}.qcow2": (index + 1) * MIB for index in range(12)}
     assert wait_until(lambda: len(qemu_helpers(m.pid or 0)) <= MAX_IDLE_HELPERS, timeout=5)
     assert (m.path / "vm0.qcow2").read_bytes() == bytes(MIB)  # one stopped is started again
+
+
+def test_qemu_cannot_write_an_image_or_its_backing_file_while_its_view_is_used(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
+    make_guest_disk(base_dir / "disk.raw")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "disk.raw", "-F", "raw", str(base_dir / "top.qcow2")])
+    read_once(base_dir)
+    m = mount_factory(base_dir, "--view", "guest")
+    (m.path / "top.qcow2").stat()  # its helper has it open now
+    with open(m.path / "top.qcow2", "rb"):
+        for image, fmt in (("top.qcow2", "qcow2"), ("disk.raw", "raw")):
+            result = run(["qemu-io", "-f", fmt, "-c", "write 0 4k", str(base_dir / image)], check=False)
+            assert 'Failed to get "write" lock' in result.stdout + result.stderr, result
