@@ -89,6 +89,9 @@ def test_a_guest_view_is_a_writable_scratch_copy(images: Path, mount_factory: Mo
     assert view.stat().st_size == DISK_SIZE
     changes = {change["path"]: change for change in m.status()["changes"]}
     assert changes["/disk.qcow2"]["state"] == "modified"
+    assert changes["/disk.qcow2"]["base_size"] == changes["/disk.qcow2"]["size"] == DISK_SIZE  # the guest's
+    diff = json.loads(run([COWFS, "diff", "--json", str(view)]).stdout)
+    assert diff["base_size"] == DISK_SIZE and diff["ranges"] == [[50 * MIB, 50 * MIB + 4096]]
     # Holes: the write is data; punching a range of the guest's data makes a hole that reads zeros.
     assert (50 * MIB, 50 * MIB + 4096) in view_data_ranges(view)
     subprocess.run(["fallocate", "--punch-hole", "-o", str(40 * MIB), "-l", str(MIB), str(view)], check=True)
