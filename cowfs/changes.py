@@ -158,6 +158,11 @@ def commit_plan(namespace: Namespace, path: str) -> Plan:
         )
     if data is None or data.base_identity is None or not data.is_changed:
         raise Refused(f"{path}: no data changes to commit")
+    if _guest_format(data) is not None:
+        raise Refused(
+            f"{path}: a guest view is not committed into its image: use cowfs export --format qcow2 "
+            f"{path.lstrip('/')} CHILD.qcow2, then qemu-img commit CHILD.qcow2 once the image is not mounted"
+        )
     if node.opens:
         raise Refused(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
     refuse_extra_links(node, path)
@@ -180,7 +185,12 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         base_file = str(namespace.base.path.joinpath(*map(os.fsdecode, node.base_path)))
     if data is None:  # untouched: the base as it is now
         assert node.base_path is not None
-        identity = BaseIdentity.of(namespace.base.lstat(node.base_path))
+        st = namespace.base.lstat(node.base_path)
+        identity = BaseIdentity.of(st)
+        guest = namespace.views.guest(st) if namespace.views is not None else None
+        if guest is not None:  # a guest view: its guest disk (the client stat()ed it, so it is known)
+            fmt, size = guest
+            return Plan(path, base_file, identity_dict(identity), size, size, [], [], [], fmt, size)
         return Plan(path, base_file, identity_dict(identity), identity.size, identity.size, [], [])
     return Plan(
         path,
@@ -191,7 +201,14 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         _clip(data.written.ranges(zeros=False), data.size),
         change_token(node),
         _clip(data.written.ranges(zeros=True), data.size),
+        _guest_format(data),
+        getattr(data, "guest_size", None),
     )
+
+
+def _guest_format(data: OverlayFile) -> str | None:
+    """The image format of a guest view's base (cowfs.guest.GuestFile), None for a byte view."""
+    return getattr(data, "guest_format", None)
 
 
 def _clip(ranges: Iterator[tuple[int, int]], size: int) -> list[tuple[int, int]]:

@@ -35,6 +35,17 @@ def size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+VIEWS = ("file", "guest")
+
+
+def view_argument(text: str) -> str:
+    if text not in VIEWS:
+        raise argparse.ArgumentTypeError(
+            f"invalid view {text!r}: file (every file byte for byte) or guest (images as their guest disks)"
+        )
+    return text
+
+
 def path_argument(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("an empty path: name a file or directory")
@@ -47,6 +58,7 @@ _VALUE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "store": ("store", path_argument),
     "max_store": ("max_store", size_argument),
     "log_file": ("log_file", path_argument),
+    "view": ("view", view_argument),
 }
 _FLAG_OPTIONS = {
     "allow_other": ("allow_other", True),
@@ -115,11 +127,11 @@ class _MountOptions(argparse.Action):
                 raise argparse.ArgumentError(
                     self,
                     f"unknown mount option {option!r}: cowfs takes store=, "
-                    "max_store=, log_file=, allow_other, allow_root, noexec",
+                    "max_store=, log_file=, view=, allow_other, allow_root, noexec",
                 )
 
 
-_EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log"}
+_EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log", "view": "guest"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -198,6 +210,14 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         help="fail writes with ENOSPC once the mount holds SIZE of written data (e.g. 10G)",
     )
     parser.add_argument(
+        "--view",
+        metavar="VIEW",
+        type=view_argument,
+        default="file",
+        help="file: every file byte for byte (the default); guest: images (qcow2, vmdk, vhdx, vdi, vpc, "
+        "qed...) as their guest disks, read by QEMU",
+    )
+    parser.add_argument(
         "--allow-other",
         action="store_true",
         help="let other users in (with normal permission checks; needs user_allow_other "
@@ -219,7 +239,7 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         metavar="OPTIONS",
         action=_MountOptions,
         dest="options",
-        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, allow_other, "
+        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, view=VIEW, allow_other, "
         "allow_root, noexec; rw, default_permissions, nofail, _netdev, x-systemd.* and the like "
         "are accepted and ignored; ro is refused",
     )
@@ -388,7 +408,9 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     store_dir = check_store_and_system(args)
     if _inside(store_dir, mountpoint):
         raise UserError(f"store directory {store_dir} is inside MOUNTPOINT: pick another --store")
-    return MountConfig(base_dir, mountpoint, store_dir, args.max_store, args.allow_other, args.allow_root, args.noexec)
+    return MountConfig(
+        base_dir, mountpoint, store_dir, args.max_store, args.allow_other, args.allow_root, args.noexec, args.view
+    )
 
 
 def check_base_dir(args: argparse.Namespace) -> Path:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import socket
 import struct
 from collections.abc import Generator
@@ -541,4 +542,7 @@ class TrioNbdClient:
         """Hang up.  No DISC: closing is enough for a server started for this one client, and a
         close never blocks."""
         self._broken = True
-        self._sock.close()
+        try:
+            self._sock.close()
+        except RuntimeError:  # outside trio (a daemon's last cleanup): close the descriptor itself
+            os.close(self._sock.detach())

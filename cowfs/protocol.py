@@ -335,6 +335,10 @@ class Plan:
     written: list[tuple[int, int]]
     token: list[int]  # changes whenever the file's view does (detects writes during a commit)
     zeroed: list[tuple[int, int]] = field(default_factory=list)
+    # A guest view (--view guest): the base image's format and its guest disk's size; the view's
+    # base bytes are that disk's, not the file's.
+    base_format: str | None = None
+    guest_size: int | None = None
 
     @classmethod
     def from_wire(cls, value: Any) -> Plan:
@@ -352,6 +356,8 @@ class Plan:
             _ranges(record.get("written"), "written"),
             token,
             _ranges(record.get("zeroed") or [], "zeroed"),
+            _get(record, "base_format", str, optional=True),
+            _get(record, "guest_size", int, optional=True),
         )
 
     @property

@@ -86,6 +86,7 @@ def run_command(args: argparse.Namespace, command: list[str]) -> int:
             args.allow_other,
             args.allow_root,
             args.noexec,
+            args.view,
             remove_mountpoint=True,
         )
         daemon = cli.start_daemon(config, args, child_setup=_daemon_setup(os.getpid()))
