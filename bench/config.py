@@ -44,6 +44,7 @@ class Config:
     peers: Path | None
     quick: bool
     skip_sessions: bool = False
+    skip_guestviews: bool = False
     skip_metadata: bool = False
 
     @property
@@ -120,6 +121,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--skip-sessions", action="store_true", help="skip cowfs's own sessions (cowfs run, checkpoints, copies)"
     )
     parser.add_argument(
+        "--skip-guestviews", action="store_true", help="skip the guest views (a qcow2's guest view against a raw view)"
+    )
+    parser.add_argument(
         "--skip-metadata",
         action="store_true",
         help="skip creating, stat'ing, renaming and deleting many small files (cowfs, fuse-overlayfs, native)",
@@ -172,6 +176,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         peers=args.peers,
         quick=args.quick,
         skip_sessions=args.skip_sessions,
+        skip_guestviews=args.skip_guestviews,
         skip_metadata=args.skip_metadata,
     )
     if config.size < 16 * MiB or config.size % MiB:
