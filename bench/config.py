@@ -45,6 +45,7 @@ class Config:
     quick: bool
     skip_sessions: bool = False
     skip_guestviews: bool = False
+    skip_metadata: bool = False
 
     @property
     def base(self) -> Path:
@@ -123,6 +124,11 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--skip-guestviews", action="store_true", help="skip the guest views (a qcow2's guest view against a raw view)"
     )
     parser.add_argument(
+        "--skip-metadata",
+        action="store_true",
+        help="skip creating, stat'ing, renaming and deleting many small files (cowfs, fuse-overlayfs, native)",
+    )
+    parser.add_argument(
         "--work-dir",
         type=Path,
         default=Path("/var/tmp/cowfs-bench"),
@@ -171,6 +177,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         quick=args.quick,
         skip_sessions=args.skip_sessions,
         skip_guestviews=args.skip_guestviews,
+        skip_metadata=args.skip_metadata,
     )
     if config.size < 16 * MiB or config.size % MiB:
         parser.error("--size must be a multiple of 1 MiB and at least 16 MiB")

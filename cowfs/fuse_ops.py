@@ -127,10 +127,19 @@ def _errno_replies(
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
+            _settle_store(self)
             counter.count += 1
             counter.handler_ns += clock() - started
 
     return wrapper
+
+
+def _settle_store(operations: CowfsOperations) -> None:
+    """Punch the store pages the request freed (the store merges them; see Store.settle)."""
+    try:
+        operations.ns.store.settle()
+    except OSError as error:
+        log.warning("store: freed pages not punched: %s", error)
 
 
 def _entry(st: Stat) -> pyfuse3.EntryAttributes:
