@@ -44,6 +44,8 @@ class Config:
     peers: Path | None
     quick: bool
     skip_sessions: bool = False
+    skip_guestviews: bool = False
+    skip_metadata: bool = False
 
     @property
     def base(self) -> Path:
@@ -119,6 +121,14 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--skip-sessions", action="store_true", help="skip cowfs's own sessions (cowfs run, checkpoints, copies)"
     )
     parser.add_argument(
+        "--skip-guestviews", action="store_true", help="skip the guest views (a qcow2's guest view against a raw view)"
+    )
+    parser.add_argument(
+        "--skip-metadata",
+        action="store_true",
+        help="skip creating, stat'ing, renaming and deleting many small files (cowfs, fuse-overlayfs, native)",
+    )
+    parser.add_argument(
         "--work-dir",
         type=Path,
         default=Path("/var/tmp/cowfs-bench"),
@@ -166,6 +176,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         peers=args.peers,
         quick=args.quick,
         skip_sessions=args.skip_sessions,
+        skip_guestviews=args.skip_guestviews,
+        skip_metadata=args.skip_metadata,
     )
     if config.size < 16 * MiB or config.size % MiB:
         parser.error("--size must be a multiple of 1 MiB and at least 16 MiB")
