@@ -610,7 +610,7 @@ class CowfsOperations(pyfuse3.Operations):
             found = await self._seek(node, start + offset, whence) - start
             if found < size:
                 return found
-            if whence == SEEK_DATA:
+            if whence == os.SEEK_DATA:
                 raise OSError(errno.ENXIO, "no more data in the partition")
             return size
         return await self._seek(node, offset, whence)
