@@ -1,4 +1,4 @@
-"""Controlling a live mount (issue 6): status, diff, reset, commit, export,
+"""Controlling a live mount: status, diff, reset, commit, export,
 --max-store, and the control channel's access check -- through real mounts
 and the installed `cowfs` command."""
 

@@ -1,4 +1,4 @@
-"""The mount as a writable, disposable directory (issue 5), through a real FUSE mount.
+"""The mount as a writable, disposable directory, through a real FUSE mount.
 
 The model test applies random sequences of namespace and data operations to the mount
 and to a real local copy of the same tree and compares every result and the trees."""
@@ -430,7 +430,7 @@ def test_base_hard_links_are_one_inode_until_the_mount_changes_that(
 def test_commit_refuses_a_write_that_lands_after_its_ranges_were_copied(
     base_dir: Path, mount_factory: MountFactory
 ) -> None:
-    """Issue 12, defect 2: the write overwrites bytes already in the store (same range, same
+    """The write overwrites bytes already in the store (same range, same
     size), after `commit` copied them and before it reports done: the commit must refuse and
     the mount keep the new bytes (before the fix the base got the old ones, and the view then
     showed them).  Whole pages, so that no write needs the kernel to read the base page."""

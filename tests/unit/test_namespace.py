@@ -533,8 +533,8 @@ def test_unlinked_open_base_file_keeps_working_and_stays_hidden(tmp_path: Path) 
 
 
 def test_commit_refuses_a_file_written_between_plan_and_done(tmp_path: Path) -> None:
-    """Issue 12, defect 2: a write that overwrites bytes already in the store must change the
-    commit token, so commit_done refuses and adopts nothing."""
+    """A write that overwrites bytes already in the store must change the commit token, so
+    commit_done refuses and adopts nothing."""
     with namespace_over(tmp_path, {"disk": b"0123456789"}) as ns:
         node = ns.lookup(ROOT_INO, b"disk")
         ns.open(node.ino)
