@@ -152,21 +152,13 @@ def _check_not_open(nodes: list[Node], path: str, force: bool) -> None:
         )
 
 
-def _reset_name(ns: Namespace, parent: Node, name: bytes, result: Invalidation, recount: bool = True) -> None:
-    """Make ``name`` in ``parent`` show the base again; revert what was there.  ``recount``:
-    the directory's link count follows (a caller resetting many names recounts once)."""
+def _reset_name(ns: Namespace, parent: Node, name: bytes, result: Invalidation) -> None:
+    """Make ``name`` in ``parent`` show the base again; revert what was there."""
     ino = parent.entries.get(name)
     ns.names.unlist(parent, name)
     result.entries.add((parent.ino, name))
-    if ino is None:
-        return
-    # A whiteout, or a file put over it (rename, RENAME_EXCHANGE), may hide a base directory.
-    may_be_dir = ino == WHITEOUT or ns.nodes[ino].is_dir or _base_is_directory(ns, parent, name)
-    try:
+    if ino is not None:
         _reset_entry(ns, parent, name, ino, result)
-    finally:
-        if recount and may_be_dir:
-            _recount_subdirs(ns, parent)
 
 
 def _revive_displaced(ns: Namespace, parent: Node, name: bytes, result: Invalidation) -> None:
@@ -204,8 +196,6 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
             ns.names.unlist(directory, other_name)
             result.entries.add((other_parent, other_name))
             _revive_displaced(ns, directory, other_name, result)
-            if _base_is_directory(ns, directory, other_name):
-                _recount_subdirs(ns, directory)
     _revert(ns, node, result)
     # A base node moved here goes back to its base name: drop the whiteout there.
     if node.base_path is not None and node.base_path != (
@@ -216,7 +206,6 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
         if origin is not None and there == WHITEOUT:
             ns.names.unlist(origin, node.base_path[-1])
             result.entries.add((origin.ino, node.base_path[-1]))
-            _recount_subdirs(ns, origin)
         elif origin is not None and there is not None and there != node.ino:
             # Something else was put at its base name (RENAME_EXCHANGE): that goes back too,
             # or the base name would show two objects.
@@ -226,22 +215,6 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
     moved = _moved_away(ns, parent, name, None)
     if moved is not None:
         _reset_name(ns, ns.nodes[moved.parent], moved.name, result)
-
-
-def _base_is_directory(ns: Namespace, parent: Node, name: bytes) -> bool:
-    if parent.base_path is None:
-        return False
-    try:
-        return stat.S_ISDIR(ns.base.lstat(parent.base_path + (name,)).st_mode)
-    except OSError:
-        return False
-
-
-def _recount_subdirs(ns: Namespace, directory: Node) -> None:
-    """Recount a copied-up directory's link count (after a reset changed its listing)."""
-    if directory.attrs is not None:
-        subdirectories = sum(1 for _, _, kind in ns.listdir(directory.ino) if kind == stat.S_IFDIR)
-        ns.names.recount_subdirs(directory, subdirectories)
 
 
 def _directory_at_base_path(ns: Namespace, base_path: BasePath) -> Node | None:
@@ -254,8 +227,7 @@ def _directory_at_base_path(ns: Namespace, base_path: BasePath) -> Node | None:
 
 def _reset_directory_entries(ns: Namespace, directory: Node, result: Invalidation) -> None:
     for name in list(directory.entries):
-        _reset_name(ns, directory, name, result, recount=False)
-    _recount_subdirs(ns, directory)
+        _reset_name(ns, directory, name, result)
 
 
 def _revert(ns: Namespace, node: Node, result: Invalidation) -> None:
