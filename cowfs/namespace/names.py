@@ -97,9 +97,10 @@ class Names:
         else:
             self._set_entry(parent, name, WHITEOUT, base_is_dir=stat.S_ISDIR(kind))
 
-    def unlist(self, parent: Node, name: bytes) -> None:
-        """Drop ``parent``'s entry ``name``: the name shows the base again."""
-        self._set_entry(parent, name, None)
+    def unlist(self, parent: Node, name: bytes, base_is_dir: bool | None = None) -> None:
+        """Drop ``parent``'s entry ``name``: the name shows the base again (``base_is_dir``:
+        whether that is a directory, where the caller knows)."""
+        self._set_entry(parent, name, None, base_is_dir)
 
     def unlist_all(self, node: Node) -> None:
         """Drop every entry that lists ``node``."""

@@ -66,7 +66,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 from ..base import BaseDir
 from ..overlay import OverlayFile
@@ -686,6 +686,10 @@ class Namespace:
     def reset(self, path: str, force: bool = False) -> Invalidation:
         """Throw away the changes at ``path`` (``/`` for everything)."""
         return resetting.reset(self, path, force)
+
+    def reset_in_slices(self, path: str, force: bool, result: Invalidation) -> Generator[None, None, None]:
+        """`reset` as a job that yields between slices (`cowfs.slices`: FUSE requests go in between)."""
+        return resetting.reset_in_slices(self, path, force, result)
 
     def commit_done(self, path: str, token: list[int], new_identity: dict[str, int]) -> Invalidation:
         """The CLI wrote the changes of ``path`` into its base: adopt that as the new base."""

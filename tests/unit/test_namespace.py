@@ -656,3 +656,4 @@ def test_resetting_a_directory_brings_back_a_base_directory_exchanged_out_of_it(
         assert kinds == {b"a": stat.S_IFDIR, b"b": stat.S_IFREG, b"c": stat.S_IFREG}
         assert [(name, kind) for name, _, kind in ns.listdir(a.ino)] == [(b"c", stat.S_IFDIR)]
         assert ns.getattr(a.ino).nlink == 3
+
