@@ -367,16 +367,31 @@ def commit_done(ns: Namespace, path: str, token: list[int], new_identity: dict[s
 
 
 def _adopt(ns: Namespace, node: Node, result: Invalidation) -> None:
-    """The base now holds this node's changes: show the base again."""
+    """The base now holds this node's bytes: show the base again -- but for a mode, owner or
+    extended attributes changed in the mount, which commit does not write: those stay changes
+    of the mount, over the new base's bytes."""
+    assert node.data is not None and node.base_path is not None
+    result.inodes.add(node.ino)
+    node.last_seen_base = None
+    node.data.close()
+    node.data = None
+    if _metadata_changed(ns, node):
+        ns._open_data(node)
+        return
     result.entries.update(node.links)
     ns.names.unlist_all(node)
     node.attrs = node.xattrs = None
-    node.last_seen_base = None
-    result.inodes.add(node.ino)
-    if node.data is not None:
-        node.data.close()
-        node.data = None
     ns.table.maybe_drop(node)
+
+
+def _metadata_changed(ns: Namespace, node: Node) -> bool:
+    assert node.base_path is not None
+    if node.attrs is None:
+        return False
+    base = ns._attrs_from_base(ns.base.lstat(node.base_path))
+    if (node.attrs.mode, node.attrs.uid, node.attrs.gid) != (base.mode, base.uid, base.gid):
+        return True
+    return node.xattrs is not None and node.xattrs != ns.base.xattrs(node.base_path)
 
 
 def refuse_extra_links(node: Node, path: str) -> None:
