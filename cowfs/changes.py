@@ -68,11 +68,6 @@ def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
     return ranges
 
 
-def store_disk_bytes(namespace: Namespace) -> int:
-    """Bytes the store files of this mount take on disk."""
-    return sum(node.data.store_blocks() * 512 for node in namespace.nodes.values() if node.data is not None)
-
-
 def status(namespace: Namespace) -> StatusReply:
     """Every change of the mount, in path order."""
     return run_whole(status_in_slices(namespace))
@@ -104,7 +99,7 @@ def status_in_slices(namespace: Namespace) -> Generator[None, None, StatusReply]
         str(namespace.base.path),
         str(namespace.store.directory),
         namespace.store.bytes_held,
-        store_disk_bytes(namespace),
+        namespace.store.disk_bytes(),
         namespace.store.limit,
         found,
     )
@@ -177,6 +172,11 @@ def commit_plan(namespace: Namespace, path: str) -> Plan:
         )
     if data is None or data.base_identity is None or not data.is_changed:
         raise Refused(f"{path}: no data changes to commit")
+    if _guest_format(data) is not None:
+        raise Refused(
+            f"{path}: a guest view is not committed into its image: use cowfs export --format qcow2 "
+            f"{path.lstrip('/')} CHILD.qcow2, then qemu-img commit CHILD.qcow2 once the image is not mounted"
+        )
     if node.opens:
         raise Refused(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
     refuse_extra_links(node, path)
@@ -199,7 +199,12 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         base_file = str(namespace.base.path.joinpath(*map(os.fsdecode, node.base_path)))
     if data is None:  # untouched: the base as it is now
         assert node.base_path is not None
-        identity = BaseIdentity.of(namespace.base.lstat(node.base_path))
+        st = namespace.base.lstat(node.base_path)
+        identity = BaseIdentity.of(st)
+        guest = namespace.views.guest(st) if namespace.views is not None else None
+        if guest is not None:  # a guest view: its guest disk (the client stat()ed it, so it is known)
+            fmt, size = guest
+            return Plan(path, base_file, identity_dict(identity), size, size, [], [], [], fmt, size)
         return Plan(path, base_file, identity_dict(identity), identity.size, identity.size, [], [])
     return Plan(
         path,
@@ -210,7 +215,14 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         _clip(data.written.ranges(zeros=False), data.size),
         change_token(node),
         _clip(data.written.ranges(zeros=True), data.size),
+        _guest_format(data),
+        getattr(data, "guest_size", None),
     )
+
+
+def _guest_format(data: OverlayFile) -> str | None:
+    """The image format of a guest view's base (cowfs.guest.GuestFile), None for a byte view."""
+    return getattr(data, "guest_format", None)
 
 
 def _clip(ranges: Iterator[tuple[int, int]], size: int) -> list[tuple[int, int]]:

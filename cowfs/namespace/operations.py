@@ -67,6 +67,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Generator, Iterator
+from typing import Protocol
 
 from ..base import BaseDir
 from ..overlay import OverlayFile
@@ -84,12 +85,26 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
+class Views(Protocol):
+    """Another source of base bytes (`cowfs.guest`: images as their guest disks): the size a base
+    file shows and the overlay it opens with, or None where the file shows as it is."""
+
+    def size(self, st: os.stat_result) -> int | None: ...
+
+    def guest(self, st: os.stat_result) -> tuple[str, int] | None: ...
+
+    def open_data(self, store: Store, fd: int, name: str) -> OverlayFile | None: ...
+
+
 class Namespace:
     """The merged, writable directory tree of one mount."""
 
-    def __init__(self, base: BaseDir, store: Store, uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(
+        self, base: BaseDir, store: Store, uid: int | None = None, gid: int | None = None, views: Views | None = None
+    ) -> None:
         self.base = base
         self.store = store
+        self.views = views  # --view guest: images show their guest disks (cowfs.guest)
         self.uid = os.geteuid() if uid is None else uid
         self.gid = os.getegid() if gid is None else gid
         self.table = NodeTable(base)
@@ -193,6 +208,8 @@ class Namespace:
             size, blocks = st.st_size, st.st_blocks
             if node.data is not None:  # open: the size its view was opened with
                 size = node.data.size
+            elif self.views is not None:
+                size = self.views.size(st) or size
         else:
             attrs = node.attrs
             size, blocks = 0, 0
@@ -301,7 +318,13 @@ class Namespace:
             data = OverlayFile(self.store)
         else:
             fd = self.base.open_file(node.base_path)
-            data = OverlayFile(self.store, fd, name=os.fsdecode(b"/".join(node.base_path)))
+            name = os.fsdecode(b"/".join(node.base_path))
+            try:
+                guest = self.views.open_data(self.store, fd, name) if self.views is not None else None
+            except BaseException:
+                os.close(fd)
+                raise
+            data = guest or OverlayFile(self.store, fd, name=name)
         node.data = data
         return data
 
