@@ -23,7 +23,10 @@ What it does, in order (the phases are workloads.PHASES):
      read-back spot check;
   6. sessions (cowfs only, skipped with a --mount-cmd stand-in): `cowfs run BASE -- true` against
      `cowfs mount` + `cowfs umount`, --mounts times each;
-  7. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
+  7. names (cowfs only, skipped likewise): --names (200,000) changed names in one mount, then
+     `cowfs status --json` and `cowfs reset` of the mount, end to end, with the longest wait of
+     a request on an untouched file during the reset;
+  8. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
 
 Mount/umount are shell templates. Placeholders: {base_dir} (directory that holds only the
 image), {mnt} (empty mount point), {state} (empty scratch directory, deleted after each
