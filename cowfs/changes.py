@@ -73,11 +73,11 @@ def status(namespace: Namespace) -> StatusReply:
     return run_whole(status_in_slices(namespace))
 
 
-def status_in_slices(namespace: Namespace) -> Generator[None, None, StatusReply]:
+def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Generator[None, None, StatusReply]:
     """`status` as a job that yields between slices (`cowfs.slices`): FUSE requests served in
     between may change the mount, so a status taken while it changes may show a name moved
     meanwhile at either place."""
-    slices = Slices()
+    slices = slices or Slices()
     found: list[FileChange] = []
     moved_from: set[BasePath] = set()
     for path, node, primary in namespace.pinned_nodes():

@@ -153,12 +153,16 @@ class Names:
         stack: list[tuple[str, Node]] = [("", self.table.nodes[ROOT_INO])]
         while stack:
             path, directory = stack.pop()
-            for name, ino in sorted(directory.entries.items()):
+            for name in sorted(directory.entries):
+                # Read again at each step: a sliced caller lets FUSE requests change entries in between.
+                ino = directory.entries.get(name)
                 child_path = f"{path}/{os.fsdecode(name)}"
                 if ino == WHITEOUT:
                     yield child_path, directory, name, None
                     continue
-                child = self.table.nodes[ino]
+                child = self.table.nodes.get(ino) if ino is not None else None
+                if child is None:
+                    continue
                 yield child_path, directory, name, child
                 if child.is_dir:
                     stack.append((child_path, child))

@@ -26,6 +26,7 @@ from cowfs import changes
 from cowfs.base import BaseDir
 from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Namespace, Node, Refused, identity_dict
 from cowfs.overlay import BaseIdentity
+from cowfs.slices import Slices
 from cowfs.store import Store
 
 from ..helpers import SOAK, outcome, renameat2
@@ -676,3 +677,26 @@ def test_commit_keeps_a_mode_changed_in_the_mount(tmp_path: Path) -> None:
         assert changes.diff(ns, "/disk").ranges == []
         ns.forget(node.ino, 1)
         ns.check_invariants()
+
+
+def test_a_status_in_slices_survives_changes_between_its_slices(tmp_path: Path) -> None:
+    """FUSE requests run between the slices of a status (cowfs.slices): names deleted meanwhile
+    are left out or listed, never a crash."""
+    with namespace_over(tmp_path, {}) as ns:
+        for i in range(200):
+            ns.forget(ns.create(ROOT_INO, f"f{i:03}".encode(), 0o644, 0, 0).ino, 1)
+        job = changes.status_in_slices(ns, Slices(0))
+        deleted = 0
+        while True:
+            try:
+                next(job)
+            except StopIteration as done:
+                reply = done.value
+                break
+            for _ in range(20):  # what a FUSE request could do between two slices: ahead of the walk
+                deleted += 1
+                ns.unlink(ROOT_INO, f"f{200 - deleted:03}".encode())
+            ns.check_invariants()
+        assert deleted >= 40
+        listed = {change.path for change in reply.changes}
+        assert {f"/f{i:03}" for i in range(200 - deleted)} <= listed <= {f"/f{i:03}" for i in range(200)}
