@@ -167,19 +167,6 @@ class Names:
                 if child.is_dir:
                     stack.append((child_path, child))
 
-    def subtree(self, node: Node, include_self: bool) -> list[Node]:
-        """The node and every node pinned below it."""
-        found = [node] if include_self else []
-        stack = [node]
-        while stack:
-            directory = stack.pop()
-            for ino in directory.entries.values():
-                if ino != WHITEOUT:
-                    child = self.table.nodes[ino]
-                    found.append(child)
-                    stack.append(child)
-        return found
-
     # -- checking -----------------------------------------------------------------------
 
     def check_invariants(self) -> None:

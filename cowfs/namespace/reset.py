@@ -109,7 +109,9 @@ def reset(ns: Namespace, path: str, force: bool = False) -> Invalidation:
     return result
 
 
-def reset_in_slices(ns: Namespace, path: str, force: bool, result: Invalidation) -> Generator[None, None, None]:
+def reset_in_slices(
+    ns: Namespace, path: str, force: bool, result: Invalidation, slices: Slices | None = None
+) -> Generator[None, None, None]:
     """`reset`, as a job that yields after each slice (`cowfs.slices`) so that the caller
     can serve FUSE requests in between; the namespace is consistent at every yield.
 
@@ -119,7 +121,7 @@ def reset_in_slices(ns: Namespace, path: str, force: bool, result: Invalidation)
     so everything under ``path`` when the reset ends is reset, changes made by FUSE requests
     served while it ran included.  A program looking at ``path`` meanwhile sees part of it
     reset already; a file opened there meanwhile is reset as with ``force``."""
-    slices = Slices()
+    slices = slices or Slices()
     place = resolve(ns, path)
     if place is None:
         root = ns.nodes[ROOT_INO]

@@ -24,7 +24,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cowfs import changes
 from cowfs.base import BaseDir
-from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Namespace, Node, Refused, identity_dict
+from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Invalidation, Namespace, Node, Refused, identity_dict
+from cowfs.namespace import reset as resetting
 from cowfs.overlay import BaseIdentity
 from cowfs.slices import Slices
 from cowfs.store import Store
@@ -700,3 +701,38 @@ def test_a_status_in_slices_survives_changes_between_its_slices(tmp_path: Path) 
         assert deleted >= 40
         listed = {change.path for change in reply.changes}
         assert {f"/f{i:03}" for i in range(200 - deleted)} <= listed <= {f"/f{i:03}" for i in range(200)}
+
+
+def test_a_reset_in_slices_resets_what_fuse_requests_change_between_its_slices(tmp_path: Path) -> None:
+    """Between the slices of a reset, FUSE requests create and delete names; every slice leaves
+    the namespace consistent, and whatever is changed under the path when the reset ends is reset."""
+    (tmp_path / "base" / "d").mkdir(parents=True)
+    (tmp_path / "store").mkdir()
+    for i in range(100):
+        (tmp_path / "base" / "d" / f"b{i:03}").write_bytes(b"base")
+    base, store = BaseDir(tmp_path / "base"), Store(tmp_path / "store")
+    ns = Namespace(base, store)
+    try:
+        d = ns.lookup(ROOT_INO, b"d")
+        for i in range(100):
+            ns.unlink(d.ino, f"b{i:03}".encode())
+            ns.forget(ns.create(d.ino, f"c{i:03}".encode(), 0o644, 0, 0).ino, 1)
+        made = 0
+        for _ in resetting.reset_in_slices(ns, "/", False, Invalidation(), Slices(0)):
+            ns.check_invariants()
+            for _ in range(5):  # what FUSE requests could do between two slices
+                ns.forget(ns.create(d.ino, f"late{made}".encode(), 0o644, 0, 0).ino, 1)
+                ns.forget(ns.create(ROOT_INO, f"late{made}".encode(), 0o644, 0, 0).ino, 1)
+                with contextlib.suppress(FileNotFoundError):  # not back yet
+                    ns.unlink(d.ino, f"b{made:03}".encode())
+                made += 1
+        ns.check_invariants()
+        assert made >= 10
+        assert sorted(name for name, _, _ in ns.listdir(d.ino)) == [f"b{i:03}".encode() for i in range(100)]
+        assert [name for name, _, _ in ns.listdir(ROOT_INO)] == [b"d"]
+        assert changes.status(ns).changes == []
+        ns.forget(d.ino, 1)
+    finally:
+        ns.close()
+        store.close()
+        base.close()
