@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from ..conftest import MountFactory
 from ..helpers import COWFS, SOAK, run
 
@@ -57,6 +59,7 @@ class _Prober(threading.Thread):
             self.requests += 1
 
 
+@pytest.mark.timeout(3600 if SOAK else 600)
 def test_a_reset_of_many_names_lets_requests_on_untouched_files_through(
     base_dir: Path, mount_factory: MountFactory
 ) -> None:

@@ -575,6 +575,7 @@ reset_targets = st.sampled_from(
 )
 
 
+@pytest.mark.timeout(3600 if SOAK else 600)
 @pytest.mark.base_may_change  # each example adds a fresh tree to the base; the test checks each one itself
 def test_random_changes_then_a_reset_give_what_the_reset_specification_says(
     base_dir: Path, tmp_path: Path, mount_factory: MountFactory

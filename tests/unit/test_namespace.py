@@ -490,7 +490,9 @@ NamespaceMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-test_namespace_matches_a_local_copy = NamespaceMachine.TestCase
+test_namespace_matches_a_local_copy = pytest.mark.timeout(3600 if SOAK else 600)(  # soak: 1,000 long runs
+    NamespaceMachine.TestCase
+)
 
 
 @contextlib.contextmanager
