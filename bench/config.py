@@ -44,6 +44,8 @@ class Config:
     peers: Path | None
     quick: bool
     skip_sessions: bool = False
+    skip_guestviews: bool = False
+    skip_metadata: bool = False
     names: int = 200_000
     skip_names: bool = False
 
@@ -123,6 +125,14 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--skip-sessions", action="store_true", help="skip cowfs's own sessions (cowfs run, checkpoints, copies)"
     )
     parser.add_argument(
+        "--skip-guestviews", action="store_true", help="skip the guest views (a qcow2's guest view against a raw view)"
+    )
+    parser.add_argument(
+        "--skip-metadata",
+        action="store_true",
+        help="skip creating, stat'ing, renaming and deleting many small files (cowfs, fuse-overlayfs, native)",
+    )
+    parser.add_argument(
         "--work-dir",
         type=Path,
         default=Path("/var/tmp/cowfs-bench"),
@@ -170,6 +180,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         peers=args.peers,
         quick=args.quick,
         skip_sessions=args.skip_sessions,
+        skip_guestviews=args.skip_guestviews,
+        skip_metadata=args.skip_metadata,
         names=pick(args.names, 200_000, 20_000),
         skip_names=args.skip_names,
     )

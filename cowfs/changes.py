@@ -118,7 +118,7 @@ def _describe(path: str, node: Node, primary: bool) -> FileChange | None:
         state, origin = "modified", None
     written, extents = _data_summary(node.data)
     data = node.data
-    base_size = data.base_identity.size if data is not None and data.base_identity is not None else None
+    base_size = _base_size(data) if data is not None else None
     return FileChange(
         path,
         state,
@@ -152,8 +152,7 @@ def diff(namespace: Namespace, path: str) -> DiffReply:
     if data is None:  # not open and never changed: the base as it is now
         size = namespace.base.lstat(node.base_path).st_size if node.base_path is not None else 0
         return DiffReply(path, size, size, [])
-    base_size = data.base_identity.size if data.base_identity is not None else None
-    return DiffReply(path, data.size, base_size, changed_ranges(data))
+    return DiffReply(path, data.size, _base_size(data), changed_ranges(data))
 
 
 # -- commit --------------------------------------------------------------------------
@@ -218,6 +217,14 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         _guest_format(data),
         getattr(data, "guest_size", None),
     )
+
+
+def _base_size(data: OverlayFile) -> int | None:
+    """The size of what the view started from: the base file's, or a guest view's disk's."""
+    guest_size: int | None = getattr(data, "guest_size", None)
+    if guest_size is not None:
+        return guest_size
+    return data.base_identity.size if data.base_identity is not None else None
 
 
 def _guest_format(data: OverlayFile) -> str | None:

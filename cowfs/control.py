@@ -147,7 +147,9 @@ class ControlServer:
         never raises (but for cancellation)."""
         try:
             request = decode_request(line)
-            return reply_lines(await self._dispatch(request))
+            result = await self._dispatch(request)
+            self.namespace.store.settle()  # what a reset freed, punched at once
+            return reply_lines(result)
         except ProtocolError as error:
             message = f"bad control request: {error}"
         except Refused as error:
