@@ -29,7 +29,11 @@ What it does, in order (the phases are workloads.PHASES):
      fuse-overlayfs over the same empty base, and in a plain directory of the store's filesystem,
      in turns, --reps times; cowfs against fuse-overlayfs (target: create at most 1x the time) and
      the daemon's memory per created name;
-  9. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
+  9. names (cowfs only, skipped with --skip-names or a --mount-cmd stand-in; bench/names.py):
+     --names (200,000) changed names in one mount, then `cowfs status --json` and `cowfs reset`
+     of the mount, end to end, with the longest wait of a request on an untouched file during
+     the reset;
+  10. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
 
 Mount/umount are shell templates. Placeholders: {base_dir} (directory that holds only the
 image), {mnt} (empty mount point), {state} (empty scratch directory, deleted after each
