@@ -364,11 +364,12 @@ class Store:
         emptied = self._emptied_pages(runs, page_in_use)  # no live byte of the file left in them
         space.pages -= sum((stop - start) // PAGE_SIZE for ranges in emptied.values() for start, stop in ranges)
         assert space.pages >= 0, space.pages
-        follows = self._follows(space)
-        if follows is not None and any(
+        if space.sequence and any(
             start <= _page_down(space.tail - 1) < stop for start, stop in emptied.get(space.log_index, ())
         ):
-            space.sequence = 0  # its last page is gone: the next bytes start on a fresh one
+            # Its last page is gone (or only a checkpoint holds it): the next bytes start on a
+            # fresh one, also once no checkpoint freezes that page any more.
+            space.sequence = 0
         if held:
             emptied = self._emptied_pages(subtract_runs(runs, held), self._still_held(space.key, page_in_use))
         elif self.retention is not None:

@@ -538,3 +538,25 @@ def test_store_space_after_rollback_and_drop_is_what_it_was_before_the_checkpoin
         assert (store.bytes_held, store.bytes_retained, store.disk_bytes(), view.store_blocks()) == before
         view.close()
         store.close()
+
+
+def test_after_a_checkpoint_held_its_emptied_last_page_a_file_starts_a_fresh_one() -> None:
+    """The file's last page lost its only byte while a checkpoint held it; once that checkpoint is
+    dropped (and the page punched), the file's next byte must not follow into that page (found by
+    the model test: the page count went negative, and the punch would have taken the new byte)."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as directory:
+        store = Store(Path(directory))
+        checkpoints = Checkpoints(store)
+        view, other = OverlayFile(store, key=1), OverlayFile(store, key=2)
+        view.write(0, b"a")
+        checkpoints.add("c", None, [view.freeze()])
+        view.truncate(0)
+        other.write(0, b"o")  # keeps the log open
+        checkpoints.drop("c", lambda key: view if key == 1 else other)
+        view.write(1165, b"b")
+        store.settle()
+        assert view.read(1165, 1) == b"b"
+        assert view.store_blocks() == 8 and store.disk_bytes() == 2 * 4096
+        view.close()
+        other.close()
+        store.close()
