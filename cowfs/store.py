@@ -52,7 +52,6 @@ blocks back to its filesystem.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import logging
@@ -62,6 +61,8 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+
 log = logging.getLogger(__name__)
 
 STORE_MODE = 0o600
@@ -70,12 +71,6 @@ OFFSET_MASK = (1 << STORE_LOG_SHIFT) - 1
 PAGE_SIZE = 4096  # bytes of two files never share a store page of this size
 MAX_LOG_SIZE = (1 << STORE_LOG_SHIFT) - (1 << 20)  # strictly below 1 << 44: no run reaches the next log's offsets
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.fallocate.restype = ctypes.c_int
-
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``[offset, offset + length)`` of a file, keeping its size
@@ -83,9 +78,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     ``posix_fallocate``).  OSError EOPNOTSUPP where the filesystem cannot."""
     if length <= 0:
         return
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def _page_down(offset: int) -> int:

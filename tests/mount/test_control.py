@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, Mount, read_base, run, write_at
+from ..helpers import COWFS, CommandLineMount, read_base, run, write_at
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -46,7 +46,7 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def changes_by_path(m: Mount) -> dict[str, dict[str, object]]:
+def changes_by_path(m: CommandLineMount) -> dict[str, dict[str, object]]:
     return {c["path"]: c for c in m.status()["changes"]}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, SOAK, Mount, private_tmpfs, run, status_json
+from ..helpers import COWFS, SOAK, CommandLineMount, private_tmpfs, run, status_json
 
 CREATED = 200_000 if SOAK else 20_000
 PER_DIRECTORY = 1000
@@ -32,7 +32,7 @@ def _created_path(root: Path, number: int) -> Path:
     return root / "many" / f"d{number // PER_DIRECTORY:03d}" / f"f{number:06d}"
 
 
-def _descriptors(m: Mount) -> int:
+def _descriptors(m: CommandLineMount) -> int:
     return len(os.listdir(f"/proc/{m.pid}/fd"))
 
 

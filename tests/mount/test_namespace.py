@@ -21,7 +21,7 @@ import cowfs
 from ..conftest import MountFactory
 from ..helpers import (
     SOAK,
-    Mount,
+    CommandLineMount,
     local_copy,
     outcome,
     read_base,
@@ -490,7 +490,7 @@ def test_base_changes_show_for_untouched_names_only(base_dir: Path, mount_factor
 # -- lookup counting -------------------------------------------------------------------
 
 
-def node_count(m: Mount) -> int:
+def node_count(m: CommandLineMount) -> int:
     return int(os.getxattr(m.path, NODE_COUNT_XATTR))
 
 
