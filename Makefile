@@ -63,9 +63,12 @@ $(PYFUSE3_INSTALLED): $(PYFUSE3_SDIST) $(PYFUSE3_PATCH_DIR)/series $(PYFUSE3_PAT
 	rm -f $(VENV)/.pyfuse3-*
 	touch $@
 
-# After the patched pyfuse3, so that pip sees the dependency as satisfied.
-$(VENV)/.installed: pyproject.toml $(PYFUSE3_INSTALLED)
+# After the patched pyfuse3, so that pip sees the dependency as satisfied. The compiled read
+# path (cowfs/_native.c) is optional for `pip install .`, but not here: the tests need it.
+$(VENV)/.installed: pyproject.toml setup.py cowfs/_native.c $(PYFUSE3_INSTALLED)
 	$(PY) -m pip install -q -e '.[test,dev,bench]'
+	@$(PY) -c 'import cowfs._native' 2>/dev/null || \
+		{ echo "cowfs/_native.c did not build: .venv/bin/pip install -v -e . shows why"; exit 1; }
 	touch $@
 
 test: setup lint typecheck pjdfstest
@@ -107,4 +110,4 @@ typecheck: setup
 	$(VENV)/bin/mypy cowfs tests bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE) $(PJDFSTEST)
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE) $(PJDFSTEST) cowfs/_native*.so

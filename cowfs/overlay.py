@@ -36,6 +36,10 @@ writes in advance, so nothing is reserved.
 ``generation`` grows on every change of the view's bytes or size, so a
 reader can tell whether anything changed between two moments.
 
+The compiled read path (readpath.py) reads this state from another thread:
+every method that changes it runs under the file's lock (`_locked`, or
+``with self.view:``), and leaving the lock publishes the state to it.
+
 It knows nothing of inode numbers or FUSE; it raises ``OSError`` with the
 errno a caller should see.
 """
@@ -43,13 +47,16 @@ errno a caller should see.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
 
-from .rangemap import ZEROS, RangeMap
+from .rangemap import ZEROS
+from .readpath import RangeMap, new_view
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,21 @@ PAGE_SIZE = 4096  # appends keep their offset within a page of this size
 
 # Every change of any view gets the next number, so a generation names one state of one view for good.
 _changes = itertools.count(1)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(method: Callable[Concatenate[OverlayFile, P], R]) -> Callable[Concatenate[OverlayFile, P], R]:
+    """Run a method that changes the file's state under the file's lock (see the module's docstring)."""
+
+    @functools.wraps(method)
+    def locked(self: OverlayFile, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self.view:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -99,6 +121,8 @@ class OverlayFile:
         self.store_end = 0  # where the next append goes
         self.generation = next(_changes)  # a new number at every change of the view's bytes or size
         self._nowait_works = True  # False once a filesystem refused RWF_NOWAIT: then reads just wait
+        self.view = new_view(self)  # the lock and what the compiled read path sees of this file
+        self.view.publish()
 
     @property
     def is_changed(self) -> bool:
@@ -110,6 +134,7 @@ class OverlayFile:
             or (self.base_limit != self.base_identity.size)
         )
 
+    @_locked
     def close(self) -> None:
         """Release the descriptors and the space accounted for this file."""
         self._store.release(self.written.total)
@@ -180,7 +205,8 @@ class OverlayFile:
         if self.base_changed:
             raise OSError(errno.EIO, "base file changed under the mount")
         if self.base_identity.modified_in(os.fstat(self.base_fd)):
-            self.base_changed = True
+            with self.view:
+                self.base_changed = True
             log.error("base file %s was modified while mounted; its view now fails with EIO", self.name)
             raise OSError(errno.EIO, "base file changed under the mount")
         return self.base_fd
@@ -201,6 +227,7 @@ class OverlayFile:
 
     # -- writing ------------------------------------------------------------
 
+    @_locked
     def write(self, offset: int, data: bytes | memoryview) -> int:
         length = len(data)
         if length == 0:
@@ -231,6 +258,7 @@ class OverlayFile:
         self.size = max(self.size, offset + done)
         return done
 
+    @_locked
     def truncate(self, size: int) -> None:
         if size == self.size:
             return
@@ -240,6 +268,7 @@ class OverlayFile:
             self.base_limit = min(self.base_limit, size)
         self.size = size
 
+    @_locked
     def punch_hole(self, offset: int, length: int) -> None:
         """FALLOC_FL_PUNCH_HOLE|KEEP_SIZE: ``[offset, offset + length)`` reads as zeros, the size stays."""
         _check_range(offset, length)
@@ -252,12 +281,14 @@ class OverlayFile:
         if offset < zeros_end:  # base bytes: hide them without store bytes
             self.written.add(offset, zeros_end, ZEROS)
 
+    @_locked
     def zero_range(self, offset: int, length: int, keep_size: bool) -> None:
         """FALLOC_FL_ZERO_RANGE: the range reads as zeros and, as on ext4, stays allocated
         (zeroed store blocks: data to SEEK_DATA); the size grows to its end unless ``keep_size``."""
         self.punch_hole(offset, length)
         self.allocate(offset, length, keep_size)
 
+    @_locked
     def allocate(self, offset: int, length: int, keep_size: bool) -> None:
         """fallocate mode 0 or KEEP_SIZE: ENOSPC unless ``--max-store`` has room
         for the range's bytes not in the store yet; the contents stay, the size
@@ -379,12 +410,14 @@ class OverlayFile:
         """512-byte blocks the store holds for this file."""
         return os.fstat(self.store_fd).st_blocks if self.store_fd is not None else 0
 
+    @_locked
     def adopt_base(self, identity: BaseIdentity) -> None:
         """The base file was rewritten (by `cowfs commit`) to hold this view's bytes below
         ``base_limit``: take its new identity, keep every change."""
         self.base_identity = identity
         self.base_changed = False
 
+    @_locked
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         """Forget every change: the view is the (current) base again."""
         self.close()
