@@ -21,7 +21,7 @@ from . import counters
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
-from .features import Pyfuse3Features, describe, log_missing
+from .features import Pyfuse3Features, describe, install_compiled_reads, log_missing
 from .fuse_ops import CowfsOperations
 from .kernel_cache import KernelCache
 from .namespace import Namespace
@@ -83,12 +83,12 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         return 1
     namespace = Namespace(base, store)
     found = Pyfuse3Features.of(pyfuse3)
-    log_missing(found)
+    compiled_reads_off: str | None = "not mounted yet"  # why READs go through Python (None: they do not)
     kernel_cache = KernelCache()
     control_server = ControlServer(
         namespace,
         kernel_cache,
-        lambda: describe(found, _granted_init_flags(found)),
+        lambda: describe(found, _granted_init_flags(found), compiled_reads_off),
         lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
     )
     control = ControlInfo(
@@ -102,6 +102,8 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         report(f"cannot mount on {config.mountpoint}: FUSE refused the mount (see the daemon log, or run with -f)")
         control_server.close()
         return 1
+    compiled_reads_off = install_compiled_reads(pyfuse3, found)
+    log_missing(found, compiled_reads_off)
     log.info("mounted %s on %s, store in %s", config.base_dir, config.mountpoint, config.store_dir)
     code = 0
     try:
