@@ -73,7 +73,8 @@
 /* ------------------------------------------------------------------------ */
 
 typedef struct {
-    int64_t key; /* file offset >> BUCKET_SHIFT */
+    atomic_long refs; /* maps that hold it: snapshots share buckets until one of them changes it */
+    int64_t key;      /* file offset >> BUCKET_SHIFT */
     Py_ssize_t len, cap;
     int64_t *starts, *ends, *stores; /* one allocation of 3 * cap */
 } Bucket;
@@ -96,12 +97,18 @@ static MapCore *map_new(void)
     return m;
 }
 
+static void bucket_unref(Bucket *b)
+{
+    if (atomic_fetch_sub(&b->refs, 1) == 1) {
+        PyMem_RawFree(b->starts);
+        PyMem_RawFree(b);
+    }
+}
+
 static void map_clear(MapCore *m)
 {
-    for (Py_ssize_t i = 0; i < m->count; i++) {
-        PyMem_RawFree(m->buckets[i]->starts);
-        PyMem_RawFree(m->buckets[i]);
-    }
+    for (Py_ssize_t i = 0; i < m->count; i++)
+        bucket_unref(m->buckets[i]);
     PyMem_RawFree(m->buckets);
     m->buckets = NULL;
     m->count = m->cap = 0;
@@ -228,11 +235,33 @@ static int map_insert_bucket(MapCore *m, Py_ssize_t index, Bucket *b)
     return 0;
 }
 
+/* The bucket at index, copied first if another map shares it (only the Python
+   thread adds sharers, so a bucket held once stays so while it is changed); NULL on no memory */
+static Bucket *map_writable(MapCore *m, Py_ssize_t index)
+{
+    Bucket *b = m->buckets[index], *copy;
+
+    if (atomic_load(&b->refs) == 1)
+        return b;
+    copy = PyMem_RawCalloc(1, sizeof(Bucket));
+    if (copy == NULL || bucket_reserve(copy, b->len) < 0) {
+        PyMem_RawFree(copy);
+        return NULL;
+    }
+    atomic_init(&copy->refs, 1);
+    copy->key = b->key;
+    copy->len = b->len;
+    memcpy(copy->starts, b->starts, (size_t) b->len * sizeof(int64_t));
+    memcpy(copy->ends, b->ends, (size_t) b->len * sizeof(int64_t));
+    memcpy(copy->stores, b->stores, (size_t) b->len * sizeof(int64_t));
+    m->buckets[index] = copy;
+    bucket_unref(b);
+    return copy;
+}
+
 static void map_delete_bucket(MapCore *m, Py_ssize_t index)
 {
-    Bucket *b = m->buckets[index];
-    PyMem_RawFree(b->starts);
-    PyMem_RawFree(b);
+    bucket_unref(m->buckets[index]);
     memmove(m->buckets + index, m->buckets + index + 1, (size_t) (m->count - index - 1) * sizeof(Bucket *));
     m->count--;
 }
@@ -267,10 +296,13 @@ static int map_add_in_bucket(MapCore *m, int64_t key, int64_t start, int64_t end
             PyMem_RawFree(b);
             return -1;
         }
+        atomic_init(&b->refs, 1);
         b->key = key;
         return bucket_splice(b, 0, 0, 1, &start, &end, &store);
     }
-    b = m->buckets[index];
+    b = map_writable(m, index);
+    if (b == NULL)
+        return -1;
     i = bisect_right(b->starts, b->len, start); /* ranges [0, i) start at or before start */
     joins_left = i > 0 && b->ends[i - 1] == start && continues(b->starts[i - 1], start, b->stores[i - 1], store);
     joins_right = i < b->len && b->starts[i] == end && continues(start, end, store, b->stores[i]);
@@ -348,6 +380,9 @@ static int64_t map_remove(MapCore *m, int64_t start, int64_t end)
             index++;
             continue;
         }
+        b = map_writable(m, index);
+        if (b == NULL)
+            return -1;
         for (Py_ssize_t k = i; k < j; k++) {
             int64_t s = b->starts[k] > start ? b->starts[k] : start;
             int64_t e = b->ends[k] < end ? b->ends[k] : end;
@@ -387,6 +422,30 @@ static int64_t map_last_end(const MapCore *m)
         return 0;
     b = m->buckets[m->count - 1];
     return b->ends[b->len - 1];
+}
+
+/* A map with the same ranges, sharing every bucket (NULL on no memory) */
+static MapCore *map_snapshot(const MapCore *m)
+{
+    MapCore *copy = map_new();
+
+    if (copy == NULL)
+        return NULL;
+    if (m->count) {
+        copy->buckets = PyMem_RawMalloc((size_t) m->count * sizeof(Bucket *));
+        if (copy->buckets == NULL) {
+            map_unref(copy);
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < m->count; i++) {
+            atomic_fetch_add(&m->buckets[i]->refs, 1);
+            copy->buckets[i] = m->buckets[i];
+        }
+    }
+    copy->count = copy->cap = m->count;
+    copy->total = m->total;
+    copy->zeroed = m->zeroed;
+    return copy;
 }
 
 /* Called for each piece of map_segments(): mapped is 0 for bytes outside the
@@ -500,6 +559,80 @@ static PyObject *rangemap_remove_from(RangeMapObject *self, PyObject *arg)
     if (removed < 0)
         return PyErr_NoMemory();
     return PyLong_FromLongLong(removed);
+}
+
+static PyObject *rangemap_snapshot(RangeMapObject *self, PyObject *unused)
+{
+    RangeMapObject *copy = (RangeMapObject *) RangeMapType.tp_alloc(&RangeMapType, 0);
+
+    if (copy == NULL)
+        return NULL;
+    copy->core = map_snapshot(self->core);
+    if (copy->core == NULL) {
+        Py_DECREF(copy);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *) copy;
+}
+
+static PyObject *rangemap_unshared_spans(RangeMapObject *self, PyObject *other)
+{
+    const MapCore *a = self->core, *b;
+    PyObject *list, *iter;
+    Py_ssize_t i = 0, j = 0;
+    int pending = 0;
+    int64_t p_start = 0, p_end = 0;
+
+    if (!PyObject_TypeCheck(other, &RangeMapType))
+        return PyErr_Format(PyExc_TypeError, "unshared_spans() needs a compiled RangeMap");
+    b = ((RangeMapObject *) other)->core;
+    list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    while (i < a->count || j < b->count) {
+        int64_t key;
+        int differs;
+        if (j == b->count || (i < a->count && a->buckets[i]->key < b->buckets[j]->key)) {
+            key = a->buckets[i++]->key;
+            differs = 1;
+        } else if (i == a->count || b->buckets[j]->key < a->buckets[i]->key) {
+            key = b->buckets[j++]->key;
+            differs = 1;
+        } else {
+            key = a->buckets[i]->key;
+            differs = a->buckets[i++] != b->buckets[j++];
+        }
+        if (!differs)
+            continue;
+        if (pending && p_end == key << BUCKET_SHIFT) {
+            p_end = (key + 1) << BUCKET_SHIFT;
+            continue;
+        }
+        if (pending) {
+            PyObject *item = Py_BuildValue("(LL)", (long long) p_start, (long long) p_end);
+            if (item == NULL || PyList_Append(list, item) < 0) {
+                Py_XDECREF(item);
+                Py_DECREF(list);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+        pending = 1;
+        p_start = key << BUCKET_SHIFT;
+        p_end = (key + 1) << BUCKET_SHIFT;
+    }
+    if (pending) {
+        PyObject *item = Py_BuildValue("(LL)", (long long) p_start, (long long) p_end);
+        if (item == NULL || PyList_Append(list, item) < 0) {
+            Py_XDECREF(item);
+            Py_DECREF(list);
+            return NULL;
+        }
+        Py_DECREF(item);
+    }
+    iter = PyObject_GetIter(list);
+    Py_DECREF(list);
+    return iter;
 }
 
 static PyObject *rangemap_clear(RangeMapObject *self, PyObject *unused)
@@ -729,6 +862,7 @@ static PyObject *rangemap_check_invariants(RangeMapObject *self, PyObject *unuse
         CHECK(index == 0 || m->buckets[index - 1]->key < b->key, "buckets out of order at key %lld",
               (long long) b->key);
         CHECK(b->len > 0 && b->len <= b->cap, "bucket %lld empty or overflowing", (long long) b->key);
+        CHECK(atomic_load(&b->refs) >= 1, "bucket %lld held by no map", (long long) b->key);
         for (Py_ssize_t i = 0; i < b->len; i++) {
             int64_t s = b->starts[i], e = b->ends[i], st = b->stores[i];
             CHECK(low <= s && s < e && e <= high, "(%lld, %lld, %lld)", (long long) b->key, (long long) s,
@@ -778,6 +912,10 @@ static PyMethodDef rangemap_methods[] = {
      "stored_in(start, end) -> int: bytes of [start, end) mapped to the store"},
     {"last_end", (PyCFunction) rangemap_last_end, METH_NOARGS, "last_end() -> int: end of the highest range, or 0"},
     {"clear", (PyCFunction) rangemap_clear, METH_NOARGS, "clear(): unmap everything"},
+    {"snapshot", (PyCFunction) rangemap_snapshot, METH_NOARGS,
+     "snapshot() -> RangeMap: the same ranges, sharing every bucket until either map changes it"},
+    {"unshared_spans", (PyCFunction) rangemap_unshared_spans, METH_O,
+     "unshared_spans(other): bucket-aligned, merged [start, end) spans where the maps may differ"},
     {"check_invariants", (PyCFunction) rangemap_check_invariants, METH_NOARGS,
      "check_invariants(): raise AssertionError if the documented invariants do not hold"},
     {NULL},
@@ -971,6 +1109,7 @@ typedef struct {
     Identity identity;
     MapCore *map;
     LogsCore *logs;
+    int base_in_python; /* the base bytes are not base_fd's (a guest view): Python reads them */
 } ViewCore;
 
 static void view_ref(ViewCore *v)
@@ -993,12 +1132,12 @@ typedef struct {
     PyObject *owner;      /* weak reference to the OverlayFile whose state this publishes */
     PyObject *map;        /* the RangeMap object whose core the view uses */
     PyObject *identity;   /* the last base identity published (strong) */
-    int private_logs;     /* the logs table is the view's own: entry 0 is owner.store_fd */
+    int private_logs;     /* the logs table is the view's own: a copy of owner.log_fds */
     int depth;            /* nested `with view:` of the Python thread */
 } ViewObject;
 
 static PyObject *str_size, *str_base_limit, *str_base_fd, *str_base_changed, *str_base_identity, *str_written,
-    *str_store_fd, *str_dev, *str_ino, *str_mtime_ns, *str_ctime_ns, *str_nlink;
+    *str_log_fds, *str_base_is_fd, *str_dev, *str_ino, *str_mtime_ns, *str_ctime_ns, *str_nlink;
 
 static PyObject *view_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -1101,6 +1240,38 @@ static int read_identity(PyObject *identity, Identity *out)
     return 0;
 }
 
+/* Copy owner.log_fds (log index -> fd, -1 for none) into logs */
+static int copy_log_fds(PyObject *owner, LogsCore *logs)
+{
+    PyObject *fds = PyObject_GetAttr(owner, str_log_fds), *seq;
+    Py_ssize_t count;
+
+    if (fds == NULL)
+        return -1;
+    seq = PySequence_Fast(fds, "log_fds must be a sequence");
+    Py_DECREF(fds);
+    if (seq == NULL)
+        return -1;
+    count = PySequence_Fast_GET_SIZE(seq);
+    if (count > (Py_ssize_t) LOG_CHUNKS * LOG_CHUNK) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "too many store logs");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if ((fd == -1 && PyErr_Occurred()) || logs_set(logs, i, fd < 0 ? -1 : (int) fd) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_NoMemory();
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    /* Slots past the table's end were never used by this file's map; leave them */
+    Py_DECREF(seq);
+    return 0;
+}
+
 /* Copy the owner's state into the view (under its lock) */
 static int view_publish(ViewObject *self)
 {
@@ -1108,7 +1279,7 @@ static int view_publish(ViewObject *self)
     PyObject *owner = PyWeakref_GetObject(self->owner);
     PyObject *written, *identity;
     int64_t size, base_limit;
-    int base_fd, base_changed, store_fd = -1;
+    int base_fd, base_changed, base_in_python;
 
     if (owner == Py_None)
         return 0; /* gone: nothing to publish */
@@ -1133,8 +1304,15 @@ static int view_publish(ViewObject *self)
         if (base_changed < 0)
             goto fail;
     }
-    if (self->private_logs && get_fd(owner, str_store_fd, &store_fd) < 0)
+    if (self->private_logs && copy_log_fds(owner, v->logs) < 0)
         goto fail;
+    {
+        PyObject *is_fd = PyObject_GetAttr(owner, str_base_is_fd);
+        if (is_fd == NULL)
+            goto fail;
+        base_in_python = !PyObject_IsTrue(is_fd);
+        Py_DECREF(is_fd);
+    }
     if (identity != self->identity) {
         if (identity == Py_None) {
             v->has_identity = 0;
@@ -1152,10 +1330,7 @@ static int view_publish(ViewObject *self)
         map_unref(old);
         Py_XSETREF(self->map, Py_NewRef(written));
     }
-    if (self->private_logs && logs_set(v->logs, 0, store_fd) < 0) {
-        PyErr_NoMemory();
-        goto fail;
-    }
+    v->base_in_python = base_in_python;
     v->size = size;
     v->base_limit = base_limit;
     v->base_fd = base_fd;
@@ -1241,7 +1416,7 @@ static PyObject *view_get_published(ViewObject *self, void *unused)
     view_lock_from_python(v);
     result = Py_BuildValue("{s:L,s:L,s:i,s:O,s:i}", "size", (long long) v->size, "base_limit",
                            (long long) v->base_limit, "base_fd", v->base_fd, "base_changed",
-                           v->base_changed ? Py_True : Py_False, "store_fd", logs_get(v->logs, 0));
+                           v->base_changed ? Py_True : Py_False, "log0_fd", logs_get(v->logs, 0));
     pthread_mutex_unlock(&v->lock);
     return result;
 }
@@ -1484,7 +1659,7 @@ static int plan_segment(void *ctx, int64_t start, int64_t end, int64_t store, in
     if (start < v->base_limit) {
         int64_t base_end = end < v->base_limit ? end : v->base_limit;
         int res;
-        if (v->base_fd < 0)
+        if (v->base_fd < 0 || v->base_in_python)
             return PLAN_NO_FD;
         res = add_piece(p, v->base_fd, start, start, base_end);
         if (res != PLAN_OK)
@@ -1692,6 +1867,8 @@ static int serve_read(int fd, const struct fuse_in_header *in, size_t size)
     }
     res = atomic_load(&v->nowait_fails) ? READ_COLD : read_pieces(&plan, reader_buffer, 1);
     pthread_mutex_unlock(&v->lock);
+    if (res == READ_COLD && v->base_in_python)
+        goto pass_view; /* a worker could not hand a read that comes to need its base to Python */
     if (res == READ_COLD) {
         if (!queue_cold_read(fd, in->unique, offset, arg->size, started, v))
             goto pass_view;
@@ -2136,7 +2313,8 @@ PyMODINIT_FUNC PyInit__native(void)
     INTERN(str_base_changed, "base_changed");
     INTERN(str_base_identity, "base_identity");
     INTERN(str_written, "written");
-    INTERN(str_store_fd, "store_fd");
+    INTERN(str_log_fds, "log_fds");
+    INTERN(str_base_is_fd, "base_is_fd");
     INTERN(str_dev, "dev");
     INTERN(str_ino, "ino");
     INTERN(str_mtime_ns, "mtime_ns");

@@ -5,6 +5,7 @@ before the read was sent; and `cowfs status` says which read path runs."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import pyfuse3
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, SOAK, force_unmount, run, status_json
+from ..helpers import COWFS, SOAK, force_unmount, run, status_json, wait_until
 
 BLOCK = 4096
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
@@ -94,6 +95,15 @@ class File:
         assert got == self.model[:shown], f"{self.path.name} (cached path) after {where}"
 
 
+def _released(path: Path) -> bool:
+    """The daemon has no open handle of ``path`` (the kernel sends RELEASE after close(2) returned)."""
+    return all(
+        change["open_handles"] == 0
+        for change in status_json(path.parent)["changes"]
+        if change["path"] == "/" + path.name
+    )
+
+
 def _first_difference(got: bytes, want: bytes | bytearray) -> str:
     for index, (a, b) in enumerate(zip(got, want, strict=False)):
         if a != b:
@@ -162,7 +172,10 @@ def _random_steps(rng: random.Random, files: list[File], steps: int) -> None:
         elif kind == "commit":
             f.close()  # a commit of an open file keeps its changes in the mount (and says so)
             if f.changed:
-                run([COWFS, "commit", "--yes", str(f.path)])
+                # The kernel sends RELEASE after close(2) returned: wait until the daemon had it.
+                assert wait_until(functools.partial(_released, f.path)), "the handles were never released"
+                result = run([COWFS, "commit", "--yes", str(f.path)], check=False)
+                assert result.returncode == 0, result.stderr
                 f.base = bytes(f.model)
                 f.changed = False
         else:  # the base changes under the mount

@@ -25,7 +25,7 @@ from cowfs.rangemap import BUCKET_SIZE
 from cowfs.store import Store
 
 from ..helpers import SOAK
-from .test_overlay import BASE_SIZE, Model, _data_flags, base_file, operations  # noqa: F401 (a fixture)
+from .test_overlay import BASE_SIZE, LOG_SIZE, Model, _data_flags, base_file, operations  # noqa: F401 (a fixture)
 
 try:
     from cowfs import _native as native
@@ -144,45 +144,68 @@ class Opened:
 def test_reads_served_in_c_match_the_model(
     base_file: Path,  # noqa: F811 (the fixture of test_overlay)
     tmp_path: Path,
-    ops: list[tuple[str, int, int, bool]],
+    ops: list[tuple[str, int, int, int, bool]],
 ) -> None:
-    """Every change of the overlay, then a READ through the server, checked against the model
-    (and against the Python path's answer)."""
+    """Two files share a store of small logs (which fill, empty and close); after every change, a
+    READ of each through the server is checked against its model and the Python path's answer."""
     native.reset_counters()
     server = Server(tmp_path / "replies")
     (tmp_path / "store").mkdir(exist_ok=True)
-    store = Store(tmp_path / "store")
-    base_fd = os.open(base_file, os.O_RDONLY)
-    model = Model(base_file.read_bytes(), _data_flags(base_fd, BASE_SIZE))
+    store = Store(tmp_path / "store", log_size=LOG_SIZE)
+    handles = iter(range(1, 1 << 30))
+
+    def fresh(index: int) -> tuple[OverlayFile, Model, int]:
+        fh = next(handles)
+        if index == 0:
+            base_fd = os.open(base_file, os.O_RDONLY)
+            overlay = OverlayFile(store, base_fd)
+            model = Model(base_file.read_bytes(), _data_flags(base_fd, BASE_SIZE))
+        else:
+            overlay, model = OverlayFile(store), Model(b"", bytearray())
+        native.register_handle(fh, INO + index, overlay.view, False)
+        return overlay, model, fh
+
+    def close(index: int) -> None:
+        overlay, _, fh = views[index]
+        native.unregister_handle(fh, INO + index)
+        overlay.close()
+
+    views = [fresh(0), fresh(1)]
     try:
-        with Opened(OverlayFile(store, base_fd)) as overlay:
-            for step, (kind, offset, length, flag) in enumerate(ops):
-                if kind == "write":
-                    data = bytes([0 if flag else step % 255 + 1]) * length
-                    overlay.write(offset, data)
-                    model.write(offset, data)
-                elif kind == "truncate":
-                    overlay.truncate(offset)
-                    model.resize(offset)
-                elif kind == "punch":
-                    overlay.punch_hole(offset, length)
-                    model.punch(offset, length)
-                elif kind == "zero":
-                    overlay.zero_range(offset, length, keep_size=flag)
-                    model.punch(offset, length)
-                    model.allocate(offset, length, keep_size=flag)
-                elif kind == "allocate":
-                    overlay.allocate(offset, length, keep_size=flag)
-                    model.allocate(offset, length, keep_size=flag)
-                read_length = min(length or 4096, 1 << 20)
-                error, data = server.served(1, offset, read_length)
-                expected = bytes(model.content[offset : offset + read_length])
+        for step, (kind, index, offset, length, flag) in enumerate(ops):
+            overlay, model, _ = views[index]
+            if kind == "write":
+                data = bytes([0 if flag else step % 255 + 1]) * length
+                overlay.write(offset, data)
+                model.write(offset, data)
+            elif kind == "truncate":
+                overlay.truncate(offset)
+                model.resize(offset)
+            elif kind == "punch":
+                overlay.punch_hole(offset, length)
+                model.punch(offset, length)
+            elif kind == "zero":
+                overlay.zero_range(offset, length, keep_size=flag)
+                model.punch(offset, length)
+                model.allocate(offset, length, keep_size=flag)
+            elif kind == "allocate":
+                overlay.allocate(offset, length, keep_size=flag)
+                model.allocate(offset, length, keep_size=flag)
+            elif kind == "close":
+                close(index)
+                views[index] = fresh(index)
+            read_length = min(length or 4096, 1 << 20)
+            for each, each_model, fh in views:
+                error, data = server.served(fh, offset, read_length)
+                expected = bytes(each_model.content[offset : offset + read_length])
                 assert (error, data) == (0, expected), (kind, offset, read_length)
-                assert data == overlay.read(offset, read_length)
-            error, data = server.served(1, 0, len(model.content) + 10)
-            assert (error, data) == (0, bytes(model.content))
+                assert data == each.read(offset, read_length)
+        for _, each_model, fh in views:
+            assert server.served(fh, 0, len(each_model.content) + 10) == (0, bytes(each_model.content))
         assert native.counters()["passed_other"] == 0
     finally:
+        for index in range(2):
+            close(index)
         server.close()
         store.close()
 
