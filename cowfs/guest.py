@@ -197,7 +197,8 @@ class GuestFile(OverlayFile):
         super().__init__(store, base_fd, name=name)
         self.image = image
         image.use()
-        self.size = self.base_limit = image.size
+        with self.view:  # the file's state changes under its lock (overlay.py)
+            self.size = self.base_limit = image.size
 
     @property
     def is_changed(self) -> bool:
@@ -218,8 +219,9 @@ class GuestFile(OverlayFile):
 
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         self.image.use()  # close() inside lets it go; the view still reads through it
-        super().discard_changes(base_fd_factory)
-        self.size = self.base_limit = self.image.size
+        with self.view:
+            super().discard_changes(base_fd_factory)
+            self.size = self.base_limit = self.image.size
 
     def read_into(self, offset: int, size: int, buffer: bytearray, *, nowait: bool = False) -> memoryview:
         """As `OverlayFile.read_into`, but base bytes must be fetched first: raises `FetchNeeded`

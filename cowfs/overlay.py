@@ -410,6 +410,11 @@ class OverlayFile:
     def check_invariants(self) -> None:
         """Raise AssertionError if the documented invariants do not hold."""
         self.written.check_invariants()
+        published = getattr(self.view, "published", None)  # the compiled path's copy: changed under the lock?
+        if published is not None:
+            mine = (self.size, self.base_limit, -1 if self.base_fd is None else self.base_fd, self.base_changed)
+            seen = (published["size"], published["base_limit"], published["base_fd"], published["base_changed"])
+            assert seen == mine, f"changed outside the file's lock: the compiled path sees {seen}, not {mine}"
         assert self.base_limit <= self.size, (self.base_limit, self.size)
         assert self.written.last_end() <= self.size, (self.written.last_end(), self.size)
         last_zeros_end = max((end for _, end in self.written.ranges(zeros=True)), default=0)
