@@ -44,6 +44,7 @@ class Config:
     peers: Path | None
     quick: bool
     skip_sessions: bool = False
+    skip_guestviews: bool = False
 
     @property
     def base(self) -> Path:
@@ -119,6 +120,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         "--skip-sessions", action="store_true", help="skip cowfs's own sessions (cowfs run, checkpoints, copies)"
     )
     parser.add_argument(
+        "--skip-guestviews", action="store_true", help="skip the guest views (a qcow2's guest view against a raw view)"
+    )
+    parser.add_argument(
         "--work-dir",
         type=Path,
         default=Path("/var/tmp/cowfs-bench"),
@@ -166,6 +170,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         peers=args.peers,
         quick=args.quick,
         skip_sessions=args.skip_sessions,
+        skip_guestviews=args.skip_guestviews,
     )
     if config.size < 16 * MiB or config.size % MiB:
         parser.error("--size must be a multiple of 1 MiB and at least 16 MiB")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import scale, sessions
+from . import guestviews, scale, sessions
 from .config import BLOCK, DEFAULT_MOUNT, Config, KiB, human
 from .harness import RssSampler, cpu_seconds, deleted_store_bytes, df_free, drop_page_cache, run_group
 from .results import TARGETS, FioRun, QemuRun, RssSample, StoreUsage, Target
@@ -344,5 +344,10 @@ PHASES = [
         "sessions",
         sessions.sessions_phase,
         skipped=lambda config: config.skip_sessions or config.mount_cmd != DEFAULT_MOUNT,
+    ),
+    Phase(
+        "guestviews",
+        guestviews.guestviews_phase,
+        skipped=lambda config: config.skip_guestviews or config.mount_cmd != DEFAULT_MOUNT,
     ),
 ]

@@ -29,6 +29,7 @@ from .kernel_cache import KernelCache
 from .namespace import Namespace
 from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
+from .windows import Windows
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache)
     operations.mountpoint = str(config.mountpoint)
     operations.guest_views = views
+    operations.windows = Windows() if views is not None else None
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
     except RuntimeError:

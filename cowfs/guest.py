@@ -142,7 +142,7 @@ class GuestImage:
             raise self.failure
         return disk
 
-    async def fetch(self, base: BaseDir, start: int, end: int) -> bytes:
+    async def fetch(self, base: BaseDir, start: int, end: int) -> bytearray:
         """The guest bytes of ``[start, end)`` (inside the virtual size)."""
         buffer = bytearray(end - start)
         disk = await self.disk_for_use(base)
@@ -151,7 +151,7 @@ class GuestImage:
         except OSError as error:
             log.error("guest view of %s: a read at %d failed: %s", self.name, start, error.strerror or error)
             raise OSError(errno.EIO, "the guest disk could not be read") from None
-        return bytes(buffer)
+        return buffer
 
     async def fetch_map(self, base: BaseDir, offset: int) -> None:
         """Learn the allocation map up to at least ``offset`` (from where it is known)."""
@@ -229,7 +229,7 @@ class GuestFile(OverlayFile):
         return self.read_fetched(offset, size, buffer, (0, b""), nowait=nowait)
 
     def read_fetched(
-        self, offset: int, size: int, buffer: bytearray, fetched: tuple[int, bytes], *, nowait: bool = False
+        self, offset: int, size: int, buffer: bytearray, fetched: tuple[int, bytes | bytearray], *, nowait: bool = False
     ) -> memoryview:
         """Read with ``fetched`` = (offset, guest bytes from there) as the base bytes; `FetchNeeded`
         if the range needs base bytes outside them."""
@@ -240,11 +240,13 @@ class GuestFile(OverlayFile):
         segments = list(self.written.segments(offset, end))
         base = [(start, min(stop, self.base_limit)) for start, stop, store in segments if store is None]
         base = [(start, stop) for start, stop in base if start < stop]
-        fetched_at, fetched_bytes = fetched
+        fetched_at, fetched_bytes = fetched[0], memoryview(fetched[1])
         if base:
             self._base_for_read()  # a changed image file fails the read (EIO), as a raw base does
             if base[0][0] < fetched_at or base[-1][1] > fetched_at + len(fetched_bytes):
                 raise FetchNeeded(self.image, base[0][0], base[-1][1])
+        if base == [(offset, end)]:  # all base bytes, the common case: no copy
+            return fetched_bytes[offset - fetched_at : end - fetched_at]
         for start, stop, store in segments:
             piece = view[start - offset : stop - offset]
             if store is not None and store != ZEROS:
