@@ -1763,6 +1763,7 @@ static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake;
     Job *head, *tail;
+    int queued;          /* jobs in the queue, not taken yet */
     int idle, count, stopping;
     pthread_t threads[MAX_WORKERS];
 } workers = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
@@ -1781,7 +1782,8 @@ static int queue_cold_read(int fd, uint64_t unique, int64_t offset, size_t size,
     pthread_mutex_lock(&workers.lock);
     if (workers.stopping) {
         ok = 0;
-    } else if (workers.idle == 0 && workers.count < MAX_WORKERS) {
+    } else if (workers.queued >= workers.idle && workers.count < MAX_WORKERS) {
+        /* Every idle worker has a job waiting for it already: one more, so the disk sees them all */
         sigset_t all, old;
         sigfillset(&all);
         pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay with Python's thread */
@@ -1797,6 +1799,7 @@ static int queue_cold_read(int fd, uint64_t unique, int64_t offset, size_t size,
         else
             workers.head = job;
         workers.tail = job;
+        workers.queued++;
         pthread_cond_signal(&workers.wake);
     }
     pthread_mutex_unlock(&workers.lock);
@@ -2059,6 +2062,7 @@ static void *worker_main(void *arg)
         workers.head = job->next;
         if (workers.head == NULL)
             workers.tail = NULL;
+        workers.queued--;
         pthread_mutex_unlock(&workers.lock);
 
         error = buf != NULL && plan != NULL ? serve_cold(job, buf, plan, &length) : ENOMEM;
@@ -2269,14 +2273,18 @@ static PyObject *native_reset_counters(PyObject *module, PyObject *unused)
 static PyObject *native_tables(PyObject *module, PyObject *unused)
 {
     size_t sizes[3];
+    int threads;
 
     pthread_mutex_lock(&tables_lock);
     sizes[0] = handles.len;
     sizes[1] = inodes.len;
     sizes[2] = pending.len;
     pthread_mutex_unlock(&tables_lock);
-    return Py_BuildValue("{s:n,s:n,s:n}", "handles", (Py_ssize_t) sizes[0], "inodes", (Py_ssize_t) sizes[1],
-                         "pending", (Py_ssize_t) sizes[2]);
+    pthread_mutex_lock(&workers.lock);
+    threads = workers.count;
+    pthread_mutex_unlock(&workers.lock);
+    return Py_BuildValue("{s:n,s:n,s:n,s:i}", "handles", (Py_ssize_t) sizes[0], "inodes", (Py_ssize_t) sizes[1],
+                         "pending", (Py_ssize_t) sizes[2], "workers", threads);
 }
 
 static PyMethodDef native_functions[] = {
@@ -2288,7 +2296,7 @@ static PyMethodDef native_functions[] = {
      "unregister_handle(fh, ino): fh was released"},
     {"counters", native_counters, METH_NOARGS, "counters() -> dict: what the READ server did"},
     {"reset_counters", native_reset_counters, METH_NOARGS, "reset_counters(): start counting from zero"},
-    {"tables", native_tables, METH_NOARGS, "tables() -> dict: sizes of the handle, inode and pending tables"},
+    {"tables", native_tables, METH_NOARGS, "tables() -> dict: sizes of the handle, inode and pending tables, and the worker threads running"},
     {NULL},
 };
 
