@@ -26,7 +26,17 @@ What it does, in order (the phases are workloads.PHASES):
      read-back spot check;
   6. sessions (cowfs only, skipped with a --mount-cmd stand-in): `cowfs run BASE -- true` against
      `cowfs mount` + `cowfs umount`, --mounts times each;
-  7. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
+  7. guest views (skipped with --skip-guestviews or a --mount-cmd stand-in; bench/guestviews.py);
+  8. metadata (skipped with --skip-metadata or a --mount-cmd stand-in; bench/metadata.py): create,
+     stat, rename and delete 50,000 small files (5,000 with --quick) in a cowfs mount, in
+     fuse-overlayfs over the same empty base, and in a plain directory of the store's filesystem,
+     in turns, --reps times; cowfs against fuse-overlayfs (target: create at most 1x the time) and
+     the daemon's memory per created name;
+  9. names (cowfs only, skipped with --skip-names or a --mount-cmd stand-in; bench/names.py):
+     --names (200,000) changed names in one mount, then `cowfs status --json` and `cowfs reset`
+     of the mount, end to end, with the longest wait of a request on an untouched file during
+     the reset;
+  10. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
 
 Mount/umount are shell templates. Placeholders: {base_dir} (directory that holds only the
 image), {mnt} (empty mount point), {state} (empty scratch directory, deleted after each

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import guestviews, readpath, scale, sessions
+from . import guestviews, metadata, names, readpath, scale, sessions
 from .config import BLOCK, DEFAULT_MOUNT, Config, KiB, human
 from .harness import RssSampler, cpu_seconds, deleted_store_bytes, df_free, drop_page_cache, run_group
 from .results import TARGETS, FioRun, QemuRun, RssSample, StoreUsage, Target
@@ -351,4 +351,10 @@ PHASES = [
         guestviews.guestviews_phase,
         skipped=lambda config: config.skip_guestviews or config.mount_cmd != DEFAULT_MOUNT,
     ),
+    Phase(
+        "metadata",
+        metadata.metadata_phase,
+        skipped=lambda config: config.skip_metadata or config.mount_cmd != DEFAULT_MOUNT,
+    ),
+    Phase("names", names.names_phase, skipped=lambda config: config.skip_names or config.mount_cmd != DEFAULT_MOUNT),
 ]

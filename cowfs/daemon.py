@@ -1,9 +1,9 @@
 """Lifecycle of one mount: start, readiness, signals, clean unmount.
 
-`serve` runs in the daemon process (``cowfs mount --foreground``, which is
-also what the background mode re-executes).  It reports readiness, or the
-one-line reason it could not mount, through a callback, so that the parent
-``cowfs mount`` returns only once the mount is usable.
+`serve` runs in the daemon process: ``cowfs mount --foreground`` itself, or the
+child that the background mode forks.  It reports readiness, or the one-line
+reason it could not mount, through a callback, so that the parent ``cowfs
+mount`` returns only once the mount is usable.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from . import counters, readpath
 from .features import FUSE_HANDLE_KILLPRIV_V2
 from .guest import FetchNeeded, GuestFile, GuestViews, MapNeeded, ViewFailure
 from .kernel_cache import KernelCache
+from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .mounts import find_mount
 from .namespace import Namespace, Node, Stat
 from .partitions import Table
@@ -86,12 +87,6 @@ _UNCACHED_READS = counters.counter("read_uncached")
 # A guest view's read fetches again only when a reset brought base bytes back meanwhile.
 MAX_GUEST_FETCHES = 8  # reads that waited for the disk
 
-# fallocate(2) modes (linux/falloc.h) that reach a FUSE filesystem.
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-SEEK_DATA, SEEK_HOLE = 3, 4
-
 # O_DIRECT handles behave like a disk with 512-byte logical sectors: QEMU's alignment probe then
 # finds 512 (else it falls back to 4096 and refuses images whose size is not a multiple of it).
 DIRECT_IO_ALIGNMENT = 512
@@ -127,10 +122,19 @@ def _errno_replies(
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
+            _settle_store(self)
             counter.count += 1
             counter.handler_ns += clock() - started
 
     return wrapper
+
+
+def _settle_store(operations: CowfsOperations) -> None:
+    """Punch the store pages the request freed (the store merges them; see Store.settle)."""
+    try:
+        operations.ns.store.settle()
+    except OSError as error:
+        log.warning("store: freed pages not punched: %s", error)
 
 
 def _entry(st: Stat) -> pyfuse3.EntryAttributes:
@@ -600,7 +604,7 @@ class CowfsOperations(pyfuse3.Operations):
             # written through a handle still open for writing may not have reached us: have it
             # write them back now (we serve those WRITEs meanwhile), then answer.
             await self.kernel_cache.invalidate([node.ino])
-        if whence not in (SEEK_DATA, SEEK_HOLE):
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the filesystem")
         if fh in self._window_handles:
             start, _, size = self._window_range(fh, 0, 0)
@@ -609,7 +613,7 @@ class CowfsOperations(pyfuse3.Operations):
             found = await self._seek(node, start + offset, whence) - start
             if found < size:
                 return found
-            if whence == SEEK_DATA:
+            if whence == os.SEEK_DATA:
                 raise OSError(errno.ENXIO, "no more data in the partition")
             return size
         return await self._seek(node, offset, whence)
@@ -619,7 +623,7 @@ class CowfsOperations(pyfuse3.Operations):
             data = node.data
             assert data is not None
             try:
-                return data.seek_data(offset) if whence == SEEK_DATA else data.seek_hole(offset)
+                return data.seek_data(offset) if whence == os.SEEK_DATA else data.seek_hole(offset)
             except MapNeeded as need:  # a guest view: learn more of its allocation map, then look again
                 await need.image.fetch_map(self.ns.base, need.offset)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import logging
 import os
 import time
@@ -53,6 +54,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 10.0  # a helper no file uses stops after this long
+MAX_IDLE_HELPERS = 8  # and beyond this many unused ones, the least recently used stop at once
 MAX_FETCH = 4 << 20  # one read's fetch (FUSE reads are at most 1 MiB)
 
 Identity = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
@@ -306,6 +308,16 @@ class GuestViews:
         image.parts = parts
         with contextlib.suppress(OSError):  # remembered in image.failure, logged once
             await image.disk_for_use(self.base)
+        self._stop_idle(lambda idle: idle[MAX_IDLE_HELPERS:])  # `ls -l` of many images: keep a few
+
+    def _stop_idle(self, which: Callable[[list[GuestImage]], list[GuestImage]]) -> None:
+        """Stop the helpers ``which`` picks from those no file uses (most recently used first)."""
+        idle = [image for image in self._known.values() if image and image.disk and not image.users]
+        idle.sort(key=lambda image: image.idle_since, reverse=True)
+        for image in which(idle):
+            assert image.disk is not None
+            image.disk.close()
+            image.disk = None
 
     def size(self, st: os.stat_result) -> int | None:
         """The size a base file shows: its virtual size if it is a guest image (None: as it is)."""
@@ -339,11 +351,7 @@ class GuestViews:
         """Run for the life of the mount: stop helpers no file has used for `IDLE_SECONDS`."""
         while True:
             await trio.sleep(IDLE_SECONDS / 2)
-            now = time.monotonic()
-            for image in self._known.values():
-                if image and image.disk and not image.users and now - image.idle_since > IDLE_SECONDS:
-                    image.disk.close()
-                    image.disk = None
+            self._stop_idle(functools.partial(_unused_since, time.monotonic() - IDLE_SECONDS))
 
     async def aclose(self) -> None:
         """At unmount: stop every helper and wait until it has exited."""
@@ -358,6 +366,10 @@ class GuestViews:
             if image is not None and image.disk is not None:
                 image.disk.kill_now()
                 image.disk = None
+
+
+def _unused_since(moment: float, idle: list[GuestImage]) -> list[GuestImage]:
+    return [image for image in idle if image.idle_since < moment]
 
 
 _UNKNOWN = GuestImage((), "")  # marks an identity never prepared

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from .helpers import SOAK, Mount, force_unmount, tree_fingerprint
+from .helpers import SOAK, CommandLineMount, force_unmount, tree_fingerprint
 
 # `make test` tries the same examples on every run, so that it passes or fails on the code, not by
 # luck; `make soak` searches afresh, with many more.
@@ -16,7 +16,7 @@ settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("search")
 settings.load_profile("search" if SOAK else "repeatable")
 
-MountFactory = Callable[..., Mount]
+MountFactory = Callable[..., CommandLineMount]
 
 
 @pytest.fixture
@@ -30,14 +30,14 @@ def base_dir(tmp_path: Path) -> Path:
 def mount_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[MountFactory]:
     """Start mounts with ``mount_factory(base, *extra_args)``; every one is unmounted
     in teardown, the base tree must be unchanged, and the daemon must log no warning."""
-    started: list[tuple[Mount, dict[str, tuple[object, ...]]]] = []
+    started: list[tuple[CommandLineMount, dict[str, tuple[object, ...]]]] = []
 
-    def start(base: Path, *extra_args: str, mountpoint: Path | None = None) -> Mount:
+    def start(base: Path, *extra_args: str, mountpoint: Path | None = None) -> CommandLineMount:
         index = len(started)
         path = mountpoint or tmp_path / f"mnt{index}"
         path.mkdir(exist_ok=True)
         fingerprint = tree_fingerprint(base)
-        mount = Mount(base, path, tmp_path / f"daemon{index}.log", list(extra_args))
+        mount = CommandLineMount(base, path, tmp_path / f"daemon{index}.log", list(extra_args))
         started.append((mount, fingerprint))
         mount.start()
         return mount
@@ -59,6 +59,6 @@ def mount_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mo
 
 
 @pytest.fixture
-def mounted(base_dir: Path, mount_factory: MountFactory) -> Mount:
+def mounted(base_dir: Path, mount_factory: MountFactory) -> CommandLineMount:
     """A mount of an (initially empty) base_dir; fill base_dir before touching the mount."""
     return mount_factory(base_dir)

@@ -1,4 +1,4 @@
-"""Controlling a live mount (issue 6): status, diff, reset, commit, export,
+"""Controlling a live mount: status, diff, reset, commit, export,
 --max-store, and the control channel's access check -- through real mounts
 and the installed `cowfs` command."""
 
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, Mount, read_base, run, write_at
+from ..helpers import COWFS, CommandLineMount, read_base, run, write_at
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -46,7 +46,7 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def changes_by_path(m: Mount) -> dict[str, dict[str, object]]:
+def changes_by_path(m: CommandLineMount) -> dict[str, dict[str, object]]:
     return {c["path"]: c for c in m.status()["changes"]}
 
 
