@@ -24,7 +24,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from . import counters
+from . import counters, readpath
 from .features import FUSE_HANDLE_KILLPRIV_V2
 from .guest import FetchNeeded, GuestFile, GuestViews, MapNeeded, ViewFailure
 from .kernel_cache import KernelCache
@@ -241,6 +241,11 @@ class CowfsOperations(pyfuse3.Operations):
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 self._writable_handles.add(handle)
                 self._writers[node.ino] = self._writers.get(node.ino, 0) + 1
+            if flags & os.O_DIRECT:
+                self._direct_handles.add(handle)
+            assert node.data is not None
+            # From now on the compiled read path (if any) may answer this handle's READs itself.
+            readpath.register_handle(handle, node.ino, node.data.view, bool(flags & os.O_DIRECT))
         return handle
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -455,8 +460,6 @@ class CowfsOperations(pyfuse3.Operations):
         await self._prepare(self.ns.node(inode))
         node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
         handle = self._new_handle(node, flags)
-        if flags & os.O_DIRECT:
-            self._direct_handles.add(handle)
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     async def _open_window(self, window: Window, flags: int) -> pyfuse3.FileInfo:
@@ -627,6 +630,7 @@ class CowfsOperations(pyfuse3.Operations):
     @_errno_replies
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh)
+        readpath.unregister_handle(fh, node.ino)
         self._direct_handles.discard(fh)
         if fh in self._writable_handles:
             self._writable_handles.discard(fh)
