@@ -185,7 +185,7 @@ class Mount:
                 return False  # opened, changed or gone meanwhile
 
         identity = transfer.commit(
-            plan, self.path / inside.lstrip("/"), still_current, progress or transfer._no_progress
+            plan, self.path / inside.lstrip("/"), still_current, progress or transfer.no_progress
         )
         self._request(CommitDoneRequest(inside, plan.token, identity))
 
@@ -210,7 +210,7 @@ class Mount:
         exporter = {"raw": transfer.export_raw, "qcow2": transfer.export_qcow2}.get(format)
         if exporter is None:
             raise UserError(f"unknown export format {format!r}: use raw or qcow2")
-        exporter(plan, view, Path(dest), force, progress or transfer._no_progress)
+        exporter(plan, view, Path(dest), force, progress or transfer.no_progress)
 
 
 def attach(mountpoint: StrPath) -> Mount:

@@ -15,8 +15,8 @@ from typing import Any, TextIO
 from . import mounts
 from .api import FileDiff, Mount, Status, locate
 from .errors import UserError
-from .features import summary
-from .protocol import Plan
+from .features import COMPILED_READS, summary
+from .protocol import Feature, Plan
 from .units import format_size
 
 
@@ -158,8 +158,12 @@ def print_status(status: Status, out: TextIO) -> None:
         f"{format_size(status.store_disk_bytes)} on disk{limit}",
         file=out,
     )
-    if status.features:
-        print(f"kernel {summary(status.features)}", file=out)
+    kernel = [feature for feature in status.features if feature.name != COMPILED_READS]
+    if kernel:
+        print(f"kernel {summary(kernel)}", file=out)
+    read_path = next((feature for feature in status.features if feature.name == COMPILED_READS), None)
+    if read_path is not None:
+        print(f"reads  {_read_path(read_path, status.requests)}", file=out)
     if not status.changes:
         print("no changes", file=out)
         return
@@ -185,6 +189,13 @@ def print_status(status: Status, out: TextIO) -> None:
             f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:>{widths[3]}}  {row[4]}",
             file=out,
         )
+
+
+def _read_path(feature: Feature, requests: dict[str, int]) -> str:
+    """'compiled: 1,234 of 1,240 READs so far' or 'Python: why'."""
+    if not feature.enabled:
+        return f"Python: {feature.detail}"
+    return f"compiled: {requests.get('read_compiled', 0):,} of {requests.get('read', 0):,} READs so far"
 
 
 # -- diff ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""The command as people coming from other FUSE filesystems use it (issue 14, issue 12 defects 3
-and 4): --version, -o options, -v/-f on either side of `mount`, closed pipes, `cowfs list`."""
+"""The command as people coming from other FUSE filesystems use it: --version, -o options,
+-v/-f on either side of `mount`, closed pipes, `cowfs list`."""
 
 from __future__ import annotations
 

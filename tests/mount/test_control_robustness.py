@@ -1,5 +1,5 @@
 """Nothing a control client sends can take a mount down, and a commit never loses a write
-(issue 12, defects 1 and 2) -- through real mounts and the real control socket."""
+-- through real mounts and the real control socket."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Faults (issue 7): signals and lazy unmount mid-write, a full store, a base that changes
+"""Faults: signals and lazy unmount mid-write, a full store, a base that changes
 underneath, and QEMU refused when it tries to write a mounted base.  (SIGKILL is in test_core.)"""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""fallocate(2), SEEK_DATA/SEEK_HOLE, discard and O_DIRECT alignment through a real mount (issue 10),
+"""fallocate(2), SEEK_DATA/SEEK_HOLE, discard and O_DIRECT alignment through a real mount,
 compared with the same calls on a local ext4 file.  They need the patched pyfuse3 that `make setup`
 builds; on a stock build the first test says so and the others fail."""
 

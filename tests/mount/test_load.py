@@ -1,4 +1,4 @@
-"""Load (issue 7): concurrent fio with verify, a stateful random test against a model, a 1 TiB
+"""Load: concurrent fio with verify, a stateful random test against a model, a 1 TiB
 image with many scattered writes, and a base of many small files.  Bounded here; COWFS_SOAK=1
 (make soak) runs the long versions."""
 

@@ -1,4 +1,4 @@
-"""A mount used as a scratch directory: tens of thousands of changed files (issue 22).
+"""A mount used as a scratch directory: tens of thousands of changed files.
 
 20,000 created files in `make test`, 200,000 in `make soak`: every file reads back, status lists
 every change, diff works, and the daemon's descriptors stay under a bound that does not grow with
