@@ -377,7 +377,9 @@ class OverlayFile:
         for seg_start, seg_end, store in self.written.segments(start, end):
             if store is None or store == ZEROS:
                 continue
-            if runs and runs[-1][1] == store:
+            # One run only where both the store bytes and the view bytes continue: free() finds a
+            # page's view page from the run's view offset.
+            if runs and runs[-1][1] == store and runs[-1][2] + runs[-1][1] - runs[-1][0] == seg_start:
                 runs[-1] = (runs[-1][0], store + seg_end - seg_start, runs[-1][2])
             else:
                 runs.append((store, store + seg_end - seg_start, seg_start))

@@ -562,3 +562,21 @@ def test_after_a_checkpoint_held_its_emptied_last_page_a_file_starts_a_fresh_one
         view.close()
         other.close()
         store.close()
+
+
+def test_punching_bytes_whose_store_continues_but_view_does_not(base_file: Path, tmp_path: Path) -> None:
+    """Two writes with a gap between them in the view sit back to back in the store; punching across
+    both frees two runs, not one (one run would give the second part the wrong view page, and the
+    store would count a page freed twice)."""
+    store = Store(tmp_path, log_size=64 * 4096)
+    overlay = OverlayFile(store, os.open(base_file, os.O_RDONLY))
+    try:
+        overlay.write(581632, b"x" * 20480)
+        overlay.write(618496, b"x" * 40960)  # right after the first in the store, not in the view
+        overlay.punch_hole(589926, 36196)
+        overlay.check_invariants()
+        store.check_invariants()
+    finally:
+        overlay.close()
+    assert store.bytes_held == 0 and store.log_count == 0
+    store.close()
