@@ -13,7 +13,7 @@ import pytest
 import cowfs
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, CommandLineMount, read_base, run, tree_snapshot
+from ..helpers import COWFS, CommandLineMount, read_base, run, tree_snapshot, write_at
 
 MiB = 1 << 20
 
@@ -38,27 +38,19 @@ def _cowfs(*argv: str) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
-def _write(path: Path, offset: int, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.pwrite(fd, data, offset)
-    finally:
-        os.close(fd)
-
-
 def test_rollback_gives_back_bytes_sizes_holes_names_links_and_metadata(
     base_dir: Path, mount_factory: MountFactory
 ) -> None:
     m = mount_factory(_base(base_dir))
     root = m.path
-    _write(root / "disk.raw", 0, b"A" * 4096)
+    write_at(root / "disk.raw", 0, b"A" * 4096)
     (root / "created.txt").write_text("made before\n")
     os.chmod(root / "notes.txt", 0o600)
     expected, inodes = tree_snapshot(root), _inodes(root)
     code, out, err = _cowfs("checkpoint", str(root), "booted")
     assert (code, err) == (0, "") and out == f"took checkpoint booted of {root} (3 changed files)\n"
     # Everything changes: bytes, sizes, holes, names, links, metadata, attributes.
-    _write(root / "disk.raw", 0, b"B" * 8192)
+    write_at(root / "disk.raw", 0, b"B" * 8192)
     os.truncate(root / "disk.raw", 10 * MiB)
     os.truncate(root / "created.txt", 1)
     os.rename(root / "notes.txt", root / "dir" / "moved.txt")
@@ -85,12 +77,12 @@ def test_rollback_again_and_to_another_checkpoint(base_dir: Path, mount_factory:
     api = cowfs.attach(m.path)
     states = {}
     for name in ("one", "two", "three"):
-        _write(m.path / "disk.raw", 0, name.encode() * 1000)
+        write_at(m.path / "disk.raw", 0, name.encode() * 1000)
         (m.path / f"{name}.txt").write_text(name)
         api.checkpoint(name)
         states[name] = tree_snapshot(m.path)
     for name in ("one", "three", "one", "two", "two"):
-        _write(m.path / "disk.raw", 500, b"scribble")
+        write_at(m.path / "disk.raw", 500, b"scribble")
         api.rollback(name)
         assert tree_snapshot(m.path) == states[name], name
     assert [checkpoint.name for checkpoint in api.checkpoints()] == ["one", "two", "three"]
@@ -100,11 +92,11 @@ def test_store_space_after_rollback_and_drop_is_what_it_was_before(base_dir: Pat
     m = mount_factory(_base(base_dir))
     api = cowfs.attach(m.path)
     for offset in range(0, 32 * MiB, 3 * MiB):
-        _write(m.path / "disk.raw", offset, b"w" * MiB)
+        write_at(m.path / "disk.raw", offset, b"w" * MiB)
     before = api.status(changes=False)
     api.checkpoint("c")
     for offset in range(0, 32 * MiB, MiB):
-        _write(m.path / "disk.raw", offset, b"v" * MiB)
+        write_at(m.path / "disk.raw", offset, b"v" * MiB)
     during = api.status(changes=False)
     assert during.checkpoints == 1 and during.checkpoint_bytes == before.store_bytes  # all of it overwritten
     assert during.store_disk_bytes >= during.store_bytes + during.checkpoint_bytes
@@ -146,10 +138,10 @@ def test_open_files_refuse_a_rollback_unless_forced_and_then_see_the_checkpoint(
     base_dir: Path, mount_factory: MountFactory
 ) -> None:
     m = mount_factory(_base(base_dir))
-    _write(m.path / "disk.raw", 0, b"before")
+    write_at(m.path / "disk.raw", 0, b"before")
     api = cowfs.attach(m.path)
     api.checkpoint("c")
-    _write(m.path / "disk.raw", 0, b"after!")
+    write_at(m.path / "disk.raw", 0, b"after!")
     (m.path / "new.txt").write_text("new")
     with open(m.path / "disk.raw", "rb", buffering=0) as held:
         code, out, err = _cowfs("rollback", str(m.path), "c")
@@ -165,7 +157,7 @@ def test_open_files_refuse_a_rollback_unless_forced_and_then_see_the_checkpoint(
 def test_bad_input_gets_one_line_and_changes_nothing(base_dir: Path, mount_factory: MountFactory) -> None:
     m = mount_factory(_base(base_dir))
     api = cowfs.attach(m.path)
-    _write(m.path / "disk.raw", 0, b"x")
+    write_at(m.path / "disk.raw", 0, b"x")
     api.checkpoint("kept")
     api.checkpoint("gone")
     api.drop_checkpoint("gone")
@@ -196,9 +188,9 @@ def test_bad_input_gets_one_line_and_changes_nothing(base_dir: Path, mount_facto
 
 def test_checkpoints_lists_what_each_holds_and_status_shows_it(base_dir: Path, mount_factory: MountFactory) -> None:
     m = mount_factory(_base(base_dir))
-    _write(m.path / "disk.raw", 0, b"a" * MiB)
+    write_at(m.path / "disk.raw", 0, b"a" * MiB)
     assert _cowfs("checkpoint", str(m.path), "first")[0] == 0
-    _write(m.path / "disk.raw", 0, b"b" * MiB)
+    write_at(m.path / "disk.raw", 0, b"b" * MiB)
     assert _cowfs("checkpoint", str(m.path), "second")[0] == 0
     code, out, _ = _cowfs("checkpoints", "--json", str(m.path))
     listed = json.loads(out)
@@ -220,7 +212,7 @@ def test_checkpoints_lists_what_each_holds_and_status_shows_it(base_dir: Path, m
 
 def test_a_commit_waits_for_the_checkpoints_to_go(base_dir: Path, mount_factory: MountFactory) -> None:
     m = mount_factory(_base(base_dir))
-    _write(m.path / "notes.txt", 0, b"NEW")
+    write_at(m.path / "notes.txt", 0, b"NEW")
     cowfs.attach(m.path).checkpoint("c")
     code, _, err = _cowfs("commit", "--yes", str(m.path / "notes.txt"))
     assert code != 0 and "the mount has 1 checkpoint" in err and len(err.splitlines()) == 1
@@ -249,8 +241,8 @@ def test_the_python_api_and_files_written_through_open_handles_before_a_checkpoi
 def test_unmount_with_checkpoints_frees_everything(base_dir: Path, mount_factory: MountFactory) -> None:
     m: CommandLineMount = mount_factory(_base(base_dir))
     api = cowfs.attach(m.path)
-    _write(m.path / "disk.raw", 0, b"a" * MiB)
+    write_at(m.path / "disk.raw", 0, b"a" * MiB)
     api.checkpoint("c")
-    _write(m.path / "disk.raw", 0, b"b" * MiB)
+    write_at(m.path / "disk.raw", 0, b"b" * MiB)
     m.stop()
     assert m.wait_for_daemon_exit()
