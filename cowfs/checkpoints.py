@@ -161,42 +161,17 @@ class Checkpoints:
         others = [m for m in self._maps.get(view.key, []) if m is not view.written]
         if live_view is not None:
             others.append(live_view.written)
-        runs = list(_store_runs(view.written, _spans_unshared_with_all(view.written, others)))
-        for other in others:
+        if not others:
+            return [
+                (store, store + end - start, start) for start, end, store in view.written.extents() if store != ZEROS
+            ]
+        runs = view.written.runs_only_in(others[0])  # in the C map: in time of the buckets they do not share
+        for other in others[1:]:
             if not runs:
                 break
             taken = _union([piece for run in runs for piece in _mapped_alike(other, *run)])
             runs = subtract_runs(runs, taken)
         return runs
-
-
-def _spans_unshared_with_all(frozen: RangeMap, others: list[RangeMap]) -> list[tuple[int, int]]:
-    """Where ``frozen`` may hold bytes no other map holds: outside every span it shares a bucket
-    with any other map (a shared bucket holds the same ranges)."""
-    spans = [(0, max(frozen.last_end(), 1))]
-    for other in others:
-        spans = _intersect(spans, list(frozen.unshared_spans(other)))
-    return spans
-
-
-def _intersect(first: list[tuple[int, int]], second: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    result, i, j = [], 0, 0
-    while i < len(first) and j < len(second):
-        start, end = max(first[i][0], second[j][0]), min(first[i][1], second[j][1])
-        if start < end:
-            result.append((start, end))
-        if first[i][1] < second[j][1]:
-            i += 1
-        else:
-            j += 1
-    return result
-
-
-def _store_runs(written: RangeMap, spans: list[tuple[int, int]]) -> Iterator[FreedRun]:
-    for span_start, span_end in spans:
-        for start, end, store in written.segments(span_start, span_end):
-            if store is not None and store != ZEROS:
-                yield store, store + end - start, start
 
 
 def _mapped_alike(other: RangeMap, store: int, end: int, view: int) -> Iterator[FreedRun]:

@@ -496,8 +496,8 @@ class OverlayFile:
         life in the store, bytes only this view holds are dropped."""
         assert frozen.key == self.key, (frozen.key, self.key)
         old, new = self.written, frozen.written.snapshot()
-        dropped = _runs_only_in(old, new)
-        revived = _runs_only_in(new, old)
+        dropped = old.runs_only_in(new)
+        revived = new.runs_only_in(old)
         old_space = self._space
         self.written = new
         self._space = Allocation(self.key, frozen.pages) if new.total else None
@@ -522,25 +522,6 @@ class OverlayFile:
         self.base_changed = False
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size
-
-
-def _runs_only_in(first: rangemap.RangeMap, second: rangemap.RangeMap) -> list[FreedRun]:
-    """Store runs (store offset, end, view offset) of ``first`` that ``second`` does not map to
-    the same store bytes: looked for only where the two do not share buckets."""
-    runs: list[FreedRun] = []
-    for span_start, span_end in first.unshared_spans(second):
-        for start, end, store in first.segments(span_start, span_end):
-            if store is None or store == ZEROS:
-                continue
-            position = start
-            for other_start, other_end, other in second.segments(start, end):
-                if other is not None and other != ZEROS and other == store + other_start - start:
-                    if other_start > position:
-                        runs.append((store + position - start, store + other_start - start, position))
-                    position = other_end
-            if position < end:
-                runs.append((store + position - start, store + end - start, position))
-    return runs
 
 
 def _check_range(offset: int, length: int) -> None:
