@@ -143,15 +143,16 @@ def test_open_files_refuse_a_rollback_unless_forced_and_then_see_the_checkpoint(
     api.checkpoint("c")
     write_at(m.path / "disk.raw", 0, b"after!")
     (m.path / "new.txt").write_text("new")
-    with open(m.path / "disk.raw", "rb", buffering=0) as held:
+    with open(m.path / "disk.raw", "rb", buffering=0) as held, open(m.path / "new.txt", "rb", buffering=0) as new:
         code, out, err = _cowfs("rollback", str(m.path), "c")
         assert code != 0 and out == "" and len(err.splitlines()) == 1
-        assert "open in the mount (disk.raw)" in err and "--force" in err
+        assert "open in the mount (disk.raw, new.txt)" in err and "--force" in err
         assert (m.path / "new.txt").exists()  # nothing changed
         assert os.pread(held.fileno(), 6, 0) == b"after!"
         assert _cowfs("rollback", "--force", str(m.path), "c")[0] == 0
         assert os.pread(held.fileno(), 6, 0) == b"before"  # the handle sees the checkpoint
-    assert not (m.path / "new.txt").exists()
+        assert not (m.path / "new.txt").exists()  # created since: gone, but its handle keeps its data
+        assert os.pread(new.fileno(), 3, 0) == b"new" and os.fstat(new.fileno()).st_nlink == 0
 
 
 def test_bad_input_gets_one_line_and_changes_nothing(base_dir: Path, mount_factory: MountFactory) -> None:
