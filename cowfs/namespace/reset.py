@@ -325,6 +325,14 @@ def _revert(ns: Namespace, node: Node, result: Invalidation) -> None:
         node.unlinked = True
         ns.table.maybe_drop(node)  # unless the kernel or a handle holds it
         return
+    if _kernel_would_keep_its_size(ns, node):
+        # Under the writeback cache the kernel owns the size of a regular file it holds, and no
+        # notification shrinks it: the name would show the base's bytes with the view's size.
+        # This inode stays the kernel's as a deleted file; the base object gets a new number.
+        ns.table.retire(node)
+        node.unlinked = True
+        ns.table.maybe_drop(node)
+        return
     node.attrs = None
     node.xattrs = None
     node.unlinked = False
@@ -336,6 +344,20 @@ def _revert(ns: Namespace, node: Node, result: Invalidation) -> None:
             node.data.close()
             node.data = None
     ns.table.maybe_drop(node)
+
+
+def _kernel_would_keep_its_size(ns: Namespace, node: Node) -> bool:
+    """Does the kernel hold this regular file (a lookup, or a handle open with --force) with a
+    size other than its base's?  Then its handles keep the file as it was, deleted."""
+    if node.type != stat.S_IFREG or not (node.lookups or node.opens) or node.data is None:
+        return False
+    assert node.base_path is not None
+    try:
+        st = ns.base.lstat(node.base_path)
+    except OSError:
+        return False
+    base_size = (ns.views.size(st) if ns.views is not None else None) or st.st_size
+    return st.st_nlink == 1 and base_size != node.data.size
 
 
 # -- commit ---------------------------------------------------------------------------------
