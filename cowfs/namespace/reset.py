@@ -283,20 +283,19 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
             ns.names.unlist(directory, other_name)
             result.entries.add((other_parent, other_name))
             _revive_displaced(ns, directory, other_name, result)
+    home = node.base_path  # (before _revert, which may retire the node: see there)
     _revert(ns, node, result)
     # A base node moved here goes back to its base name: drop the whiteout there.
-    if node.base_path is not None and node.base_path != (
-        None if parent.base_path is None else parent.base_path + (name,)
-    ):
-        origin = _directory_at_base_path(ns, node.base_path[:-1])
-        there = None if origin is None else origin.entries.get(node.base_path[-1])
+    if home is not None and home != (None if parent.base_path is None else parent.base_path + (name,)):
+        origin = _directory_at_base_path(ns, home[:-1])
+        there = None if origin is None else origin.entries.get(home[-1])
         if origin is not None and there == WHITEOUT:
-            ns.names.unlist(origin, node.base_path[-1], base_is_dir=node.is_dir)  # the base has this node there
-            result.entries.add((origin.ino, node.base_path[-1]))
+            ns.names.unlist(origin, home[-1], base_is_dir=node.is_dir)  # the base has this node there
+            result.entries.add((origin.ino, home[-1]))
         elif origin is not None and there is not None and there != node.ino:
             # Something else was put at its base name (RENAME_EXCHANGE): that goes back too,
             # or the base name would show two objects.
-            _reset_name(ns, origin, node.base_path[-1], result)
+            _reset_name(ns, origin, home[-1], result)
     # This name shows its base object again: if the mount moved that elsewhere, it comes back
     # (or the object would show under two names).
     moved = _moved_away(ns, parent, name, None)
