@@ -16,7 +16,7 @@ IOTESTS_ARGS ?=
 # (see patches/pyfuse3/README.md); the local version label marks the build.
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.2
+PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.3
 PYFUSE3_PATCH_DIR := patches/pyfuse3
 PYFUSE3_PATCHES := $(addprefix $(PYFUSE3_PATCH_DIR)/,$(shell cat $(PYFUSE3_PATCH_DIR)/series))
 PYFUSE3_SDIST := build/pyfuse3/pyfuse3-$(PYFUSE3_VERSION).tar.gz
