@@ -21,8 +21,9 @@ import stat
 from collections.abc import Iterator
 
 from .base import BasePath
+from .clone import CloneFile, FileData
 from .namespace import ROOT_INO, WHITEOUT, Namespace, Node, base_path_text, identity_dict
-from .overlay import BaseIdentity, OverlayFile
+from .overlay import BaseIdentity
 from .protocol import ChangeState, ControlError, DiffReply, FileChange, Plan, StatusReply
 
 _KINDS = {
@@ -39,14 +40,14 @@ _KINDS = {
 # -- reports ---------------------------------------------------------------------
 
 
-def _data_summary(data: OverlayFile | None) -> tuple[int, int]:
+def _data_summary(data: FileData | None) -> tuple[int, int]:
     """(bytes written, changed extents) of a file's data."""
     if data is None:
         return 0, 0
     return data.written.total, len(changed_ranges(data))
 
 
-def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
+def changed_ranges(data: FileData) -> list[tuple[int, int]]:
     """Byte ranges of the view not read from the base at the same offset:
     the written and zeroed ranges plus the zeroed tail ``[base_limit, size)``."""
     ranges: list[tuple[int, int]] = []
@@ -82,10 +83,12 @@ def status(namespace: Namespace) -> StatusReply:
         if base_path not in moved_from:
             found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
     found.sort(key=lambda change: change.path)
+    # Clones (passthrough mode) hold their changed blocks outside the store's byte account.
+    cloned = sum(node.data.written.total for node in namespace.nodes.values() if isinstance(node.data, CloneFile))
     return StatusReply(
         str(namespace.base.path),
         str(namespace.store.directory),
-        namespace.store.bytes_held,
+        namespace.store.bytes_held + cloned,
         store_disk_bytes(namespace),
         namespace.store.limit,
         found,

@@ -35,6 +35,12 @@ def size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def passthrough_argument(text: str) -> str:
+    if text not in ("auto", "off"):
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r}: use auto (the default) or off")
+    return text
+
+
 def path_argument(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("an empty path: name a file or directory")
@@ -47,6 +53,7 @@ _VALUE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "store": ("store", path_argument),
     "max_store": ("max_store", size_argument),
     "log_file": ("log_file", path_argument),
+    "passthrough": ("passthrough", passthrough_argument),
 }
 _FLAG_OPTIONS = {
     "allow_other": ("allow_other", True),
@@ -115,11 +122,11 @@ class _MountOptions(argparse.Action):
                 raise argparse.ArgumentError(
                     self,
                     f"unknown mount option {option!r}: cowfs takes store=, "
-                    "max_store=, log_file=, allow_other, allow_root, noexec",
+                    "max_store=, log_file=, passthrough=, allow_other, allow_root, noexec",
                 )
 
 
-_EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log"}
+_EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log", "passthrough": "off"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail writes with ENOSPC once the mount holds SIZE of written data (e.g. 10G)",
     )
     mount.add_argument(
+        "--passthrough",
+        metavar="auto|off",
+        type=passthrough_argument,
+        default="auto",
+        help="auto (default): where BASE_DIR and the store share a filesystem that clones files "
+        "(XFS, btrfs), the kernel serves file I/O from clones at native speed; off: never",
+    )
+    mount.add_argument(
         "--allow-other",
         action="store_true",
         help="let other users in (with normal permission checks; needs user_allow_other "
@@ -191,8 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPTIONS",
         action=_MountOptions,
         dest="options",
-        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, allow_other, "
-        "allow_root, noexec; rw, default_permissions, nofail, _netdev, x-systemd.* and the like "
+        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, passthrough=auto|off, "
+        "allow_other, allow_root, noexec; rw, default_permissions, nofail, _netdev, x-systemd.* and the like "
         "are accepted and ignored; ro is refused",
     )
     mount.set_defaults(noexec=False)
@@ -360,7 +375,16 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     if args.log_file is not None:
         _check_log_file(args.log_file)
     mounts.fusermount()
-    return MountConfig(base_dir, mountpoint, store_dir, args.max_store, args.allow_other, args.allow_root, args.noexec)
+    return MountConfig(
+        base_dir,
+        mountpoint,
+        store_dir,
+        args.max_store,
+        args.allow_other,
+        args.allow_root,
+        args.noexec,
+        passthrough=args.passthrough != "off",
+    )
 
 
 def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:

@@ -16,3 +16,4 @@ class MountConfig:
     allow_other: bool = False
     allow_root: bool = False  # FUSE's allow_root: the user who mounted, and root
     noexec: bool = False
+    passthrough: bool = True  # where possible (passthrough.py); False: -o passthrough=off

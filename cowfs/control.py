@@ -144,6 +144,7 @@ class ControlServer:
             return error_reply(f"internal error in the cowfs daemon ({type(error).__name__}); see its log")
 
     async def _dispatch(self, request: Request) -> object:
+        self.namespace.absorb_outside_writes()  # passthrough files change without telling us
         if isinstance(request, StatusRequest):
             return self._status()
         if isinstance(request, ResetRequest):

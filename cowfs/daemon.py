@@ -25,6 +25,7 @@ from .features import Pyfuse3Features, describe, log_missing
 from .fuse_ops import CowfsOperations
 from .kernel_cache import KernelCache
 from .namespace import Namespace
+from .passthrough import file_data_factory, plan
 from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
 
@@ -81,20 +82,22 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     except OSError as error:
         report(f"cannot open {error.filename}: {error.strerror}")
         return 1
-    namespace = Namespace(base, store)
     found = Pyfuse3Features.of(pyfuse3)
     log_missing(found)
+    # Before mounting: the INIT reply fixes the mode for the whole mount.
+    passthrough = plan(config, found)
+    namespace = Namespace(base, store, new_file_data=file_data_factory(store, passthrough))
     kernel_cache = KernelCache()
     control_server = ControlServer(
         namespace,
         kernel_cache,
-        lambda: describe(found, _granted_init_flags(found)),
+        lambda: [*describe(found, _granted_init_flags(found)), passthrough.feature()],
         lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
     )
     control = ControlInfo(
         os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir), config.max_store
     ).to_json()
-    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache)
+    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache, passthrough)
     operations.mountpoint = str(config.mountpoint)
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))

@@ -67,6 +67,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from .base import BaseDir, BasePath
+from .clone import CloneFile, FileData
 from .overlay import BaseIdentity, OverlayFile
 from .protocol import ControlError
 from .store import Store
@@ -172,7 +173,7 @@ class Node:
     links: set[tuple[int, bytes]] = field(default_factory=set)  # (parent ino, name) of its entries
     unlinked: bool = False
     entries: dict[bytes, int] = field(default_factory=dict)  # directories only
-    data: OverlayFile | None = None  # regular files, while open or changed
+    data: FileData | None = None  # regular files, while open or changed
     link_target: bytes | None = None  # symlinks created in the mount
     xattrs: dict[bytes, bytes] | None = None  # None: the base's
     last_seen_base: tuple[int, int, int, int] | None = None  # for the page-cache decision
@@ -201,9 +202,19 @@ class Node:
 class Namespace:
     """The merged, writable directory tree of one mount."""
 
-    def __init__(self, base: BaseDir, store: Store, uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(
+        self,
+        base: BaseDir,
+        store: Store,
+        uid: int | None = None,
+        gid: int | None = None,
+        new_file_data: Callable[[int | None, str], FileData] | None = None,
+    ) -> None:
         self.base = base
         self.store = store
+        # What holds a file's bytes, from its base descriptor (or None) and name: a byte overlay,
+        # or in passthrough mode a clone (passthrough.py).
+        self.new_file_data = new_file_data or (lambda base_fd, name: OverlayFile(store, base_fd, name))
         self.uid = os.geteuid() if uid is None else uid
         self.gid = os.getegid() if gid is None else gid
         self._next_ino = _FIRST_CREATED_INO
@@ -333,6 +344,7 @@ class Namespace:
         return self._stat(self.node(ino))
 
     def _stat(self, node: Node) -> Stat:
+        self._absorb_outside_writes(node)
         if node.attrs is None:
             assert node.base_path is not None
             st = self.base.lstat(node.base_path)
@@ -365,7 +377,9 @@ class Namespace:
         )
 
     @staticmethod
-    def _blocks(data: OverlayFile) -> int:
+    def _blocks(data: FileData) -> int:
+        if isinstance(data, CloneFile):
+            return data.blocks()
         base_blocks = 0
         if data.base_fd is not None and data.base_limit:
             base_blocks = min(os.fstat(data.base_fd).st_blocks, -(-data.base_limit // 512))
@@ -416,6 +430,7 @@ class Namespace:
         """Change metadata; ``may_keep_setuid``: the caller holds CAP_FSETID, so a truncate keeps
         setuid and setgid."""
         node = self.node(ino)
+        self._absorb_outside_writes(node)  # before this request's times
         attrs = self._capture(node)
         now = _now()
         if (uid is not None or gid is not None) and not node.is_dir:
@@ -455,17 +470,21 @@ class Namespace:
 
     # -- file data ------------------------------------------------------------
 
-    def _open_data(self, node: Node) -> OverlayFile:
+    def _open_data(self, node: Node) -> FileData:
         """Give a regular file its overlaid bytes (the base's, or none)."""
         if node.base_path is None:
-            data = OverlayFile(self.store)
+            data = self.new_file_data(None, "")
         else:
             fd = self.base.open_file(node.base_path)
-            data = OverlayFile(self.store, fd, name=os.fsdecode(b"/".join(node.base_path)))
+            try:
+                data = self.new_file_data(fd, os.fsdecode(b"/".join(node.base_path)))
+            except BaseException:
+                os.close(fd)
+                raise
         node.data = data
         return data
 
-    def open(self, ino: int, truncate: bool = False) -> tuple[Node, bool]:
+    def open(self, ino: int, truncate: bool = False, writable: bool = False) -> tuple[Node, bool]:
         """Open a regular file; return the node and whether the kernel may keep its cached pages."""
         node = self.node(ino)
         if node.is_dir:
@@ -475,17 +494,41 @@ class Namespace:
         data = node.data if node.data is not None else self._open_data(node)
         keep_cache = True
         identity = data.base_identity
-        if identity is not None and data.written.total == 0 and node.attrs is None:
+        if identity is not None and node.attrs is None and data.written.total == 0:
             seen = (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
             keep_cache = seen == node.last_seen_base  # the base changed since last open: drop cached pages
             node.last_seen_base = seen
+        if writable and isinstance(data, CloneFile):
+            # Its writes bypass us, and a mapping may still write the clone after the last
+            # release: keep the clone from now on, as for a written file.
+            self._capture(node)
         node.opens += 1
         if truncate:
             self.setattr(ino, size=0)
         return node, keep_cache
 
+    def absorb_outside_writes(self) -> None:
+        """Take in what the kernel wrote to passthrough files without asking (control requests
+        look at the whole mount)."""
+        for node in list(self.nodes.values()):
+            self._absorb_outside_writes(node)
+
+    def _absorb_outside_writes(self, node: Node) -> None:
+        """A passthrough file's clone may have changed without a request: then the file is
+        changed, with the clone's times (capped at our clock, so that ctime never goes back)."""
+        if not isinstance(node.data, CloneFile):
+            return
+        st = node.data.changed_outside()
+        if st is None:
+            return
+        attrs = self._capture(node)
+        now = _now()
+        attrs.mtime_ns = min(st.st_mtime_ns, now)
+        attrs.ctime_ns = max(attrs.ctime_ns, min(st.st_ctime_ns, now))
+
     def release(self, ino: int) -> None:
         node = self.node(ino)
+        self._absorb_outside_writes(node)
         node.opens -= 1
         if node.opens == 0 and node.data is not None and node.attrs is None:
             node.data.close()  # an untouched file holds nothing between opens
@@ -518,7 +561,7 @@ class Namespace:
                 if name != b"security.capability"
             }
 
-    def _change_data(self, node: Node, change: Callable[[OverlayFile], None]) -> None:
+    def _change_data(self, node: Node, change: Callable[[FileData], None]) -> None:
         """fallocate's changes: the bytes change like a write's."""
         if node.attrs is None:
             self._capture(node)

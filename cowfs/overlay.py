@@ -60,6 +60,11 @@ PAGE_SIZE = 4096  # appends keep their offset within a page of this size
 _changes = itertools.count(1)
 
 
+def next_generation() -> int:
+    """The number of a new state of a view (clone.py's views count in the same sequence)."""
+    return next(_changes)
+
+
 @dataclass(frozen=True)
 class BaseIdentity:
     """What a base file looked like when its view first used it."""
