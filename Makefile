@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch python3-dev python3-venv \
 	qemu-system-x86 qemu-utils busybox-static e2fsprogs fio util-linux fdisk parted cpio attr \
-	python3-pyfuse3 python3-trio perl openssl
+	python3-pyfuse3 python3-trio perl openssl nbdkit fuse2fs xfsprogs btrfs-progs
 PYTEST_ARGS ?=
 # make iotests: unpacking and patching the QEMU source package
 IOTESTS_PACKAGES := dpkg-dev patch xz-utils
@@ -88,7 +88,7 @@ demo: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./examples/demo.sh
 
 bench: setup
-	$(PY) bench/bench.py $(BENCH_ARGS)
+	$(PY) -m bench $(BENCH_ARGS)
 
 soak: setup
 	COWFS_SOAK=1 $(PY) -m pytest tests/unit tests/mount $(PYTEST_ARGS)

@@ -144,9 +144,10 @@ class Mount:
             return inside
         return "/" + text.lstrip("/")
 
-    def status(self) -> Status:
-        """Base, store usage, every changed path, kernel features and request counts."""
-        return Status.of(self.path, self._reply(StatusReply, StatusRequest()))
+    def status(self, changes: bool = True) -> Status:
+        """Base, store usage, every changed path (however many), kernel features and request
+        counts; with ``changes=False`` only base and store usage, at once however much changed."""
+        return Status.of(self.path, self._reply(StatusReply, StatusRequest(changes)))
 
     def diff(self, path: StrPath) -> FileDiff:
         """The byte ranges of one file that differ from (or are not backed by) its base."""
@@ -196,11 +197,13 @@ class Mount:
         """Save the current view of one file to ``dest`` without touching the base.
 
         ``raw``: a sparse full copy.  ``qcow2``: an overlay whose backing file is
-        the base (``-F raw``), holding only the changed ranges.  ``dest`` must not
-        exist unless ``force``."""
+        the base (``-F raw``; for a guest view, the image in its own format),
+        holding only the changed ranges.  ``dest`` must not exist unless ``force``."""
         inside = self._inside(path)
-        plan = self._reply(Plan, PathRequest(Op.EXPORT_PLAN, inside))
         view = self.path / inside.lstrip("/")
+        with contextlib.suppress(OSError):
+            view.stat()  # under --view guest, the daemon learns here whether it is an image
+        plan = self._reply(Plan, PathRequest(Op.EXPORT_PLAN, inside))
         exporter = {"raw": transfer.export_raw, "qcow2": transfer.export_qcow2}.get(format)
         if exporter is None:
             raise UserError(f"unknown export format {format!r}: use raw or qcow2")

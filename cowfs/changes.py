@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 from .base import BasePath
 from .clone import CloneFile, FileData
-from .namespace import ROOT_INO, WHITEOUT, Namespace, Node, base_path_text, identity_dict
+from .namespace import Namespace, Node, Refused, change_token, identity_dict, refuse_extra_links
 from .overlay import BaseIdentity
-from .protocol import ChangeState, ControlError, DiffReply, FileChange, Plan, StatusReply
+from .protocol import ChangeState, DiffReply, FileChange, Plan, StatusReply
 
 _KINDS = {
     stat.S_IFREG: "file",
@@ -38,6 +38,10 @@ _KINDS = {
 
 
 # -- reports ---------------------------------------------------------------------
+
+
+def base_path_text(parts: BasePath) -> str:
+    return "/" + "/".join(os.fsdecode(part) for part in parts)
 
 
 def _data_summary(data: FileData | None) -> tuple[int, int]:
@@ -63,11 +67,6 @@ def changed_ranges(data: FileData) -> list[tuple[int, int]]:
     return ranges
 
 
-def store_disk_bytes(namespace: Namespace) -> int:
-    """Bytes the store files of this mount take on disk."""
-    return sum(node.data.store_blocks() * 512 for node in namespace.nodes.values() if node.data is not None)
-
-
 def status(namespace: Namespace) -> StatusReply:
     """Every change of the mount, in path order."""
     found: list[FileChange] = []
@@ -79,19 +78,23 @@ def status(namespace: Namespace) -> StatusReply:
             if change.state == "renamed":
                 assert node.base_path is not None
                 moved_from.add(node.base_path)
-    for path, base_path in _whiteouts(namespace):
+    for path, base_path in namespace.names.whiteouts():
         if base_path not in moved_from:
             found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
     found.sort(key=lambda change: change.path)
-    # Clones (passthrough mode) hold their changed blocks outside the store's byte account.
-    cloned = sum(node.data.written.total for node in namespace.nodes.values() if isinstance(node.data, CloneFile))
-    return StatusReply(
-        str(namespace.base.path),
-        str(namespace.store.directory),
-        namespace.store.bytes_held + cloned,
-        store_disk_bytes(namespace),
-        namespace.store.limit,
-        found,
+    return StatusReply(str(namespace.base.path), str(namespace.store.directory), *store_usage(namespace), found)
+
+
+def store_usage(namespace: Namespace) -> tuple[int, int, int | None]:
+    """(bytes held, bytes on disk, limit) of the mount's store: its logs, and in passthrough mode
+    the blocks that clones no longer share with their bases (each counted once, when they changed)."""
+    store = namespace.store
+    clones = [node.data for node in namespace.nodes.values() if isinstance(node.data, CloneFile)]
+    cloned = sum(clone.written.total for clone in clones)
+    return (
+        store.bytes_held + cloned,
+        store.disk_bytes() + sum(512 * clone.store_blocks() for clone in clones),
+        store.limit,
     )
 
 
@@ -122,32 +125,16 @@ def _describe(path: str, node: Node, primary: bool) -> FileChange | None:
     )
 
 
-def _whiteouts(namespace: Namespace) -> list[tuple[str, BasePath]]:
-    """(mount path, base path) of every base name the mount deleted."""
-    found = []
-    stack: list[tuple[str, Node]] = [("", namespace.nodes[ROOT_INO])]
-    while stack:
-        path, directory = stack.pop()
-        for name, ino in directory.entries.items():
-            child_path = f"{path}/{os.fsdecode(name)}"
-            if ino == WHITEOUT:
-                if directory.base_path is not None:
-                    found.append((child_path, directory.base_path + (name,)))
-            elif namespace.nodes[ino].is_dir:
-                stack.append((child_path, namespace.nodes[ino]))
-    return found
-
-
 # -- one file ----------------------------------------------------------------------
 
 
 def _changed_file(namespace: Namespace, path: str) -> Node:
     """The node of a regular file of the mount (created or not)."""
-    place = namespace.place(path)
+    place = namespace.resolve(path)
     if place is None or place.node is None:
-        raise ControlError(f"{path}: no such file in the mount")
+        raise Refused(f"{path}: no such file in the mount")
     if place.node.type != stat.S_IFREG:
-        raise ControlError(f"{path}: not a regular file")
+        raise Refused(f"{path}: not a regular file")
     return place.node
 
 
@@ -170,17 +157,22 @@ def commit_plan(namespace: Namespace, path: str) -> Plan:
     node = _changed_file(namespace, path)
     data = node.data
     if node.base_path is None:
-        raise ControlError(f"{path}: created in the mount, it has no base file to commit to (use cowfs export)")
+        raise Refused(f"{path}: created in the mount, it has no base file to commit to (use cowfs export)")
     if base_path_text(node.base_path) != path:
-        raise ControlError(
+        raise Refused(
             f"{path}: renamed in the mount (from {base_path_text(node.base_path)}): "
             "commit writes file data only, reset or rename it back first"
         )
     if data is None or data.base_identity is None or not data.is_changed:
-        raise ControlError(f"{path}: no data changes to commit")
+        raise Refused(f"{path}: no data changes to commit")
+    if _guest_format(data) is not None:
+        raise Refused(
+            f"{path}: a guest view is not committed into its image: use cowfs export --format qcow2 "
+            f"{path.lstrip('/')} CHILD.qcow2, then qemu-img commit CHILD.qcow2 once the image is not mounted"
+        )
     if node.opens:
-        raise ControlError(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
-    namespace.refuse_extra_links(node, path)
+        raise Refused(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
+    refuse_extra_links(node, path)
     _check_base_unchanged(namespace, node, path)
     return _plan(namespace, path, node)
 
@@ -200,7 +192,12 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         base_file = str(namespace.base.path.joinpath(*map(os.fsdecode, node.base_path)))
     if data is None:  # untouched: the base as it is now
         assert node.base_path is not None
-        identity = BaseIdentity.of(namespace.base.lstat(node.base_path))
+        st = namespace.base.lstat(node.base_path)
+        identity = BaseIdentity.of(st)
+        guest = namespace.views.guest(st) if namespace.views is not None else None
+        if guest is not None:  # a guest view: its guest disk (the client stat()ed it, so it is known)
+            fmt, size = guest
+            return Plan(path, base_file, identity_dict(identity), size, size, [], [], [], fmt, size)
         return Plan(path, base_file, identity_dict(identity), identity.size, identity.size, [], [])
     return Plan(
         path,
@@ -209,9 +206,16 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         data.size,
         data.base_limit,
         _clip(data.written.ranges(zeros=False), data.size),
-        namespace.change_token(node),
+        change_token(node),
         _clip(data.written.ranges(zeros=True), data.size),
+        _guest_format(data),
+        getattr(data, "guest_size", None),
     )
+
+
+def _guest_format(data: FileData) -> str | None:
+    """The image format of a guest view's base (cowfs.guest.GuestFile), None for a byte view."""
+    return getattr(data, "guest_format", None)
 
 
 def _clip(ranges: Iterator[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -225,4 +229,4 @@ def _check_base_unchanged(namespace: Namespace, node: Node, path: str) -> None:
     except OSError:
         now = None
     if node.data.base_changed or now != node.data.base_identity:
-        raise ControlError(f"{path}: its base file changed since the mount started using it: refusing to commit")
+        raise Refused(f"{path}: its base file changed since the mount started using it: refusing to commit")

@@ -35,6 +35,17 @@ def size_argument(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+VIEWS = ("file", "guest")
+
+
+def view_argument(text: str) -> str:
+    if text not in VIEWS:
+        raise argparse.ArgumentTypeError(
+            f"invalid view {text!r}: file (every file byte for byte) or guest (images as their guest disks)"
+        )
+    return text
+
+
 def passthrough_argument(text: str) -> str:
     if text not in ("auto", "off"):
         raise argparse.ArgumentTypeError(f"invalid choice {text!r}: use auto (the default) or off")
@@ -53,6 +64,7 @@ _VALUE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "store": ("store", path_argument),
     "max_store": ("max_store", size_argument),
     "log_file": ("log_file", path_argument),
+    "view": ("view", view_argument),
     "passthrough": ("passthrough", passthrough_argument),
 }
 _FLAG_OPTIONS = {
@@ -122,11 +134,17 @@ class _MountOptions(argparse.Action):
                 raise argparse.ArgumentError(
                     self,
                     f"unknown mount option {option!r}: cowfs takes store=, "
-                    "max_store=, log_file=, passthrough=, allow_other, allow_root, noexec",
+                    "max_store=, log_file=, view=, passthrough=, allow_other, allow_root, noexec",
                 )
 
 
-_EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log", "passthrough": "off"}
+_EXAMPLES = {
+    "store": "/var/tmp",
+    "max_store": "10G",
+    "log_file": "/var/log/cowfs.log",
+    "view": "guest",
+    "passthrough": "off",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -155,39 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument("base_dir", metavar="BASE_DIR", type=path_argument)
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", type=path_argument)
-    mount.add_argument(
-        "--store",
-        metavar="DIR",
-        type=path_argument,
-        default=None,
-        help="where the (deleted) store files live (default: $TMPDIR, else /var/tmp)",
-    )
-    mount.add_argument(
-        "--max-store",
-        metavar="SIZE",
-        type=size_argument,
-        default=None,
-        help="fail writes with ENOSPC once the mount holds SIZE of written data (e.g. 10G)",
-    )
-    mount.add_argument(
-        "--passthrough",
-        metavar="auto|off",
-        type=passthrough_argument,
-        default="auto",
-        help="auto (default): where BASE_DIR and the store share a filesystem that clones files "
-        "(XFS, btrfs), the kernel serves file I/O from clones at native speed; off: never",
-    )
-    mount.add_argument(
-        "--allow-other",
-        action="store_true",
-        help="let other users in (with normal permission checks; needs user_allow_other "
-        "in /etc/fuse.conf when not root)",
-    )
-    mount.add_argument(
-        "--allow-root",
-        action="store_true",
-        help="let root in too, and no one else (needs user_allow_other in /etc/fuse.conf when not root)",
-    )
+    _add_mount_options(mount)
     mount.add_argument(
         "-f",
         "--foreground",
@@ -195,22 +181,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="stay in the foreground, logging to stderr",
     )
-    mount.add_argument(
-        "-v", "--verbose", action="count", dest="mount_verbose", default=0, help="more log output (repeat for debug)"
-    )
-    mount.add_argument(
-        "--log-file", metavar="FILE", type=path_argument, default=None, help="append the daemon's log to FILE"
-    )
-    mount.add_argument(
-        "-o",
-        metavar="OPTIONS",
-        action=_MountOptions,
-        dest="options",
-        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, passthrough=auto|off, "
-        "allow_other, allow_root, noexec; rw, default_permissions, nofail, _netdev, x-systemd.* and the like "
-        "are accepted and ignored; ro is refused",
-    )
-    mount.set_defaults(noexec=False)
 
     umount = commands.add_parser(
         "umount",
@@ -219,8 +189,82 @@ def build_parser() -> argparse.ArgumentParser:
     )
     umount.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
     umount.add_argument("-l", "--lazy", action="store_true", help="detach now even if files are open")
+
+    run = commands.add_parser(
+        "run",
+        usage="cowfs run [OPTIONS] BASE_DIR -- COMMAND [ARGS...]",
+        help="run one command in a private copy of BASE_DIR that is gone when it ends",
+        description="Mount BASE_DIR on a new temporary directory, run COMMAND with every {} in its "
+        "words replaced by that directory (and COWFS_MOUNT set to it), then unmount, remove the "
+        "directory and exit with COMMAND's status (128+N when signal N ended it; 127 when it "
+        "cannot be found, 126 when it cannot be run). If cowfs run is killed, even with SIGKILL, "
+        "the mount, its daemon and its store go too, and COMMAND gets SIGTERM.",
+    )
+    run.add_argument("base_dir", metavar="BASE_DIR", type=path_argument)
+    _add_mount_options(run)
     _add_control_commands(commands)
     return parser
+
+
+def _add_mount_options(parser: argparse.ArgumentParser) -> None:
+    """The options that shape a mount: `cowfs mount` and `cowfs run` take the same."""
+    parser.add_argument(
+        "--store",
+        metavar="DIR",
+        type=path_argument,
+        default=None,
+        help="where the (deleted) store files live (default: $TMPDIR, else /var/tmp)",
+    )
+    parser.add_argument(
+        "--max-store",
+        metavar="SIZE",
+        type=size_argument,
+        default=None,
+        help="fail writes with ENOSPC once the mount holds SIZE of written data (e.g. 10G)",
+    )
+    parser.add_argument(
+        "--view",
+        metavar="VIEW",
+        type=view_argument,
+        default="file",
+        help="file: every file byte for byte (the default); guest: images (qcow2, vmdk, vhdx, vdi, vpc, "
+        "qed...) as their guest disks, read by QEMU",
+    )
+    parser.add_argument(
+        "--passthrough",
+        metavar="auto|off",
+        type=passthrough_argument,
+        default="auto",
+        help="auto (default): where BASE_DIR and the store share a filesystem that clones files "
+        "(XFS, btrfs), the kernel serves file I/O from clones at native speed; off: never",
+    )
+    parser.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users in (with normal permission checks; needs user_allow_other "
+        "in /etc/fuse.conf when not root)",
+    )
+    parser.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="let root in too, and no one else (needs user_allow_other in /etc/fuse.conf when not root)",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="count", dest="mount_verbose", default=0, help="more log output (repeat for debug)"
+    )
+    parser.add_argument(
+        "--log-file", metavar="FILE", type=path_argument, default=None, help="append the daemon's log to FILE"
+    )
+    parser.add_argument(
+        "-o",
+        metavar="OPTIONS",
+        action=_MountOptions,
+        dest="options",
+        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, view=VIEW, "
+        "passthrough=auto|off, allow_other, allow_root, noexec; rw, default_permissions, nofail, _netdev, "
+        "x-systemd.* and the like are accepted and ignored; ro is refused",
+    )
+    parser.set_defaults(noexec=False)
 
 
 def _add_control_commands(commands: Any) -> None:
@@ -296,6 +340,32 @@ def with_mount_command(argv: Sequence[str]) -> list[str]:
     return words
 
 
+def split_run_command(words: list[str]) -> tuple[list[str], list[str]]:
+    """``cowfs run [OPTIONS] BASE_DIR -- COMMAND [ARGS...]``: (the words cowfs parses, COMMAND
+    and its words).  The command's words are never parsed as cowfs options."""
+    for index, word in enumerate(words):
+        if word.startswith("-"):
+            continue  # the global flags take no values
+        if word != "run":
+            return words, []
+        rest = words[index + 1 :]
+        if "--" in rest:
+            split = index + 1 + rest.index("--")
+            words, command = words[:split], words[split + 1 :]
+            if not command:
+                _usage_error("run: no COMMAND after --: cowfs run [OPTIONS] BASE_DIR -- COMMAND [ARGS...]")
+            return words, command
+        if rest and not {"-h", "--help"} & set(rest):  # nothing at all: argparse asks for BASE_DIR
+            _usage_error("run: put -- before the command: cowfs run [OPTIONS] BASE_DIR -- COMMAND [ARGS...]")
+        return words, []
+    return words, []
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"cowfs: {message} (see cowfs run --help)", file=sys.stderr)
+    sys.exit(2)
+
+
 def _setup_logging(verbosity: int, log_file: Path | None, to_stderr: bool) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     handlers: list[logging.Handler] = []
@@ -346,11 +416,7 @@ def one_line(message: str) -> str:
 
 def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     """Validate everything before anything is changed; raise UserError."""
-    if args.allow_other and args.allow_root:
-        raise UserError("allow_other and allow_root exclude each other: allow_other already lets root in")
-    base_dir = _directory(args.base_dir, "BASE_DIR")
-    if not os.access(base_dir, os.R_OK | os.X_OK):
-        raise UserError(f"BASE_DIR {base_dir} is not readable")
+    base_dir = check_base_dir(args)
     mountpoint = _directory(args.mountpoint, "MOUNTPOINT")
     if mounts.is_mounted(mountpoint):
         raise UserError(f"MOUNTPOINT {mountpoint} is already a mount: unmount it first or pick another directory")
@@ -360,21 +426,9 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
         raise UserError(f"BASE_DIR {base_dir} is inside MOUNTPOINT {mountpoint}: put it outside")
     if os.listdir(mountpoint):
         raise UserError(f"MOUNTPOINT {mountpoint} is not empty: use an empty directory")
-    store_dir = args.store if args.store is not None else default_store_directory()
-    try:
-        check_store_directory(store_dir)
-    except ValueError as error:
-        raise UserError(str(error)) from None
-    store_dir = store_dir.resolve()
+    store_dir = check_store_and_system(args)
     if _inside(store_dir, mountpoint):
         raise UserError(f"store directory {store_dir} is inside MOUNTPOINT: pick another --store")
-    if not os.path.exists("/dev/fuse"):
-        raise UserError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) and install fuse3")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        raise UserError("/dev/fuse is not accessible to you: ask root to run chmod 0666 /dev/fuse (as udev does)")
-    if args.log_file is not None:
-        _check_log_file(args.log_file)
-    mounts.fusermount()
     return MountConfig(
         base_dir,
         mountpoint,
@@ -383,12 +437,46 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
         args.allow_other,
         args.allow_root,
         args.noexec,
+        args.view,
         passthrough=args.passthrough != "off",
     )
 
 
+def check_base_dir(args: argparse.Namespace) -> Path:
+    """The options that exclude each other, and BASE_DIR: resolved, or UserError."""
+    if args.allow_other and args.allow_root:
+        raise UserError("allow_other and allow_root exclude each other: allow_other already lets root in")
+    base_dir = _directory(args.base_dir, "BASE_DIR")
+    if not os.access(base_dir, os.R_OK | os.X_OK):
+        raise UserError(f"BASE_DIR {base_dir} is not readable")
+    return base_dir
+
+
+def check_store_and_system(args: argparse.Namespace) -> Path:
+    """The store directory (resolved), /dev/fuse, the log file and fusermount3; UserError if one is unusable."""
+    store_dir = args.store if args.store is not None else default_store_directory()
+    try:
+        check_store_directory(store_dir)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if not os.path.exists("/dev/fuse"):
+        raise UserError("/dev/fuse is missing: load the fuse kernel module (modprobe fuse) and install fuse3")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        raise UserError("/dev/fuse is not accessible to you: ask root to run chmod 0666 /dev/fuse (as udev does)")
+    if args.log_file is not None:
+        _check_log_file(args.log_file)
+    mounts.fusermount()
+    return store_dir.resolve()
+
+
 def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
-    """Fork the daemon and return once it says the mount is ready.
+    start_daemon(config, args)
+    return 0
+
+
+def start_daemon(config: MountConfig, args: argparse.Namespace, child_setup: Callable[[], None] | None = None) -> int:
+    """Fork the daemon and return its pid once it says the mount is ready; UserError with its
+    reason if it could not mount.  ``child_setup`` runs first thing in the child.
 
     A fork, not a re-exec: the child already has the interpreter and the CLI
     modules, so only pyfuse3 and trio are left to import (a re-exec costs a
@@ -403,6 +491,8 @@ def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
         code = 1
         try:
             os.close(read_end)
+            if child_setup is not None:
+                child_setup()
             _detach()
             code = _serve_foreground(config, args, ready_fd=write_end)
         except BaseException:  # never return into the parent's code path
@@ -414,7 +504,7 @@ def _mount_in_background(config: MountConfig, args: argparse.Namespace) -> int:
     with os.fdopen(read_end, "rb") as ready:
         message = ready.read().decode(errors="replace").strip()
     if message == "ready":
-        return 0
+        return pid
     _, status = os.waitpid(pid, 0)
     raise UserError(
         message or f"the cowfs daemon exited with status {os.waitstatus_to_exitcode(status)} before mounting"
@@ -455,13 +545,18 @@ def _run_mount(args: argparse.Namespace) -> int:
 
 
 def _run(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(with_mount_command(argv))
+    words, command = split_run_command(with_mount_command(argv))
+    args = build_parser().parse_args(words)
     try:
         if args.command == "mount":
             return _run_mount(args)
         if args.command == "umount":
             mounts.unmount(args.mountpoint, lazy=args.lazy)
             return 0
+        if args.command == "run":
+            from .run import run_command
+
+            return run_command(args, command)
         from . import control_cli  # not before the mount's fork: the API and its imports
 
         return control_cli.run(args)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from .overlay import BaseIdentity, OverlayFile, next_generation
 from .rangemap import ZEROS, RangeMap
-from .store import Store
+from .store import STORE_MODE
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
 FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
@@ -144,7 +144,9 @@ def compare_block_maps(
     ``base_size`` bytes: (start, end, zeros) with ``zeros`` for base data the clone no longer
     has (a hole now), else written or allocated bytes.  ``same_bytes(start, end)`` decides
     extents that carry no disk address (inline, delayed or unknown ones)."""
-    base_pieces = list(_pieces(base, min(size, base_size)))
+    # The base's last block reaches past its size (zeros there): compared as a whole too.
+    base_end = max([base_size] + [extent.end for extent in base if extent.logical < base_size < extent.end])
+    base_pieces = list(_pieces(base, min(size, base_end)))
     changed: list[tuple[int, int, bool]] = []
 
     def note(start: int, end: int, zeros: bool) -> None:
@@ -180,9 +182,10 @@ def compare_block_maps(
 class CloneFile:
     """The bytes of one file of a passthrough mount: an unnamed clone of its base."""
 
-    def __init__(self, store: Store, base_fd: int | None = None, name: str = "") -> None:
+    def __init__(self, directory_fd: int, base_fd: int | None = None, name: str = "") -> None:
+        """A clone of ``base_fd`` (or an empty file) in the directory ``directory_fd`` (the store's)."""
         self.name = name  # for log lines only
-        self.clone_fd = store.new_file()
+        self.clone_fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, STORE_MODE, dir_fd=directory_fd)
         if base_fd is not None:
             try:
                 clone_into(self.clone_fd, base_fd)
@@ -241,8 +244,11 @@ class CloneFile:
         return self.base_identity is None or self.size != self.base_identity.size or bool(self.written)
 
     def store_blocks(self) -> int:
-        """512-byte blocks this file takes beyond what it shares with its base."""
-        return -(-self.written.total // 512)
+        """512-byte blocks this file takes beyond what it shares with its base (whole blocks of
+        its filesystem: the written ranges end at the file's size)."""
+        block = os.fstat(self.clone_fd).st_blksize
+        taken = sum(-(-end // block) * block - start for start, end in self.written.ranges(zeros=False))
+        return taken // 512
 
     def blocks(self) -> int:
         """512-byte blocks of the view, shared ones included (its ``st_blocks``)."""

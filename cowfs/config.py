@@ -16,4 +16,6 @@ class MountConfig:
     allow_other: bool = False
     allow_root: bool = False  # FUSE's allow_root: the user who mounted, and root
     noexec: bool = False
+    view: str = "file"  # "guest": images show as their guest disks (cowfs.guest)
+    remove_mountpoint: bool = False  # a temporary mountpoint (cowfs run): the daemon removes it at the end
     passthrough: bool = True  # where possible (passthrough.py); False: -o passthrough=off

@@ -9,8 +9,11 @@ only the user who mounted, and root, are answered.
 Nothing a client sends may end or stall the FUSE loop: a malformed request
 gets an error reply, an unexpected exception in a handler is logged with its
 traceback and answered ``{"ok": false, ...}``, a client that sends nothing is
-dropped after `REQUEST_TIMEOUT`, and at most `MAX_CONNECTIONS` are served at
-once.  Handlers run in the trio thread with no await while they look at or
+dropped after `REQUEST_TIMEOUT` and one that stops reading its reply after
+`REPLY_TIMEOUT` a line, at most `MAX_CONNECTIONS` are served at once, and at
+most `MAX_REPLYING` replies are worked out or sent at once (a reply of any size
+is sent a line at a time, each encoded when its turn comes, and holds its
+result until the client has read it).  Handlers run in the trio thread with no await while they look at or
 change the namespace, so each request is atomic with respect to FUSE requests.
 Kernel cache invalidation, which may wait for the kernel to write dirty pages
 back to us, runs afterwards in a worker thread.
@@ -24,17 +27,16 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import trio
 
 from . import changes
 from .kernel_cache import KernelCache
-from .namespace import Namespace
+from .namespace import Namespace, Refused
 from .protocol import (
     MAX_LINE,
     CommitDoneRequest,
-    ControlError,
     Feature,
     Op,
     PathRequest,
@@ -46,14 +48,16 @@ from .protocol import (
     StatusRequest,
     decode_request,
     error_reply,
-    ok_reply,
+    reply_lines,
 )
 
 log = logging.getLogger(__name__)
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 REQUEST_TIMEOUT = 30.0  # seconds a client has to send its request line
+REPLY_TIMEOUT = 30.0  # seconds a client may take to read each line of the reply
 MAX_CONNECTIONS = 64
+MAX_REPLYING = 4  # replies being worked out or sent at once (a large one holds its result until sent)
 
 
 class ControlServer:
@@ -73,6 +77,7 @@ class ControlServer:
         self.owner_uid = os.getuid()
         self.name = f"cowfs-{secrets.token_hex(16)}"
         self._connections = 0
+        self._replying = trio.Semaphore(MAX_REPLYING)
         # Bound before the mount is reported ready, so clients never race the daemon.
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._listener.bind("\0" + self.name)
@@ -119,7 +124,11 @@ class ControlServer:
                         error_reply("permission denied: only the user who mounted (or root) may control this mount"),
                     )
                     return
-                await _send(connection, await self.answer(line))
+                # Few replies at once: each holds its result until the client has read it all.
+                async with self._replying:
+                    for reply_line in await self.answer(line):
+                        with trio.fail_after(REPLY_TIMEOUT):  # a client that stops reading is dropped
+                            await _send(connection, reply_line)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as error:
             log.info("control connection ended early: %s", error or type(error).__name__)
         except Exception:
@@ -127,26 +136,28 @@ class ControlServer:
         finally:
             self._connections -= 1
 
-    async def answer(self, line: bytes) -> bytes:
-        """The reply line to one request line; never raises (but for cancellation)."""
+    async def answer(self, line: bytes) -> Iterator[bytes]:
+        """The reply lines to one request line, encoded as they are taken (protocol.reply_lines);
+        never raises (but for cancellation)."""
         try:
             request = decode_request(line)
-            return ok_reply(await self._dispatch(request))
+            return reply_lines(await self._dispatch(request))
         except ProtocolError as error:
-            return error_reply(f"bad control request: {error}")
-        except ControlError as error:
-            return error_reply(str(error))
+            message = f"bad control request: {error}"
+        except Refused as error:
+            message = str(error)
         except OSError as error:
             log.warning("control request failed: %s", error)
-            return error_reply(f"the daemon failed: {error.strerror or error}")
+            message = f"the daemon failed: {error.strerror or error}"
         except Exception as error:
             log.exception("internal error answering a control request")
-            return error_reply(f"internal error in the cowfs daemon ({type(error).__name__}); see its log")
+            message = f"internal error in the cowfs daemon ({type(error).__name__}); see its log"
+        return iter([error_reply(message)])
 
     async def _dispatch(self, request: Request) -> object:
         self.namespace.absorb_outside_writes()  # passthrough files change without telling us
         if isinstance(request, StatusRequest):
-            return self._status()
+            return self._status() if request.changes else self._summary()
         if isinstance(request, ResetRequest):
             return await self._reset(request)
         if isinstance(request, CommitDoneRequest):
@@ -163,17 +174,22 @@ class ControlServer:
             changes.status(self.namespace), features=self._features(), requests=self._request_counts()
         )
 
+    def _summary(self) -> StatusReply:
+        """The status without the list of changes (`cowfs list`): costs nothing per change (but
+        for clones that changed since last asked)."""
+        namespace = self.namespace
+        return StatusReply(
+            str(namespace.base.path), str(namespace.store.directory), *changes.store_usage(namespace), []
+        )
+
     async def _reset(self, request: ResetRequest) -> ResetReply:
         # Dirty pages of open files would otherwise reach us after the reset.
         if request.force:
-            await self.kernel_cache.invalidate(self._open_file_inodes())
+            await self.kernel_cache.invalidate(self.namespace.table.open_files())
         result = self.namespace.reset(request.path, request.force)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("reset %s (%d inodes)", request.path, len(result.inodes))
         return ResetReply(result.paths)
-
-    def _open_file_inodes(self) -> set[int]:
-        return {node.ino for node in self.namespace.nodes.values() if node.opens and node.data is not None}
 
     async def _commit_done(self, request: CommitDoneRequest) -> ResetReply:
         result = self.namespace.commit_done(request.path, request.token, request.identity)

@@ -58,7 +58,7 @@ def list_mounts() -> list[dict[str, Any]]:
         }
         try:
             pid = mounts.control_info(mountpoint).pid
-            status = Mount(mountpoint).status()
+            status = Mount(mountpoint).status(changes=False)
             row.update(
                 pid=pid,
                 base_dir=str(status.base_dir),

@@ -11,24 +11,25 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .protocol import MAX_LINE, ControlError, ControlInfo, ProtocolError, Request, decode_reply, encode_line
+from .protocol import MAX_LINE, ControlError, ControlInfo, ProtocolError, Request, encode_line, read_reply
 
 
 def request(mountpoint: Path, info: ControlInfo, message: Request) -> Any:
-    """Send one request to a mount's daemon; its result, or UserError with the daemon's message."""
+    """Send one request to a mount's daemon; its whole result (however many lines it takes),
+    or UserError with the daemon's message."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as client:
         try:
             client.connect("\0" + info.socket)
             client.sendall(encode_line(message))
-            with client.makefile("rb") as replies:
-                line = replies.readline(MAX_LINE + 1)
+            with client.makefile("rb", buffering=1 << 20) as replies:
+                first = replies.readline(MAX_LINE + 1)
+                if not first:
+                    raise UserError(f"{mountpoint}: the cowfs daemon closed the control connection")
+                lines = iter([first])
+                return read_reply(lambda: next(lines, b"") or replies.readline(MAX_LINE + 1))
         except OSError as error:
             raise UserError(f"{mountpoint}: cannot talk to the cowfs daemon ({error.strerror or error})") from None
-    if not line:
-        raise UserError(f"{mountpoint}: the cowfs daemon closed the control connection")
-    try:
-        return decode_reply(line)
-    except ControlError as error:
-        raise UserError(str(error)) from None
-    except ProtocolError as error:
-        raise UserError(f"{mountpoint}: unreadable reply from the cowfs daemon ({error})") from None
+        except ControlError as error:
+            raise UserError(str(error)) from None
+        except ProtocolError as error:
+            raise UserError(f"{mountpoint}: unreadable reply from the cowfs daemon ({error})") from None

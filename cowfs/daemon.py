@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import pyfuse3
 import trio
@@ -23,13 +24,16 @@ from .config import MountConfig
 from .control import ControlServer
 from .features import Pyfuse3Features, describe, log_missing
 from .fuse_ops import CowfsOperations
+from .guest import GuestViews
 from .kernel_cache import KernelCache
 from .namespace import Namespace
-from .passthrough import file_data_factory, plan
+from .passthrough import FileDataFactory, plan
 from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
 
 log = logging.getLogger(__name__)
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each unmounts cleanly
 
 
 def _raise_fd_limit() -> None:
@@ -74,6 +78,14 @@ def _granted_init_flags(found: Pyfuse3Features) -> int | None:
 def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     """Mount and serve until unmounted or signalled.  ``report(None)`` says
     "ready", ``report(message)`` says why mounting failed.  Returns the exit code."""
+    try:
+        return _serve(config, report)
+    finally:
+        if config.remove_mountpoint:  # unmounted by now
+            _remove_directory(config.mountpoint)
+
+
+def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     _raise_fd_limit()
     logging.getLogger("pyfuse3").addFilter(_AbandonedReplyFilter())
     try:
@@ -86,7 +98,9 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     log_missing(found)
     # Before mounting: the INIT reply fixes the mode for the whole mount.
     passthrough = plan(config, found)
-    namespace = Namespace(base, store, new_file_data=file_data_factory(store, passthrough))
+    views = GuestViews(base) if config.view == "guest" else None
+    file_data = FileDataFactory(store, passthrough)
+    namespace = Namespace(base, store, views=views, new_file_data=file_data)
     kernel_cache = KernelCache()
     control_server = ControlServer(
         namespace,
@@ -99,23 +113,34 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     ).to_json()
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache, passthrough)
     operations.mountpoint = str(config.mountpoint)
+    operations.guest_views = views
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
     except RuntimeError:
         report(f"cannot mount on {config.mountpoint}: FUSE refused the mount (see the daemon log, or run with -f)")
         control_server.close()
+        file_data.close()
         return 1
-    log.info("mounted %s on %s, store in %s", config.base_dir, config.mountpoint, config.store_dir)
+    log.info(
+        "mounted %s on %s, store in %s%s",
+        config.base_dir,
+        config.mountpoint,
+        config.store_dir,
+        ", images as their guest disks" if views else "",
+    )
     code = 0
     try:
-        trio.run(_main, report, control_server)
+        trio.run(_main, report, control_server, views)
     except Exception:
         log.exception("the FUSE main loop failed")
         code = 1
     finally:
         pyfuse3.close(unmount=True)
+        if views is not None:
+            views.close()
         control_server.close()
         namespace.close()
+        file_data.close()
         store.close()
         base.close()
     counters.log_summary()
@@ -123,17 +148,31 @@ def serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     return code
 
 
-async def _main(report: Callable[[str | None], None], control_server: ControlServer) -> None:
+async def _main(report: Callable[[str | None], None], control_server: ControlServer, views: GuestViews | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signals)
         nursery.start_soon(control_server.serve)
+        if views is not None:
+            nursery.start_soon(views.stop_idle_helpers)
         report(None)
         await pyfuse3.main()
+        if views is not None:
+            await views.aclose()
         nursery.cancel_scope.cancel()
 
 
+def _remove_directory(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except OSError as error:
+        log.warning("could not remove the temporary mountpoint %s: %s", path, error.strerror)
+
+
 async def _terminate_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(*TERMINATING_SIGNALS) as signals:
+        # `cowfs run` starts the daemon with these blocked, so that one that comes early waits
+        # for this receiver instead of ending the daemon with the mount still there.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, TERMINATING_SIGNALS)
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()

@@ -26,6 +26,7 @@ import trio
 from . import counters
 from .clone import CloneFile
 from .features import FUSE_HANDLE_KILLPRIV_V2
+from .guest import FetchNeeded, GuestFile, GuestViews, MapNeeded, ViewFailure
 from .kernel_cache import KernelCache
 from .mounts import find_mount
 from .namespace import Namespace, Node, Stat
@@ -79,7 +80,10 @@ NODE_COUNT_XATTR = b"user.cowfs.nodes"
 # disk reads first (each round is one pass of the trio scheduler, a few microseconds).
 MAX_PREFETCH_ROUNDS = 32
 
-_UNCACHED_READS = counters.counter("read_uncached")  # reads that waited for the disk
+_UNCACHED_READS = counters.counter("read_uncached")
+
+# A guest view's read fetches again only when a reset brought base bytes back meanwhile.
+MAX_GUEST_FETCHES = 8  # reads that waited for the disk
 
 # fallocate(2) modes (linux/falloc.h) that reach a FUSE filesystem.
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -114,7 +118,7 @@ def _errno_replies(
         except OSError as error:
             counter.errors += 1
             code = error.errno or errno.EIO
-            if code not in _QUIET_ERRNOS:
+            if code not in _QUIET_ERRNOS and not isinstance(error, ViewFailure):  # that one was logged once
                 log.warning("%s: %s", handler.__name__, error)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
@@ -223,6 +227,7 @@ class CowfsOperations(pyfuse3.Operations):
         self._read_buffer = bytearray(READ_AHEAD_KIB * 1024)
         self._reads_started = 0  # READ requests so far (a waiting read checks for newer ones)
         self.mountpoint: str | None = None  # set by the daemon: used to tune the mount's readahead
+        self.guest_views: GuestViews | None = None  # set by the daemon under --view guest
 
     def init(self) -> None:
         # Called while the kernel's INIT request is answered, and INIT resets
@@ -252,10 +257,24 @@ class CowfsOperations(pyfuse3.Operations):
 
     # -- names -------------------------------------------------------------
 
+    async def _prepare(self, node: Node) -> None:
+        """Under --view guest: learn, before the namespace needs it, whether a base file is an
+        image and its guest disk's size (the first time an image is seen, a QEMU helper tells)."""
+        views = self.guest_views
+        if views is None or node.base_path is None or node.data is not None or node.is_dir:
+            return
+        try:
+            st = self.ns.base.lstat(node.base_path)
+        except OSError:
+            return  # the namespace answers that itself
+        if views.needs_prepare(st):
+            await views.prepare(node.base_path)
+
     @_errno_replies
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         node = self.ns.lookup(parent_inode, name)
         try:
+            await self._prepare(node)
             return self._reply_entry(node)
         except BaseException:
             self.ns.forget(node.ino, 1)  # the kernel will not count a failed lookup
@@ -271,12 +290,14 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        await self._prepare(self.ns.node(inode))
         return _entry(self.ns.getattr(inode))
 
     @_errno_replies
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        await self._prepare(self.ns.node(inode))
         st = self.ns.setattr(
             inode,
             size=attr.st_size if fields.update_size else None,
@@ -321,12 +342,14 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        await self._prepare(self.ns.node(inode))
         return self._reply_entry(self.ns.link(inode, new_parent_inode, new_name))
 
     # -- files ---------------------------------------------------------------
 
     @_errno_replies
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        await self._prepare(self.ns.node(inode))
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC), writable=writable)
         handle = self._new_handle(node, flags)
@@ -371,6 +394,8 @@ class CowfsOperations(pyfuse3.Operations):
             # pyfuse3 copies the reply out before this buffer is used again (no
             # await between our return and its reply).
             return data.read_into(off, size, self._read_buffer, nowait=True)
+        except FetchNeeded as need:
+            return await self._read_guest(fh, off, size, need)
         except BlockingIOError:
             pass
         # Bytes not in the page cache (a cold base, a base on NFS): start reading them, let the
@@ -390,6 +415,21 @@ class CowfsOperations(pyfuse3.Operations):
         if size > len(self._read_buffer):  # another request may have swapped it meanwhile
             self._read_buffer = bytearray(size)
         return data.read_into(off, size, self._read_buffer)
+
+    async def _read_guest(self, fh: int, off: int, size: int, need: FetchNeeded) -> memoryview:
+        """A guest view's read: fetch its base bytes through QEMU (an await), then read with them.
+        The pieces are worked out again after the await; the fetched bytes stay right (the image
+        never changes), so a second fetch is needed only when a reset brought back base bytes."""
+        for _ in range(MAX_GUEST_FETCHES):
+            fetched = await need.image.fetch(self.ns.base, need.start, need.end)
+            data = self._open_files[fh].data
+            if not isinstance(data, GuestFile):
+                raise OSError(errno.EIO, "the file changed kind while it was read")
+            try:
+                return data.read_fetched(off, size, bytearray(size), (need.start, fetched))
+            except FetchNeeded as again:
+                need = again
+        raise OSError(errno.EIO, "a guest view's read kept needing other bytes")
 
     @_errno_replies
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -436,13 +476,15 @@ class CowfsOperations(pyfuse3.Operations):
             # written through a handle still open for writing may not have reached us: have it
             # write them back now (we serve those WRITEs meanwhile), then answer.
             await self.kernel_cache.invalidate([node.ino])
-        data = node.data
-        assert data is not None
-        if whence == SEEK_DATA:
-            return data.seek_data(offset)
-        if whence == SEEK_HOLE:
-            return data.seek_hole(offset)
-        raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the filesystem")
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the filesystem")
+        while True:
+            data = node.data
+            assert data is not None
+            try:
+                return data.seek_data(offset) if whence == SEEK_DATA else data.seek_hole(offset)
+            except MapNeeded as need:  # a guest view: learn more of its allocation map, then look again
+                await need.image.fetch_map(self.ns.base, need.offset)
 
     @_errno_replies
     async def release(self, fh: int) -> None:
@@ -480,6 +522,7 @@ class CowfsOperations(pyfuse3.Operations):
             except OSError:
                 continue  # gone since opendir
             try:
+                await self._prepare(node)
                 entry = self._reply_entry(node)
             except OSError:
                 self.ns.forget(node.ino, 1)  # no reply, so the kernel will not count it

@@ -8,14 +8,16 @@ An `OverlayFile` stitches its view from three sources, decided per byte:
   2. other offsets below ``base_limit`` come from the base file;
   3. everything else reads as zeros.
 
-The store file is a log: bytes written where the view had none yet are
-appended at its end (aligned like their view offset within a 4 KiB page, so
-aligned writes stay page-aligned and need no read-modify-write), and bytes
-already in the store are overwritten where they are.  Why not the same
-offsets in a sparse file: a million scattered 4 KiB writes then make a
-million extents in the store's filesystem, and random writeback to disk,
-which slowed writes down ~3x as they accumulated; appends stay sequential.
-The store therefore holds about what was written, however large the image.
+The store (store.py) is a few logs shared by every file of the mount: bytes
+written where the view had none yet are appended there (at the same offset
+within a 4 KiB page as their view offset, so aligned writes stay page-aligned
+and need no read-modify-write; a file's sequential writes stay contiguous in
+the store, so their ranges merge), and bytes already in the store are
+overwritten where they are.  Why not the same offsets in a sparse file: a
+million scattered 4 KiB writes then make a million extents in the store's
+filesystem, and random writeback to disk, which slowed writes down ~3x as
+they accumulated; appends stay sequential.  The store therefore holds about
+what was written, however large the image.
 
 ``base_limit`` starts at the base's size and only ever shrinks (a truncate
 below it hides the base's tail for good, so a regrown tail reads as zeros,
@@ -27,11 +29,9 @@ Holes, as SEEK_DATA/SEEK_HOLE report them (as on ext4): the base's own holes,
 ``ZEROS`` ranges and the part above ``base_limit`` that nothing was written
 to.  Written bytes are data, zeros or not.  Punching or zeroing a range drops
 its written bytes from the map, releases their space in the store's account
-and punches the store file's pages that held only those bytes (pages shared
-with other bytes stay until the file's map holds no store bytes at all, when
-the whole store file is emptied).  ``allocate`` only checks that
-``--max-store`` has room for the range: the append log cannot place future
-writes in advance, so nothing is reserved.
+and punches the store pages that no longer hold any of its bytes.
+``allocate`` only checks that ``--max-store`` has room for the range: an
+append log cannot place future writes in advance, so nothing is reserved.
 
 ``generation`` grows on every change of the view's bytes or size, so a
 reader can tell whether anything changed between two moments.
@@ -50,11 +50,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .rangemap import ZEROS, RangeMap
-from .store import Store
+from .store import PAGE_SIZE, Allocation, FreedRun, Store
 
 log = logging.getLogger(__name__)
-
-PAGE_SIZE = 4096  # appends keep their offset within a page of this size
 
 # Every change of any view gets the next number, so a generation names one state of one view for good.
 _changes = itertools.count(1)
@@ -100,8 +98,7 @@ class OverlayFile:
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size
         self.written = RangeMap()
-        self.store_fd: int | None = None
-        self.store_end = 0  # where the next append goes
+        self._space: Allocation | None = None  # its pages in the store, from its first new bytes on
         self.generation = next(_changes)  # a new number at every change of the view's bytes or size
         self._nowait_works = True  # False once a filesystem refused RWF_NOWAIT: then reads just wait
 
@@ -116,14 +113,15 @@ class OverlayFile:
         )
 
     def close(self) -> None:
-        """Release the descriptors and the space accounted for this file."""
-        self._store.release(self.written.total)
+        """Release the base descriptor and the store space of this file."""
+        runs = [(store, store + end - start, start) for start, end, store in self.written.extents() if store != ZEROS]
         self.written.clear()
-        for fd in (self.store_fd, self.base_fd):
-            if fd is not None:
-                os.close(fd)
-        self.store_fd = self.base_fd = None
-        self.store_end = 0
+        if self._space is not None:
+            self._store.free(self._space, runs, lambda view_page, store_page: False)
+            self._space = None
+        if self.base_fd is not None:
+            os.close(self.base_fd)
+        self.base_fd = None
 
     # -- reading ------------------------------------------------------------
 
@@ -170,7 +168,8 @@ class OverlayFile:
                 pieces.append((None, seg_start, seg_end, 0))
                 continue
             if store is not None:
-                pieces.append((self.store_fd, seg_start, seg_end, store))
+                fd, offset = self._store.locate(store)
+                pieces.append((fd, seg_start, seg_end, offset))
                 continue
             if seg_start < self.base_limit:
                 base_end = min(seg_end, self.base_limit)
@@ -212,28 +211,41 @@ class OverlayFile:
             return 0
         segments = list(self.written.segments(offset, offset + length))
         if self._store.limit is not None:
-            self._store.ensure_room(
-                sum(stop - start for start, stop, store in segments if store is None or store == ZEROS)
-            )
-        fd = self._store_fd()
+            self._store.ensure_room(sum(stop - start for start, stop, store in segments if not self._in_place(store)))
         self.generation = next(_changes)
         view = memoryview(data)
         done = 0
         for start, stop, store in segments:
-            if store is None or store == ZEROS:  # new bytes: append them to the store
-                new_store = self.store_end + (start - self.store_end) % PAGE_SIZE
-                count = os.pwrite(fd, view[start - offset : stop - offset], new_store)
-                # Only the bytes that reached the store enter the map (a short write leaves zeros zeros).
-                if store == ZEROS:
-                    self.written.remove(start, start + count)
-                self._store.hold(self.written.add(start, start + count, new_store))
-                self.store_end = max(self.store_end, new_store + count)
+            piece = view[start - offset : stop - offset]
+            if self._in_place(store):
+                assert store is not None
+                count = self._store.overwrite(store, piece)
             else:
-                count = os.pwrite(fd, view[start - offset : stop - offset], store)
+                count = self._append(start, piece)
             done += count
             if count < stop - start:
                 break  # a short write is returned to the caller as such
         self.size = max(self.size, offset + done)
+        return done
+
+    def _in_place(self, store: int | None) -> bool:
+        """Do the bytes at ``store`` take a write where they are?"""
+        return store is not None and store != ZEROS and self._store.may_overwrite(store)
+
+    def _append(self, start: int, data: memoryview) -> int:
+        """Put new bytes for ``[start, start + len(data))`` into the store and map them there
+        (over ZEROS, or bytes the store may not overwrite); the bytes that reached the store."""
+        if self._space is None:
+            self._space = Allocation()
+        done = 0
+        while done < len(data):
+            store, count = self._store.append(self._space, start + done, data[done:])
+            if not count:
+                break
+            # Only the bytes that reached the store enter the map (a short write leaves zeros zeros).
+            self._unmap(start + done, start + done + count)
+            self.written.add(start + done, start + done + count, store)
+            done += count
         return done
 
     def truncate(self, size: int) -> None:
@@ -241,7 +253,7 @@ class OverlayFile:
             return
         self.generation = next(_changes)
         if size < self.size:
-            self._drop(size, self.size)
+            self._unmap(size, self.size)
             self.base_limit = min(self.base_limit, size)
         self.size = size
 
@@ -252,7 +264,7 @@ class OverlayFile:
         if offset >= end:
             return
         self.generation = next(_changes)
-        self._drop(offset, end)
+        self._unmap(offset, end)
         zeros_end = min(end, self.base_limit)
         if offset < zeros_end:  # base bytes: hide them without store bytes
             self.written.add(offset, zeros_end, ZEROS)
@@ -284,41 +296,41 @@ class OverlayFile:
         if not pieces:
             return
         self.generation = next(_changes)
-        fd = self._store_fd()
+        if self._space is None:
+            self._space = Allocation()
         for start, stop in pieces:
-            new_store = self.store_end + (start - self.store_end) % PAGE_SIZE
-            os.posix_fallocate(fd, new_store, stop - start)
-            self.written.remove(start, stop)  # a ZEROS range gives way to the zeroed store bytes
-            self._store.hold(self.written.add(start, stop, new_store))
-            self.store_end = max(self.store_end, new_store + stop - start)
+            while start < stop:
+                store, count = self._store.reserve(self._space, start, stop - start)
+                self.written.remove(start, start + count)  # a ZEROS range gives way to the zeroed store bytes
+                self.written.add(start, start + count, store)
+                start += count
 
     def _grow_to(self, end: int, keep_size: bool) -> None:
         if not keep_size and end > self.size:
             self.size = end  # above base_limit, so the new tail reads zeros
             self.generation = next(_changes)
 
-    def _drop(self, start: int, end: int) -> None:
+    def _unmap(self, start: int, end: int) -> None:
         """Unmap ``[start, end)``: release its store bytes in the account and on disk."""
-        freed: list[tuple[int, int]] = []  # store byte ranges, merged where they continue
+        runs: list[FreedRun] = []  # (store, store end, view offset), merged where they continue
         for seg_start, seg_end, store in self.written.segments(start, end):
             if store is None or store == ZEROS:
                 continue
-            if freed and freed[-1][1] == store:
-                freed[-1] = (freed[-1][0], store + seg_end - seg_start)
+            if runs and runs[-1][1] == store:
+                runs[-1] = (runs[-1][0], store + seg_end - seg_start, runs[-1][2])
             else:
-                freed.append((store, store + seg_end - seg_start))
-        self._store.release(self.written.remove(start, end))
-        if self.store_fd is None:
-            return
-        if self.written.total == 0:  # no store bytes left: empty the whole store file
-            os.ftruncate(self.store_fd, 0)
-            self.store_end = 0
-            return
-        for store_start, store_end in freed:  # pages wholly inside freed bytes hold nothing else
-            first_page = -(-store_start // PAGE_SIZE) * PAGE_SIZE
-            last_page = store_end // PAGE_SIZE * PAGE_SIZE
-            if first_page < last_page:
-                self._store.free_pages(self.store_fd, first_page, last_page - first_page)
+                runs.append((store, store + seg_end - seg_start, seg_start))
+        self.written.remove(start, end)
+        if runs:
+            assert self._space is not None
+            self._store.free(self._space, runs, self._page_in_use)
+
+    def _page_in_use(self, view_page: int, store_page: int) -> bool:
+        """Does the store page still hold bytes of the file?  (All its bytes belong to one view page.)"""
+        for _, _, store in self.written.segments(view_page, view_page + PAGE_SIZE):
+            if store is not None and store != ZEROS and store - store % PAGE_SIZE == store_page:
+                return True
+        return False
 
     # -- holes --------------------------------------------------------------
 
@@ -369,20 +381,16 @@ class OverlayFile:
         assert self.written.last_end() <= self.size, (self.written.last_end(), self.size)
         last_zeros_end = max((end for _, end in self.written.ranges(zeros=True)), default=0)
         assert last_zeros_end <= self.base_limit, (last_zeros_end, self.base_limit)
-        assert self.store_end >= max(
-            (store + end - start for start, end, store in self.written.extents() if store != ZEROS), default=0
-        )
-
-    def _store_fd(self) -> int:
-        if self.store_fd is None:
-            self.store_fd = self._store.new_file()
-        return self.store_fd
+        for start, end, store in self.written.extents():
+            if store != ZEROS:
+                assert self._store.locate(store)[0] >= 0, f"[{start}, {end}) in a closed log"
+                assert store % PAGE_SIZE == start % PAGE_SIZE, (start, store)
 
     # -- store management ---------------------------------------------------
 
     def store_blocks(self) -> int:
-        """512-byte blocks the store holds for this file."""
-        return os.fstat(self.store_fd).st_blocks if self.store_fd is not None else 0
+        """512-byte blocks the store holds for this file: its pages with live bytes."""
+        return self._space.pages * (PAGE_SIZE // 512) if self._space is not None else 0
 
     def adopt_base(self, identity: BaseIdentity) -> None:
         """The base file was rewritten (by `cowfs commit`) to hold this view's bytes below

@@ -94,6 +94,8 @@ def plan(config: MountConfig, found: Pyfuse3Features) -> Passthrough:
         return Passthrough.off(stock_build(found))
     if config.max_store is not None:
         return Passthrough.off("--max-store needs every write to pass through the daemon")
+    if config.view != "file":
+        return Passthrough.off("--view guest serves images through the daemon")
     release = os.uname().release
     if kernel_version(release) < MIN_KERNEL:
         return Passthrough.off(f"needs Linux {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or newer, this is {release}")
@@ -152,22 +154,29 @@ def reflink_problem(config: MountConfig) -> tuple[str | None, str]:
     return None, filesystem
 
 
-def file_data_factory(store: Store, mode: Passthrough) -> Callable[[int | None, str], FileData]:
-    """What the namespace makes a file's bytes from: a clone in passthrough mode, else a byte overlay."""
+class FileDataFactory:
+    """What the namespace makes a file's bytes from: in passthrough mode a clone in the store
+    directory, else (and for a file that cannot be cloned) a byte overlay."""
 
-    def new_file_data(base_fd: int | None, name: str) -> FileData:
-        if mode.active:
+    def __init__(self, store: Store, mode: Passthrough) -> None:
+        self._store = store
+        self._mode = mode
+        self._directory_fd = os.open(store.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __call__(self, base_fd: int | None, name: str) -> FileData:
+        if self._mode.active:
             try:
-                return CloneFile(store, base_fd, name)
+                return CloneFile(self._directory_fd, base_fd, name)
             except OSError as error:
                 if error.errno not in _CANNOT_CLONE:
                     raise
-                mode.note_once(
+                self._mode.note_once(
                     "clone", "%s cannot be cloned (%s): the daemon serves it (logged once)", name, error.strerror
                 )
-        return OverlayFile(store, base_fd, name)
+        return OverlayFile(self._store, base_fd, name)
 
-    return new_file_data
+    def close(self) -> None:
+        os.close(self._directory_fd)
 
 
 class Backings:

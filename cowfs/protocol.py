@@ -13,6 +13,16 @@ sends ``{"op": OP, ...the request's fields}``, the daemon answers
 The field names on the wire are the dataclass field names below: nothing is
 renamed on the way.
 
+Replies of any size (`reply_lines`, `read_reply`).  A list field of the result
+longer than `STREAMED_ITEMS` (the changes of a status, the ranges of a diff or
+a plan, the paths of a reset) leaves the first line empty, and the first line
+says how many items follow: ``{"ok": true, "result": {..., "changes": []},
+"more": {"changes": 200000}}``.  Then come the items of each such field, in
+the order of ``more``, as JSON arrays of items, one array a line, each line at
+most `MAX_LINE`.  An error line ``{"ok": false, ...}`` may stand in for the rest
+(an item too long to send).  The reader puts the lists back together, so
+callers see one result, whatever its size.
+
 Neither side trusts the other's JSON: `decode_request` and the ``from_wire``
 constructors check every field and raise `ProtocolError` (a ValueError) for
 anything malformed, however deep or odd.
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -29,6 +40,8 @@ from typing import Any, Literal, cast
 
 CONTROL_XATTR = "user.cowfs.control"
 MAX_LINE = 1 << 20  # bytes of one message, newline included
+STREAMED_ITEMS = 256  # a result's list longer than this follows its first line, in arrays of
+CHUNK_ITEMS = 1024  # at most this many items a line
 
 
 class ProtocolError(ValueError):
@@ -140,6 +153,7 @@ def read_control_info(mountpoint: Path) -> ControlInfo:
 
 @dataclass(frozen=True)
 class StatusRequest:
+    changes: bool = True  # False: only the mount's summary (cowfs list), with no changes listed
     op: Literal[Op.STATUS] = Op.STATUS
 
 
@@ -178,7 +192,8 @@ def decode_request(line: bytes) -> Request:
     except ValueError:
         raise ProtocolError(f"unknown control request {record.get('op')!r}") from None
     if op is Op.STATUS:
-        return StatusRequest()
+        listed = _get(record, "changes", bool, optional=True)
+        return StatusRequest(listed is not False)
     if op is Op.RESET:
         return ResetRequest(_get(record, "path", str), bool(_get(record, "force", bool, optional=True)))
     if op is Op.COMMIT_DONE:
@@ -320,6 +335,10 @@ class Plan:
     written: list[tuple[int, int]]
     token: list[int]  # changes whenever the file's view does (detects writes during a commit)
     zeroed: list[tuple[int, int]] = field(default_factory=list)
+    # A guest view (--view guest): the base image's format and its guest disk's size; the view's
+    # base bytes are that disk's, not the file's.
+    base_format: str | None = None
+    guest_size: int | None = None
 
     @classmethod
     def from_wire(cls, value: Any) -> Plan:
@@ -337,6 +356,8 @@ class Plan:
             _ranges(record.get("written"), "written"),
             token,
             _ranges(record.get("zeroed") or [], "zeroed"),
+            _get(record, "base_format", str, optional=True),
+            _get(record, "guest_size", int, optional=True),
         )
 
     @property
@@ -368,7 +389,7 @@ def encode_line(message: Any) -> bytes:
 
 def _plain(value: Any) -> Any:
     if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
+        return vars(value)  # shallow: json.dumps meets nested records itself (asdict copies deeply, ~5x slower)
     raise TypeError(f"cannot send {type(value).__name__}")
 
 
@@ -380,6 +401,7 @@ def decode_line(raw: bytes) -> Any:
 
 
 def ok_reply(result: Any) -> bytes:
+    """A reply that fits on one line (`reply_lines` for any result)."""
     return encode_line({"ok": True, "result": result})
 
 
@@ -387,9 +409,59 @@ def error_reply(message: str) -> bytes:
     return encode_line({"ok": False, "error": message})
 
 
-def decode_reply(line: bytes) -> Any:
-    """The result of a reply line; ControlError with the daemon's message for an error reply."""
-    reply = _object(decode_line(line), "a reply")
-    if reply.get("ok") is True:
-        return reply.get("result")
-    raise ControlError(str(reply.get("error") or "the daemon gave no reason"))
+def reply_lines(result: Any) -> Iterator[bytes]:
+    """The lines of the reply to a request whose result is ``result`` (see "Replies of any size").
+    Lazy: each line is encoded only when asked for, so a sender can yield between lines."""
+    record = dict(vars(result)) if hasattr(result, "__dataclass_fields__") else result
+    if not isinstance(record, dict):
+        yield ok_reply(record)
+        return
+    more = {key: value for key, value in record.items() if isinstance(value, list) and len(value) > STREAMED_ITEMS}
+    header: dict[str, Any] = {"ok": True, "result": record | {key: [] for key in more}}
+    if more:
+        header["more"] = {key: len(items) for key, items in more.items()}
+    line = encode_line(header)
+    if len(line) > MAX_LINE:
+        yield error_reply(f"the reply is longer than {MAX_LINE} bytes")
+        return
+    yield line
+    for items in more.values():
+        start, size = 0, CHUNK_ITEMS
+        while start < len(items):
+            line = encode_line(items[start : start + size])
+            if len(line) > MAX_LINE:  # long items: fewer a line
+                if size == 1:
+                    yield error_reply(f"an item of the reply is longer than {MAX_LINE} bytes")
+                    return
+                size = max(1, size // 4)
+                continue
+            yield line
+            start += size
+
+
+def read_reply(next_line: Callable[[], bytes]) -> Any:
+    """The whole result of a reply whose lines ``next_line()`` gives (b"" at the end);
+    ControlError with the daemon's message for an error reply, ProtocolError for a broken one."""
+    reply = _object(decode_line(next_line()), "a reply")
+    if reply.get("ok") is not True:
+        raise ControlError(str(reply.get("error") or "the daemon gave no reason"))
+    result = reply.get("result")
+    more = reply.get("more")
+    if more is None:
+        return result
+    record = _object(result, "a result")
+    for key, count in _object(more, "'more'").items():
+        items = record.get(key)
+        if not isinstance(items, list) or not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ProtocolError(f"'more' announces {key!r} wrongly")
+        while len(items) < count:
+            line = next_line()
+            if not line:
+                raise ProtocolError(f"the reply ended after {len(items)} of {count} items of {key!r}")
+            chunk = decode_line(line)
+            if isinstance(chunk, dict):
+                raise ControlError(str(chunk.get("error") or "the daemon gave no reason"))
+            if not isinstance(chunk, list) or not chunk or len(items) + len(chunk) > count:
+                raise ProtocolError(f"a broken line among the items of {key!r}")
+            items.extend(chunk)
+    return record

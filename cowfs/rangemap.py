@@ -18,6 +18,14 @@ bucket.  Why buckets: a million scattered 4 KiB ranges cost 24 bytes each (not
 arrays, so the cost of a write does not grow with the size of the map (a
 single flat array would shift megabytes per insert once the map is large).
 
+Snapshots.  `snapshot()` gives a map with the same ranges that shares every
+bucket with this one, copy-on-write: taking it costs a dict of bucket
+references (16,384 of them for 1,000,000 ranges over 1 TiB), and afterwards
+whichever map changes a bucket first copies that bucket alone.  So a snapshot
+costs memory in proportion to what changes after it.  A map changes in place
+only the buckets in its ``_owned`` set (made or copied since its last
+snapshot); `unshared_spans` says where two maps may differ.
+
 Invariants (checked by `check_invariants`):
   * within a bucket: ``starts[i] < ends[i] <= starts[i+1]``, and when
     ``ends[i] == starts[i+1]`` the two do not continue each other (else they
@@ -54,7 +62,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 BUCKET_SHIFT = 26
 BUCKET_SIZE = 1 << BUCKET_SHIFT  # 64 MiB of file offset per bucket
@@ -68,13 +76,28 @@ def _continues(start: int, end: int, store: int, next_store: int) -> bool:
     return store + end - start == next_store
 
 
+def _merge_touching(spans: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """Spans in offset order, those that touch merged into one."""
+    pending: tuple[int, int] | None = None
+    for start, end in spans:
+        if pending is not None and pending[1] == start:
+            pending = (pending[0], end)
+            continue
+        if pending is not None:
+            yield pending
+        pending = (start, end)
+    if pending is not None:
+        yield pending
+
+
 class RangeMap:
     """A set of byte offsets, stored as ``[start, end)`` ranges with the store offset of each."""
 
-    __slots__ = ("_buckets", "total", "zeroed")
+    __slots__ = ("_buckets", "_owned", "total", "zeroed")
 
     def __init__(self) -> None:
         self._buckets: dict[int, tuple[array[int], array[int], array[int]]] = {}
+        self._owned: set[int] = set()  # keys of the buckets no snapshot shares: changed in place
         self.total = 0  # bytes mapped to the store
         self.zeroed = 0  # bytes mapped to ZEROS
 
@@ -139,18 +162,18 @@ class RangeMap:
     def ranges(self, zeros: bool | None = None) -> Iterator[tuple[int, int]]:
         """Covered ranges in offset order, touching ranges merged: all of them,
         only the ``ZEROS`` ones (``zeros=True``) or only those in the store (``False``)."""
-        pending: tuple[int, int] | None = None
-        for range_start, range_end, store in self.extents():
-            if zeros is not None and (store == ZEROS) != zeros:
-                continue
-            if pending is not None and pending[1] == range_start:
-                pending = (pending[0], range_end)
-                continue
-            if pending is not None:
-                yield pending
-            pending = (range_start, range_end)
-        if pending is not None:
-            yield pending
+        return _merge_touching(
+            (start, end) for start, end, store in self.extents() if zeros is None or (store == ZEROS) == zeros
+        )
+
+    def unshared_spans(self, other: RangeMap) -> Iterator[tuple[int, int]]:
+        """``[start, end)`` spans of file offset, bucket-aligned and merged, outside which this map
+        and ``other`` share their buckets (so hold the same ranges): where they may differ."""
+        return _merge_touching(
+            (key << BUCKET_SHIFT, (key + 1) << BUCKET_SHIFT)
+            for key in sorted(self._buckets.keys() | other._buckets.keys())
+            if self._buckets.get(key) is not other._buckets.get(key)
+        )
 
     def last_end(self) -> int:
         """End of the highest range, or 0 when empty."""
@@ -179,11 +202,11 @@ class RangeMap:
         return added
 
     def _add_in_bucket(self, key: int, start: int, end: int, store: int) -> None:
-        bucket = self._buckets.get(key)
-        if bucket is None:
+        if key not in self._buckets:
             self._buckets[key] = (array("q", (start,)), array("q", (end,)), array("q", (store,)))
+            self._owned.add(key)
             return
-        starts, ends, stores = bucket
+        starts, ends, stores = self._writable(key)
         i = bisect_right(starts, start)  # ranges [0, i) start at or before start
         if (i > 0 and ends[i - 1] > start) or (i < len(starts) and starts[i] < end):
             raise ValueError(f"[{start}, {end}) overlaps the map")
@@ -219,6 +242,7 @@ class RangeMap:
             j = bisect_left(starts, end)  # first range that starts at or after end
             if i >= j:
                 continue
+            starts, ends, stores = self._writable(key)
             for k in range(i, j):
                 length = min(ends[k], end) - max(starts[k], start)
                 if stores[k] == ZEROS:
@@ -237,6 +261,7 @@ class RangeMap:
             starts[i:j], ends[i:j], stores[i:j] = kept_starts, kept_ends, kept_stores
             if not starts:
                 del self._buckets[key]
+                self._owned.discard(key)
         self.total -= removed
         self.zeroed -= zeroed
         return removed
@@ -247,7 +272,25 @@ class RangeMap:
 
     def clear(self) -> None:
         self._buckets.clear()
+        self._owned.clear()
         self.total = self.zeroed = 0
+
+    def snapshot(self) -> RangeMap:
+        """A map with the same ranges, sharing every bucket with this one until either changes it."""
+        copy = RangeMap()
+        copy._buckets = dict(self._buckets)
+        copy.total, copy.zeroed = self.total, self.zeroed
+        self._owned.clear()  # shared now: the next change of a bucket copies it first
+        return copy
+
+    def _writable(self, key: int) -> tuple[array[int], array[int], array[int]]:
+        """Bucket ``key``, copied first if a snapshot may share it."""
+        bucket = self._buckets[key]
+        if key not in self._owned:
+            bucket = (array("q", bucket[0]), array("q", bucket[1]), array("q", bucket[2]))
+            self._buckets[key] = bucket
+            self._owned.add(key)
+        return bucket
 
     # -- checking --------------------------------------------------------
 
@@ -273,3 +316,4 @@ class RangeMap:
                     total += range_end - range_start
         assert total == self.total, (total, self.total)
         assert zeroed == self.zeroed, (zeroed, self.zeroed)
+        assert self._owned <= self._buckets.keys(), "an owned bucket that is not in the map"

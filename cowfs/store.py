@@ -1,32 +1,73 @@
-"""The per-mount store: deleted temporary files that hold written data.
+"""The per-mount store: a few shared, unnamed append logs that hold written data.
 
-Each changed file of the mount gets one *store file*: a file with no name
-(``O_TMPFILE``), mode 0600, in the store directory, which its `OverlayFile`
-uses as an append log (see overlay.py), so the store uses about as much disk
-as was written.  Because the files have no name, nothing ever appears in the
-store directory, and the kernel frees their space when the daemon's
-descriptors close -- at unmount, or when the daemon is killed.
+Logs.  The store is a handful of *logs*: files with no name (``O_TMPFILE``,
+mode 0600) in the store directory, each open once, shared by every changed
+file of the mount.  Nothing ever appears in the store directory, and the
+kernel frees the logs' space when the daemon's descriptors close -- at
+unmount, or when the daemon is killed.  The number of descriptors does not
+grow with the number of changed files: one per log, and a new log starts only
+when the active one reaches its size cap (or its filesystem's file size
+limit).
 
-The store also owns the space account that ``--max-store`` limits: the sum
-of the bytes that the mount's range maps hold in store files.  Overlay files
-change it only through `hold` and `release`, after asking `ensure_room`.
+Store offsets.  A range map (rangemap.py) maps view ranges to *store offsets*:
+``log_index << STORE_LOG_SHIFT | offset_in_log`` (``ZEROS`` stays -1).
+`log_fds` is the table ``log_index -> fd`` (-1 for a free slot); nothing else
+opens store files, and a reader resolves an offset with `locate`.  A log is
+capped below ``1 << STORE_LOG_SHIFT`` bytes, so the bytes of two logs never
+look contiguous to a range map.
+
+Allocation (the rules the design relies on):
+  * append-only within a log: fresh pages are taken only at the end of the
+    *active* log, so "allocated before moment T" is "``(log sequence,
+    offset)`` below the `watermark` taken at T";
+  * page-granular per file: a 4 KiB store page belongs to one file, and
+    holds bytes of one 4 KiB page of that file's view, each at its own offset
+    within the page (aligned writes stay aligned, and a store page's live
+    bytes can be found from the view page alone);
+  * a file keeps appending where its last bytes ended (its `Allocation`) while
+    that is possible, so its sequential writes stay contiguous and their
+    ranges merge.
+
+Freeing.  Bytes a file drops (truncate, punch, reset, close) release their
+space in the account at once, and each store page that holds no live byte of
+its file any more is punched at once (``fallocate`` PUNCH_HOLE, so ``df``
+drops); a log that holds no live byte at all is closed (which frees it even
+where the filesystem cannot punch).  Whole pages inside a freed run are
+punched directly; for the partial pages at its ends the caller says whether
+the page still holds a live byte (its range map knows).
+
+The account that ``--max-store`` limits is the sum of the bytes that the
+mount's range maps hold in the store (`bytes_held`): overlay files change it
+only through `append`, `reserve` and `free`, after asking `ensure_room`.
+
+Checkpoints (issue 20) hook in at `frozen_below`: store bytes at ``(log
+sequence, offset)`` below it are never overwritten in place (`may_overwrite`),
+never appended next to (an `Allocation` below it starts on fresh pages), never
+punched, and their log is not closed.  It is ``(0, 0)`` -- nothing frozen -- until checkpoints exist.
+
 `punch_hole` (also used by ``cowfs commit`` on a base file) gives a file's
-blocks back to its filesystem, so ``df`` drops as soon as bytes are punched.
+blocks back to its filesystem.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import secrets
 import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 STORE_MODE = 0o600
+STORE_LOG_SHIFT = 44  # a store offset is log_index << 44 | offset in the log (16 TiB: ext4's file size limit)
+OFFSET_MASK = (1 << STORE_LOG_SHIFT) - 1
+PAGE_SIZE = 4096  # bytes of two files never share a store page of this size
+MAX_LOG_SIZE = (1 << STORE_LOG_SHIFT) - (1 << 20)  # strictly below 1 << 44: no run reaches the next log's offsets
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -46,22 +87,75 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(code, os.strerror(code))
 
 
-class Store:
-    """Creates store files in one directory and accounts for their bytes."""
+def _page_down(offset: int) -> int:
+    return offset - offset % PAGE_SIZE
 
-    def __init__(self, directory: Path, limit: int | None = None) -> None:
+
+def _page_up(offset: int) -> int:
+    return -(-offset // PAGE_SIZE) * PAGE_SIZE
+
+
+class _Log:
+    """One open log: where its next fresh page goes and how many bytes in it are live."""
+
+    __slots__ = ("fd", "sequence", "end", "limit", "live")
+
+    def __init__(self, fd: int, sequence: int, limit: int) -> None:
+        self.fd = fd
+        self.sequence = sequence  # grows with every log opened: orders allocations across logs
+        self.end = 0  # page-aligned: the first page no file owns yet
+        self.limit = limit  # no byte at or past this offset (the cap, or where the filesystem said EFBIG)
+        self.live = 0  # bytes that range maps hold in this log
+
+
+class Allocation:
+    """A file's share of the store: how many store pages hold its live bytes, and where its
+    last appended bytes ended (so that the next ones can follow them)."""
+
+    __slots__ = ("log_index", "sequence", "tail", "delta", "pages")
+
+    def __init__(self) -> None:
+        self.log_index = 0
+        self.sequence = 0  # the log's sequence when ``tail`` was set; 0: nothing to follow
+        self.tail = 0  # offset in the log just past the last appended byte
+        self.delta = 0  # offset in the log minus view offset of those bytes (a multiple of PAGE_SIZE)
+        self.pages = 0  # store pages holding live bytes of the file (its st_blocks)
+
+
+# A freed run of a file's store bytes: (store offset, end, view offset of its first byte).
+FreedRun = tuple[int, int, int]
+
+
+class Store:
+    """The logs of one mount, their allocation and the space account."""
+
+    def __init__(self, directory: Path, limit: int | None = None, log_size: int = MAX_LOG_SIZE) -> None:
+        if not 2 * PAGE_SIZE <= log_size <= MAX_LOG_SIZE:
+            raise ValueError(f"log size {log_size} out of range")
         self.directory = directory
         self.limit = limit  # bytes, None for no limit
-        self._bytes_held = 0  # bytes that all range maps of this mount hold in store files
+        self.log_size = log_size
+        self._bytes_held = 0  # bytes that all range maps of this mount hold in the store
         self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._logs: list[_Log | None] = []  # by log index; None: a free slot
+        self.log_fds: list[int] = []  # log index -> fd (-1: free); what a reader resolves offsets with
+        self._active: _Log | None = None  # where fresh pages are taken
+        self._sequences = itertools.count(1)
+        self.frozen_below = (0, 0)  # (log sequence, offset): see "Checkpoints" above
         self.uses_tmpfile = True
         self.can_punch = True  # False once the store's filesystem refused to punch holes
 
     def close(self) -> None:
+        for entry in self._logs:
+            if entry is not None:
+                os.close(entry.fd)
+        self._logs, self.log_fds, self._active = [], [], None
         os.close(self._dir_fd)
 
-    def new_file(self) -> int:
-        """Return the descriptor of a fresh, unnamed, empty store file."""
+    # -- the logs ---------------------------------------------------------
+
+    def _new_file(self) -> int:
+        """The descriptor of a fresh, unnamed, empty file in the store directory."""
         flags = os.O_RDWR | os.O_CLOEXEC
         if self.uses_tmpfile:
             try:
@@ -82,10 +176,196 @@ class Store:
             return fd
         raise OSError(errno.EEXIST, "could not create a store file")
 
-    def free_pages(self, fd: int, offset: int, length: int) -> None:
-        """Give the blocks of ``[offset, offset + length)`` of a store file back
-        (they hold no mapped bytes any more); a filesystem that cannot punch
-        keeps them until the file is closed or emptied."""
+    def _open_log(self) -> _Log:
+        """A new empty log in a free slot of the table; it becomes the active one."""
+        try:
+            fd = self._new_file()
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                # Out of descriptors: to the writer, the store cannot grow.
+                log.warning("store %s: cannot open another log: %s", self.directory, error.strerror)
+                raise OSError(errno.ENOSPC, f"store cannot open another log ({error.strerror})") from None
+            raise
+        entry = _Log(fd, next(self._sequences), self.log_size)
+        index = self.log_fds.index(-1) if -1 in self.log_fds else len(self._logs)
+        if index == len(self._logs):
+            self._logs.append(entry)
+            self.log_fds.append(fd)
+        else:
+            self._logs[index], self.log_fds[index] = entry, fd
+        self._active = entry
+        return entry
+
+    def _close_log(self, index: int) -> None:
+        entry = self._logs[index]
+        assert entry is not None and entry.live == 0, index
+        os.close(entry.fd)
+        self._logs[index], self.log_fds[index] = None, -1
+        if self._active is entry:
+            self._active = None
+
+    def _index_of(self, entry: _Log) -> int:
+        return self.log_fds.index(entry.fd)
+
+    def locate(self, store: int) -> tuple[int, int]:
+        """(descriptor, offset in it) of a store offset."""
+        return self.log_fds[store >> STORE_LOG_SHIFT], store & OFFSET_MASK
+
+    @property
+    def log_count(self) -> int:
+        return len(self._logs) - self._logs.count(None)
+
+    def disk_bytes(self) -> int:
+        """What the logs take on disk."""
+        return sum(os.fstat(entry.fd).st_blocks * 512 for entry in self._logs if entry is not None)
+
+    # -- placing new bytes --------------------------------------------------
+
+    def _follows(self, space: Allocation) -> _Log | None:
+        """The log a file's next bytes may follow its last ones in, or None (fresh pages then)."""
+        if not space.sequence:
+            return None
+        entry = self._logs[space.log_index] if space.log_index < len(self._logs) else None
+        if entry is None or entry.sequence != space.sequence:
+            return None  # that log was emptied and closed since
+        if (entry.sequence, space.tail) < self.frozen_below:
+            return None  # a checkpoint holds those pages: start on fresh ones
+        return entry
+
+    def _place(self, space: Allocation, view_offset: int, length: int) -> tuple[_Log, int, int]:
+        """Where the next (up to ``length``) new bytes of a file at ``view_offset`` go: (log, offset, count)."""
+        entry = self._follows(space)
+        if entry is not None:
+            at = view_offset + space.delta  # the same view page as its last bytes, same place in it
+            page_end = _page_up(space.tail)
+            extends = entry is self._active and page_end == entry.end  # it owns the log's last page
+            if space.tail <= at < page_end or (extends and at == page_end):
+                stop = entry.limit if extends else min(page_end, entry.limit)
+                if at < stop:
+                    return entry, at, min(length, stop - at)
+        entry = self._active
+        if entry is None or entry.end + view_offset % PAGE_SIZE >= entry.limit:
+            entry = self._open_log()
+        at = entry.end + view_offset % PAGE_SIZE
+        return entry, at, min(length, entry.limit - at)
+
+    def _took(self, space: Allocation, entry: _Log, view_offset: int, at: int, count: int) -> None:
+        """``count`` bytes of a file now live at ``at`` in ``entry``: account for them and their pages."""
+        index = self._index_of(entry)
+        first_page = _page_down(at)
+        new_pages = (_page_up(at + count) - first_page) // PAGE_SIZE
+        if self._follows(space) is entry and space.log_index == index and first_page < space.tail:
+            new_pages -= 1  # its last page, already counted
+        space.pages += new_pages
+        space.log_index, space.sequence = index, entry.sequence
+        space.tail, space.delta = at + count, at - view_offset
+        if entry is self._active:
+            entry.end = max(entry.end, _page_up(at + count))
+        entry.live += count
+        self._bytes_held += count
+
+    def append(self, space: Allocation, view_offset: int, data: memoryview) -> tuple[int, int]:
+        """Write new bytes of a file (view offset ``view_offset``) into the store: (store offset,
+        bytes written), which may be fewer than given (the rest is for another call)."""
+        while True:
+            entry, at, count = self._place(space, view_offset, len(data))
+            try:
+                written = os.pwrite(entry.fd, data[:count], at)
+            except OSError as error:
+                if error.errno != errno.EFBIG:
+                    raise
+                self._cap(entry, at)  # past the filesystem's file size limit: on to a new log
+                continue
+            if written:
+                self._took(space, entry, view_offset, at, written)
+            return self._index_of(entry) << STORE_LOG_SHIFT | at, written
+
+    def reserve(self, space: Allocation, view_offset: int, length: int) -> tuple[int, int]:
+        """Allocate zeroed store bytes for a file's view range (fallocate): (store offset, bytes)."""
+        while True:
+            entry, at, count = self._place(space, view_offset, length)
+            try:
+                os.posix_fallocate(entry.fd, at, count)
+            except OSError as error:
+                if error.errno != errno.EFBIG:
+                    raise
+                self._cap(entry, at)
+                continue
+            self._took(space, entry, view_offset, at, count)
+            return self._index_of(entry) << STORE_LOG_SHIFT | at, count
+
+    def _cap(self, entry: _Log, at: int) -> None:
+        log.info("store %s: a log reached its filesystem's file size limit at %d bytes", self.directory, at)
+        entry.limit = _page_down(at)
+        if entry.limit < 2 * PAGE_SIZE or entry is not self._active:
+            raise OSError(errno.EFBIG, "the store's filesystem cannot hold a file this large")
+        self._active = None  # the next placement opens a new log
+
+    # -- bytes already in the store -------------------------------------------
+
+    def may_overwrite(self, store: int) -> bool:
+        """May a write replace these store bytes where they are (no checkpoint holds them)?"""
+        entry = self._logs[store >> STORE_LOG_SHIFT]
+        assert entry is not None
+        return (entry.sequence, store & OFFSET_MASK) >= self.frozen_below
+
+    def overwrite(self, store: int, data: memoryview) -> int:
+        """Write over bytes a file holds in the store already; the bytes written."""
+        fd, offset = self.locate(store)
+        return os.pwrite(fd, data, offset)
+
+    def watermark(self) -> tuple[int, int]:
+        """(log sequence, offset) below which every store byte allocated so far lies."""
+        if self._active is None:
+            return (max((e.sequence for e in self._logs if e is not None), default=0) + 1, 0)
+        return (self._active.sequence, self._active.end)
+
+    # -- freeing --------------------------------------------------------------
+
+    def free(self, space: Allocation, runs: Iterable[FreedRun], page_in_use: Callable[[int, int], bool]) -> None:
+        """A file no longer holds the store bytes of ``runs``: release them in the account and
+        punch the store pages that hold none of its live bytes any more.  ``page_in_use(view page,
+        store page)`` says whether a page at the end of a run still holds one (the file's map
+        must no longer hold the runs)."""
+        punch: dict[int, list[tuple[int, int]]] = {}  # log index -> page-aligned ranges to punch
+        touched: set[int] = set()
+        edges: dict[int, tuple[int, int]] = {}  # store page -> (log index, view page) to check
+        for store, end, view in runs:
+            index, offset, stop = store >> STORE_LOG_SHIFT, store & OFFSET_MASK, end & OFFSET_MASK
+            entry = self._logs[index]
+            assert entry is not None and stop > offset, (store, end)
+            touched.add(index)
+            entry.live -= stop - offset
+            self._bytes_held -= stop - offset
+            assert entry.live >= 0 and self._bytes_held >= 0, (entry.live, self._bytes_held)
+            inner_start, inner_end = _page_up(offset), _page_down(stop)
+            if inner_start < inner_end:
+                punch.setdefault(index, []).append((inner_start, inner_end))
+                space.pages -= (inner_end - inner_start) // PAGE_SIZE
+            for page in {_page_down(offset), _page_down(stop - 1)}:
+                if not inner_start <= page < inner_end:
+                    edges[index << STORE_LOG_SHIFT | page] = (index, _page_down(view + page - offset))
+        for store_page, (index, view_page) in edges.items():
+            if not page_in_use(view_page, store_page):
+                page = store_page & OFFSET_MASK
+                punch.setdefault(index, []).append((page, page + PAGE_SIZE))
+                space.pages -= 1
+                if self._follows(space) is self._logs[index] and _page_down(space.tail - 1) == page:
+                    space.sequence = 0  # its last page is gone: the next bytes start on a fresh one
+        assert space.pages >= 0, space.pages
+        for index in touched:
+            entry = self._logs[index]
+            assert entry is not None
+            if entry.live == 0 and (entry.sequence, 0) >= self.frozen_below:
+                self._close_log(index)  # nothing in it is live: closing frees it all at once
+                continue
+            for start, stop in _merged(sorted(punch.get(index, []))):
+                if (entry.sequence, start) >= self.frozen_below:
+                    self._free_pages(entry.fd, start, stop - start)
+
+    def _free_pages(self, fd: int, offset: int, length: int) -> None:
+        """Give the blocks of ``[offset, offset + length)`` of a log back to its filesystem; one
+        that cannot punch keeps them until the log empties and is closed."""
         if not self.can_punch:
             return
         try:
@@ -94,7 +374,7 @@ class Store:
             if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             log.info(
-                "store %s: cannot punch holes (%s); freed bytes keep their blocks until the file empties",
+                "store %s: cannot punch holes (%s); freed bytes keep their blocks until their log empties",
                 self.directory,
                 error.strerror,
             )
@@ -104,7 +384,7 @@ class Store:
 
     @property
     def bytes_held(self) -> int:
-        """Bytes that the mount's range maps hold in store files."""
+        """Bytes that the mount's range maps hold in the store."""
         return self._bytes_held
 
     def ensure_room(self, nbytes: int) -> None:
@@ -112,17 +392,29 @@ class Store:
         if self.limit is not None and self._bytes_held + nbytes > self.limit:
             raise OSError(errno.ENOSPC, "store limit reached")
 
-    def hold(self, nbytes: int) -> None:
-        """Account for ``nbytes`` newly mapped store bytes (after `ensure_room`)."""
-        self._bytes_held += nbytes
-
-    def release(self, nbytes: int) -> None:
-        """``nbytes`` store bytes are no longer mapped."""
-        assert 0 <= nbytes <= self._bytes_held, (nbytes, self._bytes_held)
-        self._bytes_held -= nbytes
-
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self._dir_fd)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the logs and the account disagree."""
+        assert len(self._logs) == len(self.log_fds)
+        for entry, fd in zip(self._logs, self.log_fds, strict=True):
+            assert (entry.fd if entry is not None else -1) == fd
+            if entry is not None:
+                assert entry.end % PAGE_SIZE == 0 and entry.end <= _page_up(entry.limit), (entry.end, entry.limit)
+                assert entry.live >= 0
+        assert self._bytes_held == sum(entry.live for entry in self._logs if entry is not None)
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ranges with touching and overlapping ones joined (fewer punch calls)."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in ranges:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return merged
 
 
 def check_store_directory(directory: Path) -> None:

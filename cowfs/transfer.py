@@ -250,6 +250,9 @@ def _create_dest(dest: Path, force: bool) -> int:
 
 def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress: Progress = _no_progress) -> None:
     """A sparse full copy of the view: base data regions plus the written ranges."""
+    if plan.base_format is not None:
+        _export_guest_raw(plan, view, dest, force, progress)
+        return
     base_fd = _open_base_for_reading(plan)
     try:
         dest_fd = _create_dest(dest, force)
@@ -287,6 +290,32 @@ def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress
             os.close(base_fd)
 
 
+def _export_guest_raw(plan: Plan, view: Path, dest: Path, force: bool, progress: Progress) -> None:
+    """A guest view's raw export: its data regions (QEMU's allocation map, and the changes), read
+    through the mount; its holes stay holes."""
+    base_fd = _open_base_for_reading(plan)  # checks the image is still the one the mount saw
+    if base_fd is not None:
+        os.close(base_fd)
+    dest_fd = _create_dest(dest, force)
+    try:
+        os.ftruncate(dest_fd, 0)
+        os.ftruncate(dest_fd, plan.size)
+        with _open_view(view) as view_fd:
+            regions = list(_data_regions(view_fd, plan.size))
+            total, done = sum(end - start for start, end in regions), 0
+            progress(0, total)
+            for offset, length in _chunks(regions):
+                os.pwrite(dest_fd, _read_view(view_fd, offset, length), offset)
+                done += length
+                progress(done, total)
+        os.fsync(dest_fd)
+    except BaseException:
+        os.close(dest_fd)
+        dest.unlink(missing_ok=True)
+        raise
+    os.close(dest_fd)
+
+
 def _qemu_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -305,7 +334,10 @@ def export_qcow2(plan: Plan, view: Path, dest: Path, force: bool = False, progre
     base_data: list[tuple[int, int]] = []
     if base_fd is not None:
         try:
-            base_data = list(_data_regions(base_fd, os.fstat(base_fd).st_size))
+            if plan.guest_size is not None:  # a guest disk: take all of it as data (zero clusters are cheap)
+                base_data = [(0, plan.guest_size)]
+            else:
+                base_data = list(_data_regions(base_fd, os.fstat(base_fd).st_size))
         finally:
             os.close(base_fd)
     if dest.exists() or dest.is_symlink():
@@ -313,8 +345,8 @@ def export_qcow2(plan: Plan, view: Path, dest: Path, force: bool = False, progre
             raise UserError(f"{dest} exists: use --force to overwrite it")
         dest.unlink()
     create = [_qemu_tool("qemu-img"), "create", "-q", "-f", "qcow2", "-o", f"cluster_size={QCOW2_CLUSTER}"]
-    if plan.base_file is not None:
-        create += ["-u", "-b", str(plan.base_file), "-F", "raw"]
+    if plan.base_file is not None:  # a guest view's child backs onto the image in its own format
+        create += ["-u", "-b", str(plan.base_file), "-F", plan.base_format or "raw"]
     result = subprocess.run(create + [str(dest), str(plan.size)], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise UserError(f"qemu-img create failed: {result.stderr.strip()}")
@@ -360,7 +392,7 @@ def qcow2_writes(
     ``[base_limit, min(size, base size))``) must read as zeros in the overlay:
     its whole clusters are zeroed, its partial end clusters copied.  Where the
     base has holes, the backing file reads zeros already: no zero clusters."""
-    base_size = plan.identity["size"] if plan.identity is not None else 0
+    base_size = plan.guest_size if plan.guest_size is not None else plan.identity["size"] if plan.identity else 0
     hidden = list(_subtract(_merge(plan.zeroed + [(plan.base_limit, min(plan.size, base_size))]), _merge(plan.written)))
     copy = list(plan.written)
     zeroed = []

@@ -4,9 +4,9 @@
 # that the base images were never touched.
 set -euo pipefail
 
-here=$(cd "$(dirname "$0")" && pwd)
+cd "$(dirname "$0")/.."  # the project root: the transcript shows paths relative to it
 cowfs=${COWFS:-cowfs}
-images=$here/images
+images=examples/images
 
 if [ ! -f "$images/disk.raw" ] || [ ! -f "$images/disk.qcow2" ]; then
     echo "making example images in $images"

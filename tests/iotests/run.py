@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from typing import BinaryIO
 # The Debian 12 source of qemu-utils / qemu-system-x86 1:7.2+dfsg-7+deb12u18; the hashes are
 # those of apt's signed Sources index (checked with `apt-get source --print-uris`).
 DEBIAN_VERSION = "1:7.2+dfsg-7+deb12u18"
-POOL_URL = "http://deb.debian.org/debian/pool/main/q/qemu/"
 SOURCE_FILES = {
     "qemu_7.2+dfsg-7+deb12u18.dsc": "6b6bd27b947ec89e40a1d6b26d9c9f3c698ca691da13163e0483f6061bbb20b3",
     "qemu_7.2+dfsg.orig.tar.xz": "91aca71520040edc40b8d437aa3004dae614f58e286cf653ee8996c07af2962f",
@@ -79,27 +77,66 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def deb_src_lines(index_targets: str) -> list[str]:
+    """One `deb-src URI SUITE COMPONENT` line for each repository in `apt-get indextargets --format
+    '$(REPO_URI) $(RELEASE) $(COMPONENT)'` output: the mirrors this machine installs from."""
+    lines = {f"deb-src {' '.join(fields)}" for fields in (line.split() for line in index_targets.splitlines())}
+    return sorted(line for line in lines if len(line.split()) == 4)
+
+
 def fetch_sources(cache: Path) -> None:
-    """Download the source package files that are missing or corrupt in the cache."""
+    """Bring the pinned source package into the cache, unless it is there already.
+
+    `apt-get source --download-only` does it from the machine's own mirrors, with a private apt
+    state in a temporary directory: deb-src lines for the repositories apt installs from, their
+    lists (apt checks their signatures and the files' hashes), nothing of the machine's apt changed.
+    The files must then match the sha256 pins, so the tests are always those of the pinned source."""
     cache.mkdir(parents=True, exist_ok=True)
-    for name, expected in SOURCE_FILES.items():
-        target = cache / name
-        if target.exists() and sha256_of(target) == expected:
-            continue
-        url = POOL_URL + name.replace("+", "%2b")
-        print(f"iotests: downloading {url}", flush=True)
-        partial = target.with_name(target.name + ".part")
-        try:
-            with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as out:
-                shutil.copyfileobj(response, out)
-        except OSError as error:
-            partial.unlink(missing_ok=True)
-            raise RunnerError(f"cannot download {url}: {error}") from error
-        actual = sha256_of(partial)
-        if actual != expected:
-            partial.unlink()
-            raise RunnerError(f"{url}: sha256 {actual}, expected {expected}")
-        partial.rename(target)
+    if all((cache / name).exists() and sha256_of(cache / name) == expected for name, expected in SOURCE_FILES.items()):
+        return
+    targets = subprocess.run(
+        ["apt-get", "indextargets", "--format", "$(REPO_URI) $(RELEASE) $(COMPONENT)", "Target-Of: deb"],
+        capture_output=True,
+        text=True,
+    )
+    sources = deb_src_lines(targets.stdout)
+    if not sources:
+        raise RunnerError(f"apt has no repository to fetch the qemu source from: {targets.stderr.strip()}")
+    print(f"iotests: fetching the source of qemu {DEBIAN_VERSION} with apt-get source", flush=True)
+    with tempfile.TemporaryDirectory(prefix="apt.", dir=cache) as work:
+        state = Path(work)
+        state.chmod(0o755)  # apt downloads as the user _apt
+        (state / "sources.list").write_text("".join(line + "\n" for line in sources))
+        for directory in ("sources.list.d", "lists/partial", "cache/archives/partial", "download"):
+            (state / directory).mkdir(parents=True)
+        with contextlib.suppress(LookupError, OSError):
+            shutil.chown(state / "download", user="_apt")
+        apt = [
+            "apt-get",
+            "-q",
+            f"-oDir::Etc::SourceList={state / 'sources.list'}",
+            f"-oDir::Etc::SourceParts={state / 'sources.list.d'}",
+            f"-oDir::State::Lists={state / 'lists'}",
+            f"-oDir::Cache={state / 'cache'}",
+        ]
+        # A third-party repository without sources fails the update; the source itself decides.
+        update = subprocess.run([*apt, "update"], capture_output=True, text=True)
+        download = subprocess.run(
+            [*apt, "--download-only", "source", f"qemu={DEBIAN_VERSION}"],
+            cwd=state / "download",
+            capture_output=True,
+            text=True,
+        )
+        if download.returncode != 0:
+            errors = [line for line in (update.stderr + download.stderr).splitlines() if line.startswith("E:")]
+            raise RunnerError(f"apt-get source qemu={DEBIAN_VERSION} failed: {' / '.join(errors[-3:])}")
+        for name, expected in SOURCE_FILES.items():
+            downloaded = state / "download" / name
+            actual = sha256_of(downloaded) if downloaded.exists() else "missing"
+            if actual != expected:
+                raise RunnerError(f"apt-get source gave {name} with sha256 {actual}, expected {expected}")
+            os.chown(downloaded, os.getuid(), os.getgid())
+            downloaded.replace(cache / name)
 
 
 def warn_if_other_qemu() -> None:

@@ -93,6 +93,23 @@ def test_a_silent_client_does_not_stall_others(live: Mount) -> None:
     assert live.daemon_alive()
 
 
+def test_a_client_that_stops_reading_a_long_reply_does_not_stall_others(live: Mount) -> None:
+    """A reply longer than the socket's buffer: the daemon waits for that reader alone."""
+    names = [f"{n:04d}-{'x' * 200}" for n in range(1000)]
+    for name in names:
+        (live.path / name).write_bytes(b"n")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
+        stalled.connect("\0" + _socket_name(live))
+        stalled.sendall(b'{"op": "status"}\n')
+        assert b'"more": {"changes": 1000}' in stalled.recv(65536)  # then it reads no more
+        started = time.monotonic()
+        status = ApiMount(live.path).status()  # read whole, in many lines
+        assert sorted(change.path for change in status.changes) == [f"/{name}" for name in names]
+        (live.path / "disk.raw").write_bytes(b"w")
+        assert time.monotonic() - started < 10
+    assert live.daemon_alive()
+
+
 def _plan(m: ApiMount, path: str) -> Plan:
     return Plan.from_wire(m._request(PathRequest(Op.COMMIT_PLAN, path)))
 

@@ -190,7 +190,7 @@ def _write(fs: Fs, name: bytes, offset: int, data: bytes) -> int:
 
 
 def _control(fs: Fs, request: dict[str, Any]) -> dict[str, Any]:
-    reply: dict[str, Any] = json.loads(fs.run(lambda: fs.control.answer(json.dumps(request).encode())))
+    reply: dict[str, Any] = json.loads(b"".join(fs.run(lambda: fs.control.answer(json.dumps(request).encode()))))
     return reply
 
 
@@ -218,7 +218,7 @@ def test_reset_invalidates_exactly_what_it_changed(fs: Fs) -> None:
     ],
 )
 def test_a_malformed_control_request_is_an_error_reply(fs: Fs, line: bytes) -> None:
-    reply = json.loads(fs.run(lambda: fs.control.answer(line)))
+    reply = json.loads(b"".join(fs.run(lambda: fs.control.answer(line))))
     assert reply["ok"] is False and reply["error"]
 
 

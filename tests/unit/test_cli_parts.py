@@ -1,11 +1,15 @@
-"""Pure parts of the command: sizes, mount-table lines, the bare mount.fuse3 form."""
+"""Pure parts of the command: sizes, mount-table lines, the bare mount.fuse3 form, cowfs run's words and mountpoint."""
 
 from __future__ import annotations
 
+import stat
+from pathlib import Path
+
 import pytest
 
-from cowfs.cli import with_mount_command
+from cowfs.cli import split_run_command, with_mount_command
 from cowfs.mounts import parse_mountinfo_line
+from cowfs.run import _make_mountpoint, _temporary_parent
 from cowfs.units import format_size, parse_size
 
 
@@ -83,3 +87,53 @@ def test_mountinfo_line_with_optional_fields_and_escapes() -> None:
 )
 def test_bare_form_becomes_mount(argv: list[str], expected: list[str]) -> None:
     assert with_mount_command(argv) == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "words", "command"),
+    [
+        (
+            ["run", "base", "--", "qemu", "-drive", "file={}/d", "--", "x"],
+            ["run", "base"],
+            ["qemu", "-drive", "file={}/d", "--", "x"],
+        ),
+        (["-v", "run", "-o", "max_store=1G", "base", "--", "ls"], ["-v", "run", "-o", "max_store=1G", "base"], ["ls"]),
+        (["mount", "--", "base", "mnt"], ["mount", "--", "base", "mnt"], []),  # mount's own --
+        (["run", "--help"], ["run", "--help"], []),
+        (["run"], ["run"], []),  # argparse asks for BASE_DIR
+    ],
+)
+def test_run_command_words_are_everything_after_the_first_double_dash(
+    argv: list[str], words: list[str], command: list[str]
+) -> None:
+    assert split_run_command(argv) == (words, command)
+
+
+@pytest.mark.parametrize("argv", [["run", "base"], ["run", "base", "true"], ["run", "base", "--"]])
+def test_run_without_a_command_after_double_dash_is_a_usage_error(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as raised:
+        split_run_command(argv)
+    assert raised.value.code == 2
+
+
+def test_run_mountpoint_goes_to_the_runtime_directory_then_tmp_never_inside_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime, other, base = tmp_path / "runtime", tmp_path / "tmp", tmp_path / "base"
+    for path in (runtime, other, base):
+        path.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    monkeypatch.setenv("TMPDIR", str(other))
+    assert _temporary_parent(base, shared=False) == runtime
+    assert _temporary_parent(base, shared=True) == other  # others cannot pass a 0700 runtime directory
+    assert _temporary_parent(runtime, shared=False) == other  # never inside BASE_DIR
+    assert _temporary_parent(tmp_path, shared=False) == Path("/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "gone"))
+    assert _temporary_parent(base, shared=False) == other
+
+
+def test_run_mountpoint_is_private(tmp_path: Path) -> None:
+    mountpoint = _make_mountpoint(tmp_path)
+    assert mountpoint.parent == tmp_path and mountpoint.name.startswith("cowfs-run-")
+    assert stat.S_IMODE(mountpoint.stat().st_mode) == 0o700
+    assert _make_mountpoint(tmp_path) != mountpoint

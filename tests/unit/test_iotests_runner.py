@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ..iotests.run import RunResult, compare, parse_statuses
+from ..iotests.run import RunResult, compare, deb_src_lines, parse_statuses
 
 
 def test_statuses_follow_the_carriage_return_of_the_started_line() -> None:
@@ -52,3 +52,16 @@ def test_compare_returns_only_the_failures_the_local_run_lacks(capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "only in mount: 101 152" in out
     assert "only on local: 148" in out
+
+
+def test_the_source_comes_from_the_repositories_apt_installs_from() -> None:
+    index_targets = (
+        "http://mirror.example/debian/ bookworm main\n"
+        "http://mirror.example/debian/ bookworm main\n"  # one line per index of a repository
+        "http://mirror.example/debian-security/ bookworm-security main\n"
+        "\n"
+    )
+    assert deb_src_lines(index_targets) == [
+        "deb-src http://mirror.example/debian-security/ bookworm-security main",
+        "deb-src http://mirror.example/debian/ bookworm main",
+    ]

@@ -24,9 +24,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cowfs import changes
 from cowfs.base import BaseDir
-from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Namespace, Node, identity_dict
+from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Namespace, Node, Refused, identity_dict
 from cowfs.overlay import BaseIdentity
-from cowfs.protocol import ControlError
 from cowfs.store import Store
 
 from ..helpers import SOAK, outcome, renameat2
@@ -325,7 +324,7 @@ class NamespaceMachine(RuleBasedStateMachine):
         if any(node.pinned for node, _ in self.handles):
             # A changed open file refuses a reset (without --force), and nothing changes.
             before = self._ns_tree(ROOT_INO, ())
-            with pytest.raises(ControlError, match="open in the mount"):
+            with pytest.raises(Refused, match="open in the mount"):
                 self.ns.reset("/")
             assert self._ns_tree(ROOT_INO, ()) == before
             return
@@ -344,15 +343,15 @@ class NamespaceMachine(RuleBasedStateMachine):
             return
         mount_path = "/" + "/".join(os.fsdecode(name) for name in path)
         try:
-            place = self.ns.place(mount_path)
-        except ControlError:
+            place = self.ns.resolve(mount_path)
+        except Refused:
             return  # a directory on the way is missing: the reset refuses too
         # The name goes back to what its directory's base holds there (that directory may have been
         # moved here from another base name, or made in the mount: then nothing).
         origin = None if place is None or place.parent.base_path is None else place.parent.base_path + (path[-1],)
         try:
             self.ns.reset(mount_path)
-        except ControlError:
+        except Refused:
             return
         shown = self._ns_tree(ROOT_INO, ())
         base_tree = self._tree_of(self.base_path)
@@ -377,11 +376,11 @@ class NamespaceMachine(RuleBasedStateMachine):
         mount_path = "/" + "/".join(os.fsdecode(name) for name in path)
         try:
             plan = changes.commit_plan(self.ns, mount_path)
-        except ControlError:
+        except Refused:
             return
         try:
-            place = self.ns.place(mount_path)
-        except ControlError:
+            place = self.ns.resolve(mount_path)
+        except Refused:
             return  # a directory on the way is missing: the reset refuses too
         assert place is not None and place.node is not None and place.node.data is not None
         data = place.node.data
@@ -395,7 +394,7 @@ class NamespaceMachine(RuleBasedStateMachine):
             os.close(fd)
         identity = identity_dict(BaseIdentity.of(base_file.lstat()))
         self.ns.commit_done(mount_path, plan.token, identity)
-        assert self.ns.place(mount_path) is not None
+        assert self.ns.resolve(mount_path) is not None
         assert mount_path not in [change.path for change in changes.status(self.ns).changes]
 
     # -- checks -----------------------------------------------------------------
@@ -547,7 +546,7 @@ def test_commit_refuses_a_file_written_between_plan_and_done(tmp_path: Path) -> 
         ns.open(node.ino)
         ns.write(node, 0, b"XY")  # same range, same size: only the generation tells
         ns.release(node.ino)
-        with pytest.raises(ControlError, match="changed in the mount while committing"):
+        with pytest.raises(Refused, match="changed in the mount while committing"):
             ns.commit_done("/disk", plan.token, identity)
         ns.check_invariants()
         assert node.pinned and node.data is not None and node.data.read(0, 2) == b"XY"
@@ -584,7 +583,7 @@ def test_status_reset_and_commit_of_hard_links(tmp_path: Path) -> None:
         ns.link(made.ino, ROOT_INO, b"made-too")
         states = {change.path: change.state for change in changes.status(ns).changes}
         assert states == {"/disk": "modified", "/copy": "created", "/made": "created", "/made-too": "created"}
-        with pytest.raises(ControlError, match="has 2 names in the mount"):
+        with pytest.raises(Refused, match="has 2 names in the mount"):
             changes.commit_plan(ns, "/disk")
         # One name of a file made in the mount: the other keeps it.
         ns.reset("/made-too")

@@ -21,21 +21,26 @@ from ..helpers import SOAK
 
 BASE_SIZE = 20_000
 BASE_DATA = [(0, 4096), (12288, BASE_SIZE)]  # the base file's data regions; between them a hole
-positions = st.integers(0, 3 * BASE_SIZE)
-lengths = st.integers(1, 9000)
+# Small writes close together too: bytes of one view page that share a store page.
+positions = st.one_of(st.integers(0, 3 * BASE_SIZE), st.integers(0, 8191))
+lengths = st.one_of(st.integers(1, 9000), st.integers(1, 300))
+files = st.integers(0, 1)  # two files share the store: 0 over the base (or not), 1 created
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("write"), positions, lengths, st.booleans()),  # True: write zeros (still data)
-        st.tuples(st.just("truncate"), positions, st.just(0), st.just(False)),
-        st.tuples(st.just("punch"), positions, lengths, st.just(True)),
-        st.tuples(st.just("zero"), positions, lengths, st.booleans()),  # the flag: keep_size
-        st.tuples(st.just("allocate"), positions, lengths, st.booleans()),
-        st.tuples(st.just("read"), positions, st.integers(0, 2 * BASE_SIZE), st.just(False)),
-        st.tuples(st.just("seek_data"), positions, st.just(0), st.just(False)),
-        st.tuples(st.just("seek_hole"), positions, st.just(0), st.just(False)),
+        st.tuples(st.just("write"), files, positions, lengths, st.booleans()),  # True: write zeros (still data)
+        st.tuples(st.just("truncate"), files, positions, st.just(0), st.just(False)),
+        st.tuples(st.just("punch"), files, positions, lengths, st.just(True)),
+        st.tuples(st.just("zero"), files, positions, lengths, st.booleans()),  # the flag: keep_size
+        st.tuples(st.just("allocate"), files, positions, lengths, st.booleans()),
+        st.tuples(st.just("read"), files, positions, st.integers(0, 2 * BASE_SIZE), st.just(False)),
+        st.tuples(st.just("seek_data"), files, positions, st.just(0), st.just(False)),
+        st.tuples(st.just("seek_hole"), files, positions, st.just(0), st.just(False)),
+        st.tuples(st.just("close"), files, st.just(0), st.just(0), st.just(False)),  # and reopen: all freed
     ),
-    max_size=40,
+    max_size=60,
 )
+# Small logs, so that a few dozen steps fill several of them, and logs empty and close.
+LOG_SIZE = 16 * 4096
 
 
 @pytest.fixture
@@ -119,18 +124,24 @@ def _seek(call: Callable[[int], int], offset: int) -> int:
     max_examples=1000 if SOAK else 150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(operations, st.booleans())
-def test_overlay_matches_bytearray(
-    base_file: Path, tmp_path: Path, ops: list[tuple[str, int, int, bool]], from_base: bool
+def test_overlays_sharing_a_store_match_bytearrays(
+    base_file: Path, tmp_path: Path, ops: list[tuple[str, int, int, int, bool]], from_base: bool
 ) -> None:
-    store = Store(tmp_path)
-    base_fd = os.open(base_file, os.O_RDONLY) if from_base else None
-    if base_fd is not None:
-        model = Model(base_file.read_bytes(), _data_flags(base_fd, BASE_SIZE))
-    else:
-        model = Model(b"", bytearray())
-    overlay = OverlayFile(store, base_fd)
+    """Two files write, truncate, punch, zero, allocate and close into one store of small logs;
+    after every step each reads as its model, the account is exact, and the store's disk use is
+    exactly the pages that hold live bytes (punched at once, logs closed once empty)."""
+    store = Store(tmp_path, log_size=LOG_SIZE)
+
+    def fresh(index: int) -> tuple[OverlayFile, Model]:
+        if index == 0 and from_base:
+            base_fd = os.open(base_file, os.O_RDONLY)
+            return OverlayFile(store, base_fd), Model(base_file.read_bytes(), _data_flags(base_fd, BASE_SIZE))
+        return OverlayFile(store), Model(b"", bytearray())
+
+    views = [fresh(0), fresh(1)]
     try:
-        for step, (kind, offset, length, flag) in enumerate(ops):
+        for step, (kind, index, offset, length, flag) in enumerate(ops):
+            overlay, model = views[index]
             generation = overlay.generation
             before = bytes(model.content)
             if kind == "write":
@@ -154,18 +165,26 @@ def test_overlay_matches_bytearray(
                 assert overlay.read(offset, length) == bytes(model.content[offset : offset + length])
             elif kind == "seek_data":
                 assert _seek(overlay.seek_data, offset) == model.seek(offset, data=True), offset
-            else:
+            elif kind == "seek_hole":
                 assert _seek(overlay.seek_hole, offset) == model.seek(offset, data=False), offset
+            else:
+                overlay.close()
+                views[index] = fresh(index)
+                continue
             assert overlay.size == len(model.content)
             if bytes(model.content) != before:
                 assert overlay.generation > generation, f"{kind} changed the view but not the generation"
             overlay.check_invariants()
-            assert store.bytes_held == overlay.written.total == sum(model.stored)
-        assert overlay.read(0, len(model.content) + 10) == bytes(model.content)
+            store.check_invariants()
+            assert store.bytes_held == sum(v.written.total for v, _ in views) == sum(sum(m.stored) for _, m in views)
+            assert store.disk_bytes() == sum(v.store_blocks() for v, _ in views) * 512, "pages not punched"
+        for overlay, model in views:
+            assert overlay.read(0, len(model.content) + 10) == bytes(model.content)
     finally:
-        overlay.close()
+        for overlay, _ in views:
+            overlay.close()
+        assert store.bytes_held == 0 and store.log_count == 0  # every log closed once empty
         store.close()
-    assert store.bytes_held == 0
 
 
 def test_store_limit_fails_only_the_write_that_passes_it(base_file: Path, tmp_path: Path) -> None:
@@ -218,9 +237,9 @@ def test_distinct_writes_are_appended_and_sequential_ones_merge(tmp_path: Path) 
         (BUCKET_SIZE - 8192, BUCKET_SIZE + 8192, 2 * 4096),
         (1 << 40, (1 << 40) + 4096, 0),
     ]
-    assert view.store_end == 6 * 4096
+    assert store.watermark()[1] == 6 * 4096  # the log's end: six pages taken
     view.write(BUCKET_SIZE - 4096, b"d" * 8192)  # rewrites in place: no append
-    assert view.store_end == 6 * 4096
+    assert store.watermark()[1] == 6 * 4096
     assert view.read(BUCKET_SIZE - 8192, 16384) == b"c" * 4096 + b"d" * 8192 + b"c" * 4096
     view.close()
 
@@ -250,8 +269,8 @@ def test_punching_written_bytes_frees_store_blocks_at_once(tmp_path: Path) -> No
         assert view.store_blocks() <= blocks - (1 << 19) // 512
         assert view.read(4096 * 10 - 1, 2) == b"w\0"
         assert view.size == 1 << 20
-        view.punch_hole(0, 1 << 20)  # nothing mapped to the store any more: the store file is emptied
-        assert store.bytes_held == 0 and view.store_blocks() == 0 and view.store_end == 0
+        view.punch_hole(0, 1 << 20)  # nothing in the store any more: its log is closed
+        assert store.bytes_held == 0 and view.store_blocks() == 0 and store.log_count == 0
         assert view.read(0, 1 << 20) == bytes(1 << 20)
     finally:
         view.close()
@@ -278,7 +297,7 @@ def test_punch_over_base_bytes_takes_no_store_space(base_file: Path, tmp_path: P
     view = OverlayFile(store, os.open(base_file, os.O_RDONLY))
     try:
         view.punch_hole(1000, 2000)
-        assert store.bytes_held == 0 and view.store_fd is None
+        assert store.bytes_held == 0 and store.log_count == 0
         base = base_file.read_bytes()
         assert view.read(999, 2002) == base[999:1000] + bytes(2000) + base[3000:3001]
         assert view.seek_hole(0) == 1000 and view.seek_data(1000) == 3000

@@ -1,0 +1,204 @@
+"""Names: which directory entry shows which node, and the link counts that follow from it.
+
+Rule: only this file writes directory entries (``Node.entries``), node links (``Node.links``),
+primary names (``Node.parent``, ``Node.name``) and link counts (``Attrs.nlink``) once a node
+has its own metadata.  The relation "entry (parent, name) shows node" is written by one
+function, `Names._set_entry`, which changes both of its halves (the directory's ``entries``
+and the node's ``links``) together.
+
+A directory's view is its base listing overlaid by its ``entries``: ``name -> ino`` for a
+name the mount created, moved or changed, ``name -> WHITEOUT`` for a base name the mount
+deleted.  A node listed in an entry is *pinned*: it carries changes, so it survives the
+kernel forgetting it; pinning a node pins its directories up to the root.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+from ..base import BaseDir, BasePath
+from .model import ROOT_INO, WHITEOUT, Node
+from .nodes import NodeTable
+
+
+class Names:
+    """The name <-> node relation of one namespace."""
+
+    def __init__(self, table: NodeTable, base: BaseDir) -> None:
+        self.table = table
+        self.base = base
+
+    # -- the relation: one writer -------------------------------------------------
+
+    def _set_entry(self, parent: Node, name: bytes, ino: int | None) -> None:
+        """Make ``parent``'s entry ``name`` show ``ino`` (a node, `WHITEOUT`, or None: the
+        base again), and keep the links of the node it showed and of the new one in step."""
+        old = parent.entries.get(name)
+        if old is not None and old != WHITEOUT:
+            occupant = self.table.nodes.get(old)
+            if occupant is not None:
+                occupant.links.discard((parent.ino, name))
+        if ino is None:
+            parent.entries.pop(name, None)
+            return
+        parent.entries[name] = ino
+        if ino != WHITEOUT:
+            self.table.nodes[ino].links.add((parent.ino, name))
+
+    # -- what the operations do with it ---------------------------------------------
+
+    def pin(self, node: Node) -> None:
+        """List an unpinned node under its primary name, and its directories up to the root."""
+        while not node.pinned:
+            parent = self.table.nodes[node.parent]
+            self._set_entry(parent, node.name, node.ino)
+            node = parent
+
+    def add(self, node: Node, parent: Node, name: bytes) -> None:
+        """Another name for ``node`` (its primary name stays)."""
+        self._set_entry(parent, name, node.ino)
+        self.pin(parent)
+
+    def move(self, node: Node, parent: Node, name: bytes) -> None:
+        """List a node under a new name, which becomes its primary one."""
+        node.parent, node.name = parent.ino, name
+        self.add(node, parent, name)
+
+    def seen_at(self, node: Node, parent: Node, name: bytes) -> None:
+        """An unpinned node was found at ``name`` in ``parent``: its primary name until it is listed."""
+        assert not node.pinned
+        node.parent, node.name = parent.ino, name
+
+    def remove(self, parent: Node, name: bytes) -> None:
+        """Make ``name`` disappear from ``parent``'s view: a whiteout where the base has the name."""
+        if self._base_has(parent, name):
+            self._set_entry(parent, name, WHITEOUT)
+        else:
+            self._set_entry(parent, name, None)
+
+    def unlist(self, parent: Node, name: bytes) -> None:
+        """Drop ``parent``'s entry ``name``: the name shows the base again."""
+        self._set_entry(parent, name, None)
+
+    def unlist_all(self, node: Node) -> None:
+        """Drop every entry that lists ``node``."""
+        for parent_ino, name in sorted(node.links):
+            self._set_entry(self.table.nodes[parent_ino], name, None)
+
+    def repick_primary(self, node: Node) -> None:
+        """After a name of ``node`` went: if it was the primary one, another of its names is."""
+        if node.links and (node.parent, node.name) not in node.links:
+            node.parent, node.name = min(node.links)
+
+    def _base_has(self, parent: Node, name: bytes) -> bool:
+        if parent.base_path is None:
+            return False
+        try:
+            self.base.lstat(parent.base_path + (name,))
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    # -- link counts ----------------------------------------------------------------
+
+    @staticmethod
+    def count_subdir(directory: Node, change: int) -> None:
+        """A subdirectory came (+1) or went (-1); the directory owns its metadata already."""
+        assert directory.attrs is not None
+        directory.attrs.nlink += change
+
+    @staticmethod
+    def recount_subdirs(directory: Node, subdirectories: int) -> None:
+        """Set a copied-up directory's link count from its listing (after a reset changed it)."""
+        if directory.attrs is not None:
+            directory.attrs.nlink = 2 + subdirectories
+
+    @staticmethod
+    def count_name(node: Node, change: int) -> None:
+        """A name of a non-directory came (+1) or went (-1)."""
+        assert node.attrs is not None
+        node.attrs.nlink += change
+
+    # -- walks ------------------------------------------------------------------------
+
+    def walk(self) -> Iterator[tuple[str, Node, bool]]:
+        """(path in the mount, node, whether it is the node's primary name) of every name the
+        mount changed: a file with several names comes once for each."""
+        for path, directory, name, node in self._entries():
+            if node is not None:
+                yield path, node, (node.parent, node.name) == (directory.ino, name)
+
+    def whiteouts(self) -> Iterator[tuple[str, BasePath]]:
+        """(mount path, base path) of every base name the mount deleted."""
+        for path, directory, name, node in self._entries():
+            if node is None and directory.base_path is not None:
+                yield path, directory.base_path + (name,)
+
+    def _entries(self) -> Iterator[tuple[str, Node, bytes, Node | None]]:
+        """(mount path, directory, name, node or None for a whiteout) of every entry, each
+        directory's in name order, a directory's own entries before those below it."""
+        stack: list[tuple[str, Node]] = [("", self.table.nodes[ROOT_INO])]
+        while stack:
+            path, directory = stack.pop()
+            for name, ino in sorted(directory.entries.items()):
+                child_path = f"{path}/{os.fsdecode(name)}"
+                if ino == WHITEOUT:
+                    yield child_path, directory, name, None
+                    continue
+                child = self.table.nodes[ino]
+                yield child_path, directory, name, child
+                if child.is_dir:
+                    stack.append((child_path, child))
+
+    def subtree(self, node: Node, include_self: bool) -> list[Node]:
+        """The node and every node pinned below it."""
+        found = [node] if include_self else []
+        stack = [node]
+        while stack:
+            directory = stack.pop()
+            for ino in directory.entries.values():
+                if ino != WHITEOUT:
+                    child = self.table.nodes[ino]
+                    found.append(child)
+                    stack.append(child)
+        return found
+
+    # -- checking -----------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """The relation's share of `Namespace.check_invariants`, checked both ways."""
+        nodes = self.table.nodes
+        for ino, node in nodes.items():
+            assert not (node.pinned and node.unlinked), f"node {ino} is both pinned and unlinked"
+            if node.entries:
+                assert node.is_dir, f"non-directory {ino} has entries"
+            if node.links:
+                assert (node.parent, node.name) in node.links, f"node {ino}: its primary name is not one of its links"
+                assert not node.is_dir or len(node.links) == 1, f"directory {ino} has several names"
+            # node -> entry: each link is an entry of a pinned directory that shows this node
+            for parent_ino, name in node.links:
+                parent = nodes.get(parent_ino)
+                assert parent is not None and parent.is_dir, f"pinned node {ino} has no parent directory"
+                assert parent.pinned, f"pinned node {ino} has an unpinned parent"
+                assert parent.entries.get(name) == ino, f"link {name!r} of {ino} is not in its parent's entries"
+            # entry -> node: each entry names a registered node that has it as a link
+            for name, child_ino in node.entries.items():
+                if child_ino == WHITEOUT:
+                    continue
+                child = nodes.get(child_ino)
+                assert child is not None, f"entry {name!r} of {ino} names a dropped node"
+                assert (ino, name) in child.links, f"entry {name!r} of {ino} and node {child_ino} disagree"
+            if node.attrs is not None and not node.is_dir and not node.unlinked:
+                assert node.attrs.nlink >= len(node.links) >= 1 or node.held_by_base_names, (
+                    f"node {ino}: link count {node.attrs.nlink} for {len(node.links)} names"
+                )
+                if node.base_path is None:
+                    assert node.attrs.nlink == len(node.links), f"created node {ino}: link count and names disagree"
+        # No directory is its own ancestor: walking up from any pinned node reaches the root.
+        for node in nodes.values():
+            seen: set[int] = set()
+            while node.pinned and node.ino != ROOT_INO:
+                assert node.ino not in seen, f"directory cycle through {node.ino}"
+                seen.add(node.ino)
+                node = nodes[min(node.links)[0]]

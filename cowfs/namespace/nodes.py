@@ -1,0 +1,135 @@
+"""The node table: which nodes exist, their inode numbers, and an index by base path.
+
+Rule: only this file adds nodes to the table or drops them from it, hands out inode
+numbers, and writes ``Node.base_path`` (the index by base path follows every change).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+
+from ..base import BaseDir, BasePath
+from .model import FIRST_CREATED_INO, ROOT_INO, Node
+
+
+class NodeTable:
+    """ino -> node for every node the kernel, a handle or a change holds."""
+
+    def __init__(self, base: BaseDir) -> None:
+        self.base = base
+        self._next_ino = FIRST_CREATED_INO
+        self._foreign_inos: dict[tuple[int, int], int] = {}
+        self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
+        root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
+        self.nodes: dict[int, Node] = {}
+        # base path -> the nodes that have it, in the order they were registered
+        self._by_base_path: dict[BasePath, dict[int, Node]] = {}
+        self.add(root)
+
+    # -- inode numbers --------------------------------------------------------
+
+    def ino_for_base(self, dev: int, base_ino: int) -> int:
+        """A stable ino for a base object: its own number where that is unique."""
+        if dev == self.base.root_stat.st_dev and base_ino == self.base.root_stat.st_ino:
+            return ROOT_INO
+        if dev == self.base.root_stat.st_dev and base_ino + 2 < FIRST_CREATED_INO:
+            return base_ino + 2  # never 1 (the root) and never a created ino
+        key = (dev, base_ino)
+        if key not in self._foreign_inos:
+            self._foreign_inos[key] = self.new_ino()
+        return self._foreign_inos[key]
+
+    def ino_apart(self, st: os.stat_result, path: BasePath) -> int:
+        """An ino of its own for the base object at ``path`` whose number the base reused
+        while this mount still holds the object that had it before."""
+        key = (st.st_dev, st.st_ino, path)
+        if key not in self._reused_inos:
+            self._reused_inos[key] = self.new_ino()
+        return self._reused_inos[key]
+
+    def new_ino(self) -> int:
+        self._next_ino += 1
+        return self._next_ino
+
+    # -- the table ------------------------------------------------------------
+
+    def get(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise OSError(errno.ENOENT, "stale inode") from None
+
+    def add(self, node: Node) -> None:
+        assert node.ino not in self.nodes, f"ino {node.ino} registered twice"
+        self.nodes[node.ino] = node
+        self._index(node)
+
+    def maybe_drop(self, node: Node) -> None:
+        """Drop a node nothing holds any more: no lookup, handle, name or unseen base name."""
+        if node.lookups or node.opens or node.pinned or node.held_by_base_names:
+            return
+        if self.nodes.get(node.ino) is not node:
+            return  # already dropped
+        del self.nodes[node.ino]
+        self._unindex(node)
+        if node.data is not None:
+            node.data.close()
+            node.data = None
+
+    def follow_base(self, node: Node, kind: int, base_path: BasePath) -> None:
+        """An unchanged node's ino now names the base object at ``base_path``."""
+        self._unindex(node)
+        node.type, node.base_path = kind, base_path
+        self._index(node)
+
+    # -- the index by base path -------------------------------------------------
+
+    def at_base_path(self, base_path: BasePath) -> list[Node]:
+        """The registered nodes whose base object is (or was) at ``base_path``."""
+        return list(self._by_base_path.get(base_path, {}).values())
+
+    def _index(self, node: Node) -> None:
+        if node.base_path is not None:
+            self._by_base_path.setdefault(node.base_path, {})[node.ino] = node
+
+    def _unindex(self, node: Node) -> None:
+        if node.base_path is None:
+            return
+        same = self._by_base_path.get(node.base_path)
+        if same is not None and same.get(node.ino) is node:
+            del same[node.ino]
+            if not same:
+                del self._by_base_path[node.base_path]
+
+    # -- reading --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self.nodes.values())
+
+    def open_files(self) -> set[int]:
+        """Inos of regular files some handle holds open."""
+        return {node.ino for node in self.nodes.values() if node.opens and node.data is not None}
+
+    def check_invariants(self) -> None:
+        """The table's share of `Namespace.check_invariants`."""
+        for ino, node in self.nodes.items():
+            assert node.ino == ino, f"node {ino} is registered under another ino ({node.ino})"
+            assert node.lookups >= 0 and node.opens >= 0, f"node {ino}: negative counts"
+            assert node.lookups or node.opens or node.pinned or node.held_by_base_names, (
+                f"node {ino} ({node.name!r}) should have been dropped"
+            )
+            if node.base_path is not None:
+                assert self._by_base_path.get(node.base_path, {}).get(ino) is node, (
+                    f"node {ino} is missing from the index by base path"
+                )
+        for base_path, same in self._by_base_path.items():
+            assert same, f"empty index entry for {base_path!r}"
+            for ino, node in same.items():
+                assert self.nodes.get(ino) is node, f"index by base path lists dropped node {ino}"
+                assert node.base_path == base_path, f"node {ino} is indexed under a base path it has not"
