@@ -31,8 +31,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="session")
-def loop_filesystems(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopFilesystems]:
-    filesystems = LoopFilesystems(tmp_path_factory.mktemp("filesystems"))
+def loop_filesystems() -> Iterator[LoopFilesystems]:
+    filesystems = LoopFilesystems()
     try:
         yield filesystems
     finally:

@@ -6,13 +6,15 @@ the test's own temporary directory, as always), and on a fresh directory of an X
 (reflink) and a btrfs image holding both BASE_DIR and the store, where cowfs
 serves files in passthrough mode.  The images are made once per session, only
 when a test needs them, and unmounted (their loop devices detached) at its end,
-also after failures.  A machine that cannot make them fails those tests loudly.
+also after failures.  A machine that cannot make them fails those tests loudly.  They are
+reachable by other users (a test of passthrough as another user needs that).
 """
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,10 +28,11 @@ _MKFS = {"xfs": (["mkfs.xfs", "-q", "-m", "reflink=1"], "xfsprogs"), "btrfs": ([
 
 
 class LoopFilesystems:
-    """Filesystem images under ``directory``, each loop-mounted on first use."""
+    """Filesystem images in a directory of their own, each loop-mounted on first use."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="cowfs-filesystems-", dir="/tmp"))
+        self.directory.chmod(0o755)
         self._mounted: dict[str, Path] = {}
 
     def root(self, kind: str) -> Path:
@@ -55,11 +58,14 @@ class LoopFilesystems:
         )
         if mounted.returncode != 0:
             pytest.fail(f"cannot loop-mount a {kind} filesystem (as root?): {mounted.stderr.strip()}", False)
+        mountpoint.chmod(0o755)
         return mountpoint
 
     def close(self) -> None:
-        """Unmount everything; the loop devices that mount made detach themselves (autoclear)."""
+        """Unmount everything (the loop devices that mount made detach themselves: autoclear),
+        and remove the images."""
         for mountpoint in self._mounted.values():
             if subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False).returncode != 0:
                 subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
         self._mounted.clear()
+        shutil.rmtree(self.directory, ignore_errors=True)
