@@ -44,6 +44,10 @@ class Config:
     peers: Path | None
     quick: bool
     skip_sessions: bool = False
+    skip_guestviews: bool = False
+    skip_metadata: bool = False
+    names: int = 200_000
+    skip_names: bool = False
 
     @property
     def base(self) -> Path:
@@ -115,8 +119,18 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     parser.add_argument("--skip-scale", action="store_true", help="skip the scale test")
     parser.add_argument("--skip-qemu", action="store_true", help="skip the qemu-img bench reads")
+    parser.add_argument("--names", type=int, help="changed names for status and reset (default 200000)")
+    parser.add_argument("--skip-names", action="store_true", help="skip the many-changed-names phase")
     parser.add_argument(
         "--skip-sessions", action="store_true", help="skip cowfs's own sessions (cowfs run, checkpoints, copies)"
+    )
+    parser.add_argument(
+        "--skip-guestviews", action="store_true", help="skip the guest views (a qcow2's guest view against a raw view)"
+    )
+    parser.add_argument(
+        "--skip-metadata",
+        action="store_true",
+        help="skip creating, stat'ing, renaming and deleting many small files (cowfs, fuse-overlayfs, native)",
     )
     parser.add_argument(
         "--work-dir",
@@ -166,6 +180,10 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         peers=args.peers,
         quick=args.quick,
         skip_sessions=args.skip_sessions,
+        skip_guestviews=args.skip_guestviews,
+        skip_metadata=args.skip_metadata,
+        names=pick(args.names, 200_000, 20_000),
+        skip_names=args.skip_names,
     )
     if config.size < 16 * MiB or config.size % MiB:
         parser.error("--size must be a multiple of 1 MiB and at least 16 MiB")

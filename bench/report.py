@@ -202,6 +202,31 @@ def _metrics_section(config: Config, results: Results) -> list[str]:
             ],
             ["  run / (mount + umount), target <= 1.2", "-", number(sessions.run_over_mount_umount, "x")],
         ]
+    metadata = results.metadata
+    if metadata is not None:
+        for operation, ratio in metadata.cowfs_over_fuse_overlayfs.items():
+            rates = [
+                f"{target} {number(metadata.files / seconds if seconds else None)}/s"
+                for target in ("cowfs", "fuse-overlayfs", "native")
+                if (seconds := metadata.medians.get(target, {}).get(operation)) is not None
+            ]
+            target = ", target <= 1" if operation == "create" else ""
+            rows.append(
+                [
+                    f"{operation} {metadata.files} small files: cowfs/fuse-overlayfs time{target} ({'; '.join(rates)})",
+                    "-",
+                    number(ratio, "x"),
+                ]
+            )
+        rows.append(["  cowfs daemon memory per created name, bytes", "-", number(metadata.bytes_per_name_median)])
+    names = results.names
+    if names is not None:
+        rows += [
+            [f"{names.changed} changed names: making them s", "-", number(names.change_s)],
+            ["  cowfs status --json s, target <= 2 at 200,000", "-", number(names.status_s)],
+            ["  cowfs reset s, target <= 2 at 200,000", "-", number(names.reset_s)],
+            ["  longest wait of a request during the reset ms, target <= 250", "-", number(names.longest_wait_ms)],
+        ]
     return [table(rows, {1}), ""]
 
 

@@ -266,6 +266,41 @@ class Sessions:
         self.run_over_mount_umount = ratio_of(self.run_true_median_ms, self.mount_umount_median_ms)
 
 
+@dataclass(kw_only=True)
+class Metadata:
+    """Many small files (issue 22): seconds per operation on cowfs, fuse-overlayfs and the store's
+    own filesystem (native), and cowfs's memory per changed name."""
+
+    files: int
+    seconds: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # target -> operation -> runs
+    bytes_per_name: list[int] = field(default_factory=list)  # daemon RSS growth / files created
+    medians: dict[str, dict[str, float | None]] = field(default_factory=dict)  # target -> operation -> s
+    cowfs_over_fuse_overlayfs: dict[str, float | None] = field(default_factory=dict)  # time ratio; target create <= 1
+    bytes_per_name_median: float | None = None
+
+    def summarize(self) -> None:
+        self.medians = {
+            target: {operation: median_of(runs) for operation, runs in operations.items()}
+            for target, operations in self.seconds.items()
+        }
+        cowfs, overlay = self.medians.get("cowfs", {}), self.medians.get("fuse-overlayfs", {})
+        self.cowfs_over_fuse_overlayfs = {
+            operation: ratio_of(cowfs.get(operation), overlay.get(operation)) for operation in cowfs
+        }
+        self.bytes_per_name_median = median_of(self.bytes_per_name)
+
+
+@dataclass(kw_only=True)
+class NamesScale:
+    """Many changed names in one mount (issue 22, part 3), on cowfs alone."""
+
+    changed: int  # names changed in the mount before status and reset
+    change_s: float | None = None  # making the changes through the mount
+    status_s: float | None = None  # `cowfs status --json`, end to end (target: <= 2 s at 200,000)
+    reset_s: float | None = None  # `cowfs reset MOUNTPOINT`, end to end (target: <= 2 s at 200,000)
+    longest_wait_ms: float | None = None  # a request on an untouched file during the reset (target: <= 250)
+
+
 # --------------------------------------------------------------------------- the peer harness
 
 
@@ -352,6 +387,8 @@ class Results:
     peers: Peers | None = optional()
     scale: Scale | None = optional()
     sessions: Sessions | None = optional()
+    metadata: Metadata | None = optional()
+    names: NamesScale | None = optional()
     measurements: dict[str, Measurement] = field(default_factory=dict, metadata={"omit_if_empty": True})
     # summaries, by summarize()
     rss_randwrite_vmhwm_median_kib: float | None = None
@@ -370,6 +407,8 @@ class Results:
             measurement.summarize()
         if self.sessions is not None:
             self.sessions.summarize()
+        if self.metadata is not None:
+            self.metadata.summarize()
         self.mount.median_ms = median_of(self.mount.mount_ms)
         self.first_write.native_median_ms = median_of(self.first_write.native)
         self.first_write.cowfs_median_ms = median_of(self.first_write.cowfs)

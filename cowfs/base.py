@@ -49,7 +49,6 @@ class BaseDir:
             self._dir_flags = _DIR_FLAGS
             self.root_fd = os.open(path, self._dir_flags)
         self.root_stat = os.fstat(self.root_fd)
-        self.can_noatime = True
 
     def close(self) -> None:
         os.close(self.root_fd)
@@ -84,14 +83,13 @@ class BaseDir:
         """Open a regular base file read-only, without touching its atime."""
         with self.directory(parts[:-1]) as dir_fd:
             _check_name(parts[-1])
-            if self.can_noatime:
-                try:
-                    fd = os.open(parts[-1], _FILE_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
-                except PermissionError as error:
-                    if error.errno != errno.EPERM:  # EPERM: not the owner; EACCES: unreadable
-                        raise
-                    fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
-            else:
+            # O_NOATIME is refused per file (EPERM unless we own it or have CAP_FOWNER), so each
+            # open tries it; a base file is opened once per open of its view, not per read.
+            try:
+                fd = os.open(parts[-1], _FILE_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
+            except PermissionError as error:
+                if error.errno != errno.EPERM:  # EPERM: not the owner; EACCES: unreadable
+                    raise
                 fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=dir_fd)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)

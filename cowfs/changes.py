@@ -3,7 +3,8 @@
 the mount (reset, adopting a commit) is the namespace's alone.
 
 Everything here runs in the daemon's trio thread with no await inside, so
-each call is atomic with respect to FUSE requests.  Paths are mount paths as
+each call is atomic with respect to FUSE requests -- but for `status_in_slices`,
+which lets them in between slices.  Paths are mount paths as
 strings (``"/sub/disk.raw"``); the results are the reply records of
 `cowfs.protocol`.
 
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 from .base import BasePath
 from .clone import CloneFile, FileData
 from .namespace import Namespace, Node, Refused, change_token, identity_dict, refuse_extra_links
 from .overlay import BaseIdentity
 from .protocol import ChangeState, DiffReply, FileChange, Plan, StatusReply
+from .slices import Slices, run_whole
 
 _KINDS = {
     stat.S_IFREG: "file",
@@ -69,6 +71,14 @@ def changed_ranges(data: FileData) -> list[tuple[int, int]]:
 
 def status(namespace: Namespace) -> StatusReply:
     """Every change of the mount, in path order."""
+    return run_whole(status_in_slices(namespace))
+
+
+def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Generator[None, None, StatusReply]:
+    """`status` as a job that yields between slices (`cowfs.slices`): FUSE requests served in
+    between may change the mount, so a status taken while it changes may show a name moved
+    meanwhile at either place."""
+    slices = slices or Slices()
     found: list[FileChange] = []
     moved_from: set[BasePath] = set()
     for path, node, primary in namespace.pinned_nodes():
@@ -78,9 +88,13 @@ def status(namespace: Namespace) -> StatusReply:
             if change.state == "renamed":
                 assert node.base_path is not None
                 moved_from.add(node.base_path)
+        if slices.used_up():
+            yield
     for path, base_path in namespace.names.whiteouts():
         if base_path not in moved_from:
             found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
+        if slices.used_up():
+            yield
     found.sort(key=lambda change: change.path)
     return StatusReply(str(namespace.base.path), str(namespace.store.directory), *store_usage(namespace), found)
 
@@ -111,7 +125,7 @@ def _describe(path: str, node: Node, primary: bool) -> FileChange | None:
         state, origin = "modified", None
     written, extents = _data_summary(node.data)
     data = node.data
-    base_size = data.base_identity.size if data is not None and data.base_identity is not None else None
+    base_size = _base_size(data) if data is not None else None
     return FileChange(
         path,
         state,
@@ -145,8 +159,7 @@ def diff(namespace: Namespace, path: str) -> DiffReply:
     if data is None:  # not open and never changed: the base as it is now
         size = namespace.base.lstat(node.base_path).st_size if node.base_path is not None else 0
         return DiffReply(path, size, size, [])
-    base_size = data.base_identity.size if data.base_identity is not None else None
-    return DiffReply(path, data.size, base_size, changed_ranges(data))
+    return DiffReply(path, data.size, _base_size(data), changed_ranges(data))
 
 
 # -- commit --------------------------------------------------------------------------
@@ -211,6 +224,14 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
         _guest_format(data),
         getattr(data, "guest_size", None),
     )
+
+
+def _base_size(data: FileData) -> int | None:
+    """The size of what the view started from: the base file's, or a guest view's disk's."""
+    guest_size: int | None = getattr(data, "guest_size", None)
+    if guest_size is not None:
+        return guest_size
+    return data.base_identity.size if data.base_identity is not None else None
 
 
 def _guest_format(data: FileData) -> str | None:

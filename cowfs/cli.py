@@ -7,6 +7,7 @@ the commands that talk to a live mount (control_cli) are imported when run.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -386,9 +387,12 @@ def _directory(path: Path, role: str) -> Path:
     except FileNotFoundError:
         raise UserError(f"{role} {path} does not exist") from None
     except OSError as error:
-        if error.errno == 107:  # ENOTCONN: a FUSE mount whose daemon died
-            raise UserError(f"{role} {path} is a dead mount: run cowfs umount {path}") from None
-        raise UserError(f"{role} {path}: {error.strerror}") from None
+        if error.errno != errno.ENOTCONN:
+            raise UserError(f"{role} {path}: {error.strerror}") from None
+        st = None
+    # A FUSE mount whose daemon died: stat gives ENOTCONN, or attributes the kernel still caches.
+    if st is None or mounts.is_dead(path):
+        raise UserError(f"{role} {path} is a dead mount: run cowfs umount {path}")
     if not stat.S_ISDIR(st.st_mode):
         raise UserError(f"{role} {path} is not a directory")
     return path.resolve()

@@ -1,9 +1,9 @@
 """Lifecycle of one mount: start, readiness, signals, clean unmount.
 
-`serve` runs in the daemon process (``cowfs mount --foreground``, which is
-also what the background mode re-executes).  It reports readiness, or the
-one-line reason it could not mount, through a callback, so that the parent
-``cowfs mount`` returns only once the mount is usable.
+`serve` runs in the daemon process: ``cowfs mount --foreground`` itself, or the
+child that the background mode forks.  It reports readiness, or the one-line
+reason it could not mount, through a callback, so that the parent ``cowfs
+mount`` returns only once the mount is usable.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from . import counters
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
-from .features import Pyfuse3Features, describe, log_missing
+from .features import Pyfuse3Features, describe, install_compiled_reads, log_missing
 from .fuse_ops import CowfsOperations
 from .guest import GuestViews
 from .kernel_cache import KernelCache
@@ -30,6 +30,7 @@ from .namespace import Namespace
 from .passthrough import FileDataFactory, plan
 from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
+from .windows import Windows
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +96,17 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         report(f"cannot open {error.filename}: {error.strerror}")
         return 1
     found = Pyfuse3Features.of(pyfuse3)
-    log_missing(found)
     # Before mounting: the INIT reply fixes the mode for the whole mount.
     passthrough = plan(config, found)
     views = GuestViews(base) if config.view == "guest" else None
     file_data = FileDataFactory(store, passthrough)
     namespace = Namespace(base, store, views=views, new_file_data=file_data)
+    compiled_reads_off: str | None = "not mounted yet"  # why READs go through Python (None: they do not)
     kernel_cache = KernelCache()
     control_server = ControlServer(
         namespace,
         kernel_cache,
-        lambda: [*describe(found, _granted_init_flags(found)), passthrough.feature()],
+        lambda: [*describe(found, _granted_init_flags(found), compiled_reads_off), passthrough.feature()],
         lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
     )
     control = ControlInfo(
@@ -114,6 +115,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache, passthrough)
     operations.mountpoint = str(config.mountpoint)
     operations.guest_views = views
+    operations.windows = Windows() if views is not None else None
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
     except RuntimeError:
@@ -121,6 +123,8 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         control_server.close()
         file_data.close()
         return 1
+    compiled_reads_off = install_compiled_reads(pyfuse3, found)
+    log_missing(found, compiled_reads_off)
     log.info(
         "mounted %s on %s, store in %s%s",
         config.base_dir,

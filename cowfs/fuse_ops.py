@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -23,14 +24,17 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from . import counters
+from . import counters, readpath
 from .clone import CloneFile
 from .features import FUSE_HANDLE_KILLPRIV_V2
 from .guest import FetchNeeded, GuestFile, GuestViews, MapNeeded, ViewFailure
 from .kernel_cache import KernelCache
+from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .mounts import find_mount
 from .namespace import Namespace, Node, Stat
+from .partitions import Table
 from .passthrough import FUSE_PASSTHROUGH, Backings, Passthrough
+from .windows import PARTS_SUFFIX, Window, Windows, directory_stat, partition_number, partition_stat
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +89,6 @@ _UNCACHED_READS = counters.counter("read_uncached")
 # A guest view's read fetches again only when a reset brought base bytes back meanwhile.
 MAX_GUEST_FETCHES = 8  # reads that waited for the disk
 
-# fallocate(2) modes (linux/falloc.h) that reach a FUSE filesystem.
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-SEEK_DATA, SEEK_HOLE = 3, 4
-
 # O_DIRECT handles behave like a disk with 512-byte logical sectors: QEMU's alignment probe then
 # finds 512 (else it falls back to 4096 and refuses images whose size is not a multiple of it).
 DIRECT_IO_ALIGNMENT = 512
@@ -126,10 +124,19 @@ def _errno_replies(
             log.exception("internal error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
+            _settle_store(self)
             counter.count += 1
             counter.handler_ns += clock() - started
 
     return wrapper
+
+
+def _settle_store(operations: CowfsOperations) -> None:
+    """Punch the store pages the request freed (the store merges them; see Store.settle)."""
+    try:
+        operations.ns.store.settle()
+    except OSError as error:
+        log.warning("store: freed pages not punched: %s", error)
 
 
 def _entry(st: Stat) -> pyfuse3.EntryAttributes:
@@ -228,6 +235,8 @@ class CowfsOperations(pyfuse3.Operations):
         self._reads_started = 0  # READ requests so far (a waiting read checks for newer ones)
         self.mountpoint: str | None = None  # set by the daemon: used to tune the mount's readahead
         self.guest_views: GuestViews | None = None  # set by the daemon under --view guest
+        self.windows: Windows | None = None  # partition windows, under --view guest
+        self._window_handles: dict[int, Window] = {}  # file handle -> the partition it opened
 
     def init(self) -> None:
         # Called while the kernel's INIT request is answered, and INIT resets
@@ -250,6 +259,13 @@ class CowfsOperations(pyfuse3.Operations):
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 self._writable_handles.add(handle)
                 self._writers[node.ino] = self._writers.get(node.ino, 0) + 1
+            if flags & os.O_DIRECT:
+                self._direct_handles.add(handle)
+            assert node.data is not None
+            # From now on the compiled read path (if any) may answer this handle's READs itself
+            # (a clone's READs come only where the kernel does not pass them through: Python's).
+            if not isinstance(node.data, CloneFile):
+                readpath.register_handle(handle, node.ino, node.data.view, bool(flags & os.O_DIRECT))
         return handle
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -272,24 +288,126 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        node = self.ns.lookup(parent_inode, name)
+        return (await self._lookup(parent_inode, name))[0]
+
+    async def _lookup(self, parent_inode: int, name: bytes) -> tuple[pyfuse3.EntryAttributes, int]:
+        """The entry a name shows and its inode, +1 lookup on it (a window's, or the namespace's)."""
+        windows = self.windows
+        if windows is not None and windows.owns(parent_inode):
+            return await self._lookup_partition(windows.get(parent_inode), name)
+        try:
+            node = self.ns.lookup(parent_inode, name)
+        except FileNotFoundError:
+            if windows is None or not name.endswith(PARTS_SUFFIX):
+                raise
+            return await self._lookup_parts(parent_inode, name)
         try:
             await self._prepare(node)
-            return self._reply_entry(node)
+            return self._reply_entry(node), node.ino
         except BaseException:
             self.ns.forget(node.ino, 1)  # the kernel will not count a failed lookup
             raise
+
+    def _forget(self, inode: int, count: int) -> None:
+        if self.windows is not None and self.windows.owns(inode):
+            dropped = self.windows.forget(inode, count)
+            if dropped is not None:  # a .parts directory held a lookup of its disk
+                self.ns.forget(dropped.disk_ino, 1)
+        else:
+            self.ns.forget(inode, count)
 
     @_errno_replies
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             try:
-                self.ns.forget(inode, count)
+                self._forget(inode, count)
             except Exception:
                 log.exception("forget(%d, %d) failed", inode, count)
 
+    # -- partition windows (cowfs/windows.py) ----------------------------------
+
+    async def _disk_bytes(self, disk_ino: int, offset: int, length: int) -> bytes:
+        """Bytes of a disk file's view, for its partition table."""
+        node = self.ns.node(disk_ino)
+        await self._prepare(node)
+        seen = node.last_seen_base  # reading the table is no open by the kernel: keep its cache decision
+        node, _ = self.ns.open(disk_ino)
+        try:
+            data = node.data
+            assert data is not None
+            try:
+                return bytes(data.read(offset, length))
+            except FetchNeeded as need:
+                fetched = await need.image.fetch(self.ns.base, need.start, need.end)
+                data = self.ns.node(disk_ino).data
+                if not isinstance(data, GuestFile):
+                    raise OSError(errno.EIO, "the disk changed kind while its table was read") from None
+                return bytes(data.read_fetched(offset, length, bytearray(length), (need.start, fetched)))
+        finally:
+            self.ns.release(disk_ino)
+            node.last_seen_base = seen
+
+    async def _table(self, disk_ino: int) -> Table | None:
+        assert self.windows is not None
+        node = self.ns.node(disk_ino)
+        if node.type != stat.S_IFREG:
+            return None
+        await self._prepare(node)
+        size = self.ns.getattr(disk_ino).size
+        generation = node.data.generation if node.data is not None else None
+        return await self.windows.table(disk_ino, generation, functools.partial(self._disk_bytes, disk_ino), size)
+
+    async def _lookup_parts(self, parent_inode: int, name: bytes) -> tuple[pyfuse3.EntryAttributes, int]:
+        """``NAME.parts``: the partitions of the file NAME, when it has a table."""
+        assert self.windows is not None
+        disk_name = name[: -len(PARTS_SUFFIX)]
+        disk = self.ns.lookup(parent_inode, disk_name)  # held by the directory while it lives
+        try:
+            await self._prepare(disk)
+            table = await self._table(disk.ino)
+            if table is None or not table.partitions:
+                raise OSError(errno.ENOENT, "no partition table")
+            window, made = self.windows.window(disk.ino, parent_inode, disk_name)
+        except BaseException:
+            self.ns.forget(disk.ino, 1)
+            raise
+        if not made:
+            self.ns.forget(disk.ino, 1)  # the directory holds its one lookup already
+        window.lookups += 1
+        return _entry(directory_stat(window, self.ns.getattr(disk.ino))), window.ino
+
+    async def _lookup_partition(self, directory: Window, name: bytes) -> tuple[pyfuse3.EntryAttributes, int]:
+        assert self.windows is not None
+        if not directory.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        number = partition_number(name)
+        partition = None if number is None else Windows.partition(await self._table(directory.disk_ino), number)
+        if partition is None:
+            raise OSError(errno.ENOENT, "no such partition")
+        window, _ = self.windows.window(directory.disk_ino, directory.disk_parent, directory.disk_name, partition)
+        window.lookups += 1
+        return _entry(partition_stat(window, self.ns.getattr(window.disk_ino))), window.ino
+
+    def _disk_open_elsewhere(self, node: Node) -> bool:
+        """Is a partition's disk open as itself?  Then a write through the partition makes its
+        cached pages stale (a later open drops them anyway: the disk has changes then)."""
+        return any(n is node and h not in self._window_handles for h, n in self._open_files.items())
+
+    def _window_stat(self, window: Window) -> Stat:
+        disk = self.ns.getattr(window.disk_ino)
+        return directory_stat(window, disk) if window.is_dir else partition_stat(window, disk)
+
+    def _window_range(self, fh: int, offset: int, length: int) -> tuple[int, int, int]:
+        """(disk offset, length clipped to the partition, partition size) of a window handle's range."""
+        window = self._window_handles[fh]
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        return window.start + offset, max(0, min(length, window.size - offset)), window.size
+
     @_errno_replies
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        if self.windows is not None and self.windows.owns(inode):
+            return _entry(self._window_stat(self.windows.get(inode)))
         await self._prepare(self.ns.node(inode))
         return _entry(self.ns.getattr(inode))
 
@@ -297,6 +415,14 @@ class CowfsOperations(pyfuse3.Operations):
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: Any
     ) -> pyfuse3.EntryAttributes:
+        if self.windows is not None and self.windows.owns(inode):
+            # A partition's size is its table's; times are its disk's; nothing else is its own.
+            current = self._window_stat(self.windows.get(inode))
+            if fields.update_size and attr.st_size != current.size:
+                raise OSError(errno.EINVAL, "a partition's size is its table's")
+            if fields.update_mode or fields.update_uid or fields.update_gid:
+                raise OSError(errno.EPERM, "a partition window has its disk's owner and mode")
+            return _entry(current)
         await self._prepare(self.ns.node(inode))
         st = self.ns.setattr(
             inode,
@@ -349,13 +475,29 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if self.windows is not None and self.windows.owns(inode):
+            return await self._open_window(self.windows.get(inode), flags)
         await self._prepare(self.ns.node(inode))
         writable = flags & os.O_ACCMODE != os.O_RDONLY
         node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC), writable=writable)
         handle = self._new_handle(node, flags)
-        if flags & os.O_DIRECT:
-            self._direct_handles.add(handle)
         return self._file_info(handle, node, keep_cache)
+
+    async def _open_window(self, window: Window, flags: int) -> pyfuse3.FileInfo:
+        """A partition: a handle on its disk, its offsets moved by the partition's start; no page
+        cache, so the disk and its windows agree.  O_TRUNC is refused: the kernel would take the
+        file for empty (with the writeback cache it keeps its own idea of a file's size)."""
+        assert self.windows is not None
+        if window.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if flags & os.O_TRUNC:
+            raise OSError(errno.EINVAL, "a partition's size is its table's: open it without O_TRUNC")
+        await self._prepare(self.ns.node(window.disk_ino))
+        node, _ = self.ns.open(window.disk_ino)
+        handle = self._new_handle(node, flags)
+        self._window_handles[handle] = window
+        self.windows.opened(window)
+        return pyfuse3.FileInfo(fh=handle, direct_io=True)
 
     @_errno_replies
     async def create(
@@ -381,6 +523,10 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
+        if fh in self._window_handles:
+            off, size, _ = self._window_range(fh, off, size)
+            if not size:
+                return memoryview(b"")
         data = self._open_files[fh].data
         assert data is not None
         # Only reads are checked: the kernel's write-back of cached pages may go through an
@@ -433,6 +579,15 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if fh in self._window_handles:
+            off, length, _ = self._window_range(fh, off, len(buf))
+            if not length:
+                raise OSError(errno.ENOSPC, "past the end of the partition")
+            node = self._open_files[fh]
+            written = self.ns.write(node, off, buf[:length])
+            if self._disk_open_elsewhere(node):
+                await self.kernel_cache.invalidate([node.ino])
+            return written
         return self.ns.write(self._open_files[fh], off, buf)
 
     @_errno_replies
@@ -454,6 +609,12 @@ class CowfsOperations(pyfuse3.Operations):
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         if offset < 0 or length <= 0:
             raise OSError(errno.EINVAL, "bad fallocate range")
+        if fh in self._window_handles:
+            if not mode & FALLOC_FL_KEEP_SIZE:
+                raise OSError(errno.EOPNOTSUPP, "a partition's size is its table's")
+            offset, length, _ = self._window_range(fh, offset, length)
+            if not length:
+                raise OSError(errno.ENOSPC, "past the end of the partition")
         node = self._open_files[fh]
         if mode & FALLOC_FL_PUNCH_HOLE:
             if mode != FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
@@ -467,6 +628,8 @@ class CowfsOperations(pyfuse3.Operations):
             raise OSError(errno.EOPNOTSUPP, "unsupported fallocate mode")  # collapse, insert, unshare
         else:
             self.ns.allocate(node, offset, length, keep_size=bool(mode & FALLOC_FL_KEEP_SIZE))
+        if fh in self._window_handles and self._disk_open_elsewhere(node):
+            await self.kernel_cache.invalidate([node.ino])
 
     @_errno_replies
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
@@ -476,13 +639,26 @@ class CowfsOperations(pyfuse3.Operations):
             # written through a handle still open for writing may not have reached us: have it
             # write them back now (we serve those WRITEs meanwhile), then answer.
             await self.kernel_cache.invalidate([node.ino])
-        if whence not in (SEEK_DATA, SEEK_HOLE):
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE reach the filesystem")
+        if fh in self._window_handles:
+            start, _, size = self._window_range(fh, 0, 0)
+            if not 0 <= offset < size:
+                raise OSError(errno.ENXIO, "past the end of the partition")
+            found = await self._seek(node, start + offset, whence) - start
+            if found < size:
+                return found
+            if whence == os.SEEK_DATA:
+                raise OSError(errno.ENXIO, "no more data in the partition")
+            return size
+        return await self._seek(node, offset, whence)
+
+    async def _seek(self, node: Node, offset: int, whence: int) -> int:
         while True:
             data = node.data
             assert data is not None
             try:
-                return data.seek_data(offset) if whence == SEEK_DATA else data.seek_hole(offset)
+                return data.seek_data(offset) if whence == os.SEEK_DATA else data.seek_hole(offset)
             except MapNeeded as need:  # a guest view: learn more of its allocation map, then look again
                 await need.image.fetch_map(self.ns.base, need.offset)
 
@@ -493,6 +669,7 @@ class CowfsOperations(pyfuse3.Operations):
 
     def _forget_handle(self, fh: int) -> None:
         node = self._open_files.pop(fh)
+        readpath.unregister_handle(fh, node.ino)
         self._direct_handles.discard(fh)
         if fh in self._writable_handles:
             self._writable_handles.discard(fh)
@@ -500,13 +677,29 @@ class CowfsOperations(pyfuse3.Operations):
             if not self._writers[node.ino]:
                 del self._writers[node.ino]
         self.ns.release(node.ino)
+        window = self._window_handles.pop(fh, None)
+        if window is not None:
+            assert self.windows is not None
+            dropped = self.windows.released(window)
+            if dropped is not None:
+                self.ns.forget(dropped.disk_ino, 1)
 
     # -- directories -----------------------------------------------------------
 
     @_errno_replies
     async def opendir(self, inode: int, ctx: Any) -> int:
         # A snapshot of the names: offsets stay valid however the directory changes.
-        names = [name for name, _, _ in self.ns.listdir(inode)]
+        if self.windows is not None and self.windows.owns(inode):
+            window = self.windows.get(inode)
+            if not window.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            table = await self._table(window.disk_ino)
+            names = [b"p%d" % partition.number for partition in table.partitions] if table else []
+        else:
+            listing = self.ns.listdir(inode)
+            names = [name for name, _, _ in listing]
+            if self.windows is not None:
+                names += await self._parts_names(inode, listing)
         handle = self._new_handle()
         self._open_dirs[handle] = (inode, names)
         return handle
@@ -518,18 +711,34 @@ class CowfsOperations(pyfuse3.Operations):
             name = listing[index]
             # pyfuse3 answers with READDIRPLUS: every entry it accepts is a lookup.
             try:
-                node = self.ns.lookup(parent_ino, name)
+                entry, ino = await self._lookup(parent_ino, name)
             except OSError:
-                continue  # gone since opendir
+                continue  # gone since opendir (or unreadable: a refused image)
+            if not self.readdir_reply(token, name, entry, index + 1):
+                self._forget(ino, 1)  # no reply, so the kernel will not count it
+                break
+
+    async def _parts_names(self, inode: int, listing: list[tuple[bytes, int, int]]) -> list[bytes]:
+        """``NAME.parts`` for each file of a directory listing that holds a partition table."""
+        taken = {name for name, _, _ in listing}
+        names = []
+        for name, _, kind in listing:
+            if kind != stat.S_IFREG or name + PARTS_SUFFIX in taken:
+                continue
+            try:
+                node = self.ns.lookup(inode, name)
+            except OSError:
+                continue
             try:
                 await self._prepare(node)
-                entry = self._reply_entry(node)
+                table = await self._table(node.ino)
             except OSError:
-                self.ns.forget(node.ino, 1)  # no reply, so the kernel will not count it
-                continue
-            if not self.readdir_reply(token, name, entry, index + 1):
+                table = None
+            finally:
                 self.ns.forget(node.ino, 1)
-                break
+            if table is not None and table.partitions:
+                names.append(name + PARTS_SUFFIX)
+        return names
 
     @_errno_replies
     async def releasedir(self, fh: int) -> None:
@@ -560,6 +769,8 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if self.windows is not None and self.windows.owns(inode):
+            raise OSError(errno.ENODATA, "a window has no extended attributes")
         if inode == pyfuse3.ROOT_INODE:
             if name == NODE_COUNT_XATTR:
                 return str(len(self.ns.nodes)).encode()
@@ -570,6 +781,8 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        if self.windows is not None and self.windows.owns(inode):
+            return []
         return self.ns.listxattr(inode)
 
     @_errno_replies

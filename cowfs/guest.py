@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import logging
 import os
 import time
@@ -53,6 +54,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 10.0  # a helper no file uses stops after this long
+MAX_IDLE_HELPERS = 8  # and beyond this many unused ones, the least recently used stop at once
 MAX_FETCH = 4 << 20  # one read's fetch (FUSE reads are at most 1 MiB)
 
 Identity = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
@@ -142,7 +144,7 @@ class GuestImage:
             raise self.failure
         return disk
 
-    async def fetch(self, base: BaseDir, start: int, end: int) -> bytes:
+    async def fetch(self, base: BaseDir, start: int, end: int) -> bytearray:
         """The guest bytes of ``[start, end)`` (inside the virtual size)."""
         buffer = bytearray(end - start)
         disk = await self.disk_for_use(base)
@@ -151,7 +153,7 @@ class GuestImage:
         except OSError as error:
             log.error("guest view of %s: a read at %d failed: %s", self.name, start, error.strerror or error)
             raise OSError(errno.EIO, "the guest disk could not be read") from None
-        return bytes(buffer)
+        return buffer
 
     async def fetch_map(self, base: BaseDir, offset: int) -> None:
         """Learn the allocation map up to at least ``offset`` (from where it is known)."""
@@ -191,11 +193,14 @@ class GuestImage:
 class GuestFile(OverlayFile):
     """The overlay of a guest view: base bytes are the guest disk's, fetched through QEMU."""
 
+    base_is_fd = False  # base_fd is the image file: the compiled read path leaves base bytes to Python
+
     def __init__(self, store: Store, base_fd: int, name: str, image: GuestImage) -> None:
         super().__init__(store, base_fd, name=name)
         self.image = image
         image.use()
-        self.size = self.base_limit = image.size
+        with self.view:  # the file's state changes under its lock (overlay.py)
+            self.size = self.base_limit = image.size
 
     @property
     def is_changed(self) -> bool:
@@ -216,8 +221,9 @@ class GuestFile(OverlayFile):
 
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         self.image.use()  # close() inside lets it go; the view still reads through it
-        super().discard_changes(base_fd_factory)
-        self.size = self.base_limit = self.image.size
+        with self.view:
+            super().discard_changes(base_fd_factory)
+            self.size = self.base_limit = self.image.size
 
     def read_into(self, offset: int, size: int, buffer: bytearray, *, nowait: bool = False) -> memoryview:
         """As `OverlayFile.read_into`, but base bytes must be fetched first: raises `FetchNeeded`
@@ -225,7 +231,7 @@ class GuestFile(OverlayFile):
         return self.read_fetched(offset, size, buffer, (0, b""), nowait=nowait)
 
     def read_fetched(
-        self, offset: int, size: int, buffer: bytearray, fetched: tuple[int, bytes], *, nowait: bool = False
+        self, offset: int, size: int, buffer: bytearray, fetched: tuple[int, bytes | bytearray], *, nowait: bool = False
     ) -> memoryview:
         """Read with ``fetched`` = (offset, guest bytes from there) as the base bytes; `FetchNeeded`
         if the range needs base bytes outside them."""
@@ -236,11 +242,13 @@ class GuestFile(OverlayFile):
         segments = list(self.written.segments(offset, end))
         base = [(start, min(stop, self.base_limit)) for start, stop, store in segments if store is None]
         base = [(start, stop) for start, stop in base if start < stop]
-        fetched_at, fetched_bytes = fetched
+        fetched_at, fetched_bytes = fetched[0], memoryview(fetched[1])
         if base:
             self._base_for_read()  # a changed image file fails the read (EIO), as a raw base does
             if base[0][0] < fetched_at or base[-1][1] > fetched_at + len(fetched_bytes):
                 raise FetchNeeded(self.image, base[0][0], base[-1][1])
+        if base == [(offset, end)]:  # all base bytes, the common case: no copy
+            return fetched_bytes[offset - fetched_at : end - fetched_at]
         for start, stop, store in segments:
             piece = view[start - offset : stop - offset]
             if store is not None and store != ZEROS:
@@ -300,6 +308,16 @@ class GuestViews:
         image.parts = parts
         with contextlib.suppress(OSError):  # remembered in image.failure, logged once
             await image.disk_for_use(self.base)
+        self._stop_idle(lambda idle: idle[MAX_IDLE_HELPERS:])  # `ls -l` of many images: keep a few
+
+    def _stop_idle(self, which: Callable[[list[GuestImage]], list[GuestImage]]) -> None:
+        """Stop the helpers ``which`` picks from those no file uses (most recently used first)."""
+        idle = [image for image in self._known.values() if image and image.disk and not image.users]
+        idle.sort(key=lambda image: image.idle_since, reverse=True)
+        for image in which(idle):
+            assert image.disk is not None
+            image.disk.close()
+            image.disk = None
 
     def size(self, st: os.stat_result) -> int | None:
         """The size a base file shows: its virtual size if it is a guest image (None: as it is)."""
@@ -333,11 +351,7 @@ class GuestViews:
         """Run for the life of the mount: stop helpers no file has used for `IDLE_SECONDS`."""
         while True:
             await trio.sleep(IDLE_SECONDS / 2)
-            now = time.monotonic()
-            for image in self._known.values():
-                if image and image.disk and not image.users and now - image.idle_since > IDLE_SECONDS:
-                    image.disk.close()
-                    image.disk = None
+            self._stop_idle(functools.partial(_unused_since, time.monotonic() - IDLE_SECONDS))
 
     async def aclose(self) -> None:
         """At unmount: stop every helper and wait until it has exited."""
@@ -352,6 +366,10 @@ class GuestViews:
             if image is not None and image.disk is not None:
                 image.disk.kill_now()
                 image.disk = None
+
+
+def _unused_since(moment: float, idle: list[GuestImage]) -> list[GuestImage]:
+    return [image for image in idle if image.idle_since < moment]
 
 
 _UNKNOWN = GuestImage((), "")  # marks an identity never prepared

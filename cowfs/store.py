@@ -30,8 +30,9 @@ Allocation (the rules the design relies on):
 
 Freeing.  Bytes a file drops (truncate, punch, reset, close) release their
 space in the account at once, and each store page that holds no live byte of
-its file any more is punched at once (``fallocate`` PUNCH_HOLE, so ``df``
-drops); a log that holds no live byte at all is closed (which frees it even
+its file any more is punched (``fallocate`` PUNCH_HOLE, so ``df`` drops) when
+the request or control operation ends (`settle`, which merges the pages freed
+meanwhile into few punches); a log that holds no live byte at all is closed (which frees it even
 where the filesystem cannot punch).  Whole pages inside a freed run are
 punched directly; for the partial pages at its ends the caller says whether
 the page still holds a live byte (its range map knows).
@@ -51,7 +52,6 @@ blocks back to its filesystem.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import itertools
 import logging
@@ -61,6 +61,8 @@ import stat
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+
 log = logging.getLogger(__name__)
 
 STORE_MODE = 0o600
@@ -69,12 +71,6 @@ OFFSET_MASK = (1 << STORE_LOG_SHIFT) - 1
 PAGE_SIZE = 4096  # bytes of two files never share a store page of this size
 MAX_LOG_SIZE = (1 << STORE_LOG_SHIFT) - (1 << 20)  # strictly below 1 << 44: no run reaches the next log's offsets
 
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.fallocate.restype = ctypes.c_int
-
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Deallocate ``[offset, offset + length)`` of a file, keeping its size
@@ -82,9 +78,7 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     ``posix_fallocate``).  OSError EOPNOTSUPP where the filesystem cannot."""
     if length <= 0:
         return
-    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
+    fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def _page_down(offset: int) -> int:
@@ -141,6 +135,7 @@ class Store:
         self.log_fds: list[int] = []  # log index -> fd (-1: free); what a reader resolves offsets with
         self._active: _Log | None = None  # where fresh pages are taken
         self._sequences = itertools.count(1)
+        self._unpunched: dict[int, list[tuple[int, int]]] = {}  # log index -> freed pages to punch (settle)
         self.frozen_below = (0, 0)  # (log sequence, offset): see "Checkpoints" above
         self.uses_tmpfile = True
         self.can_punch = True  # False once the store's filesystem refused to punch holes
@@ -149,7 +144,7 @@ class Store:
         for entry in self._logs:
             if entry is not None:
                 os.close(entry.fd)
-        self._logs, self.log_fds, self._active = [], [], None
+        self._logs, self.log_fds, self._active, self._unpunched = [], [], None, {}
         os.close(self._dir_fd)
 
     # -- the logs ---------------------------------------------------------
@@ -200,6 +195,7 @@ class Store:
         entry = self._logs[index]
         assert entry is not None and entry.live == 0, index
         os.close(entry.fd)
+        self._unpunched.pop(index, None)
         self._logs[index], self.log_fds[index] = None, -1
         if self._active is entry:
             self._active = None
@@ -217,6 +213,7 @@ class Store:
 
     def disk_bytes(self) -> int:
         """What the logs take on disk."""
+        self.settle()
         return sum(os.fstat(entry.fd).st_blocks * 512 for entry in self._logs if entry is not None)
 
     # -- placing new bytes --------------------------------------------------
@@ -359,9 +356,23 @@ class Store:
             if entry.live == 0 and (entry.sequence, 0) >= self.frozen_below:
                 self._close_log(index)  # nothing in it is live: closing frees it all at once
                 continue
-            for start, stop in _merged(sorted(punch.get(index, []))):
-                if (entry.sequence, start) >= self.frozen_below:
-                    self._free_pages(entry.fd, start, stop - start)
+            self._unpunched.setdefault(index, []).extend(
+                (start, stop) for start, stop in punch.get(index, []) if (entry.sequence, start) >= self.frozen_below
+            )
+
+    def settle(self) -> None:
+        """Punch the pages freed since the last call.  Called at the end of every FUSE request and
+        control operation (and before the store's disk use is read), so ``df`` drops at once;
+        waiting till then merges the neighbouring pages of many files into one punch (a reset of
+        200,000 small files), and pages of a log that empties meanwhile need none."""
+        if not self._unpunched:
+            return
+        pending, self._unpunched = self._unpunched, {}
+        for index, ranges in pending.items():
+            entry = self._logs[index]
+            assert entry is not None, index  # closing a log drops what it had pending
+            for start, stop in _merged(sorted(ranges)):
+                self._free_pages(entry.fd, start, stop - start)
 
     def _free_pages(self, fd: int, offset: int, length: int) -> None:
         """Give the blocks of ``[offset, offset + length)`` of a log back to its filesystem; one
@@ -393,6 +404,7 @@ class Store:
             raise OSError(errno.ENOSPC, "store limit reached")
 
     def statvfs(self) -> os.statvfs_result:
+        self.settle()
         return os.statvfs(self._dir_fd)
 
     def check_invariants(self) -> None:

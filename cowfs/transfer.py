@@ -40,11 +40,13 @@ from .protocol import Plan
 from .store import punch_hole
 
 CHUNK = 4 << 20
+SECTOR = 512  # O_DIRECT reads of the view must be aligned to it, as on a disk
+QCOW2_CLUSTER = 64 << 10
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
-def _no_progress(done: int, total: int) -> None:
-    pass
+def no_progress(done: int, total: int) -> None:
+    """The progress callback of a caller that shows none."""
 
 
 def identity_of(fd: int) -> dict[str, int]:
@@ -84,9 +86,6 @@ def _chunks(ranges: list[tuple[int, int]], size: int = CHUNK) -> Iterator[tuple[
             yield offset, min(size, end - offset)
 
 
-SECTOR = 512  # O_DIRECT reads of the view must be aligned to it, as on a disk
-
-
 def _read_view(fd: int, offset: int, length: int) -> bytes:
     """``length`` bytes at ``offset`` of the view, read with whole 512-byte sectors into a
     page-aligned buffer (the kernel splits an O_DIRECT read at the buffer's page boundaries)."""
@@ -110,7 +109,7 @@ def _read_exact(fd: int, offset: int, length: int) -> bytes:
 
 
 def commit(
-    plan: Plan, view: Path, still_current: Callable[[], bool], progress: Progress = _no_progress
+    plan: Plan, view: Path, still_current: Callable[[], bool], progress: Progress = no_progress
 ) -> dict[str, int]:
     """Write the changes of ``view`` into its base file; return the base's new identity.
 
@@ -248,7 +247,7 @@ def _create_dest(dest: Path, force: bool) -> int:
         raise UserError(f"cannot create {dest}: {error.strerror}") from None
 
 
-def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress: Progress = _no_progress) -> None:
+def export_raw(plan: Plan, view: Path, dest: Path, force: bool = False, progress: Progress = no_progress) -> None:
     """A sparse full copy of the view: base data regions plus the written ranges."""
     if plan.base_format is not None:
         _export_guest_raw(plan, view, dest, force, progress)
@@ -323,7 +322,7 @@ def _qemu_tool(name: str) -> str:
     return path
 
 
-def export_qcow2(plan: Plan, view: Path, dest: Path, force: bool = False, progress: Progress = _no_progress) -> None:
+def export_qcow2(plan: Plan, view: Path, dest: Path, force: bool = False, progress: Progress = no_progress) -> None:
     """A qcow2 overlay with the base as its raw backing file, holding only the changes.
 
     ``qemu-img create`` makes the empty overlay, then ``qemu-nbd`` serves it
@@ -355,9 +354,6 @@ def export_qcow2(plan: Plan, view: Path, dest: Path, force: bool = False, progre
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
-
-
-QCOW2_CLUSTER = 64 << 10
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import settings
 
 from .filesystems import DEFAULT, LoopFilesystems
-from .helpers import SOAK, Mount, force_unmount, tree_fingerprint
+from .helpers import SOAK, CommandLineMount, force_unmount, tree_fingerprint
 
 # `make test` tries the same examples on every run, so that it passes or fails on the code, not by
 # luck; `make soak` searches afresh, with many more.
@@ -18,7 +18,7 @@ settings.register_profile("repeatable", derandomize=True, database=None)
 settings.register_profile("search")
 settings.load_profile("search" if SOAK else "repeatable")
 
-MountFactory = Callable[..., Mount]
+MountFactory = Callable[..., CommandLineMount]
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -76,10 +76,10 @@ def mount_factory(
     On XFS and btrfs the store is beside the base, so a mount of a base there is in
     passthrough mode (unless the test picks a store, a limit or the mode): then no READ or
     WRITE request may have reached the daemon."""
-    started: list[tuple[Mount, dict[str, tuple[object, ...]]]] = []
+    started: list[tuple[CommandLineMount, dict[str, tuple[object, ...]]]] = []
     store = scratch / "store"
 
-    def start(base: Path, *extra_args: str, mountpoint: Path | None = None) -> Mount:
+    def start(base: Path, *extra_args: str, mountpoint: Path | None = None) -> CommandLineMount:
         index = len(started)
         path = mountpoint or tmp_path / f"mnt{index}"
         path.mkdir(exist_ok=True)
@@ -88,7 +88,7 @@ def mount_factory(
         if filesystem != DEFAULT:
             store.mkdir(exist_ok=True)
             args = ["--store", str(store), *args]  # a store the test names comes later and wins
-        mount = Mount(base, path, tmp_path / f"daemon{index}.log", args)
+        mount = CommandLineMount(base, path, tmp_path / f"daemon{index}.log", args)
         mount.expect_passthrough = (
             filesystem != DEFAULT
             and base.resolve().is_relative_to(scratch.resolve())
@@ -117,6 +117,6 @@ def mount_factory(
 
 
 @pytest.fixture
-def mounted(base_dir: Path, mount_factory: MountFactory) -> Mount:
+def mounted(base_dir: Path, mount_factory: MountFactory) -> CommandLineMount:
     """A mount of an (initially empty) base_dir; fill base_dir before touching the mount."""
     return mount_factory(base_dir)

@@ -48,8 +48,9 @@ def force_unmount(path: Path) -> None:
 
 
 @dataclass
-class Mount:
-    """One cowfs mount of ``base`` on ``path``, with its daemon log."""
+class CommandLineMount:
+    """One cowfs mount of ``base`` on ``path`` made with the `cowfs` command, with its daemon's pid
+    and log (the Python API's is cowfs.Mount)."""
 
     base: Path
     path: Path
@@ -191,6 +192,24 @@ def tree_fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
     return result
 
 
+def data_regions(fd: int, end: int | None = None) -> Iterator[tuple[int, int]]:
+    """The (start, stop) regions of a file's first ``end`` bytes (default: all) that its
+    filesystem reports as data, by SEEK_DATA/SEEK_HOLE."""
+    end = os.fstat(fd).st_size if end is None else end
+    offset = 0
+    while offset < end:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # only a hole is left
+                return
+            raise
+        if start >= end:
+            return
+        offset = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        yield start, offset
+
+
 def sha256(path: Path) -> str:
     """Content hash that skips holes (so a sparse 1 TiB image hashes fast), read with
     O_NOATIME so that hashing a base leaves its atime alone.  It depends on the bytes
@@ -201,16 +220,10 @@ def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
     try:
-        size = os.fstat(fd).st_size
-        digest.update(str(size).encode())
+        digest.update(str(os.fstat(fd).st_size).encode())
         chunk = 0  # the next chunk not hashed yet; all-zero chunks are left out
-        while chunk * chunk_size < size:
-            try:
-                data = os.lseek(fd, chunk * chunk_size, os.SEEK_DATA)
-            except OSError:  # ENXIO: only a hole is left
-                break
-            end = os.lseek(fd, data, os.SEEK_HOLE)
-            for index in range(max(chunk, data // chunk_size), (end - 1) // chunk_size + 1):
+        for start, end in data_regions(fd):
+            for index in range(max(chunk, start // chunk_size), (end - 1) // chunk_size + 1):
                 content = os.pread(fd, chunk_size, index * chunk_size)
                 if content != zeros[: len(content)]:
                     digest.update(str(index).encode() + b":" + content)

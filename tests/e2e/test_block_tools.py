@@ -1,4 +1,4 @@
-"""Ad-hoc poking at mounted images with the usual block tools (issue 3):
+"""Ad-hoc poking at mounted images with the usual block tools:
 loop devices with a real ext4, partitioning tools, and fio with verification."""
 
 from __future__ import annotations

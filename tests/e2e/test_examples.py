@@ -1,4 +1,4 @@
-"""The scripts in examples/ run as written (issue 3).
+"""The scripts in examples/ run as written.
 
 The VM examples boot the tiny test guest: its kernel and initramfs go in as
 ordinary QEMU arguments, the way a user passes their own.  Every run must

@@ -1,4 +1,4 @@
-"""A real Linux guest boots from images in a cowfs mount (issue 3).
+"""A real Linux guest boots from images in a cowfs mount.
 
 The tiny guest (tests/e2e/guest.py) writes a pattern and a marker to its
 virtio disk, reads them back from the device, reports on the serial console

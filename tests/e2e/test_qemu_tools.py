@@ -1,4 +1,4 @@
-"""qemu-img and qemu-io on files in a real cowfs mount (issue 3).
+"""qemu-img and qemu-io on files in a real cowfs mount.
 
 Every script of qemu-io commands runs twice, on the mounted file and on a
 plain local copy of the base, and the two images must end up identical

@@ -1,5 +1,5 @@
-"""The command as people coming from other FUSE filesystems use it (issue 14, issue 12 defects 3
-and 4): --version, -o options, -v/-f on either side of `mount`, closed pipes, `cowfs list`."""
+"""The command as people coming from other FUSE filesystems use it: --version, -o options,
+-v/-f on either side of `mount`, closed pipes, `cowfs list`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import cowfs
 from cowfs.mounts import find_mount
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, Mount, force_unmount, is_mounted, run, status_json, wait_until
+from ..helpers import COWFS, CommandLineMount, force_unmount, is_mounted, run, status_json, wait_until
 from .users import NOBODY, as_user, visible_tmp  # noqa: F401 (a fixture)
 
 MiB = 1 << 20
@@ -131,7 +131,7 @@ def test_foreground_works_before_and_after_mount(base_dir: Path, tmp_path: Path,
 @pytest.mark.parametrize(
     "argv", [["--help"], ["list"], ["status", "MNT"], ["status", "--json", "MNT"], ["diff", "MNT/disk.raw"]]
 )
-def test_a_closed_pipe_ends_a_command_quietly(mounted: Mount, base_dir: Path, argv: list[str]) -> None:
+def test_a_closed_pipe_ends_a_command_quietly(mounted: CommandLineMount, base_dir: Path, argv: list[str]) -> None:
     """A real pipe whose reader is gone: the first write gets EPIPE. The command ends as
     `cat` would, by SIGPIPE (or, for --help, which argparse writes ignoring errors, exit 0),
     and says nothing."""
@@ -149,7 +149,7 @@ def test_a_closed_pipe_ends_a_command_quietly(mounted: Mount, base_dir: Path, ar
     assert result.returncode in ((0, -signal.SIGPIPE) if argv == ["--help"] else (-signal.SIGPIPE,))
 
 
-def test_a_closed_pipe_in_a_shell_pipeline_says_nothing(mounted: Mount) -> None:
+def test_a_closed_pipe_in_a_shell_pipeline_says_nothing(mounted: CommandLineMount) -> None:
     result = run(["bash", "-c", f"{COWFS} status {mounted.path} | true; {COWFS} --help | head -1"])
     assert result.stderr == ""
     assert result.stdout.startswith("usage: cowfs")
@@ -218,13 +218,29 @@ def test_bare_form_as_mount_fuse3_runs_it_means_mount(base_dir: Path, tmp_path: 
 # -- cowfs list ------------------------------------------------------------------------------
 
 
-def _ours(listing: dict[str, list[dict[str, object]]], mounts: list[Mount]) -> list[dict[str, object]]:
+def _ours(listing: dict[str, list[dict[str, object]]], mounts: list[CommandLineMount]) -> list[dict[str, object]]:
     """Our rows only: other mounts on this machine are listed too (root sees all)."""
     paths = [str(m.path) for m in mounts]
     return sorted(
         (row for row in listing["mounts"] if row["mountpoint"] in paths),
         key=lambda row: paths.index(str(row["mountpoint"])),
     )
+
+
+def test_a_dead_mount_given_as_a_directory_is_one_clear_line(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
+    dead = mount_factory(base_dir)
+    assert dead.pid is not None
+    os.kill(dead.pid, signal.SIGKILL)
+    assert dead.wait_for_daemon_exit(timeout=10)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for argv, role in (([str(dead.path), str(elsewhere)], "BASE_DIR"), ([str(base_dir), str(dead.path)], "MOUNTPOINT")):
+        result = run([COWFS, "mount", *argv], check=False)
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == f"cowfs: {role} {dead.path} is a dead mount: run cowfs umount {dead.path}\n"
+    assert not is_mounted(elsewhere)
 
 
 def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_factory: MountFactory) -> None:
@@ -298,7 +314,7 @@ def test_list_shows_live_and_dead_mounts(base_dir: Path, tmp_path: Path, mount_f
     assert str(dead.path) not in run([COWFS, "list"]).stdout
 
 
-def test_list_shows_only_the_callers_mounts(visible_tmp: Path, mounted: Mount) -> None:  # noqa: F811
+def test_list_shows_only_the_callers_mounts(visible_tmp: Path, mounted: CommandLineMount) -> None:  # noqa: F811
     """Root's mount is not listed for nobody (who has none). Nobody runs a copy of the
     package it can read: the checkout may be in a directory only root may enter."""
     assert any(

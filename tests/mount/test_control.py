@@ -1,4 +1,4 @@
-"""Controlling a live mount (issue 6): status, diff, reset, commit, export,
+"""Controlling a live mount: status, diff, reset, commit, export,
 --max-store, and the control channel's access check -- through real mounts
 and the installed `cowfs` command."""
 
@@ -19,7 +19,7 @@ from cowfs.units import format_size
 
 from ..conftest import MountFactory
 from ..filesystems import ALL_FILESYSTEMS, DEFAULT
-from ..helpers import COWFS, Mount, read_base, run, wait_until, write_at
+from ..helpers import COWFS, CommandLineMount, read_base, run, wait_until, write_at
 
 FILESYSTEMS = ALL_FILESYSTEMS  # each test also on XFS and btrfs, in passthrough mode
 
@@ -51,7 +51,7 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def changes_by_path(m: Mount) -> dict[str, dict[str, object]]:
+def changes_by_path(m: CommandLineMount) -> dict[str, dict[str, object]]:
     return {c["path"]: c for c in m.status()["changes"]}
 
 
@@ -113,7 +113,8 @@ def test_status_lists_every_change_as_json_and_as_a_table(images: Path, mount_fa
         f"store  {report['store_dir']}: 1.0 MiB written, {table[2].split('written, ')[1]}",
     ]
     assert table[3].startswith("kernel fallocate")  # which kernel features this pyfuse3 gives
-    rows = [line.split() for line in table[5:]]
+    assert table[4].startswith("reads  compiled: ")  # which read path runs
+    rows = [line.split() for line in table[6:]]
     assert rows[0] == ["STATE", "WRITTEN", "EXTENTS", "SIZE", "PATH"]
     assert ["renamed", "0", "B", "0", "6", "B", "/b.txt", "(from", "/a.txt)"] in rows
     assert ["modified", "1.0", "MiB", "2", "64.0", "MiB", "/disk.raw"] in rows

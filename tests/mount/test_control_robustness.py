@@ -1,5 +1,5 @@
 """Nothing a control client sends can take a mount down, and a commit never loses a write
-(issue 12, defects 1 and 2) -- through real mounts and the real control socket."""
+-- through real mounts and the real control socket."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from cowfs.api import Mount as ApiMount
 from cowfs.protocol import MAX_LINE, CommitDoneRequest, Op, PathRequest, Plan
 
 from ..conftest import MountFactory
-from ..helpers import Mount, read_base, write_at
+from ..helpers import CommandLineMount, read_base, write_at
 
 MiB = 1 << 20
 
 
-def _socket_name(m: Mount) -> str:
+def _socket_name(m: CommandLineMount) -> str:
     return str(json.loads(os.getxattr(m.path, "user.cowfs.control"))["socket"])
 
 
@@ -44,7 +44,7 @@ def _exchange(name: str, payload: bytes, timeout: float = 30) -> bytes:
 
 
 @pytest.fixture
-def live(base_dir: Path, mount_factory: MountFactory) -> Mount:
+def live(base_dir: Path, mount_factory: MountFactory) -> CommandLineMount:
     (base_dir / "disk.raw").write_bytes(b"B" * MiB)
     return mount_factory(base_dir)
 
@@ -72,7 +72,7 @@ HOSTILE_REQUESTS = [
 
 
 @pytest.mark.parametrize("payload", HOSTILE_REQUESTS, ids=lambda p: repr(p[:24]) + f"..({len(p)})")
-def test_a_hostile_request_gets_an_error_reply_and_the_mount_lives_on(live: Mount, payload: bytes) -> None:
+def test_a_hostile_request_gets_an_error_reply_and_the_mount_lives_on(live: CommandLineMount, payload: bytes) -> None:
     reply = _exchange(_socket_name(live), payload)
     if reply or len(payload) <= MAX_LINE:
         answer = json.loads(reply)
@@ -82,7 +82,7 @@ def test_a_hostile_request_gets_an_error_reply_and_the_mount_lives_on(live: Moun
     assert ApiMount(live.path).status().changes == []  # and so does the control channel
 
 
-def test_a_silent_client_does_not_stall_others(live: Mount) -> None:
+def test_a_silent_client_does_not_stall_others(live: CommandLineMount) -> None:
     name = _socket_name(live)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
         idle.connect("\0" + name)  # sends nothing and keeps the connection open
@@ -93,7 +93,7 @@ def test_a_silent_client_does_not_stall_others(live: Mount) -> None:
     assert live.daemon_alive()
 
 
-def test_a_client_that_stops_reading_a_long_reply_does_not_stall_others(live: Mount) -> None:
+def test_a_client_that_stops_reading_a_long_reply_does_not_stall_others(live: CommandLineMount) -> None:
     """A reply longer than the socket's buffer: the daemon waits for that reader alone."""
     names = [f"{n:04d}-{'x' * 200}" for n in range(1000)]
     for name in names:
@@ -116,7 +116,7 @@ def _plan(m: ApiMount, path: str) -> Plan:
 
 @pytest.mark.base_may_change
 def test_a_write_while_commit_reads_the_changes_makes_it_refuse_with_nothing_written(
-    base_dir: Path, live: Mount
+    base_dir: Path, live: CommandLineMount
 ) -> None:
     view = live.path / "disk.raw"
     write_at(view, 4096, b"1" * 4096)
@@ -134,7 +134,9 @@ def test_a_write_while_commit_reads_the_changes_makes_it_refuse_with_nothing_wri
 
 
 @pytest.mark.base_may_change
-def test_commit_done_refuses_after_a_write_that_changes_neither_size_nor_ranges(base_dir: Path, live: Mount) -> None:
+def test_commit_done_refuses_after_a_write_that_changes_neither_size_nor_ranges(
+    base_dir: Path, live: CommandLineMount
+) -> None:
     view = live.path / "disk.raw"
     write_at(view, 4096, b"1" * 4096)
     api = ApiMount(live.path)

@@ -1,4 +1,4 @@
-"""The core contract (issue 2), through a real FUSE mount and ordinary system calls."""
+"""The core contract, through a real FUSE mount and ordinary system calls."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Faults (issue 7): signals and lazy unmount mid-write, a full store, a base that changes
+"""Faults: signals and lazy unmount mid-write, a full store, a base that changes
 underneath, and QEMU refused when it tries to write a mounted base.  (SIGKILL is in test_core.)"""
 
 from __future__ import annotations
@@ -16,7 +16,17 @@ import pytest
 
 from ..conftest import MountFactory
 from ..filesystems import ALL_FILESYSTEMS, DEFAULT
-from ..helpers import COWFS, Mount, force_unmount, is_mounted, private_tmpfs, read_base, run, sha256, wait_until
+from ..helpers import (
+    COWFS,
+    CommandLineMount,
+    force_unmount,
+    is_mounted,
+    private_tmpfs,
+    read_base,
+    run,
+    sha256,
+    wait_until,
+)
 from .test_core import make_file
 
 FILESYSTEMS = ALL_FILESYSTEMS  # each test also on XFS and btrfs, in passthrough mode
@@ -52,7 +62,7 @@ def _stop(process: subprocess.Popen[str]) -> None:
     process.wait(timeout=30)
 
 
-def _assert_clean_exit(m: Mount, store: Path) -> None:
+def _assert_clean_exit(m: CommandLineMount, store: Path) -> None:
     """The daemon unmounted, logged its clean end and is gone; the store holds nothing."""
     assert m.wait_for_daemon_exit(timeout=30), "the daemon did not exit"
     assert not is_mounted(m.path)

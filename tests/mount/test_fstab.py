@@ -1,4 +1,4 @@
-"""Mounting the way fstab, mount(8) and systemd do it (issue 14): through the standard
+"""Mounting the way fstab, mount(8) and systemd do it: through the standard
 /sbin/mount.fuse3 helper of the fuse3 package, which runs ``cowfs SOURCE MOUNTPOINT -o OPTIONS``.
 
 mount(8) clears PATH before it runs a helper, and mount.fuse3's ``/bin/sh -c`` then finds

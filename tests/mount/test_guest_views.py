@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from cowfs.guest import MAX_IDLE_HELPERS
+
 from ..conftest import MountFactory
 from ..helpers import COWFS, SOAK, force_unmount, is_mounted, private_tmpfs, run, sha256, wait_until
 from ..images import (
@@ -87,6 +89,9 @@ def test_a_guest_view_is_a_writable_scratch_copy(images: Path, mount_factory: Mo
     assert view.stat().st_size == DISK_SIZE
     changes = {change["path"]: change for change in m.status()["changes"]}
     assert changes["/disk.qcow2"]["state"] == "modified"
+    assert changes["/disk.qcow2"]["base_size"] == changes["/disk.qcow2"]["size"] == DISK_SIZE  # the guest's
+    diff = json.loads(run([COWFS, "diff", "--json", str(view)]).stdout)
+    assert diff["base_size"] == DISK_SIZE and diff["ranges"] == [[50 * MIB, 50 * MIB + 4096]]
     # Holes: the write is data; punching a range of the guest's data makes a hole that reads zeros.
     assert (50 * MIB, 50 * MIB + 4096) in view_data_ranges(view)
     subprocess.run(["fallocate", "--punch-hole", "-o", str(40 * MIB), "-l", str(MIB), str(view)], check=True)
@@ -257,3 +262,29 @@ def test_a_vmdk_whose_extent_is_missing_fails_alone(base_dir: Path, mount_factor
     assert failed.value.errno == errno.EIO
     assert digest((m.path / "whole.vmdk").read_bytes()) == digest((base_dir / "disk.raw").read_bytes())
     assert len([line for line in m.log.read_text().splitlines() if "split.vmdk" in line]) == 1
+
+
+def test_listing_many_images_keeps_few_helpers(base_dir: Path, mount_factory: MountFactory) -> None:
+    for index in range(12):
+        run(["qemu-img", "create", "-q", "-f", "qcow2", str(base_dir / f"vm{index}.qcow2"), f"{index + 1}M"])
+    read_once(base_dir)
+    m = mount_factory(base_dir, "--view", "guest")
+    assert m.pid is not None
+    sizes = {entry.name: entry.stat().st_size for entry in os.scandir(m.path)}
+    assert sizes == {f"vm{index}.qcow2": (index + 1) * MIB for index in range(12)}
+    assert wait_until(lambda: len(qemu_helpers(m.pid or 0)) <= MAX_IDLE_HELPERS, timeout=5)
+    assert (m.path / "vm0.qcow2").read_bytes() == bytes(MIB)  # one stopped is started again
+
+
+def test_qemu_cannot_write_an_image_or_its_backing_file_while_its_view_is_used(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
+    make_guest_disk(base_dir / "disk.raw")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "disk.raw", "-F", "raw", str(base_dir / "top.qcow2")])
+    read_once(base_dir)
+    m = mount_factory(base_dir, "--view", "guest")
+    (m.path / "top.qcow2").stat()  # its helper has it open now
+    with open(m.path / "top.qcow2", "rb"):
+        for image, fmt in (("top.qcow2", "qcow2"), ("disk.raw", "raw")):
+            result = run(["qemu-io", "-f", fmt, "-c", "write 0 4k", str(base_dir / image)], check=False)
+            assert 'Failed to get "write" lock' in result.stdout + result.stderr, result

@@ -1,4 +1,4 @@
-"""fallocate(2), SEEK_DATA/SEEK_HOLE, discard and O_DIRECT alignment through a real mount (issue 10),
+"""fallocate(2), SEEK_DATA/SEEK_HOLE, discard and O_DIRECT alignment through a real mount,
 compared with the same calls on a local ext4 file.  They need the patched pyfuse3 that `make setup`
 builds; on a stock build the first test says so and the others fail."""
 
@@ -18,7 +18,7 @@ import pytest
 
 from ..conftest import MountFactory
 from ..filesystems import ALL_FILESYSTEMS, DEFAULT
-from ..helpers import COWFS, Mount, outcome, read_base, run, write_at
+from ..helpers import COWFS, CommandLineMount, data_regions, outcome, read_base, run, write_at
 
 FILESYSTEMS = ALL_FILESYSTEMS  # each test also on XFS and btrfs, in passthrough mode
 
@@ -38,7 +38,7 @@ def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
         os.close(fd)
 
 
-def store_bytes(m: Mount) -> int:
+def store_bytes(m: CommandLineMount) -> int:
     return int(m.status()["store_bytes"])
 
 
@@ -67,16 +67,9 @@ def sparse_copy(source: Path, dest: Path) -> None:
         size = os.fstat(fd).st_size
         with open(dest, "wb") as out:
             out.truncate(size)
-            offset = 0
-            while offset < size:
-                try:
-                    start = os.lseek(fd, offset, os.SEEK_DATA)
-                except OSError:
-                    break
-                end = os.lseek(fd, start, os.SEEK_HOLE)
+            for start, end in data_regions(fd, size):
                 out.seek(start)
                 out.write(os.pread(fd, end - start, start))
-                offset = end
             os.fsync(out.fileno())
     finally:
         os.close(fd)

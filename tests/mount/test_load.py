@@ -1,4 +1,4 @@
-"""Load (issue 7): concurrent fio with verify, a stateful random test against a model, a 1 TiB
+"""Load: concurrent fio with verify, a stateful random test against a model, a 1 TiB
 image with many scattered writes, and a base of many small files.  Bounded here; COWFS_SOAK=1
 (make soak) runs the long versions."""
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from ..conftest import MountFactory
-from ..helpers import SOAK, Mount, force_unmount, read_base, run, tree_fingerprint
+from ..helpers import SOAK, CommandLineMount, force_unmount, read_base, run, tree_fingerprint
 from .test_core import make_file
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -139,7 +139,7 @@ class MountedFilesMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mount = Mount(self.base, self.mountpoint, self.log)
+        self.mount = CommandLineMount(self.base, self.mountpoint, self.log)
         self.mount.start()
         self.model = {name: bytearray(read_base(self.base / name)) for name in _BASE_FILES}
         self.fds: dict[str, int] = {}
@@ -321,7 +321,7 @@ def _median_mount_seconds(base: Path, mountpoint: Path, tries: int) -> float:
     times = []
     for _ in range(tries):
         started = time.monotonic()
-        mount = Mount(base, mountpoint, mountpoint.parent / "timing.log")
+        mount = CommandLineMount(base, mountpoint, mountpoint.parent / "timing.log")
         mount.start()
         times.append(time.monotonic() - started)
         mount.stop()

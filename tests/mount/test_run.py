@@ -1,5 +1,5 @@
 """`cowfs run BASE_DIR -- COMMAND`: a private copy for one command, and nothing left after it --
-not even when `cowfs run` is killed with SIGKILL (issue 20)."""
+not even when `cowfs run` is killed with SIGKILL."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Security (issue 7): who may enter, running as an ordinary user, a private store, a read-only
+"""Security: who may enter, running as an ordinary user, a private store, a read-only
 base, and no name that reaches outside BASE_DIR."""
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from bench.results import (
     FioRun,
     Machine,
     Measurement,
+    Metadata,
     QemuResult,
     QemuRun,
     Results,
@@ -196,6 +197,24 @@ def test_the_sessions_rows_compare_cowfs_run_with_mount_and_umount() -> None:
     assert next(line for line in lines if line.startswith("cowfs run -- true ms")).split()[-1] == "400"
     assert next(line for line in lines if "run / (mount + umount)" in line).split()[-1] == "1.000x"
     assert "sessions" not in to_json(empty_results())  # left out of a run that did not reach it
+
+
+def test_the_metadata_rows_compare_cowfs_with_fuse_overlayfs() -> None:
+    results = empty_results()
+    results.metadata = Metadata(files=1000)
+    results.metadata.seconds = {
+        "cowfs": {"create": [2.0, 4.0, 3.0], "stat": [1.0]},
+        "fuse-overlayfs": {"create": [1.5], "stat": [2.0]},
+        "native": {"create": [0.5], "stat": [0.25]},
+    }
+    results.metadata.bytes_per_name = [1800, 2000]
+    results.summarize()
+    assert results.metadata.cowfs_over_fuse_overlayfs == {"create": 2.0, "stat": 0.5}
+    lines = report_text(config(), results).splitlines()
+    create = next(line for line in lines if line.startswith("create 1000 small files"))
+    assert "target <= 1" in create and "cowfs 333/s" in create and create.split()[-1] == "2.000x"
+    assert next(line for line in lines if "memory per created name" in line).split()[-1] == "1,900"
+    assert "metadata" not in to_json(empty_results())
 
 
 def test_the_report_lists_failed_checks() -> None:

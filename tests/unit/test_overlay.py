@@ -17,7 +17,7 @@ from cowfs.overlay import OverlayFile
 from cowfs.rangemap import BUCKET_SIZE, RangeMap
 from cowfs.store import Store
 
-from ..helpers import SOAK
+from ..helpers import SOAK, data_regions
 
 BASE_SIZE = 20_000
 BASE_DATA = [(0, 4096), (12288, BASE_SIZE)]  # the base file's data regions; between them a hole
@@ -57,14 +57,8 @@ def base_file(tmp_path: Path) -> Path:
 def _data_flags(fd: int, size: int) -> bytearray:
     """1 for each byte of a file its filesystem reports as data, 0 in holes."""
     flags = bytearray(size)
-    offset = 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:
-            break
-        offset = os.lseek(fd, start, os.SEEK_HOLE)
-        flags[start:offset] = b"\1" * (offset - start)
+    for start, stop in data_regions(fd, size):
+        flags[start:stop] = b"\1" * (stop - start)
     return flags
 
 

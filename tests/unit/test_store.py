@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import cowfs.store
 from cowfs.overlay import OverlayFile
 from cowfs.rangemap import ZEROS
 from cowfs.store import PAGE_SIZE, STORE_LOG_SHIFT, Store
@@ -158,3 +159,28 @@ def test_bytes_below_the_frozen_watermark_are_never_overwritten_nor_punched(stor
         assert os.pread(fd, 100, offset) == b"a" * 100
     finally:
         view.close()
+
+
+def test_pages_freed_by_many_files_are_punched_together_when_the_store_settles(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    punches: list[tuple[int, int]] = []
+    real_punch = cowfs.store.punch_hole
+
+    def counted(fd: int, offset: int, length: int) -> None:
+        punches.append((offset, length))
+        real_punch(fd, offset, length)
+
+    monkeypatch.setattr(cowfs.store, "punch_hole", counted)
+    views = [OverlayFile(store) for _ in range(1000)]
+    for view in views:
+        view.write(0, b"x")  # one page each, one after the other in the log
+    for view in views[1:]:
+        view.close()  # a reset of 999 files
+    assert store.bytes_held == 1 and punches == []  # released at once, punched when it settles
+    store.settle()
+    assert punches == [(PAGE_SIZE, 999 * PAGE_SIZE)]  # one punch for all of them
+    assert store.disk_bytes() == PAGE_SIZE
+    views[0].close()
+    store.settle()
+    assert store.log_count == 0 and len(punches) == 1  # the emptied log is closed, not punched
