@@ -27,7 +27,6 @@ raises ``OSError`` with the errno a caller should see.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -35,6 +34,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
 from .overlay import BaseIdentity, OverlayFile, next_generation
 from .rangemap import ZEROS, RangeMap
 from .store import STORE_MODE
@@ -56,13 +56,6 @@ _NO_ADDRESS |= FIEMAP_EXTENT_DATA_TAIL
 _FIEMAP_HEADER = struct.Struct("=QQIIII")  # fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count, -
 _FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")  # fe_logical, fe_physical, fe_length, -, fe_flags, -
 _EXTENTS_PER_CALL = 512
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_libc.fallocate.restype = ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -300,20 +293,18 @@ class CloneFile:
         self._changed_here()
 
     def punch_hole(self, offset: int, length: int) -> None:
-        self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
     def zero_range(self, offset: int, length: int, keep_size: bool) -> None:
-        self._fallocate(_FALLOC_FL_ZERO_RANGE | (_FALLOC_FL_KEEP_SIZE if keep_size else 0), offset, length)
+        self._fallocate(FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep_size else 0), offset, length)
 
     def allocate(self, offset: int, length: int, keep_size: bool) -> None:
-        self._fallocate(_FALLOC_FL_KEEP_SIZE if keep_size else 0, offset, length)
+        self._fallocate(FALLOC_FL_KEEP_SIZE if keep_size else 0, offset, length)
 
     def _fallocate(self, mode: int, offset: int, length: int) -> None:
         if offset < 0 or length <= 0:
             raise OSError(errno.EINVAL, "fallocate needs offset >= 0 and length > 0")
-        if _libc.fallocate(self.clone_fd, mode, offset, length) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code))
+        fallocate(self.clone_fd, mode, offset, length)
         self._changed_here()
 
     def seek_data(self, offset: int) -> int:
