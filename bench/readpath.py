@@ -5,7 +5,10 @@ one READ request answered by the daemon (none served from the mount's own page c
 that was read once before (cached): the IOPS on both targets, and on cowfs the daemon's CPU time
 (user + system, all its threads) per READ -- with the compiled read path, the cost of the kernel
 round trip plus cowfs's C code; without it, of the Python path.  `cowfs status --json` says which
-path answered (``read_compiled``)."""
+path answered (``read_compiled``).  Note that on the native copy O_DIRECT bypasses the page cache
+and reads the disk, while cowfs's O_DIRECT reads come from the base's page cache: the native column
+is the disk's figure, the row's point is cowfs's IOPS and its CPU per READ (``--quick`` on a loaded
+machine: 9.5 us at depth 1, 5.5 us at depth 16)."""
 
 from __future__ import annotations
 

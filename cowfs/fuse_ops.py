@@ -250,8 +250,9 @@ class CowfsOperations(pyfuse3.Operations):
     async def _tune_backing_device(mountpoint: str) -> None:
         tune_backing_device(mountpoint, BDI_SETTINGS)  # sysfs: instant, no thread needed
 
-    def _new_handle(self, node: Node | None = None, flags: int = 0) -> int:
-        """A new file (with ``node``) or directory handle."""
+    def _new_handle(self, node: Node | None = None, flags: int = 0, compiled_reads: bool = True) -> int:
+        """A new file (with ``node``) or directory handle; ``compiled_reads``: its READs are the
+        file's bytes at their own offsets, so the compiled read path may answer them."""
         self._next_handle += 1
         handle = self._next_handle
         if node is not None:
@@ -264,7 +265,7 @@ class CowfsOperations(pyfuse3.Operations):
             assert node.data is not None
             # From now on the compiled read path (if any) may answer this handle's READs itself
             # (a clone's READs come only where the kernel does not pass them through: Python's).
-            if not isinstance(node.data, CloneFile):
+            if compiled_reads and not isinstance(node.data, CloneFile):
                 readpath.register_handle(handle, node.ino, node.data.view, bool(flags & os.O_DIRECT))
         return handle
 
@@ -494,7 +495,7 @@ class CowfsOperations(pyfuse3.Operations):
             raise OSError(errno.EINVAL, "a partition's size is its table's: open it without O_TRUNC")
         await self._prepare(self.ns.node(window.disk_ino))
         node, _ = self.ns.open(window.disk_ino)
-        handle = self._new_handle(node, flags)
+        handle = self._new_handle(node, flags, compiled_reads=False)  # its offsets are moved: Python reads
         self._window_handles[handle] = window
         self.windows.opened(window)
         return pyfuse3.FileInfo(fh=handle, direct_io=True)

@@ -255,7 +255,7 @@ class OverlayFile:
                 assert store is not None
                 count = self._store.overwrite(store, piece)
             else:
-                count = self._append(start, piece)
+                count = self._append(start, piece, replaces=store is not None)
             done += count
             if count < stop - start:
                 break  # a short write is returned to the caller as such
@@ -266,9 +266,10 @@ class OverlayFile:
         """Do the bytes at ``store`` take a write where they are?"""
         return store is not None and store != ZEROS and self._store.may_overwrite(store)
 
-    def _append(self, start: int, data: memoryview) -> int:
+    def _append(self, start: int, data: memoryview, replaces: bool) -> int:
         """Put new bytes for ``[start, start + len(data))`` into the store and map them there
-        (over ZEROS, or bytes the store may not overwrite); the bytes that reached the store."""
+        (``replaces``: over ZEROS, or bytes the store may not overwrite); the bytes that reached
+        the store."""
         if self._space is None:
             self._space = Allocation()
         done = 0
@@ -277,7 +278,8 @@ class OverlayFile:
             if not count:
                 break
             # Only the bytes that reached the store enter the map (a short write leaves zeros zeros).
-            self._unmap(start + done, start + done + count)
+            if replaces:
+                self._unmap(start + done, start + done + count)
             self.written.add(start + done, start + done + count, store)
             done += count
         return done

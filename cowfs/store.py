@@ -92,10 +92,11 @@ def _page_up(offset: int) -> int:
 class _Log:
     """One open log: where its next fresh page goes and how many bytes in it are live."""
 
-    __slots__ = ("fd", "sequence", "end", "limit", "live")
+    __slots__ = ("fd", "index", "sequence", "end", "limit", "live")
 
-    def __init__(self, fd: int, sequence: int, limit: int) -> None:
+    def __init__(self, fd: int, index: int, sequence: int, limit: int) -> None:
         self.fd = fd
+        self.index = index  # its slot in the table: the top bits of its store offsets
         self.sequence = sequence  # grows with every log opened: orders allocations across logs
         self.end = 0  # page-aligned: the first page no file owns yet
         self.limit = limit  # no byte at or past this offset (the cap, or where the filesystem said EFBIG)
@@ -181,8 +182,8 @@ class Store:
                 log.warning("store %s: cannot open another log: %s", self.directory, error.strerror)
                 raise OSError(errno.ENOSPC, f"store cannot open another log ({error.strerror})") from None
             raise
-        entry = _Log(fd, next(self._sequences), self.log_size)
         index = self.log_fds.index(-1) if -1 in self.log_fds else len(self._logs)
+        entry = _Log(fd, index, next(self._sequences), self.log_size)
         if index == len(self._logs):
             self._logs.append(entry)
             self.log_fds.append(fd)
@@ -199,9 +200,6 @@ class Store:
         self._logs[index], self.log_fds[index] = None, -1
         if self._active is entry:
             self._active = None
-
-    def _index_of(self, entry: _Log) -> int:
-        return self.log_fds.index(entry.fd)
 
     def locate(self, store: int) -> tuple[int, int]:
         """(descriptor, offset in it) of a store offset."""
@@ -248,7 +246,7 @@ class Store:
 
     def _took(self, space: Allocation, entry: _Log, view_offset: int, at: int, count: int) -> None:
         """``count`` bytes of a file now live at ``at`` in ``entry``: account for them and their pages."""
-        index = self._index_of(entry)
+        index = entry.index
         first_page = _page_down(at)
         new_pages = (_page_up(at + count) - first_page) // PAGE_SIZE
         if self._follows(space) is entry and space.log_index == index and first_page < space.tail:
@@ -275,7 +273,7 @@ class Store:
                 continue
             if written:
                 self._took(space, entry, view_offset, at, written)
-            return self._index_of(entry) << STORE_LOG_SHIFT | at, written
+            return entry.index << STORE_LOG_SHIFT | at, written
 
     def reserve(self, space: Allocation, view_offset: int, length: int) -> tuple[int, int]:
         """Allocate zeroed store bytes for a file's view range (fallocate): (store offset, bytes)."""
@@ -289,7 +287,7 @@ class Store:
                 self._cap(entry, at)
                 continue
             self._took(space, entry, view_offset, at, count)
-            return self._index_of(entry) << STORE_LOG_SHIFT | at, count
+            return entry.index << STORE_LOG_SHIFT | at, count
 
     def _cap(self, entry: _Log, at: int) -> None:
         log.info("store %s: a log reached its filesystem's file size limit at %d bytes", self.directory, at)
@@ -410,9 +408,10 @@ class Store:
     def check_invariants(self) -> None:
         """Raise AssertionError if the logs and the account disagree."""
         assert len(self._logs) == len(self.log_fds)
-        for entry, fd in zip(self._logs, self.log_fds, strict=True):
+        for index, (entry, fd) in enumerate(zip(self._logs, self.log_fds, strict=True)):
             assert (entry.fd if entry is not None else -1) == fd
             if entry is not None:
+                assert entry.index == index, (entry.index, index)
                 assert entry.end % PAGE_SIZE == 0 and entry.end <= _page_up(entry.limit), (entry.end, entry.limit)
                 assert entry.live >= 0
         assert self._bytes_held == sum(entry.live for entry in self._logs if entry is not None)
