@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -qq --disable-pip-version-check
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch python3-dev python3-venv \
 	qemu-system-x86 qemu-utils busybox-static e2fsprogs fio util-linux fdisk parted cpio attr \
-	python3-pyfuse3 python3-trio perl openssl nbdkit fuse2fs
+	python3-pyfuse3 python3-trio perl openssl nbdkit fuse2fs xfsprogs btrfs-progs
 PYTEST_ARGS ?=
 # make iotests: unpacking and patching the QEMU source package
 IOTESTS_PACKAGES := dpkg-dev patch xz-utils
@@ -24,7 +24,7 @@ IOTESTS_ARGS ?=
 # (see patches/pyfuse3/README.md); the local version label marks the build.
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.2
+PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.4
 PYFUSE3_PATCH_DIR := patches/pyfuse3
 PYFUSE3_PATCHES := $(addprefix $(PYFUSE3_PATCH_DIR)/,$(shell cat $(PYFUSE3_PATCH_DIR)/series))
 PYFUSE3_SDIST := build/pyfuse3/pyfuse3-$(PYFUSE3_VERSION).tar.gz
@@ -80,8 +80,12 @@ $(PYFUSE3_INSTALLED): $(PYFUSE3_SDIST) $(PYFUSE3_PATCH_DIR)/series $(PYFUSE3_PAT
 	@touch $@
 
 # cowfs itself, editable; after the patched pyfuse3, so that pip sees the dependency as satisfied.
-$(VENV)/.installed: pyproject.toml $(PYFUSE3_INSTALLED)
+# Its compiled read path (cowfs/_native.c) is optional for `pip install .`, but not here: the
+# tests need it.
+$(VENV)/.installed: pyproject.toml setup.py cowfs/_native.c $(PYFUSE3_INSTALLED)
 	$(PIP) install -e .
+	@$(PY) -c 'import cowfs._native' 2>/dev/null || \
+		{ echo "cowfs/_native.c did not build: $(PIP) install -v -e . shows why"; exit 1; }
 	@touch $@
 
 # The extras, each for the targets that need it (pyproject.toml: test, dev, bench).
@@ -133,4 +137,4 @@ typecheck: setup
 	$(VENV)/bin/mypy cowfs tests bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE) $(PJDFSTEST)
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE) $(PJDFSTEST) cowfs/_native*.so

@@ -18,6 +18,9 @@ What it does, in order (the phases are workloads.PHASES):
      -t none, then at depth 16 on a cold page cache (drop_caches before each run, root only):
      each on a fresh cowfs view and on the native copy, alternated, --reps times, with the
      daemon's CPU time per request;
+  4b. the read path: fio random 4 KiB O_DIRECT reads at depth 1 (psync) and 16 (libaio) over a
+     cached base, every read a READ the daemon answers: IOPS on both targets and the daemon's CPU
+     time per READ on cowfs (bench/readpath.py);
   5. scale test: a sparse --scale-size (1 TiB) image, --scale-writes distinct random 4 KiB
      pwrite()s through the mount, write rate of the first vs the last 10 %, daemon RSS, and a
      read-back spot check;

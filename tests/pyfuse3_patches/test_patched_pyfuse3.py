@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ import pyfuse3
 import pytest
 
 from ..helpers import force_unmount, is_mounted, wait_until
-from .tinyfs import FALLOCATE_ENOSPC_FROM, FILE_SIZE
+from .tinyfs import FALLOCATE_ENOSPC_FROM, FILE_SIZE, FILTERED_BYTE, FILTERED_FROM
 
 TINYFS = Path(__file__).with_name("tinyfs.py")
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -48,7 +49,16 @@ def require_patch(has_feature: bool, what: str) -> None:
 class TinyMount:
     """tinyfs.py mounted on ``path``; ``events()`` are what its handlers saw."""
 
-    def __init__(self, path: Path, events_path: Path, extra_init_flags: int, default_handlers: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        events_path: Path,
+        extra_init_flags: int,
+        default_handlers: bool,
+        request_filter: bool,
+        backing: Path | None = None,
+        ask_passthrough: bool = True,
+    ) -> None:
         self.path = path
         self.events_path = events_path
         self.stderr_path = events_path.with_suffix(".stderr")
@@ -57,6 +67,10 @@ class TinyMount:
             self.argv += ["--extra-init-flags", hex(extra_init_flags)]
         if default_handlers:
             self.argv.append("--default-handlers")
+        if request_filter:
+            self.argv.append("--filter")
+        if backing is not None:
+            self.argv += ["--backing", str(backing)] + ([] if ask_passthrough else ["--unasked"])
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -85,22 +99,23 @@ class TinyMount:
         return self.stderr_path.read_text(errors="replace")
 
     def stop(self) -> list[str]:
-        """Unmount and wait for the daemon; return what went wrong."""
-        problems = []
-        process = self.process
-        if process is not None and process.poll() is not None:
+        """Unmount and wait for the daemon; return what went wrong (once: then nothing)."""
+        problems: list[str] = []
+        process, self.process = self.process, None
+        if process is None:
+            return problems
+        if process.poll() is not None:
             problems.append(f"tinyfs died during the test (exit {process.returncode})")
         if is_mounted(self.path):
             subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True, check=False)
-        if process is not None:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                problems.append("tinyfs did not exit after unmount")
-            if process.returncode != 0 and not problems:
-                problems.append(f"tinyfs exited with {process.returncode}")
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            problems.append("tinyfs did not exit after unmount")
+        if process.returncode != 0 and not problems:
+            problems.append(f"tinyfs exited with {process.returncode}")
         force_unmount(self.path)
         problems += [line for line in self.stderr().splitlines() if "Traceback" in line or "ERROR" in line]
         return problems
@@ -113,10 +128,17 @@ TinyMountFactory = Callable[..., TinyMount]
 def tiny_mount(tmp_path: Path) -> Iterator[TinyMountFactory]:
     started: list[TinyMount] = []
 
-    def start(extra_init_flags: int = 0, default_handlers: bool = False) -> TinyMount:
+    def start(
+        extra_init_flags: int = 0,
+        default_handlers: bool = False,
+        request_filter: bool = False,
+        backing: Path | None = None,
+        ask_passthrough: bool = True,
+    ) -> TinyMount:
         path = tmp_path / f"mnt{len(started)}"
         path.mkdir()
-        mount = TinyMount(path, tmp_path / f"events{len(started)}.jsonl", extra_init_flags, default_handlers)
+        events = tmp_path / f"events{len(started)}.jsonl"
+        mount = TinyMount(path, events, extra_init_flags, default_handlers, request_filter, backing, ask_passthrough)
         started.append(mount)
         mount.start()
         return mount
@@ -246,3 +268,105 @@ def test_killpriv_v2_through_extra_init_flags_stops_the_capability_probe(tiny_mo
     # The first write still probes once: only then does the kernel latch S_NOSEC on the inode
     assert killpriv_first <= 1
     assert killpriv_probes == 0, f"with FUSE_HANDLE_KILLPRIV_V2, {WRITES} writes still caused {killpriv_probes} probes"
+
+
+def direct_reads(path: Path, offsets: list[int], length: int = 4096) -> list[bytes]:
+    """Read with O_DIRECT, so that each read(2) is one READ request of exactly that range."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buffer = bytearray(length)
+        found = []
+        for offset in offsets:
+            count = os.preadv(fd, [memoryview(buffer)], offset)
+            found.append(bytes(buffer[:count]))
+        return found
+    finally:
+        os.close(fd)
+
+
+def test_request_filter_answers_reads_itself_and_passes_the_rest(tiny_mount: TinyMountFactory) -> None:
+    require_patch(hasattr(pyfuse3, "set_request_filter"), "request filters")
+    mount = tiny_mount(request_filter=True)
+    fd = os.open(mount.file, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"P" * FILE_SIZE, 0)
+        os.fsync(fd)  # the handlers hold these bytes now
+    finally:
+        os.close(fd)
+    offsets = [0, 4096, FILTERED_FROM, FILE_SIZE - 4096]
+    found = direct_reads(mount.file, offsets)
+    assert found[:2] == [b"P" * 4096] * 2, "reads before FILTERED_FROM reach the read handler"
+    assert found[2:] == [FILTERED_BYTE * 4096] * 2, "reads from FILTERED_FROM on are the filter's answers"
+    answered = mount.events("filter_read")
+    assert [(event["offset"], event["length"]) for event in answered] == [
+        (FILTERED_FROM, 4096),
+        (FILE_SIZE - 4096, 4096),
+    ]
+    assert {event["thread"] for event in answered} != {"MainThread"}, "the filter runs on a thread of its own"
+    replied = {event["unique"] for event in mount.events("replied")}
+    passed_writes = {event["unique"] for event in mount.events("filter_passed_write")}
+    assert passed_writes and passed_writes <= replied, "the filter hears of the reply to every request it passed"
+    assert not mount.stop()
+    assert mount.events("filter_stop") == [{"op": "filter_stop"}], "close() stops the filter once"
+
+
+def test_request_filter_keeps_extra_init_flags(tiny_mount: TinyMountFactory) -> None:
+    """INIT goes to libfuse past the filter, and the INIT reply still gets the extra flags."""
+    require_patch(hasattr(pyfuse3, "set_request_filter"), "request filters")
+    mount = tiny_mount(FUSE_HANDLE_KILLPRIV_V2, request_filter=True)
+    negotiated = mount.init_event()
+    assert negotiated is not None and negotiated["granted"] == FUSE_HANDLE_KILLPRIV_V2
+    _, probes = capability_probes_during_writes(mount)
+    assert probes == 0
+
+
+FUSE_PASSTHROUGH = 1 << 37
+
+
+def test_passthrough_serves_reads_writes_and_mmap_from_the_backing_file(
+    tiny_mount: TinyMountFactory, tmp_path: Path
+) -> None:
+    require_patch(hasattr(pyfuse3, "backing_open"), "FUSE passthrough")
+    backing = tmp_path / "backing"
+    backing.write_bytes(b"b" * FILE_SIZE)
+    mount = tiny_mount(backing=backing)
+    negotiated = mount.init_event()
+    assert negotiated is not None
+    assert negotiated["offered"] & FUSE_PASSTHROUGH, "this kernel does not offer FUSE_PASSTHROUGH (Linux >= 6.9)"
+    assert negotiated["granted"] & FUSE_PASSTHROUGH
+
+    # Two handles at once share the inode's one backing file; FileInfo's default keep_cache=1
+    # would make the kernel fail the open with EIO if it were sent along.
+    reader = os.open(mount.file, os.O_RDONLY)
+    writer = os.open(mount.file, os.O_RDWR)
+    try:
+        os.pwrite(writer, b"through the mount", 100)
+        assert os.pread(reader, 17, 100) == b"through the mount"
+        with mmap.mmap(writer, FILE_SIZE) as mapping:
+            mapping[0:6] = b"mapped"
+            mapping.flush()
+        assert os.pread(reader, 6, 0) == b"mapped"
+    finally:
+        os.close(writer)
+        os.close(reader)
+    content = backing.read_bytes()
+    assert content[:6] == b"mapped" and content[100:117] == b"through the mount"
+    assert mount.events("read") == [] and mount.events("write") == [], "I/O reached the daemon"
+    # RELEASE comes after close(2) returned, so the last one may still be on its way.
+    assert wait_until(lambda: mount.events("backing_close")), "the backing file was never dropped"
+    registered = [event for event in mount.events() if event["op"].startswith("backing_")]
+    assert [event["op"] for event in registered] == ["backing_open", "backing_close"]
+    assert registered[0]["backing_id"] > 0
+
+
+def test_backing_open_is_refused_without_passthrough(tiny_mount: TinyMountFactory, tmp_path: Path) -> None:
+    """Without FUSE_PASSTHROUGH in the INIT reply the kernel refuses to register a backing
+    file: backing_open raises OSError(EPERM), which the filesystem here passes on to open(2)."""
+    require_patch(hasattr(pyfuse3, "backing_open"), "FUSE passthrough")
+    backing = tmp_path / "backing"
+    backing.write_bytes(bytes(FILE_SIZE))
+    mount = tiny_mount(backing=backing, ask_passthrough=False)
+    with pytest.raises(OSError) as failure:
+        os.open(mount.file, os.O_RDONLY)
+    assert failure.value.errno == errno.EPERM
+    assert mount.events("backing_open") == [{"op": "backing_open", "errno": errno.EPERM}]
