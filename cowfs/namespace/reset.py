@@ -255,6 +255,8 @@ def _revive_displaced(ns: Namespace, parent: Node, name: bytes, result: Invalida
         return
     for displaced in ns.table.at_base_path(parent.base_path + (name,)):
         if displaced.unlinked:
+            if displaced.is_dir:  # removed when empty: its whiteouts would hide the base's names
+                _reset_directory_entries(ns, displaced, result)
             _revert(ns, displaced, result)
 
 

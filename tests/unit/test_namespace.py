@@ -793,3 +793,30 @@ def test_a_renumbered_file_still_goes_back_to_its_base_name(tmp_path: Path) -> N
         ns.forget(back.ino, 1)
         ns.forget(node.ino, 1)
         ns.check_invariants()
+
+
+def test_a_removed_directory_the_kernel_holds_comes_back_with_its_base_names(tmp_path: Path) -> None:
+    """A base directory emptied and removed while the kernel holds it, then its parent reset: the
+    directory exists again and shows the base's names (its whiteouts went with the reset; found by
+    make soak: the revived directory still hid the names deleted before the rmdir)."""
+    (tmp_path / "base" / "a" / "c").mkdir(parents=True)
+    (tmp_path / "base" / "a" / "c" / "d").write_bytes(b"d")
+    (tmp_path / "store").mkdir()
+    base, store = BaseDir(tmp_path / "base"), Store(tmp_path / "store")
+    ns = Namespace(base, store)
+    try:
+        a = ns.lookup(ROOT_INO, b"a")
+        c = ns.lookup(a.ino, b"c")  # the kernel holds it through everything below
+        ns.unlink(c.ino, b"d")
+        ns.rmdir(a.ino, b"c")
+        ns.reset("/a")
+        ns.check_invariants()
+        assert [name for name, _, _ in ns.listdir(c.ino)] == [b"d"]
+        assert ns.lookup(a.ino, b"c") is c
+        ns.forget(c.ino, 2)
+        ns.forget(a.ino, 1)
+        ns.check_invariants()
+    finally:
+        ns.close()
+        store.close()
+        base.close()
