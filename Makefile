@@ -24,7 +24,7 @@ IOTESTS_ARGS ?=
 # (see patches/pyfuse3/README.md); the local version label marks the build.
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.2
+PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.3
 PYFUSE3_PATCH_DIR := patches/pyfuse3
 PYFUSE3_PATCHES := $(addprefix $(PYFUSE3_PATCH_DIR)/,$(shell cat $(PYFUSE3_PATCH_DIR)/series))
 PYFUSE3_SDIST := build/pyfuse3/pyfuse3-$(PYFUSE3_VERSION).tar.gz
@@ -80,8 +80,12 @@ $(PYFUSE3_INSTALLED): $(PYFUSE3_SDIST) $(PYFUSE3_PATCH_DIR)/series $(PYFUSE3_PAT
 	@touch $@
 
 # cowfs itself, editable; after the patched pyfuse3, so that pip sees the dependency as satisfied.
-$(VENV)/.installed: pyproject.toml $(PYFUSE3_INSTALLED)
+# Its compiled read path (cowfs/_native.c) is optional for `pip install .`, but not here: the
+# tests need it.
+$(VENV)/.installed: pyproject.toml setup.py cowfs/_native.c $(PYFUSE3_INSTALLED)
 	$(PIP) install -e .
+	@$(PY) -c 'import cowfs._native' 2>/dev/null || \
+		{ echo "cowfs/_native.c did not build: $(PIP) install -v -e . shows why"; exit 1; }
 	@touch $@
 
 # The extras, each for the targets that need it (pyproject.toml: test, dev, bench).
@@ -137,4 +141,4 @@ typecheck: setup
 	$(VENV)/bin/mypy cowfs tests bench
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE) $(PJDFSTEST)
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .hypothesis $(PYFUSE3_TREE) $(PJDFSTEST) cowfs/_native*.so

@@ -18,6 +18,9 @@ What it does, in order (the phases are workloads.PHASES):
      -t none, then at depth 16 on a cold page cache (drop_caches before each run, root only):
      each on a fresh cowfs view and on the native copy, alternated, --reps times, with the
      daemon's CPU time per request;
+  4b. the read path: fio random 4 KiB O_DIRECT reads at depth 1 (psync) and 16 (libaio) over a
+     cached base, every read a READ the daemon answers: IOPS on both targets and the daemon's CPU
+     time per READ on cowfs (bench/readpath.py);
   5. scale test: a sparse --scale-size (1 TiB) image, --scale-writes distinct random 4 KiB
      pwrite()s through the mount, write rate of the first vs the last 10 %, daemon RSS, and a
      read-back spot check;
@@ -29,7 +32,11 @@ What it does, in order (the phases are workloads.PHASES):
      fuse-overlayfs over the same empty base, and in a plain directory of the store's filesystem,
      in turns, --reps times; cowfs against fuse-overlayfs (target: create at most 1x the time) and
      the daemon's memory per created name;
-  9. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
+  9. names (cowfs only, skipped with --skip-names or a --mount-cmd stand-in; bench/names.py):
+     --names (200,000) changed names in one mount, then `cowfs status --json` and `cowfs reset`
+     of the mount, end to end, with the longest wait of a request on an untouched file during
+     the reset;
+  10. prints tables, writes bench/results/cowfs-bench-<date>.json and .png.
 
 Mount/umount are shell templates. Placeholders: {base_dir} (directory that holds only the
 image), {mnt} (empty mount point), {state} (empty scratch directory, deleted after each

@@ -46,6 +46,8 @@ class Config:
     skip_sessions: bool = False
     skip_guestviews: bool = False
     skip_metadata: bool = False
+    names: int = 200_000
+    skip_names: bool = False
 
     @property
     def base(self) -> Path:
@@ -117,6 +119,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     )
     parser.add_argument("--skip-scale", action="store_true", help="skip the scale test")
     parser.add_argument("--skip-qemu", action="store_true", help="skip the qemu-img bench reads")
+    parser.add_argument("--names", type=int, help="changed names for status and reset (default 200000)")
+    parser.add_argument("--skip-names", action="store_true", help="skip the many-changed-names phase")
     parser.add_argument(
         "--skip-sessions", action="store_true", help="skip cowfs's own sessions (cowfs run, checkpoints, copies)"
     )
@@ -178,6 +182,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         skip_sessions=args.skip_sessions,
         skip_guestviews=args.skip_guestviews,
         skip_metadata=args.skip_metadata,
+        names=pick(args.names, 200_000, 20_000),
+        skip_names=args.skip_names,
     )
     if config.size < 16 * MiB or config.size % MiB:
         parser.error("--size must be a multiple of 1 MiB and at least 16 MiB")

@@ -219,6 +219,14 @@ def _metrics_section(config: Config, results: Results) -> list[str]:
                 ]
             )
         rows.append(["  cowfs daemon memory per created name, bytes", "-", number(metadata.bytes_per_name_median)])
+    names = results.names
+    if names is not None:
+        rows += [
+            [f"{names.changed} changed names: making them s", "-", number(names.change_s)],
+            ["  cowfs status --json s, target <= 2 at 200,000", "-", number(names.status_s)],
+            ["  cowfs reset s, target <= 2 at 200,000", "-", number(names.reset_s)],
+            ["  longest wait of a request during the reset ms, target <= 250", "-", number(names.longest_wait_ms)],
+        ]
     return [table(rows, {1}), ""]
 
 

@@ -290,6 +290,17 @@ class Metadata:
         self.bytes_per_name_median = median_of(self.bytes_per_name)
 
 
+@dataclass(kw_only=True)
+class NamesScale:
+    """Many changed names in one mount (issue 22, part 3), on cowfs alone."""
+
+    changed: int  # names changed in the mount before status and reset
+    change_s: float | None = None  # making the changes through the mount
+    status_s: float | None = None  # `cowfs status --json`, end to end (target: <= 2 s at 200,000)
+    reset_s: float | None = None  # `cowfs reset MOUNTPOINT`, end to end (target: <= 2 s at 200,000)
+    longest_wait_ms: float | None = None  # a request on an untouched file during the reset (target: <= 250)
+
+
 # --------------------------------------------------------------------------- the peer harness
 
 
@@ -377,6 +388,7 @@ class Results:
     scale: Scale | None = optional()
     sessions: Sessions | None = optional()
     metadata: Metadata | None = optional()
+    names: NamesScale | None = optional()
     measurements: dict[str, Measurement] = field(default_factory=dict, metadata={"omit_if_empty": True})
     # summaries, by summarize()
     rss_randwrite_vmhwm_median_kib: float | None = None

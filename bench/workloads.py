@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import guestviews, metadata, scale, sessions
+from . import guestviews, metadata, names, readpath, scale, sessions
 from .config import BLOCK, DEFAULT_MOUNT, Config, KiB, human
 from .harness import RssSampler, cpu_seconds, deleted_store_bytes, df_free, drop_page_cache, run_group
 from .results import TARGETS, FioRun, QemuRun, RssSample, StoreUsage, Target
@@ -338,6 +338,7 @@ PHASES = [
     Phase("mounts", mount_phase),
     Phase("fio", fio_phase),
     Phase("qemu", qemu_phase, skipped=lambda config: config.skip_qemu),
+    Phase("readpath", readpath.readpath_phase),
     Phase("scale", scale.scale_phase, skipped=lambda config: config.skip_scale),
     # cowfs's own commands: not for a --mount-cmd stand-in
     Phase(
@@ -355,4 +356,5 @@ PHASES = [
         metadata.metadata_phase,
         skipped=lambda config: config.skip_metadata or config.mount_cmd != DEFAULT_MOUNT,
     ),
+    Phase("names", names.names_phase, skipped=lambda config: config.skip_names or config.mount_cmd != DEFAULT_MOUNT),
 ]

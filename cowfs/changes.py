@@ -3,7 +3,8 @@
 the mount (reset, adopting a commit) is the namespace's alone.
 
 Everything here runs in the daemon's trio thread with no await inside, so
-each call is atomic with respect to FUSE requests.  Paths are mount paths as
+each call is atomic with respect to FUSE requests -- but for `status_in_slices`,
+which lets them in between slices.  Paths are mount paths as
 strings (``"/sub/disk.raw"``); the results are the reply records of
 `cowfs.protocol`.
 
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 from .base import BasePath
 from .namespace import Namespace, Node, Refused, change_token, identity_dict, refuse_extra_links
 from .overlay import BaseIdentity, OverlayFile
 from .protocol import ChangeState, DiffReply, FileChange, Plan, StatusReply
+from .slices import Slices, run_whole
 
 _KINDS = {
     stat.S_IFREG: "file",
@@ -68,6 +70,14 @@ def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
 
 def status(namespace: Namespace) -> StatusReply:
     """Every change of the mount, in path order."""
+    return run_whole(status_in_slices(namespace))
+
+
+def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Generator[None, None, StatusReply]:
+    """`status` as a job that yields between slices (`cowfs.slices`): FUSE requests served in
+    between may change the mount, so a status taken while it changes may show a name moved
+    meanwhile at either place."""
+    slices = slices or Slices()
     found: list[FileChange] = []
     moved_from: set[BasePath] = set()
     for path, node, primary in namespace.pinned_nodes():
@@ -77,9 +87,13 @@ def status(namespace: Namespace) -> StatusReply:
             if change.state == "renamed":
                 assert node.base_path is not None
                 moved_from.add(node.base_path)
+        if slices.used_up():
+            yield
     for path, base_path in namespace.names.whiteouts():
         if base_path not in moved_from:
             found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
+        if slices.used_up():
+            yield
     found.sort(key=lambda change: change.path)
     return StatusReply(
         str(namespace.base.path),

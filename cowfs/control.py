@@ -14,7 +14,10 @@ dropped after `REQUEST_TIMEOUT` and one that stops reading its reply after
 most `MAX_REPLYING` replies are worked out or sent at once (a reply of any size
 is sent a line at a time, each encoded when its turn comes, and holds its
 result until the client has read it).  Handlers run in the trio thread with no await while they look at or
-change the namespace, so each request is atomic with respect to FUSE requests.
+change the namespace, so each request is atomic with respect to FUSE requests --
+but for reset and status, which run in slices of ~20 ms and let FUSE requests in
+between (each slice leaves the namespace consistent; `cowfs.namespace.reset` says what
+a change made meanwhile means), so that 200,000 changed names never freeze the mount.
 Kernel cache invalidation, which may wait for the kernel to write dirty pages
 back to us, runs afterwards in a worker thread.
 """
@@ -27,13 +30,15 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from typing import TypeVar
 
 import trio
+import trio.lowlevel
 
 from . import changes
 from .kernel_cache import KernelCache
-from .namespace import Namespace, Refused
+from .namespace import Invalidation, Namespace, Refused
 from .protocol import (
     MAX_LINE,
     CommitDoneRequest,
@@ -52,6 +57,7 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 REQUEST_TIMEOUT = 30.0  # seconds a client has to send its request line
@@ -158,7 +164,7 @@ class ControlServer:
 
     async def _dispatch(self, request: Request) -> object:
         if isinstance(request, StatusRequest):
-            return self._status() if request.changes else self._summary()
+            return await self._status() if request.changes else self._summary()
         if isinstance(request, ResetRequest):
             return await self._reset(request)
         if isinstance(request, CommitDoneRequest):
@@ -170,10 +176,9 @@ class ControlServer:
             return changes.commit_plan(self.namespace, request.path)
         return changes.export_plan(self.namespace, request.path)
 
-    def _status(self) -> StatusReply:
-        return dataclasses.replace(
-            changes.status(self.namespace), features=self._features(), requests=self._request_counts()
-        )
+    async def _status(self) -> StatusReply:
+        reply = await _in_slices(changes.status_in_slices(self.namespace))
+        return dataclasses.replace(reply, features=self._features(), requests=self._request_counts())
 
     def _summary(self) -> StatusReply:
         """The status without the list of changes (`cowfs list`): costs nothing per change."""
@@ -186,7 +191,8 @@ class ControlServer:
         # Dirty pages of open files would otherwise reach us after the reset.
         if request.force:
             await self.kernel_cache.invalidate(self.namespace.table.open_files())
-        result = self.namespace.reset(request.path, request.force)
+        result = Invalidation()
+        await _in_slices(self.namespace.reset_in_slices(request.path, request.force, result))
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("reset %s (%d inodes)", request.path, len(result.inodes))
         return ResetReply(result.paths)
@@ -196,6 +202,18 @@ class ControlServer:
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("committed %s into its base", request.path)
         return ResetReply(result.paths)
+
+
+async def _in_slices(job: Generator[None, None, T]) -> T:
+    """Run a sliced job (`cowfs.slices`), letting FUSE requests run between its slices: a
+    control operation over 200,000 names must not freeze the mount."""
+    while True:
+        try:
+            next(job)
+        except StopIteration as done:
+            value: T = done.value
+            return value
+        await trio.lowlevel.checkpoint()
 
 
 async def _receive_line(connection: trio.socket.SocketType) -> bytes:

@@ -22,7 +22,7 @@ from . import counters
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
-from .features import Pyfuse3Features, describe, log_missing
+from .features import Pyfuse3Features, describe, install_compiled_reads, log_missing
 from .fuse_ops import CowfsOperations
 from .guest import GuestViews
 from .kernel_cache import KernelCache
@@ -97,12 +97,12 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     views = GuestViews(base) if config.view == "guest" else None
     namespace = Namespace(base, store, views=views)
     found = Pyfuse3Features.of(pyfuse3)
-    log_missing(found)
+    compiled_reads_off: str | None = "not mounted yet"  # why READs go through Python (None: they do not)
     kernel_cache = KernelCache()
     control_server = ControlServer(
         namespace,
         kernel_cache,
-        lambda: describe(found, _granted_init_flags(found)),
+        lambda: describe(found, _granted_init_flags(found), compiled_reads_off),
         lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
     )
     control = ControlInfo(
@@ -118,6 +118,8 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         report(f"cannot mount on {config.mountpoint}: FUSE refused the mount (see the daemon log, or run with -f)")
         control_server.close()
         return 1
+    compiled_reads_off = install_compiled_reads(pyfuse3, found)
+    log_missing(found, compiled_reads_off)
     log.info(
         "mounted %s on %s, store in %s%s",
         config.base_dir,

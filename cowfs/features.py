@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from types import ModuleType
 
+from . import readpath
 from .protocol import Feature
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class Pyfuse3Features:
     fallocate: bool  # Operations.fallocate is called
     lseek: bool  # Operations.lseek is called
     init_flags: bool  # Operations.extra_init_flags is honoured
+    request_filter: bool  # pyfuse3.set_request_filter exists (patch 0005)
 
     @classmethod
     def of(cls, pyfuse3: ModuleType) -> Pyfuse3Features:
@@ -37,11 +39,32 @@ class Pyfuse3Features:
             hasattr(operations, "fallocate"),
             hasattr(operations, "lseek"),
             hasattr(pyfuse3, "negotiated_init_flags"),
+            hasattr(pyfuse3, "set_request_filter"),
         )
 
 
-def describe(found: Pyfuse3Features, granted_init_flags: int | None) -> list[Feature]:
-    """The features as `cowfs status` shows them; ``granted_init_flags`` is None before INIT."""
+COMPILED_READS = "compiled_reads"
+
+
+def install_compiled_reads(pyfuse3: ModuleType, found: Pyfuse3Features) -> str | None:
+    """Between pyfuse3.init() and main(): let the compiled READ server answer READs.
+    None when it runs, else why READs go through Python (one line)."""
+    if readpath.NATIVE_MISSING:
+        return readpath.NATIVE_MISSING
+    if not found.request_filter:
+        return f"pyfuse3 {found.version} is a stock build without request filters; `make setup` builds one with them"
+    try:
+        pyfuse3.set_request_filter(readpath.request_filter())
+    except (OSError, RuntimeError, TypeError, ValueError) as error:
+        return f"pyfuse3 refused the request filter: {error}"
+    return None
+
+
+def describe(
+    found: Pyfuse3Features, granted_init_flags: int | None, compiled_reads_off: str | None = None
+) -> list[Feature]:
+    """The features as `cowfs status` shows them; ``granted_init_flags`` is None before INIT,
+    ``compiled_reads_off`` says why READs go through Python (None: they do not)."""
     stock = f"pyfuse3 {found.version} is a stock build without it; `make setup` builds one with it"
     if not found.init_flags:
         killpriv = Feature("killpriv_v2", False, stock)
@@ -59,6 +82,11 @@ def describe(found: Pyfuse3Features, granted_init_flags: int | None) -> list[Fea
         ),
         Feature("lseek", found.lseek, "SEEK_DATA/SEEK_HOLE find holes" if found.lseek else stock),
         killpriv,
+        Feature(
+            COMPILED_READS,
+            compiled_reads_off is None,
+            "READs of open files answered in C, without Python" if compiled_reads_off is None else compiled_reads_off,
+        ),
     ]
 
 
@@ -74,7 +102,7 @@ def summary(features: list[Feature]) -> str:
     return "; ".join(parts)
 
 
-def log_missing(found: Pyfuse3Features) -> None:
+def log_missing(found: Pyfuse3Features, compiled_reads_off: str | None) -> None:
     """One line naming what is off, at start (nothing when everything is on)."""
-    if not (found.fallocate and found.lseek and found.init_flags):
-        log.info("kernel features: %s", summary(describe(found, None)))
+    if not (found.fallocate and found.lseek and found.init_flags) or compiled_reads_off is not None:
+        log.info("kernel features: %s", summary(describe(found, None, compiled_reads_off)))

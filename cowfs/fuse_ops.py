@@ -24,7 +24,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from . import counters
+from . import counters, readpath
 from .features import FUSE_HANDLE_KILLPRIV_V2
 from .guest import FetchNeeded, GuestFile, GuestViews, MapNeeded, ViewFailure
 from .kernel_cache import KernelCache
@@ -232,8 +232,9 @@ class CowfsOperations(pyfuse3.Operations):
     async def _tune_backing_device(mountpoint: str) -> None:
         tune_backing_device(mountpoint, BDI_SETTINGS)  # sysfs: instant, no thread needed
 
-    def _new_handle(self, node: Node | None = None, flags: int = 0) -> int:
-        """A new file (with ``node``) or directory handle."""
+    def _new_handle(self, node: Node | None = None, flags: int = 0, compiled_reads: bool = True) -> int:
+        """A new file (with ``node``) or directory handle; ``compiled_reads``: its READs are the
+        file's bytes at their own offsets, so the compiled read path may answer them."""
         self._next_handle += 1
         handle = self._next_handle
         if node is not None:
@@ -241,6 +242,12 @@ class CowfsOperations(pyfuse3.Operations):
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 self._writable_handles.add(handle)
                 self._writers[node.ino] = self._writers.get(node.ino, 0) + 1
+            if flags & os.O_DIRECT:
+                self._direct_handles.add(handle)
+            assert node.data is not None
+            # From now on the compiled read path (if any) may answer this handle's READs itself.
+            if compiled_reads:
+                readpath.register_handle(handle, node.ino, node.data.view, bool(flags & os.O_DIRECT))
         return handle
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -455,8 +462,6 @@ class CowfsOperations(pyfuse3.Operations):
         await self._prepare(self.ns.node(inode))
         node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
         handle = self._new_handle(node, flags)
-        if flags & os.O_DIRECT:
-            self._direct_handles.add(handle)
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     async def _open_window(self, window: Window, flags: int) -> pyfuse3.FileInfo:
@@ -470,7 +475,7 @@ class CowfsOperations(pyfuse3.Operations):
             raise OSError(errno.EINVAL, "a partition's size is its table's: open it without O_TRUNC")
         await self._prepare(self.ns.node(window.disk_ino))
         node, _ = self.ns.open(window.disk_ino)
-        handle = self._new_handle(node, flags)
+        handle = self._new_handle(node, flags, compiled_reads=False)  # its offsets are moved: Python reads
         self._window_handles[handle] = window
         self.windows.opened(window)
         return pyfuse3.FileInfo(fh=handle, direct_io=True)
@@ -627,6 +632,7 @@ class CowfsOperations(pyfuse3.Operations):
     @_errno_replies
     async def release(self, fh: int) -> None:
         node = self._open_files.pop(fh)
+        readpath.unregister_handle(fh, node.ino)
         self._direct_handles.discard(fh)
         if fh in self._writable_handles:
             self._writable_handles.discard(fh)

@@ -193,11 +193,14 @@ class GuestImage:
 class GuestFile(OverlayFile):
     """The overlay of a guest view: base bytes are the guest disk's, fetched through QEMU."""
 
+    base_is_fd = False  # base_fd is the image file: the compiled read path leaves base bytes to Python
+
     def __init__(self, store: Store, base_fd: int, name: str, image: GuestImage) -> None:
         super().__init__(store, base_fd, name=name)
         self.image = image
         image.use()
-        self.size = self.base_limit = image.size
+        with self.view:  # the file's state changes under its lock (overlay.py)
+            self.size = self.base_limit = image.size
 
     @property
     def is_changed(self) -> bool:
@@ -218,8 +221,9 @@ class GuestFile(OverlayFile):
 
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         self.image.use()  # close() inside lets it go; the view still reads through it
-        super().discard_changes(base_fd_factory)
-        self.size = self.base_limit = self.image.size
+        with self.view:
+            super().discard_changes(base_fd_factory)
+            self.size = self.base_limit = self.image.size
 
     def read_into(self, offset: int, size: int, buffer: bytearray, *, nowait: bool = False) -> memoryview:
         """As `OverlayFile.read_into`, but base bytes must be fetched first: raises `FetchNeeded`

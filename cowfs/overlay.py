@@ -36,6 +36,10 @@ append log cannot place future writes in advance, so nothing is reserved.
 ``generation`` grows on every change of the view's bytes or size, so a
 reader can tell whether anything changed between two moments.
 
+The compiled read path (readpath.py) reads this state from another thread:
+every method that changes it runs under the file's lock (`_locked`, or
+``with self.view:``), and leaving the lock publishes the state to it.
+
 It knows nothing of inode numbers or FUSE; it raises ``OSError`` with the
 errno a caller should see.
 """
@@ -43,19 +47,37 @@ errno a caller should see.
 from __future__ import annotations
 
 import errno
+import functools
 import itertools
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, TypeVar
 
-from .rangemap import ZEROS, RangeMap
+from .rangemap import ZEROS
+from .readpath import RangeMap, new_view
 from .store import PAGE_SIZE, Allocation, FreedRun, Store
 
 log = logging.getLogger(__name__)
 
 # Every change of any view gets the next number, so a generation names one state of one view for good.
 _changes = itertools.count(1)
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _locked(method: Callable[Concatenate[OverlayFile, P], R]) -> Callable[Concatenate[OverlayFile, P], R]:
+    """Run a method that changes the file's state under the file's lock (see the module's docstring)."""
+
+    @functools.wraps(method)
+    def locked(self: OverlayFile, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self.view:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -84,6 +106,8 @@ class BaseIdentity:
 class OverlayFile:
     """The bytes of one file of the mount."""
 
+    base_is_fd = True  # its base bytes are base_fd's, at the same offsets (the compiled path may read them)
+
     def __init__(self, store: Store, base_fd: int | None = None, name: str = "") -> None:
         self._store = store
         self.name = name  # for log lines only
@@ -96,6 +120,13 @@ class OverlayFile:
         self._space: Allocation | None = None  # its pages in the store, from its first new bytes on
         self.generation = next(_changes)  # a new number at every change of the view's bytes or size
         self._nowait_works = True  # False once a filesystem refused RWF_NOWAIT: then reads just wait
+        self.view = new_view(self)  # the lock and what the compiled read path sees of this file
+        self.view.publish()
+
+    @property
+    def log_fds(self) -> Sequence[int]:
+        """The store's table log index -> fd, which the compiled read path resolves offsets with."""
+        return self._store.log_fds
 
     @property
     def is_changed(self) -> bool:
@@ -107,6 +138,7 @@ class OverlayFile:
             or (self.base_limit != self.base_identity.size)
         )
 
+    @_locked
     def close(self) -> None:
         """Release the base descriptor and the store space of this file."""
         runs = [(store, store + end - start, start) for start, end, store in self.written.extents() if store != ZEROS]
@@ -179,7 +211,8 @@ class OverlayFile:
         if self.base_changed:
             raise OSError(errno.EIO, "base file changed under the mount")
         if self.base_identity.modified_in(os.fstat(self.base_fd)):
-            self.base_changed = True
+            with self.view:
+                self.base_changed = True
             log.error("base file %s was modified while mounted; its view now fails with EIO", self.name)
             raise OSError(errno.EIO, "base file changed under the mount")
         return self.base_fd
@@ -200,6 +233,7 @@ class OverlayFile:
 
     # -- writing ------------------------------------------------------------
 
+    @_locked
     def write(self, offset: int, data: bytes | memoryview) -> int:
         length = len(data)
         if length == 0:
@@ -243,6 +277,7 @@ class OverlayFile:
             done += count
         return done
 
+    @_locked
     def truncate(self, size: int) -> None:
         if size == self.size:
             return
@@ -252,6 +287,7 @@ class OverlayFile:
             self.base_limit = min(self.base_limit, size)
         self.size = size
 
+    @_locked
     def punch_hole(self, offset: int, length: int) -> None:
         """FALLOC_FL_PUNCH_HOLE|KEEP_SIZE: ``[offset, offset + length)`` reads as zeros, the size stays."""
         _check_range(offset, length)
@@ -264,12 +300,14 @@ class OverlayFile:
         if offset < zeros_end:  # base bytes: hide them without store bytes
             self.written.add(offset, zeros_end, ZEROS)
 
+    @_locked
     def zero_range(self, offset: int, length: int, keep_size: bool) -> None:
         """FALLOC_FL_ZERO_RANGE: the range reads as zeros and, as on ext4, stays allocated
         (zeroed store blocks: data to SEEK_DATA); the size grows to its end unless ``keep_size``."""
         self.punch_hole(offset, length)
         self.allocate(offset, length, keep_size)
 
+    @_locked
     def allocate(self, offset: int, length: int, keep_size: bool) -> None:
         """fallocate mode 0 or KEEP_SIZE: ENOSPC unless ``--max-store`` has room
         for the range's bytes not in the store yet; the contents stay, the size
@@ -372,6 +410,11 @@ class OverlayFile:
     def check_invariants(self) -> None:
         """Raise AssertionError if the documented invariants do not hold."""
         self.written.check_invariants()
+        published = getattr(self.view, "published", None)  # the compiled path's copy: changed under the lock?
+        if published is not None:
+            mine = (self.size, self.base_limit, -1 if self.base_fd is None else self.base_fd, self.base_changed)
+            seen = (published["size"], published["base_limit"], published["base_fd"], published["base_changed"])
+            assert seen == mine, f"changed outside the file's lock: the compiled path sees {seen}, not {mine}"
         assert self.base_limit <= self.size, (self.base_limit, self.size)
         assert self.written.last_end() <= self.size, (self.written.last_end(), self.size)
         last_zeros_end = max((end for _, end in self.written.ranges(zeros=True)), default=0)
@@ -387,12 +430,14 @@ class OverlayFile:
         """512-byte blocks the store holds for this file: its pages with live bytes."""
         return self._space.pages * (PAGE_SIZE // 512) if self._space is not None else 0
 
+    @_locked
     def adopt_base(self, identity: BaseIdentity) -> None:
         """The base file was rewritten (by `cowfs commit`) to hold this view's bytes below
         ``base_limit``: take its new identity, keep every change."""
         self.base_identity = identity
         self.base_changed = False
 
+    @_locked
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         """Forget every change: the view is the (current) base again."""
         self.close()

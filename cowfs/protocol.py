@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 CONTROL_XATTR = "user.cowfs.control"
 MAX_LINE = 1 << 20  # bytes of one message, newline included
@@ -226,20 +226,22 @@ class FileChange:
     @classmethod
     def from_wire(cls, value: Any) -> FileChange:
         record = _object(value, "a change")
-        state = _get(record, "state", str)
-        if state not in ("modified", "created", "renamed", "deleted"):
-            raise ProtocolError(f"unknown change state {state!r}")
-        return cls(
-            _get(record, "path", str),
-            cast(ChangeState, state),
-            _get(record, "type", str, optional=True),
-            _get(record, "renamed_from", str, optional=True),
-            _get(record, "size", int, optional=True),
-            _get(record, "base_size", int, optional=True),
-            _get(record, "bytes_written", int),
-            _get(record, "extents", int),
-            _get(record, "open_handles", int),
-        )
+        # One pass of exact type checks (bool is not int here): a status may hold 200,000 of these.
+        fields: list[Any] = [record.get(name) for name in _CHANGE_FIELDS]
+        for name, field_value, kinds in zip(_CHANGE_FIELDS, fields, _CHANGE_KINDS, strict=True):
+            if type(field_value) not in kinds:
+                raise ProtocolError(
+                    f"field {name!r} must be {' or '.join(k.__name__ for k in kinds)}, not {type(field_value).__name__}"
+                )
+        if fields[1] not in _CHANGE_STATES:
+            raise ProtocolError(f"unknown change state {fields[1]!r}")
+        return cls(*fields)
+
+
+_CHANGE_FIELDS = tuple(FileChange.__dataclass_fields__)
+_NONE = type(None)
+_CHANGE_KINDS = ((str,), (str,), (str, _NONE), (str, _NONE), (int, _NONE), (int, _NONE), (int,), (int,), (int,))
+_CHANGE_STATES = frozenset(("modified", "created", "renamed", "deleted"))
 
 
 @dataclass(frozen=True)
@@ -427,8 +429,11 @@ def reply_lines(result: Any) -> Iterator[bytes]:
     yield line
     for items in more.values():
         start, size = 0, CHUNK_ITEMS
+        records = hasattr(items[0], "__dataclass_fields__")
         while start < len(items):
-            line = encode_line(items[start : start + size])
+            chunk = items[start : start + size]
+            # Plain dicts: the JSON encoder then never calls back into Python.
+            line = encode_line([vars(item) for item in chunk] if records else chunk)
             if len(line) > MAX_LINE:  # long items: fewer a line
                 if size == 1:
                     yield error_reply(f"an item of the reply is longer than {MAX_LINE} bytes")

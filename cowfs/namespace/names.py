@@ -4,7 +4,9 @@ Rule: only this file writes directory entries (``Node.entries``), node links (``
 primary names (``Node.parent``, ``Node.name``) and link counts (``Attrs.nlink``) once a node
 has its own metadata.  The relation "entry (parent, name) shows node" is written by one
 function, `Names._set_entry`, which changes both of its halves (the directory's ``entries``
-and the node's ``links``) together.
+and the node's ``links``) together, and with them the directory's link count (2 + the
+subdirectories it shows): a directory is copied up before its entries change, so its count
+starts right and follows every entry change, a reset's included, with no recount.
 
 A directory's view is its base listing overlaid by its ``entries``: ``name -> ino`` for a
 name the mount created, moved or changed, ``name -> WHITEOUT`` for a base name the mount
@@ -15,6 +17,7 @@ kernel forgetting it; pinning a node pins its directories up to the root.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 
 from ..base import BaseDir, BasePath
@@ -31,20 +34,35 @@ class Names:
 
     # -- the relation: one writer -------------------------------------------------
 
-    def _set_entry(self, parent: Node, name: bytes, ino: int | None) -> None:
+    def _set_entry(self, parent: Node, name: bytes, ino: int | None, base_is_dir: bool | None = None) -> None:
         """Make ``parent``'s entry ``name`` show ``ino`` (a node, `WHITEOUT`, or None: the
-        base again), and keep the links of the node it showed and of the new one in step."""
+        base again), and keep the links of the node it showed and of the new one in step, and
+        the directory's link count.  ``base_is_dir``: whether the base has a directory at
+        ``name``, where the caller knows (None: look when it matters)."""
         old = parent.entries.get(name)
+        if parent.attrs is not None and base_is_dir is None and None in (old, ino):
+            base_is_dir = self._base_is_directory(parent, name)
+        subdirectories_before = 0
+        if parent.attrs is not None:
+            subdirectories_before = self._shows_directory(old, base_is_dir)
         if old is not None and old != WHITEOUT:
             occupant = self.table.nodes.get(old)
             if occupant is not None:
                 occupant.links.discard((parent.ino, name))
         if ino is None:
             parent.entries.pop(name, None)
-            return
-        parent.entries[name] = ino
-        if ino != WHITEOUT:
-            self.table.nodes[ino].links.add((parent.ino, name))
+        else:
+            parent.entries[name] = ino
+            if ino != WHITEOUT:
+                self.table.nodes[ino].links.add((parent.ino, name))
+        if parent.attrs is not None:
+            parent.attrs.nlink += self._shows_directory(ino, base_is_dir) - subdirectories_before
+
+    def _shows_directory(self, entry: int | None, base_is_dir: bool | None) -> int:
+        """1 if a name whose entry is ``entry`` shows a directory, else 0."""
+        if entry is None:  # the base's
+            return int(bool(base_is_dir))
+        return int(entry != WHITEOUT and self.table.nodes[entry].is_dir)
 
     # -- what the operations do with it ---------------------------------------------
 
@@ -52,16 +70,16 @@ class Names:
         """List an unpinned node under its primary name, and its directories up to the root."""
         while not node.pinned:
             parent = self.table.nodes[node.parent]
-            self._set_entry(parent, node.name, node.ino)
+            self._set_entry(parent, node.name, node.ino, base_is_dir=node.is_dir)  # the base shows it there
             node = parent
 
     def add(self, node: Node, parent: Node, name: bytes) -> None:
-        """Another name for ``node`` (its primary name stays)."""
-        self._set_entry(parent, name, node.ino)
+        """Another name for ``node`` at a name that shows nothing (its primary name stays)."""
+        self._set_entry(parent, name, node.ino, base_is_dir=False)
         self.pin(parent)
 
     def move(self, node: Node, parent: Node, name: bytes) -> None:
-        """List a node under a new name, which becomes its primary one."""
+        """List a node under a new name (one that shows nothing, or a node), which becomes its primary one."""
         node.parent, node.name = parent.ino, name
         self.add(node, parent, name)
 
@@ -72,14 +90,17 @@ class Names:
 
     def remove(self, parent: Node, name: bytes) -> None:
         """Make ``name`` disappear from ``parent``'s view: a whiteout where the base has the name."""
-        if self._base_has(parent, name):
-            self._set_entry(parent, name, WHITEOUT)
+        try:
+            kind = self._base_kind(parent, name)
+        except (FileNotFoundError, NotADirectoryError):
+            self._set_entry(parent, name, None, base_is_dir=False)
         else:
-            self._set_entry(parent, name, None)
+            self._set_entry(parent, name, WHITEOUT, base_is_dir=stat.S_ISDIR(kind))
 
-    def unlist(self, parent: Node, name: bytes) -> None:
-        """Drop ``parent``'s entry ``name``: the name shows the base again."""
-        self._set_entry(parent, name, None)
+    def unlist(self, parent: Node, name: bytes, base_is_dir: bool | None = None) -> None:
+        """Drop ``parent``'s entry ``name``: the name shows the base again (``base_is_dir``:
+        whether that is a directory, where the caller knows)."""
+        self._set_entry(parent, name, None, base_is_dir)
 
     def unlist_all(self, node: Node) -> None:
         """Drop every entry that lists ``node``."""
@@ -91,28 +112,19 @@ class Names:
         if node.links and (node.parent, node.name) not in node.links:
             node.parent, node.name = min(node.links)
 
-    def _base_has(self, parent: Node, name: bytes) -> bool:
+    def _base_kind(self, parent: Node, name: bytes) -> int:
+        """The S_IFMT bits of what the base has at ``name`` in ``parent``; FileNotFoundError if nothing."""
         if parent.base_path is None:
-            return False
+            raise FileNotFoundError(name)
+        return stat.S_IFMT(self.base.lstat(parent.base_path + (name,)).st_mode)
+
+    def _base_is_directory(self, parent: Node, name: bytes) -> bool:
         try:
-            self.base.lstat(parent.base_path + (name,))
-        except (FileNotFoundError, NotADirectoryError):
+            return stat.S_ISDIR(self._base_kind(parent, name))
+        except OSError:
             return False
-        return True
 
     # -- link counts ----------------------------------------------------------------
-
-    @staticmethod
-    def count_subdir(directory: Node, change: int) -> None:
-        """A subdirectory came (+1) or went (-1); the directory owns its metadata already."""
-        assert directory.attrs is not None
-        directory.attrs.nlink += change
-
-    @staticmethod
-    def recount_subdirs(directory: Node, subdirectories: int) -> None:
-        """Set a copied-up directory's link count from its listing (after a reset changed it)."""
-        if directory.attrs is not None:
-            directory.attrs.nlink = 2 + subdirectories
 
     @staticmethod
     def count_name(node: Node, change: int) -> None:
@@ -141,28 +153,19 @@ class Names:
         stack: list[tuple[str, Node]] = [("", self.table.nodes[ROOT_INO])]
         while stack:
             path, directory = stack.pop()
-            for name, ino in sorted(directory.entries.items()):
+            for name in sorted(directory.entries):
+                # Read again at each step: a sliced caller lets FUSE requests change entries in between.
+                ino = directory.entries.get(name)
                 child_path = f"{path}/{os.fsdecode(name)}"
                 if ino == WHITEOUT:
                     yield child_path, directory, name, None
                     continue
-                child = self.table.nodes[ino]
+                child = self.table.nodes.get(ino) if ino is not None else None
+                if child is None:
+                    continue
                 yield child_path, directory, name, child
                 if child.is_dir:
                     stack.append((child_path, child))
-
-    def subtree(self, node: Node, include_self: bool) -> list[Node]:
-        """The node and every node pinned below it."""
-        found = [node] if include_self else []
-        stack = [node]
-        while stack:
-            directory = stack.pop()
-            for ino in directory.entries.values():
-                if ino != WHITEOUT:
-                    child = self.table.nodes[ino]
-                    found.append(child)
-                    stack.append(child)
-        return found
 
     # -- checking -----------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Protocol
 
 from ..base import BaseDir
@@ -437,16 +437,10 @@ class Namespace:
             attrs=Attrs(mode, uid, gid, created_at, created_at, created_at, 2 if stat.S_ISDIR(mode) else 1, rdev),
         )
         self.table.add(node)
-        self.names.pin(node)
         self._touch_dir(parent)
-        if node.is_dir:
-            self._count_subdir(parent, 1)
+        self.names.add(node, parent, name)
         node.lookups += 1
         return node
-
-    def _count_subdir(self, directory: Node, change: int) -> None:
-        self._copy_up(directory)
-        self.names.count_subdir(directory, change)
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
         """A new directory; +1 lookup on it."""
@@ -484,10 +478,10 @@ class Namespace:
         attrs = self._copy_up(node)
         if attrs.nlink >= _LINK_MAX:
             raise OSError(errno.EMLINK, "too many links")
+        self._touch_dir(parent)
         self.names.add(node, parent, new_name)
         self.names.count_name(node, 1)
         attrs.ctime_ns = now()
-        self._touch_dir(parent)
         node.lookups += 1
         return node
 
@@ -515,11 +509,9 @@ class Namespace:
             and self.base.lstat(node.base_path).st_nlink > 1
         ):
             self._copy_up(node)  # it keeps its other base names: count them from now on
-        self.names.remove(parent, name)
         self._touch_dir(parent)
-        if node.is_dir:
-            self._count_subdir(parent, -1)
-        elif node.attrs is not None:
+        self.names.remove(parent, name)
+        if not node.is_dir and node.attrs is not None:
             self.names.count_name(node, -1)
             node.attrs.ctime_ns = now()
             if node.attrs.nlink > 0:
@@ -618,10 +610,6 @@ class Namespace:
             self._copy_up(target)
             self._move(source, new_parent, new_name)
             self._move(target, old_parent, old_name)
-            if old_parent is not new_parent:
-                moved_dirs = int(source.is_dir) - int(target.is_dir)
-                self._count_subdir(old_parent, -moved_dirs)
-                self._count_subdir(new_parent, moved_dirs)
             return
         if target is not None:
             if source.is_dir and not target.is_dir:
@@ -631,19 +619,16 @@ class Namespace:
             if target.is_dir and not self._is_empty(target):
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
         self._copy_up(source)
-        self.names.remove(old_parent, old_name)
         self._touch_dir(old_parent)
+        self.names.remove(old_parent, old_name)
         if target is not None:
             self._drop_name(new_parent, new_name, target)
         self._move(source, new_parent, new_name)
-        if source.is_dir:
-            self._count_subdir(old_parent, -1)
-            self._count_subdir(new_parent, 1)
 
     def _move(self, node: Node, parent: Node, name: bytes) -> None:
         """List a node under a new name, which becomes its primary one."""
-        self.names.move(node, parent, name)
         self._touch_dir(parent)
+        self.names.move(node, parent, name)
         assert node.attrs is not None
         node.attrs.ctime_ns = now()
 
@@ -704,6 +689,9 @@ class Namespace:
                     assert node.data is not None, f"changed file {ino} has no data"
             if node.type != stat.S_IFREG:
                 assert node.data is None, f"non-file {ino} holds data"
+            if node.is_dir and node.attrs is not None:  # (the base's own counts are 2 + subdirectories)
+                subdirectories = sum(1 for _, _, kind in self.listdir(ino) if kind == stat.S_IFDIR)
+                assert node.attrs.nlink == 2 + subdirectories, f"directory {ino}: link count {node.attrs.nlink}"
 
     # -- walking ----------------------------------------------------------------
 
@@ -721,6 +709,10 @@ class Namespace:
     def reset(self, path: str, force: bool = False) -> Invalidation:
         """Throw away the changes at ``path`` (``/`` for everything)."""
         return resetting.reset(self, path, force)
+
+    def reset_in_slices(self, path: str, force: bool, result: Invalidation) -> Generator[None, None, None]:
+        """`reset` as a job that yields between slices (`cowfs.slices`: FUSE requests go in between)."""
+        return resetting.reset_in_slices(self, path, force, result)
 
     def commit_done(self, path: str, token: list[int], new_identity: dict[str, int]) -> Invalidation:
         """The CLI wrote the changes of ``path`` into its base: adopt that as the new base."""

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Generator
 from typing import TYPE_CHECKING
 
 from ..base import BasePath
 from ..overlay import BaseIdentity
+from ..slices import Slices
 from .model import ROOT_INO, WHITEOUT, Invalidation, Node, Place, Refused
 
 if TYPE_CHECKING:
@@ -100,34 +102,116 @@ def _drop_unheld(ns: Namespace, directory: Node, node: Node | None) -> None:
 
 
 def reset(ns: Namespace, path: str, force: bool = False) -> Invalidation:
-    """Throw away the changes at ``path`` (``/`` for everything)."""
+    """Throw away the changes at ``path`` (``/`` for everything), all at once."""
     result = Invalidation()
+    for _ in reset_in_slices(ns, path, force, result):
+        pass
+    return result
+
+
+def reset_in_slices(
+    ns: Namespace, path: str, force: bool, result: Invalidation, slices: Slices | None = None
+) -> Generator[None, None, None]:
+    """`reset`, as a job that yields after each slice (`cowfs.slices`) so that the caller
+    can serve FUSE requests in between; the namespace is consistent at every yield.
+
+    It first walks the changed names under ``path`` (refusing, before it changes anything,
+    if a file there is open and not ``force``), then resets them deepest first, a slice at a
+    time, and last the name ``path`` itself, which resets whatever is still changed below it:
+    so everything under ``path`` when the reset ends is reset, changes made by FUSE requests
+    served while it ran included.  A program looking at ``path`` meanwhile sees part of it
+    reset already; a file opened there meanwhile is reset as with ``force``."""
+    slices = slices or Slices()
     place = resolve(ns, path)
     if place is None:
         root = ns.nodes[ROOT_INO]
-        _check_not_open(ns.names.subtree(root, include_self=False), path, force)
+        everything = yield from _changed_below(ns, root, path, force, slices)
+        yield from _reset_each(ns, everything, result, slices)
         _reset_directory_entries(ns, root, result)
         root.attrs = root.xattrs = None
-        for held in [node for node in ns.table if node.held_by_base_names]:
-            _revert(ns, held, result)
+        for node in list(ns.table):
+            if node.held_by_base_names:
+                _revert(ns, node, result)
+            if slices.used_up():
+                yield
         result.inodes.add(ROOT_INO)
-        return result
+        return
     moved = _moved_away(ns, place.parent, place.name, place.node)
     if place.name not in place.parent.entries and moved is None:
         if place.node is None:
             raise Refused(f"{path}: no such file in the mount")
         raise Refused(f"{path}: not changed in the mount, nothing to reset")
-    involved = []
+    below: list[tuple[int, bytes]] = []
     if place.node is not None and place.parent.entries.get(place.name) == place.node.ino:
-        involved = ns.names.subtree(place.node, include_self=True)
+        _check_not_open([place.node], path, force)
+        below += yield from _changed_below(ns, place.node, path, force, slices)
     if moved is not None:
-        involved += ns.names.subtree(moved, include_self=True)
-    _check_not_open(involved, path, force)
-    _reset_name(ns, place.parent, place.name, result)
-    if moved is not None:
-        _reset_name(ns, ns.nodes[moved.parent], moved.name, result)
+        _check_not_open([moved], path, force)
+        below += yield from _changed_below(ns, moved, path, force, slices)
+    yield from _reset_each(ns, below, result, slices)
+    # The place may have changed while FUSE requests were served: find it again.
+    place = resolve(ns, path)
+    if place is not None:
+        moved = _moved_away(ns, place.parent, place.name, place.node)
+        _reset_name(ns, place.parent, place.name, result)
+        if moved is not None and moved.pinned:
+            _reset_name(ns, ns.nodes[moved.parent], moved.name, result)
     result.paths.append(path)
-    return result
+
+
+def _changed_below(
+    ns: Namespace, directory: Node, path: str, force: bool, slices: Slices
+) -> Generator[None, None, list[tuple[int, bytes]]]:
+    """The entries (directory ino, name) below ``directory``, deepest first; refuses if a
+    file there is open (and not ``force``)."""
+    found: list[tuple[int, bytes]] = []
+    open_nodes: list[Node] = []
+    stack = [directory.ino]
+    while stack:
+        parent = ns.nodes.get(stack.pop())
+        if parent is None:
+            continue
+        for name, ino in list(parent.entries.items()):
+            found.append((parent.ino, name))
+            child = ns.nodes.get(ino)
+            if child is not None:
+                if child.is_dir:
+                    stack.append(child.ino)
+                elif child.opens:
+                    open_nodes.append(child)
+            if slices.used_up():
+                yield
+    _check_not_open(open_nodes, path, force)
+    found.reverse()  # a directory's entries before the directory's own
+    return found
+
+
+def _reset_each(
+    ns: Namespace, entries: list[tuple[int, bytes]], result: Invalidation, slices: Slices
+) -> Generator[None, None, None]:
+    # A directory's entries come together: one look at its base tells whether any of its names
+    # can be a base directory (whose link count a reset must follow), instead of one per name.
+    last_parent, base_is_dir = None, None
+    for parent_ino, name in entries:
+        parent = ns.nodes.get(parent_ino)
+        if parent is not None and name in parent.entries:
+            if parent is not last_parent:
+                last_parent, base_is_dir = parent, _base_may_have_subdirectories(ns, parent)
+            _reset_name(ns, parent, name, result, base_is_dir)
+        if slices.used_up():
+            yield
+            last_parent = None  # the base may have changed meanwhile
+
+
+def _base_may_have_subdirectories(ns: Namespace, directory: Node) -> bool | None:
+    """False if the base directory behind ``directory`` has none (its link count is 2 on the
+    filesystems that count subdirectories), else None: unknown, look name by name."""
+    if directory.base_path is None:
+        return False
+    try:
+        return False if ns.base.lstat(directory.base_path).st_nlink == 2 else None
+    except OSError:
+        return None
 
 
 def _moved_away(ns: Namespace, parent: Node, name: bytes, shown: Node | None) -> Node | None:
@@ -152,21 +236,16 @@ def _check_not_open(nodes: list[Node], path: str, force: bool) -> None:
         )
 
 
-def _reset_name(ns: Namespace, parent: Node, name: bytes, result: Invalidation, recount: bool = True) -> None:
-    """Make ``name`` in ``parent`` show the base again; revert what was there.  ``recount``:
-    the directory's link count follows (a caller resetting many names recounts once)."""
+def _reset_name(
+    ns: Namespace, parent: Node, name: bytes, result: Invalidation, base_is_dir: bool | None = None
+) -> None:
+    """Make ``name`` in ``parent`` show the base again; revert what was there.  ``base_is_dir``:
+    whether the base has a directory there, if the caller knows."""
     ino = parent.entries.get(name)
-    ns.names.unlist(parent, name)
+    ns.names.unlist(parent, name, base_is_dir)
     result.entries.add((parent.ino, name))
-    if ino is None:
-        return
-    # A whiteout, or a file put over it (rename, RENAME_EXCHANGE), may hide a base directory.
-    may_be_dir = ino == WHITEOUT or ns.nodes[ino].is_dir or _base_is_directory(ns, parent, name)
-    try:
+    if ino is not None:
         _reset_entry(ns, parent, name, ino, result)
-    finally:
-        if recount and may_be_dir:
-            _recount_subdirs(ns, parent)
 
 
 def _revive_displaced(ns: Namespace, parent: Node, name: bytes, result: Invalidation) -> None:
@@ -204,8 +283,6 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
             ns.names.unlist(directory, other_name)
             result.entries.add((other_parent, other_name))
             _revive_displaced(ns, directory, other_name, result)
-            if _base_is_directory(ns, directory, other_name):
-                _recount_subdirs(ns, directory)
     _revert(ns, node, result)
     # A base node moved here goes back to its base name: drop the whiteout there.
     if node.base_path is not None and node.base_path != (
@@ -214,9 +291,8 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
         origin = _directory_at_base_path(ns, node.base_path[:-1])
         there = None if origin is None else origin.entries.get(node.base_path[-1])
         if origin is not None and there == WHITEOUT:
-            ns.names.unlist(origin, node.base_path[-1])
+            ns.names.unlist(origin, node.base_path[-1], base_is_dir=node.is_dir)  # the base has this node there
             result.entries.add((origin.ino, node.base_path[-1]))
-            _recount_subdirs(ns, origin)
         elif origin is not None and there is not None and there != node.ino:
             # Something else was put at its base name (RENAME_EXCHANGE): that goes back too,
             # or the base name would show two objects.
@@ -226,22 +302,6 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
     moved = _moved_away(ns, parent, name, None)
     if moved is not None:
         _reset_name(ns, ns.nodes[moved.parent], moved.name, result)
-
-
-def _base_is_directory(ns: Namespace, parent: Node, name: bytes) -> bool:
-    if parent.base_path is None:
-        return False
-    try:
-        return stat.S_ISDIR(ns.base.lstat(parent.base_path + (name,)).st_mode)
-    except OSError:
-        return False
-
-
-def _recount_subdirs(ns: Namespace, directory: Node) -> None:
-    """Recount a copied-up directory's link count (after a reset changed its listing)."""
-    if directory.attrs is not None:
-        subdirectories = sum(1 for _, _, kind in ns.listdir(directory.ino) if kind == stat.S_IFDIR)
-        ns.names.recount_subdirs(directory, subdirectories)
 
 
 def _directory_at_base_path(ns: Namespace, base_path: BasePath) -> Node | None:
@@ -254,8 +314,7 @@ def _directory_at_base_path(ns: Namespace, base_path: BasePath) -> Node | None:
 
 def _reset_directory_entries(ns: Namespace, directory: Node, result: Invalidation) -> None:
     for name in list(directory.entries):
-        _reset_name(ns, directory, name, result, recount=False)
-    _recount_subdirs(ns, directory)
+        _reset_name(ns, directory, name, result)
 
 
 def _revert(ns: Namespace, node: Node, result: Invalidation) -> None:
@@ -310,16 +369,31 @@ def commit_done(ns: Namespace, path: str, token: list[int], new_identity: dict[s
 
 
 def _adopt(ns: Namespace, node: Node, result: Invalidation) -> None:
-    """The base now holds this node's changes: show the base again."""
+    """The base now holds this node's bytes: show the base again -- but for a mode, owner or
+    extended attributes changed in the mount, which commit does not write: those stay changes
+    of the mount, over the new base's bytes."""
+    assert node.data is not None and node.base_path is not None
+    result.inodes.add(node.ino)
+    node.last_seen_base = None
+    node.data.close()
+    node.data = None
+    if _metadata_changed(ns, node):
+        ns._open_data(node)
+        return
     result.entries.update(node.links)
     ns.names.unlist_all(node)
     node.attrs = node.xattrs = None
-    node.last_seen_base = None
-    result.inodes.add(node.ino)
-    if node.data is not None:
-        node.data.close()
-        node.data = None
     ns.table.maybe_drop(node)
+
+
+def _metadata_changed(ns: Namespace, node: Node) -> bool:
+    assert node.base_path is not None
+    if node.attrs is None:
+        return False
+    base = ns._attrs_from_base(ns.base.lstat(node.base_path))
+    if (node.attrs.mode, node.attrs.uid, node.attrs.gid) != (base.mode, base.uid, base.gid):
+        return True
+    return node.xattrs is not None and node.xattrs != ns.base.xattrs(node.base_path)
 
 
 def refuse_extra_links(node: Node, path: str) -> None:

@@ -108,7 +108,8 @@ def test_status_lists_every_change_as_json_and_as_a_table(images: Path, mount_fa
         f"store  {report['store_dir']}: 1.0 MiB written, {table[2].split('written, ')[1]}",
     ]
     assert table[3].startswith("kernel fallocate")  # which kernel features this pyfuse3 gives
-    rows = [line.split() for line in table[5:]]
+    assert table[4].startswith("reads  compiled: ")  # which read path runs
+    rows = [line.split() for line in table[6:]]
     assert rows[0] == ["STATE", "WRITTEN", "EXTENTS", "SIZE", "PATH"]
     assert ["renamed", "0", "B", "0", "6", "B", "/b.txt", "(from", "/a.txt)"] in rows
     assert ["modified", "1.0", "MiB", "2", "64.0", "MiB", "/disk.raw"] in rows

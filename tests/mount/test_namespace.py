@@ -20,6 +20,7 @@ import cowfs
 
 from ..conftest import MountFactory
 from ..helpers import (
+    COWFS,
     SOAK,
     CommandLineMount,
     local_copy,
@@ -31,6 +32,7 @@ from ..helpers import (
     tree_snapshot,
     wait_until,
 )
+from ..reset_oracle import Tree, base_home, expected_after_reset, view_of
 
 MiB = 1 << 20
 NODE_COUNT_XATTR = "user.cowfs.nodes"
@@ -529,3 +531,136 @@ def test_no_node_leak_in_a_long_create_delete_loop(base_dir: Path, mount_factory
     # With the kernel's caches dropped, only changed nodes stay: the root, dir (it changed) and nothing else.
     assert wait_until(lambda: node_count(m) <= 2, timeout=5), node_count(m)
     assert sorted(os.listdir(work)) == sorted(f"base{i}.img" for i in range(20))
+
+
+# -- reset against its specification ------------------------------------------------------
+
+
+def make_reset_tree(root: Path) -> None:
+    """A base tree without hard links (the reset oracle names base objects by inode)."""
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "disk.img").write_bytes(b"disk" * 100)
+    (root / "dir" / "inner.img").write_bytes(b"inner")
+    (root / "dir" / "sub" / "deep.img").write_bytes(b"deep")
+    (root / "empty").mkdir()
+    (root / "link").symlink_to("disk.img")
+
+
+def oracle_tree(root: Path, base: bool = False) -> Tree:
+    """The tree under ``root`` as the reset oracle reads it; ``base``: as the mount shows a
+    base (owner-write added to files and directories, base inode numbers)."""
+    tree: Tree = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st_ = path.lstat()
+            mode: int | None = st_.st_mode
+            detail: object = None
+            if stat.S_ISREG(st_.st_mode):
+                detail = read_base(path) if base else path.read_bytes()
+            elif stat.S_ISLNK(st_.st_mode):
+                detail, mode = os.readlink(path).encode(), None
+            elif stat.S_ISCHR(st_.st_mode) or stat.S_ISBLK(st_.st_mode):
+                detail = st_.st_rdev
+            if base and mode is not None and (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                mode |= stat.S_IWUSR
+            size = None if stat.S_ISDIR(st_.st_mode) else st_.st_size
+            key = tuple(os.fsencode(part) for part in path.relative_to(root).parts)
+            tree[key] = (mode, size, st_.st_nlink, detail, st_.st_ino)
+    return tree
+
+
+reset_targets = st.sampled_from(
+    ["disk.img", "dir", "dir/inner.img", "dir/sub", "dir/sub/deep.img", "empty", "link", "new", "dir/new", "new/x"]
+)
+
+
+@pytest.mark.timeout(3600 if SOAK else 600)
+@pytest.mark.base_may_change  # each example adds a fresh tree to the base; the test checks each one itself
+def test_random_changes_then_a_reset_give_what_the_reset_specification_says(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
+    """Random changes, with the kernel holding an inode whose name the changes may delete or
+    replace (an O_PATH descriptor: a lookup, no open) and its caches dropped (drop_caches: it
+    forgets what it can), then `cowfs reset` of one name: the whole tree is what the reset
+    oracle says, a refused reset changes nothing, and the held inode still answers.  (But for
+    the size of a regular file the kernel held: see the known problem below.)"""
+    m = mount_factory(base_dir)
+    template = tmp_path / "template"
+    template.mkdir()
+    make_reset_tree(template)
+    examples: list[str] = []
+
+    @settings(
+        max_examples=300 if SOAK else 30,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(
+        st.lists(operations, max_size=40 if SOAK else 20),
+        rel_paths,
+        st.sampled_from([None, None, 2, 3]),
+        reset_targets,
+        st.booleans(),
+    )
+    def run_sequence(ops: list[Operation], held: str, drop: int | None, target: str, force: bool) -> None:
+        name = f"ex{len(examples)}"
+        examples.append(name)
+        run(["cp", "-a", str(template), str(base_dir / name)])
+        base_print = tree_fingerprint(base_dir / name)
+        assert wait_until(lambda: (m.path / name).exists(), timeout=5)
+        mounted = m.path / name
+        held_fd = None
+        with contextlib.suppress(OSError):
+            held_fd = os.open(mounted / held, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            for op in ops:
+                apply(mounted, op)
+            if drop is not None:
+                Path("/proc/sys/vm/drop_caches").write_text(f"{drop}\n")
+            key = tuple(os.fsencode(part) for part in target.split("/"))
+            before = oracle_tree(mounted)
+            if any(before.get(key[:i], (0,))[0] is None for i in range(1, len(key))):
+                return  # a symlink on the way: the CLI would resolve it
+            base = oracle_tree(base_dir / name, base=True)
+            result = run([COWFS, "reset", *(["--force"] if force else []), str(mounted / target)], check=False)
+            after = oracle_tree(mounted)
+            if result.returncode != 0:
+                assert view_of(after) == view_of(before), result.stderr
+            else:
+                expected = expected_after_reset(before, base, key, base_home(before, base, key))
+                if held_fd is not None and stat.S_ISREG(os.fstat(held_fd).st_mode):
+                    for tree in (after, expected):  # the kernel owns that size: a known problem
+                        for path, value in tree.items():
+                            if value[-1] == os.fstat(held_fd).st_ino:
+                                tree[path] = (value[0], None, None, None, value[-1])
+                assert view_of(after) == view_of(expected), (target, result.stderr)
+        finally:
+            if held_fd is not None:
+                os.fstat(held_fd)  # the inode the kernel held still answers
+                os.close(held_fd)
+        assert tree_fingerprint(base_dir / name) == base_print, f"base tree {name} changed"
+
+    run_sequence()
+    assert m.daemon_alive()
+
+
+@pytest.mark.xfail(strict=True, reason="known problem: the kernel owns the size of a file it holds (writeback cache)")
+def test_a_reset_shows_the_base_size_of_a_file_the_kernel_holds(base_dir: Path, mount_factory: MountFactory) -> None:
+    """With the writeback cache the kernel keeps its own size of a regular file for as long as
+    it holds the inode (here an O_PATH descriptor; a cwd or a --force'd handle do the same), and
+    no notification lets a server shrink it: after a reset, the name shows the base's bytes
+    with the size the file had before.  Found by the reset oracle test; not fixed yet (it
+    needs the reset name to get a new inode number while the kernel holds the old one)."""
+    (base_dir / "disk.img").write_bytes(b"disk" * 100)
+    m = mount_factory(base_dir)
+    held = os.open(m.path / "disk.img", os.O_PATH)
+    try:
+        fd = os.open(m.path / "disk.img", os.O_WRONLY | os.O_TRUNC)
+        os.write(fd, b"x")
+        os.close(fd)
+        run([COWFS, "reset", str(m.path / "disk.img")])
+        assert (m.path / "disk.img").read_bytes() == b"disk" * 100
+    finally:
+        os.close(held)

@@ -228,7 +228,7 @@ def test_an_unexpected_error_in_a_control_handler_is_an_error_reply_and_a_logged
     def broken(namespace: Namespace) -> object:
         raise AssertionError("invariant broken")
 
-    monkeypatch.setattr(changes, "status", broken)
+    monkeypatch.setattr(changes, "status_in_slices", broken)
     with caplog.at_level(logging.ERROR):
         reply = _control(fs, {"op": "status"})
     assert reply == {"ok": False, "error": "internal error in the cowfs daemon (AssertionError); see its log"}

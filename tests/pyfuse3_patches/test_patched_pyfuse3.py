@@ -21,7 +21,7 @@ import pyfuse3
 import pytest
 
 from ..helpers import force_unmount, is_mounted, wait_until
-from .tinyfs import FALLOCATE_ENOSPC_FROM, FILE_SIZE
+from .tinyfs import FALLOCATE_ENOSPC_FROM, FILE_SIZE, FILTERED_BYTE, FILTERED_FROM
 
 TINYFS = Path(__file__).with_name("tinyfs.py")
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -48,7 +48,9 @@ def require_patch(has_feature: bool, what: str) -> None:
 class TinyMount:
     """tinyfs.py mounted on ``path``; ``events()`` are what its handlers saw."""
 
-    def __init__(self, path: Path, events_path: Path, extra_init_flags: int, default_handlers: bool) -> None:
+    def __init__(
+        self, path: Path, events_path: Path, extra_init_flags: int, default_handlers: bool, request_filter: bool
+    ) -> None:
         self.path = path
         self.events_path = events_path
         self.stderr_path = events_path.with_suffix(".stderr")
@@ -57,6 +59,8 @@ class TinyMount:
             self.argv += ["--extra-init-flags", hex(extra_init_flags)]
         if default_handlers:
             self.argv.append("--default-handlers")
+        if request_filter:
+            self.argv.append("--filter")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -85,22 +89,23 @@ class TinyMount:
         return self.stderr_path.read_text(errors="replace")
 
     def stop(self) -> list[str]:
-        """Unmount and wait for the daemon; return what went wrong."""
-        problems = []
-        process = self.process
-        if process is not None and process.poll() is not None:
+        """Unmount and wait for the daemon; return what went wrong (once: then nothing)."""
+        problems: list[str] = []
+        process, self.process = self.process, None
+        if process is None:
+            return problems
+        if process.poll() is not None:
             problems.append(f"tinyfs died during the test (exit {process.returncode})")
         if is_mounted(self.path):
             subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True, check=False)
-        if process is not None:
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                problems.append("tinyfs did not exit after unmount")
-            if process.returncode != 0 and not problems:
-                problems.append(f"tinyfs exited with {process.returncode}")
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            problems.append("tinyfs did not exit after unmount")
+        if process.returncode != 0 and not problems:
+            problems.append(f"tinyfs exited with {process.returncode}")
         force_unmount(self.path)
         problems += [line for line in self.stderr().splitlines() if "Traceback" in line or "ERROR" in line]
         return problems
@@ -113,10 +118,12 @@ TinyMountFactory = Callable[..., TinyMount]
 def tiny_mount(tmp_path: Path) -> Iterator[TinyMountFactory]:
     started: list[TinyMount] = []
 
-    def start(extra_init_flags: int = 0, default_handlers: bool = False) -> TinyMount:
+    def start(extra_init_flags: int = 0, default_handlers: bool = False, request_filter: bool = False) -> TinyMount:
         path = tmp_path / f"mnt{len(started)}"
         path.mkdir()
-        mount = TinyMount(path, tmp_path / f"events{len(started)}.jsonl", extra_init_flags, default_handlers)
+        mount = TinyMount(
+            path, tmp_path / f"events{len(started)}.jsonl", extra_init_flags, default_handlers, request_filter
+        )
         started.append(mount)
         mount.start()
         return mount
@@ -246,3 +253,53 @@ def test_killpriv_v2_through_extra_init_flags_stops_the_capability_probe(tiny_mo
     # The first write still probes once: only then does the kernel latch S_NOSEC on the inode
     assert killpriv_first <= 1
     assert killpriv_probes == 0, f"with FUSE_HANDLE_KILLPRIV_V2, {WRITES} writes still caused {killpriv_probes} probes"
+
+
+def direct_reads(path: Path, offsets: list[int], length: int = 4096) -> list[bytes]:
+    """Read with O_DIRECT, so that each read(2) is one READ request of exactly that range."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buffer = bytearray(length)
+        found = []
+        for offset in offsets:
+            count = os.preadv(fd, [memoryview(buffer)], offset)
+            found.append(bytes(buffer[:count]))
+        return found
+    finally:
+        os.close(fd)
+
+
+def test_request_filter_answers_reads_itself_and_passes_the_rest(tiny_mount: TinyMountFactory) -> None:
+    require_patch(hasattr(pyfuse3, "set_request_filter"), "request filters")
+    mount = tiny_mount(request_filter=True)
+    fd = os.open(mount.file, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"P" * FILE_SIZE, 0)
+        os.fsync(fd)  # the handlers hold these bytes now
+    finally:
+        os.close(fd)
+    offsets = [0, 4096, FILTERED_FROM, FILE_SIZE - 4096]
+    found = direct_reads(mount.file, offsets)
+    assert found[:2] == [b"P" * 4096] * 2, "reads before FILTERED_FROM reach the read handler"
+    assert found[2:] == [FILTERED_BYTE * 4096] * 2, "reads from FILTERED_FROM on are the filter's answers"
+    answered = mount.events("filter_read")
+    assert [(event["offset"], event["length"]) for event in answered] == [
+        (FILTERED_FROM, 4096),
+        (FILE_SIZE - 4096, 4096),
+    ]
+    assert {event["thread"] for event in answered} != {"MainThread"}, "the filter runs on a thread of its own"
+    replied = {event["unique"] for event in mount.events("replied")}
+    passed_writes = {event["unique"] for event in mount.events("filter_passed_write")}
+    assert passed_writes and passed_writes <= replied, "the filter hears of the reply to every request it passed"
+    assert not mount.stop()
+    assert mount.events("filter_stop") == [{"op": "filter_stop"}], "close() stops the filter once"
+
+
+def test_request_filter_keeps_extra_init_flags(tiny_mount: TinyMountFactory) -> None:
+    """INIT goes to libfuse past the filter, and the INIT reply still gets the extra flags."""
+    require_patch(hasattr(pyfuse3, "set_request_filter"), "request filters")
+    mount = tiny_mount(FUSE_HANDLE_KILLPRIV_V2, request_filter=True)
+    negotiated = mount.init_event()
+    assert negotiated is not None and negotiated["granted"] == FUSE_HANDLE_KILLPRIV_V2
+    _, probes = capability_probes_during_writes(mount)
+    assert probes == 0

@@ -1,22 +1,28 @@
 """A one-file pyfuse3 filesystem that records what reaches its handlers.
 
-Usage: tinyfs.py MOUNTPOINT EVENTS [--extra-init-flags N] [--default-handlers]
+Usage: tinyfs.py MOUNTPOINT EVENTS [--extra-init-flags N] [--default-handlers] [--filter]
 
 The root directory holds one regular file, ``file``, of FILE_SIZE bytes kept in
 memory. Every fallocate, lseek and getxattr request and the INIT negotiation
 are appended as JSON lines to EVENTS, so a test can check what the kernel sent.
 The lseek handler answers from a fixed layout: data in DATA_RANGES, holes
 elsewhere. With --default-handlers, fallocate and lseek are pyfuse3's
-defaults (ENOSYS). The script runs until the filesystem is unmounted.
+defaults (ENOSYS). With --filter, a request filter (pyfuse3.set_request_filter)
+answers the READs at or after FILTERED_FROM itself with FILTERED_BYTE and
+records what it passed on and which replies it heard of. The script runs
+until the filesystem is unmounted.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import json
 import os
 import stat
+import struct
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +35,9 @@ FILE_SIZE = 16384
 DATA_RANGES = ((0, 4096), (8192, 12288))
 # fallocate at or beyond this offset fails, to show that a FUSEError becomes the errno
 FALLOCATE_ENOSPC_FROM = 1 << 30
+# With --filter: READs from here on are answered by the filter, with this byte
+FILTERED_FROM = FILE_SIZE // 2
+FILTERED_BYTE = b"F"
 
 
 class TinyFS(pyfuse3.Operations):
@@ -143,17 +152,80 @@ class TinyFSWithDefaultHandlers(TinyFS):
     lseek = pyfuse3.Operations.lseek
 
 
+# linux/fuse.h
+_IN_HEADER = struct.Struct("<IIQQIIII")  # len, opcode, unique, nodeid, uid, gid, pid, padding
+_READ_IN = struct.Struct("<QQII")  # fh, offset, size, read_flags (the rest is not needed)
+_OUT_HEADER = struct.Struct("<IiQ")  # len, error, unique
+FUSE_READ, FUSE_WRITE = 15, 16
+
+_FILTER_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
+_REPLIED_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint64)
+_STOP_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+
+class _FilterStruct(ctypes.Structure):
+    _fields_ = [
+        ("version", ctypes.c_uint),
+        ("data", ctypes.c_void_p),
+        ("filter", _FILTER_FN),
+        ("replied", _REPLIED_FN),
+        ("stop", _STOP_FN),
+    ]
+
+
+class ReadFilter:
+    """A request filter in Python through ctypes (its callbacks take the GIL, which a
+    real filter would not): it answers READs at or after FILTERED_FROM, passes the rest
+    on, and records the WRITEs it passed, the replies it heard of and its stop."""
+
+    CAPSULE_NAME = b"pyfuse3.request_filter"
+
+    def __init__(self, fs: TinyFS) -> None:
+        self.fs = fs
+        self.callbacks = (_FILTER_FN(self.filter), _REPLIED_FN(self.replied), _STOP_FN(self.stop))
+        self.struct = _FilterStruct(1, None, *self.callbacks)
+        new_capsule = ctypes.pythonapi.PyCapsule_New
+        new_capsule.restype = ctypes.py_object
+        new_capsule.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+        self.capsule = new_capsule(ctypes.addressof(self.struct), self.CAPSULE_NAME, None)
+
+    def filter(self, data: int | None, fd: int, request: int, size: int) -> int:
+        header = ctypes.string_at(request, size)
+        _, opcode, unique, *_ = _IN_HEADER.unpack_from(header)
+        if opcode == FUSE_WRITE:
+            self.fs.record("filter_passed_write", unique=unique)
+        if opcode != FUSE_READ:
+            return 0
+        _, offset, length, _ = _READ_IN.unpack_from(header, _IN_HEADER.size)
+        if offset < FILTERED_FROM:
+            return 0
+        reply = FILTERED_BYTE * max(0, min(length, FILE_SIZE - offset))
+        os.write(fd, _OUT_HEADER.pack(_OUT_HEADER.size + len(reply), 0, unique) + reply)
+        self.fs.record("filter_read", offset=offset, length=length, thread=threading.current_thread().name)
+        return 1
+
+    def replied(self, data: int | None, unique: int) -> None:
+        self.fs.record("replied", unique=unique)
+
+    def stop(self, data: int | None) -> None:
+        self.fs.record("filter_stop")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("mountpoint")
     parser.add_argument("events")
     parser.add_argument("--extra-init-flags", type=lambda text: int(text, 0), default=0)
     parser.add_argument("--default-handlers", action="store_true")
+    parser.add_argument("--filter", action="store_true")
     args = parser.parse_args(argv)
     fs_class = TinyFSWithDefaultHandlers if args.default_handlers else TinyFS
     fs = fs_class(args.events, args.extra_init_flags)
     options = set(pyfuse3.default_options) | {"fsname=tinyfs"}
     pyfuse3.init(fs, args.mountpoint, options)
+    if args.filter:
+        read_filter = ReadFilter(fs)
+        getattr(pyfuse3, "set_request_filter")(read_filter.capsule)  # noqa: B009 (absent from stock stubs)
     try:
         trio.run(pyfuse3.main)
     finally:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import json
 import stat
 from pathlib import Path
 
 import pytest
 
 from cowfs.cli import split_run_command, with_mount_command
+from cowfs.control_cli import print_json
 from cowfs.mounts import parse_mountinfo_line
 from cowfs.run import _make_mountpoint, _temporary_parent
 from cowfs.units import format_size, parse_size
@@ -137,3 +140,17 @@ def test_run_mountpoint_is_private(tmp_path: Path) -> None:
     assert mountpoint.parent == tmp_path and mountpoint.name.startswith("cowfs-run-")
     assert stat.S_IMODE(mountpoint.stat().st_mode) == 0o700
     assert _make_mountpoint(tmp_path) != mountpoint
+
+
+def test_json_output_puts_each_item_of_a_long_list_on_a_line_and_stays_the_same_json() -> None:
+    short = {"mountpoint": "/m", "changes": [{"path": "/a", "size": None}], "features": []}
+    out = io.StringIO()
+    print_json(short, out)
+    assert out.getvalue() == json.dumps(short, indent=2) + "\n"  # as before
+    long = short | {"changes": [{"path": f"/\0cowfs:changes\0{n}", "size": n} for n in range(1000)]}
+    out = io.StringIO()
+    print_json(long, out)
+    lines = out.getvalue().splitlines()
+    assert json.loads(out.getvalue()) == long
+    assert lines[2:4] == ['  "changes": [', '    {"path": "/\\u0000cowfs:changes\\u00000", "size": 0},']
+    assert len(lines) == 1000 + 6

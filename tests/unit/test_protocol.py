@@ -72,3 +72,21 @@ def test_a_reply_cut_short_or_broken_is_a_protocol_error() -> None:
         _reader([b'{"ok": true, "result": {"paths": []}, "more": {"paths": -1}}\n'])
     with pytest.raises(ProtocolError, match="announces"):
         _reader([b'{"ok": true, "result": {}, "more": {"paths": 3}}\n'])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"size": True}, "field 'size' must be int or NoneType, not bool"),
+        ({"extents": None}, "field 'extents' must be int, not NoneType"),
+        ({"path": 7}, "field 'path' must be str, not int"),
+        ({"state": "gone"}, "unknown change state 'gone'"),
+    ],
+)
+def test_a_change_with_a_wrong_field_is_a_protocol_error(change: dict[str, object], message: str) -> None:
+    record = vars(_change(1)) | change
+    with pytest.raises(ProtocolError) as error:
+        FileChange.from_wire(record)
+    assert str(error.value) == message
+    with pytest.raises(ProtocolError, match="field 'open_handles' must be int, not NoneType"):
+        FileChange.from_wire({key: value for key, value in vars(_change(1)).items() if key != "open_handles"})

@@ -6,12 +6,34 @@ that every byte keeps its store offset through adds and removals."""
 
 from __future__ import annotations
 
+import doctest
+from typing import Any
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cowfs.rangemap import BUCKET_SIZE, ZEROS, RangeMap
+from cowfs import rangemap, readpath
+from cowfs.rangemap import BUCKET_SIZE, ZEROS
 
 from ..helpers import SOAK
+
+# The Python reference and the compiled map (chosen at import when built) pass the same tests.
+IMPLEMENTATIONS = [pytest.param(rangemap.RangeMap, id="python")]
+if readpath._native is not None:
+    IMPLEMENTATIONS.append(pytest.param(readpath._native.RangeMap, id="compiled"))
+
+
+def test_the_compiled_map_is_built() -> None:
+    """`make setup` builds it; without it the tests below check the Python map only."""
+    if readpath._native is None:
+        pytest.fail(f"{readpath.NATIVE_MISSING}: run `make setup`", pytrace=False)
+    assert readpath.RangeMap is readpath._native.RangeMap
+
+
+@pytest.mark.parametrize("RangeMap", IMPLEMENTATIONS)
+def test_docstring_examples(RangeMap: Any) -> None:  # noqa: N803 (a class)
+    assert doctest.testmod(rangemap, extraglobs={"RangeMap": RangeMap}).failed == 0
 
 
 def _normalise(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -75,9 +97,14 @@ operations = st.lists(
 )
 
 
+@pytest.mark.parametrize("RangeMap", IMPLEMENTATIONS)
 @settings(max_examples=2000 if SOAK else 300, deadline=None)
 @given(operations, st.lists(st.tuples(offsets, st.integers(1, BUCKET_SIZE)), max_size=8))
-def test_rangemap_matches_model(ops: list[tuple[str, int, int]], queries: list[tuple[int, int]]) -> None:
+def test_rangemap_matches_model(
+    RangeMap: Any,  # noqa: N803 (a class)
+    ops: list[tuple[str, int, int]],
+    queries: list[tuple[int, int]],
+) -> None:
     subject = RangeMap()
     stored: list[tuple[int, int]] = []  # the model: ranges in the store, and ZEROS ranges
     zeros: list[tuple[int, int]] = []
@@ -139,7 +166,8 @@ def _without(model: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list
     return model
 
 
-def test_a_million_scattered_ranges_stay_compact() -> None:
+@pytest.mark.parametrize("RangeMap", IMPLEMENTATIONS)
+def test_a_million_scattered_ranges_stay_compact(RangeMap: Any) -> None:  # noqa: N803 (a class)
     """24 bytes a range (start, end, store offset), not a Python object each:
     the 1 TiB / 1M-writes promise rests on it."""
     import tracemalloc
@@ -155,9 +183,23 @@ def test_a_million_scattered_ranges_stay_compact() -> None:
     assert current < 48 * 1024 * 1024, f"{current} bytes for a million ranges"
 
 
-def _fresh_copy(subject: RangeMap) -> RangeMap:
+@pytest.mark.parametrize("RangeMap", IMPLEMENTATIONS)
+def test_refused_adds_and_huge_ranges(RangeMap: Any) -> None:  # noqa: N803 (a class)
+    subject = RangeMap()
+    subject.add(10, 20, 0)
+    with pytest.raises(ValueError):
+        subject.add(15, BUCKET_SIZE + 5, 100)
+    subject.check_invariants()
+    assert list(subject.extents()) == [(10, 20, 0)]
+    assert subject.add(5, 5, 7) == 0  # empty: nothing
+    assert list(subject.segments(0, 64 * BUCKET_SIZE))[-1] == (20, 64 * BUCKET_SIZE, None)
+    assert subject.remove(0, 1 << 62) == 10
+    assert not subject and len(subject) == 0
+
+
+def _fresh_copy(subject: Any) -> Any:
     """The same ranges in a map that shares nothing (the oracle for snapshots)."""
-    copy = RangeMap()
+    copy = type(subject)()
     for start, end, store in subject.extents():
         copy.add(start, end, store)
     return copy
@@ -178,9 +220,13 @@ snapshot_operations = st.lists(
 )
 
 
+@pytest.mark.parametrize("RangeMap", IMPLEMENTATIONS)
 @settings(max_examples=1000 if SOAK else 150, deadline=None)
 @given(snapshot_operations)
-def test_snapshots_share_buckets_and_never_see_each_others_changes(ops: list[tuple[str, int, int, int]]) -> None:
+def test_snapshots_share_buckets_and_never_see_each_others_changes(
+    RangeMap: Any,  # noqa: N803 (a class)
+    ops: list[tuple[str, int, int, int]],
+) -> None:
     """Maps and snapshots of snapshots, each changed on its own: every one holds exactly what an
     unshared map given the same changes holds, and they differ only inside their unshared spans."""
     maps, oracles = [RangeMap()], [RangeMap()]
@@ -218,7 +264,10 @@ def test_snapshots_share_buckets_and_never_see_each_others_changes(ops: list[tup
                 assert list(first.segments(start, end)) == list(second.segments(start, end))
 
 
-def test_a_snapshot_of_a_million_ranges_is_a_dict_of_buckets_and_a_write_copies_one_bucket() -> None:
+@pytest.mark.parametrize("RangeMap", IMPLEMENTATIONS)
+def test_a_snapshot_of_a_million_ranges_is_a_dict_of_buckets_and_a_write_copies_one_bucket(
+    RangeMap: Any,  # noqa: N803 (a class)
+) -> None:
     """The checkpoint promise: 1,000,000 scattered ranges over 1 TiB, a snapshot costs one reference
     per 64 MiB bucket (16,384), and a write afterwards copies only its own bucket."""
     import tracemalloc

@@ -1,0 +1,83 @@
+"""A reset of many changed names never freezes the mount (issue 22): the daemon resets in slices
+and serves FUSE requests in between, so a program using an untouched file of the mount waits at
+most `BOUND` behind it.  20,000 changed names in `make test`, 200,000 in `make soak`."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import MountFactory
+from ..helpers import COWFS, SOAK, run
+
+CHANGED = 200_000 if SOAK else 20_000
+BOUND = 0.25  # seconds a FUSE request may wait behind a control operation
+
+
+def _make_base(base: Path, files: int, directories: int) -> None:
+    (base / "many").mkdir()
+    for i in range(files):
+        os.close(os.open(base / "many" / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
+    for i in range(directories):
+        (base / "many" / f"d{i}").mkdir()
+    (base / "untouched").mkdir()
+    (base / "untouched" / "disk.raw").write_bytes(b"untouched")
+
+
+def _change(mounted: Path, created: int, files: int, directories: int) -> None:
+    """Created empty files (no store space), deleted base files and renamed base directories:
+    changes that hold no descriptor in the daemon, however many."""
+    (mounted / "new").mkdir()
+    for i in range(created):
+        os.close(os.open(mounted / "new" / f"c{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    for i in range(files):
+        os.unlink(mounted / "many" / f"f{i}")
+    for i in range(directories):
+        os.rename(mounted / "many" / f"d{i}", mounted / "many" / f"r{i}")
+
+
+class _Prober(threading.Thread):
+    """Sends the daemon one request after another on an untouched file (LISTXATTR reaches the
+    daemon every time: the kernel caches no extended attributes) and keeps the longest wait."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.stop = threading.Event()
+        self.longest = 0.0
+        self.requests = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            os.listxattr(self.path)
+            self.longest = max(self.longest, time.monotonic() - started)
+            self.requests += 1
+
+
+@pytest.mark.timeout(3600 if SOAK else 600)
+def test_a_reset_of_many_names_lets_requests_on_untouched_files_through(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
+    created, files, directories = CHANGED // 2, CHANGED // 4, CHANGED // 4
+    _make_base(base_dir, files, directories)
+    m = mount_factory(base_dir)
+    _change(m.path, created, files, directories)
+    assert len(os.listdir(m.path / "new")) == created
+    untouched = m.path / "untouched" / "disk.raw"
+    prober = _Prober(untouched)
+    prober.start()
+    try:
+        run([COWFS, "reset", str(m.path)])
+    finally:
+        prober.stop.set()
+        prober.join()
+    assert prober.requests > 10, "the prober got too few requests through to measure"
+    assert prober.longest <= BOUND, f"a request on an untouched file waited {prober.longest:.3f} s behind the reset"
+    assert sorted(os.listdir(m.path)) == ["many", "untouched"]
+    assert len(os.listdir(m.path / "many")) == files + directories
+    assert untouched.read_bytes() == b"untouched"
