@@ -38,7 +38,7 @@ def mount_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mo
         path.mkdir(exist_ok=True)
         fingerprint = tree_fingerprint(base)
         mount = CommandLineMount(base, path, tmp_path / f"daemon{index}.log", list(extra_args))
-        mount.traced = request.node.get_closest_marker("volume") is None
+        mount.traced = request.node.get_closest_marker("daemon_untraced") is None
         started.append((mount, fingerprint))
         mount.start()
         return mount

@@ -56,7 +56,7 @@ class CommandLineMount:
     extra_args: list[str] = field(default_factory=list)
     pid: int | None = None
     allowed_log_problems: list[str] = field(default_factory=list)
-    traced: bool = True  # under `make test`'s coverage; False for a daemon that only pushes volume
+    traced: bool = True  # under `make test`'s coverage; False where tracing would distort a measure
 
     def start(self) -> None:
         argv = [COWFS, "-v", "mount", "--log-file", str(self.log), *self.extra_args, str(self.base), str(self.path)]

@@ -36,7 +36,7 @@ def _descriptors(m: CommandLineMount) -> int:
     return len(os.listdir(f"/proc/{m.pid}/fd"))
 
 
-@pytest.mark.volume
+@pytest.mark.daemon_untraced
 def test_many_created_files_renames_and_deletes_with_few_descriptors(
     base_dir: Path, mount_factory: MountFactory
 ) -> None:
