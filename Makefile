@@ -14,7 +14,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -qq --disable-pip-version-check
 SYSTEM_PACKAGES := fuse3 libfuse3-dev pkg-config gcc patch python3-dev python3-venv \
 	qemu-system-x86 qemu-utils busybox-static e2fsprogs fio util-linux fdisk parted cpio attr \
-	python3-pyfuse3 python3-trio perl openssl nbdkit fuse2fs
+	python3-pyfuse3 python3-trio perl openssl nbdkit fuse2fs xfsprogs btrfs-progs
 PYTEST_ARGS ?=
 # make iotests: unpacking and patching the QEMU source package
 IOTESTS_PACKAGES := dpkg-dev patch xz-utils
@@ -24,7 +24,7 @@ IOTESTS_ARGS ?=
 # (see patches/pyfuse3/README.md); the local version label marks the build.
 PYFUSE3_VERSION := 3.5.0
 PYFUSE3_SHA256 := 88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.3
+PYFUSE3_BUILD_VERSION := $(PYFUSE3_VERSION)+cowfs.4
 PYFUSE3_PATCH_DIR := patches/pyfuse3
 PYFUSE3_PATCHES := $(addprefix $(PYFUSE3_PATCH_DIR)/,$(shell cat $(PYFUSE3_PATCH_DIR)/series))
 PYFUSE3_SDIST := build/pyfuse3/pyfuse3-$(PYFUSE3_VERSION).tar.gz

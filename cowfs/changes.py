@@ -22,8 +22,9 @@ import stat
 from collections.abc import Generator, Iterator
 
 from .base import BasePath
+from .clone import CloneFile, FileData
 from .namespace import Namespace, Node, Refused, change_token, identity_dict, refuse_extra_links
-from .overlay import BaseIdentity, OverlayFile
+from .overlay import BaseIdentity
 from .protocol import ChangeState, DiffReply, FileChange, Plan, StatusReply
 from .slices import Slices, run_whole
 
@@ -45,14 +46,14 @@ def base_path_text(parts: BasePath) -> str:
     return "/" + "/".join(os.fsdecode(part) for part in parts)
 
 
-def _data_summary(data: OverlayFile | None) -> tuple[int, int]:
+def _data_summary(data: FileData | None) -> tuple[int, int]:
     """(bytes written, changed extents) of a file's data."""
     if data is None:
         return 0, 0
     return data.written.total, len(changed_ranges(data))
 
 
-def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
+def changed_ranges(data: FileData) -> list[tuple[int, int]]:
     """Byte ranges of the view not read from the base at the same offset:
     the written and zeroed ranges plus the zeroed tail ``[base_limit, size)``."""
     ranges: list[tuple[int, int]] = []
@@ -95,13 +96,19 @@ def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Gene
         if slices.used_up():
             yield
     found.sort(key=lambda change: change.path)
-    return StatusReply(
-        str(namespace.base.path),
-        str(namespace.store.directory),
-        namespace.store.bytes_held,
-        namespace.store.disk_bytes(),
-        namespace.store.limit,
-        found,
+    return StatusReply(str(namespace.base.path), str(namespace.store.directory), *store_usage(namespace), found)
+
+
+def store_usage(namespace: Namespace) -> tuple[int, int, int | None]:
+    """(bytes held, bytes on disk, limit) of the mount's store: its logs, and in passthrough mode
+    the blocks that clones no longer share with their bases (each counted once, when they changed)."""
+    store = namespace.store
+    clones = [node.data for node in namespace.nodes.values() if isinstance(node.data, CloneFile)]
+    cloned = sum(clone.written.total for clone in clones)
+    return (
+        store.bytes_held + cloned,
+        store.disk_bytes() + sum(512 * clone.store_blocks() for clone in clones),
+        store.limit,
     )
 
 
@@ -219,7 +226,7 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
     )
 
 
-def _base_size(data: OverlayFile) -> int | None:
+def _base_size(data: FileData) -> int | None:
     """The size of what the view started from: the base file's, or a guest view's disk's."""
     guest_size: int | None = getattr(data, "guest_size", None)
     if guest_size is not None:
@@ -227,7 +234,7 @@ def _base_size(data: OverlayFile) -> int | None:
     return data.base_identity.size if data.base_identity is not None else None
 
 
-def _guest_format(data: OverlayFile) -> str | None:
+def _guest_format(data: FileData) -> str | None:
     """The image format of a guest view's base (cowfs.guest.GuestFile), None for a byte view."""
     return getattr(data, "guest_format", None)
 

@@ -163,6 +163,7 @@ class ControlServer:
         return iter([error_reply(message)])
 
     async def _dispatch(self, request: Request) -> object:
+        self.namespace.absorb_outside_writes()  # passthrough files change without telling us
         if isinstance(request, StatusRequest):
             return await self._status() if request.changes else self._summary()
         if isinstance(request, ResetRequest):
@@ -181,10 +182,11 @@ class ControlServer:
         return dataclasses.replace(reply, features=self._features(), requests=self._request_counts())
 
     def _summary(self) -> StatusReply:
-        """The status without the list of changes (`cowfs list`): costs nothing per change."""
-        store = self.namespace.store
+        """The status without the list of changes (`cowfs list`): costs nothing per change (but
+        for clones that changed since last asked)."""
+        namespace = self.namespace
         return StatusReply(
-            str(self.namespace.base.path), str(store.directory), store.bytes_held, store.disk_bytes(), store.limit, []
+            str(namespace.base.path), str(namespace.store.directory), *changes.store_usage(namespace), []
         )
 
     async def _reset(self, request: ResetRequest) -> ResetReply:

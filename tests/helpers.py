@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -16,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cowfs.clone import block_map
 from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
 from cowfs.mounts import open_pidfd, wait_for_exit
 
 COWFS = str(Path(sys.executable).parent / "cowfs")
+EXTENT_SHARED = 0x2000  # FIEMAP_EXTENT_SHARED: a block another file (the base) has too
 SOAK = bool(os.environ.get("COWFS_SOAK"))
 
 
@@ -57,6 +61,7 @@ class CommandLineMount:
     pid: int | None = None
     allowed_log_problems: list[str] = field(default_factory=list)
     traced: bool = True  # under `make test`'s coverage; False where tracing would distort a measure
+    expect_passthrough: bool = False  # a mount on XFS or btrfs with its store beside the base
 
     def start(self) -> None:
         argv = [COWFS, "-v", "mount", "--log-file", str(self.log), *self.extra_args, str(self.base), str(self.path)]
@@ -82,6 +87,18 @@ class CommandLineMount:
     def status(self) -> dict[str, Any]:
         return status_json(self.path)
 
+    def passthrough_problems(self) -> list[str]:
+        """Why the mount was not in passthrough mode, or reads and writes reached the daemon."""
+        status = self.status()
+        features = {feature["name"]: feature for feature in status["features"]}
+        passthrough = features.get("passthrough", {"enabled": False, "detail": "not reported"})
+        if not passthrough["enabled"]:
+            return [f"{self.path}: passthrough off ({passthrough['detail']})"]
+        requests = status["requests"]
+        if requests.get("read") or requests.get("write"):
+            return [f"{self.path}: {requests.get('read')} READ and {requests.get('write')} WRITE reached the daemon"]
+        return []
+
     def rss_kib(self, peak: bool = False) -> int:
         key = "VmHWM:" if peak else "VmRSS:"
         assert self.pid is not None
@@ -104,6 +121,24 @@ class CommandLineMount:
             if target.endswith("(deleted)"):
                 found.append((target, st, flags))
         return found
+
+    def store_bytes_on_disk(self) -> int:
+        """Bytes of disk that the daemon's store files take of their own: the blocks that a clone
+        (passthrough mode) still shares with its base do not count.  Written back first."""
+        assert self.pid is not None
+        held = 0
+        for fd_link in Path(f"/proc/{self.pid}/fd").iterdir():
+            try:
+                if not os.readlink(fd_link).endswith("(deleted)"):
+                    continue
+                fd = os.open(fd_link, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                held += sum(extent.length for extent in block_map(fd, sync=True) if not extent.flags & EXTENT_SHARED)
+            finally:
+                os.close(fd)
+        return held
 
     def log_problems(self) -> list[str]:
         if not self.log.exists():
@@ -160,6 +195,32 @@ def tree_fingerprint(root: Path) -> dict[str, tuple[object, ...]]:
     st = root.stat()
     result["."] = (st.st_mode, st.st_mtime_ns)
     return result
+
+
+_FS_IOC_FIEMAP = 0xC020660B  # linux/fs.h: _IOWR('f', 11, struct fiemap)
+_FIEMAP_HEADER = struct.Struct("=QQLLLL")  # start, length, flags, mapped extents, extent count, reserved
+_FIEMAP_EXTENT = struct.Struct("=QQQQQLLLL")  # logical, physical, length, 2 reserved, flags, 3 reserved
+
+
+def allocated_bytes(fd: int) -> int:
+    """Bytes of a file that its filesystem has blocks for, written or only allocated (FIEMAP):
+    unlike st_blocks, without the filesystem's own blocks (ext4's extent tree)."""
+    total, start, batch = 0, 0, 256
+    while True:
+        request = bytearray(_FIEMAP_HEADER.size + batch * _FIEMAP_EXTENT.size)
+        _FIEMAP_HEADER.pack_into(request, 0, start, (1 << 64) - 1 - start, 0, 0, batch, 0)
+        fcntl.ioctl(fd, _FS_IOC_FIEMAP, request)
+        mapped = _FIEMAP_HEADER.unpack_from(request)[3]
+        last = False
+        for index in range(mapped):
+            logical, _, length, _, _, flags, _, _, _ = _FIEMAP_EXTENT.unpack_from(
+                request, _FIEMAP_HEADER.size + index * _FIEMAP_EXTENT.size
+            )
+            total += length
+            start = logical + length
+            last = bool(flags & 1)  # FIEMAP_EXTENT_LAST
+        if mapped < batch or last:
+            return total
 
 
 def data_regions(fd: int, end: int | None = None) -> Iterator[tuple[int, int]]:

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from ..conftest import MountFactory
+from ..filesystems import ALL_FILESYSTEMS
 from ..helpers import SOAK, CommandLineMount, force_unmount, read_base, run, tree_fingerprint
 from .test_core import make_file
 
@@ -88,6 +89,7 @@ def test_uncached_reads_in_parallel_return_the_right_bytes(base_dir: Path, mount
 
 
 @pytest.mark.daemon_untraced
+@pytest.mark.filesystems(*ALL_FILESYSTEMS)  # and in passthrough mode: reads and writes the daemon never sees
 def test_fio_concurrent_random_read_write_verifies_on_two_images(base_dir: Path, mount_factory: MountFactory) -> None:
     image_size, jobs = (512 if SOAK else 64) * MiB, 4
     for name in ("a.raw", "b.raw"):
