@@ -97,8 +97,12 @@ $(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e '.[bench]'
 	@touch $@
 
+# Under coverage (pyproject.toml [tool.coverage]): the report of what no test ran comes after
+# pytest's summary, also when a test failed; make's status is pytest's.
 test: setup lint typecheck pjdfstest
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@mkdir -p build/coverage && rm -f build/coverage/data*
+	$(PY) -m coverage run -m pytest $(PYTEST_ARGS); status=$$?; \
+		$(PY) -m coverage combine -q && $(PY) -m coverage report; exit $$status
 
 # The POSIX suite run by tests/mount/test_pjdfstest.py: its .t files find the pjdfstest
 # program in a directory above them, hence the link to the vendored tests beside it.
