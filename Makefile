@@ -44,8 +44,8 @@ PJDFSTEST_DEFINES := _GNU_SOURCE HAVE_SYS_SYSMACROS_H HAVE_FACCESSAT HAVE_FCHMOD
 setup: system-packages $(VENV)/.installed-dev
 
 # Without the recommended packages: qemu-system-x86 alone recommends a desktop's worth
-# (GTK, sound, OVMF, ...): 465 packages and 374 MB on a fresh Debian 12 against 198 and
-# 184 MB, and nothing here uses them (guests run -nodefaults -nographic). debconf's note
+# (GTK, sound, OVMF, ...): 465 packages and 374 MB on a fresh Debian 12 against about 200
+# and 190 MB, and nothing here uses them (guests run -nodefaults -nographic). debconf's note
 # that it cannot preconfigure without apt-utils (minimal images) is dropped, nothing else.
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
