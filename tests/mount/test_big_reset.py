@@ -61,6 +61,7 @@ class _Prober(threading.Thread):
             self.requests += 1
 
 
+@pytest.mark.daemon_untraced
 @pytest.mark.timeout(3600 if SOAK else 600)
 def test_a_reset_of_many_names_lets_requests_on_untouched_files_through(
     base_dir: Path, mount_factory: MountFactory
