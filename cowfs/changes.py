@@ -23,8 +23,9 @@ from collections.abc import Generator, Iterator
 
 from .base import BasePath
 from .checkpoints import Checkpoint
+from .clone import CloneFile, FileData
 from .namespace import Namespace, Node, Refused, change_token, identity_dict, refuse_extra_links
-from .overlay import BaseIdentity, OverlayFile
+from .overlay import BaseIdentity
 from .protocol import ChangeState, CheckpointInfo, CheckpointsReply, DiffReply, FileChange, Plan, StatusReply
 from .slices import Slices, run_whole
 
@@ -46,14 +47,14 @@ def base_path_text(parts: BasePath) -> str:
     return "/" + "/".join(os.fsdecode(part) for part in parts)
 
 
-def _data_summary(data: OverlayFile | None) -> tuple[int, int]:
+def _data_summary(data: FileData | None) -> tuple[int, int]:
     """(bytes written, changed extents) of a file's data."""
-    if data is None:
-        return 0, 0
+    if data is None or (not data.written and data.size <= data.base_limit):
+        return 0, 0  # (most changed files of a big tree: created empty, or moved)
     return data.written.total, len(changed_ranges(data))
 
 
-def changed_ranges(data: OverlayFile) -> list[tuple[int, int]]:
+def changed_ranges(data: FileData) -> list[tuple[int, int]]:
     """Byte ranges of the view not read from the base at the same offset:
     the written and zeroed ranges plus the zeroed tail ``[base_limit, size)``."""
     ranges: list[tuple[int, int]] = []
@@ -81,36 +82,52 @@ def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Gene
     slices = slices or Slices()
     found: list[FileChange] = []
     moved_from: set[BasePath] = set()
-    for path, node, primary in namespace.pinned_nodes():
-        change = _describe(path, node, primary)
-        if change is not None:
-            found.append(change)
-            if change.state == "renamed":
-                assert node.base_path is not None
-                moved_from.add(node.base_path)
+    deleted: list[tuple[str, BasePath]] = []
+    for path, directory, name, node in namespace.names.entries():  # one walk for both kinds
+        if node is None:
+            if directory.base_path is not None:
+                deleted.append((path, directory.base_path + (name,)))
+        else:
+            change = _describe(path, node, (node.parent, node.name) == (directory.ino, name))
+            if change is not None:
+                found.append(change)
+                if change.state == "renamed":
+                    assert node.base_path is not None
+                    moved_from.add(node.base_path)
         if slices.used_up():
             yield
-    for path, base_path in namespace.names.whiteouts():
-        if base_path not in moved_from:
-            found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
-        if slices.used_up():
-            yield
+    found += [
+        FileChange(path, "deleted", None, None, None, None, 0, 0, 0)
+        for path, base_path in deleted
+        if base_path not in moved_from
+    ]
     found.sort(key=lambda change: change.path)
     return summary(namespace, found)
 
 
 def summary(namespace: Namespace, found: list[FileChange] | None = None) -> StatusReply:
-    """The mount's status with ``found`` as its changes (none: the summary `cowfs list` shows)."""
-    store = namespace.store
+    """The mount's status with ``found`` as its changes (none: the summary `cowfs list` shows,
+    which costs nothing per change but for clones that changed since last asked)."""
     return StatusReply(
         str(namespace.base.path),
-        str(store.directory),
-        store.bytes_held,
-        store.disk_bytes(),
-        store.limit,
+        str(namespace.store.directory),
+        *store_usage(namespace),
         found or [],
         checkpoints=len(namespace.checkpoints),
-        checkpoint_bytes=store.bytes_retained,
+        checkpoint_bytes=namespace.store.bytes_retained,
+    )
+
+
+def store_usage(namespace: Namespace) -> tuple[int, int, int | None]:
+    """(bytes held, bytes on disk, limit) of the mount's store: its logs, and in passthrough mode
+    the blocks that clones no longer share with their bases (each counted once, when they changed)."""
+    store = namespace.store
+    clones = [node.data for node in namespace.nodes.values() if isinstance(node.data, CloneFile)]
+    cloned = sum(clone.written.total for clone in clones)
+    return (
+        store.bytes_held + cloned,
+        store.disk_bytes() + sum(512 * clone.store_blocks() for clone in clones),
+        store.limit,
     )
 
 
@@ -254,7 +271,7 @@ def _plan(namespace: Namespace, path: str, node: Node) -> Plan:
     )
 
 
-def _base_size(data: OverlayFile) -> int | None:
+def _base_size(data: FileData) -> int | None:
     """The size of what the view started from: the base file's, or a guest view's disk's."""
     guest_size: int | None = getattr(data, "guest_size", None)
     if guest_size is not None:
@@ -262,7 +279,7 @@ def _base_size(data: OverlayFile) -> int | None:
     return data.base_identity.size if data.base_identity is not None else None
 
 
-def _guest_format(data: OverlayFile) -> str | None:
+def _guest_format(data: FileData) -> str | None:
     """The image format of a guest view's base (cowfs.guest.GuestFile), None for a byte view."""
     return getattr(data, "guest_format", None)
 

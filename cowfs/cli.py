@@ -47,6 +47,12 @@ def view_argument(text: str) -> str:
     return text
 
 
+def passthrough_argument(text: str) -> str:
+    if text not in ("auto", "off"):
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r}: use auto (the default) or off")
+    return text
+
+
 def path_argument(text: str) -> Path:
     if not text:
         raise argparse.ArgumentTypeError("an empty path: name a file or directory")
@@ -60,6 +66,7 @@ _VALUE_OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "max_store": ("max_store", size_argument),
     "log_file": ("log_file", path_argument),
     "view": ("view", view_argument),
+    "passthrough": ("passthrough", passthrough_argument),
 }
 _FLAG_OPTIONS = {
     "allow_other": ("allow_other", True),
@@ -128,11 +135,17 @@ class _MountOptions(argparse.Action):
                 raise argparse.ArgumentError(
                     self,
                     f"unknown mount option {option!r}: cowfs takes store=, "
-                    "max_store=, log_file=, view=, allow_other, allow_root, noexec",
+                    "max_store=, log_file=, view=, passthrough=, allow_other, allow_root, noexec",
                 )
 
 
-_EXAMPLES = {"store": "/var/tmp", "max_store": "10G", "log_file": "/var/log/cowfs.log", "view": "guest"}
+_EXAMPLES = {
+    "store": "/var/tmp",
+    "max_store": "10G",
+    "log_file": "/var/log/cowfs.log",
+    "view": "guest",
+    "passthrough": "off",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -219,6 +232,14 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         "qed...) as their guest disks, read by QEMU",
     )
     parser.add_argument(
+        "--passthrough",
+        metavar="auto|off",
+        type=passthrough_argument,
+        default="auto",
+        help="auto (default): where BASE_DIR and the store share a filesystem that clones files "
+        "(XFS, btrfs), the kernel serves file I/O from clones at native speed; off: never",
+    )
+    parser.add_argument(
         "--allow-other",
         action="store_true",
         help="let other users in (with normal permission checks; needs user_allow_other "
@@ -240,9 +261,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         metavar="OPTIONS",
         action=_MountOptions,
         dest="options",
-        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, view=VIEW, allow_other, "
-        "allow_root, noexec; rw, default_permissions, nofail, _netdev, x-systemd.* and the like "
-        "are accepted and ignored; ro is refused",
+        help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, view=VIEW, "
+        "passthrough=auto|off, allow_other, allow_root, noexec; rw, default_permissions, nofail, _netdev, "
+        "x-systemd.* and the like are accepted and ignored; ro is refused",
     )
     parser.set_defaults(noexec=False)
 
@@ -446,7 +467,15 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
     if _inside(store_dir, mountpoint):
         raise UserError(f"store directory {store_dir} is inside MOUNTPOINT: pick another --store")
     return MountConfig(
-        base_dir, mountpoint, store_dir, args.max_store, args.allow_other, args.allow_root, args.noexec, args.view
+        base_dir,
+        mountpoint,
+        store_dir,
+        args.max_store,
+        args.allow_other,
+        args.allow_root,
+        args.noexec,
+        args.view,
+        passthrough=args.passthrough != "off",
     )
 
 

@@ -18,3 +18,4 @@ class MountConfig:
     noexec: bool = False
     view: str = "file"  # "guest": images show as their guest disks (cowfs.guest)
     remove_mountpoint: bool = False  # a temporary mountpoint (cowfs run): the daemon removes it at the end
+    passthrough: bool = True  # where possible (passthrough.py); False: -o passthrough=off

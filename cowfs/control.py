@@ -168,6 +168,7 @@ class ControlServer:
         return iter([error_reply(message)])
 
     async def _dispatch(self, request: Request) -> object:
+        self.namespace.absorb_outside_writes()  # passthrough files change without telling us
         if isinstance(request, StatusRequest):
             return await self._status() if request.changes else changes.summary(self.namespace)
         if isinstance(request, ResetRequest):

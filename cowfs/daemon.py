@@ -18,7 +18,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import counters
+from . import counters, heap
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
@@ -27,6 +27,7 @@ from .fuse_ops import CowfsOperations
 from .guest import GuestViews
 from .kernel_cache import KernelCache
 from .namespace import Namespace
+from .passthrough import FileDataFactory, plan
 from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
 from .windows import Windows
@@ -94,21 +95,24 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     except OSError as error:
         report(f"cannot open {error.filename}: {error.strerror}")
         return 1
-    views = GuestViews(base) if config.view == "guest" else None
-    namespace = Namespace(base, store, views=views)
     found = Pyfuse3Features.of(pyfuse3)
+    # Before mounting: the INIT reply fixes the mode for the whole mount.
+    passthrough = plan(config, found)
+    views = GuestViews(base) if config.view == "guest" else None
+    file_data = FileDataFactory(store, passthrough)
+    namespace = Namespace(base, store, views=views, new_file_data=file_data)
     compiled_reads_off: str | None = "not mounted yet"  # why READs go through Python (None: they do not)
     kernel_cache = KernelCache()
     control_server = ControlServer(
         namespace,
         kernel_cache,
-        lambda: describe(found, _granted_init_flags(found), compiled_reads_off),
+        lambda: [*describe(found, _granted_init_flags(found), compiled_reads_off), passthrough.feature()],
         lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
     )
     control = ControlInfo(
         os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir), config.max_store
     ).to_json()
-    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache)
+    operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache, passthrough)
     operations.mountpoint = str(config.mountpoint)
     operations.guest_views = views
     operations.windows = Windows() if views is not None else None
@@ -117,6 +121,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     except RuntimeError:
         report(f"cannot mount on {config.mountpoint}: FUSE refused the mount (see the daemon log, or run with -f)")
         control_server.close()
+        file_data.close()
         return 1
     compiled_reads_off = install_compiled_reads(pyfuse3, found)
     log_missing(found, compiled_reads_off)
@@ -139,6 +144,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
             views.close()
         control_server.close()
         namespace.close()
+        file_data.close()
         store.close()
         base.close()
     counters.log_summary()
@@ -149,6 +155,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
 async def _main(report: Callable[[str | None], None], control_server: ControlServer, views: GuestViews | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(heap.keep_collections_short)  # no second-long pauses with a big namespace
         nursery.start_soon(control_server.serve)
         if views is not None:
             nursery.start_soon(views.stop_idle_helpers)

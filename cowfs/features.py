@@ -2,8 +2,8 @@
 
 cowfs runs on a stock pyfuse3 (``pip install .``) and on the patched build
 that ``make setup`` makes (patches/pyfuse3/): the patched one adds the
-``fallocate`` and ``lseek`` handlers and a way to ask for INIT flags that
-pyfuse3 does not know.  The daemon detects which it has, logs once what is
+``fallocate`` and ``lseek`` handlers, a way to ask for INIT flags that
+pyfuse3 does not know, and FUSE passthrough (passthrough.py).  The daemon detects which it has, logs once what is
 off and why, and ``cowfs status`` lists them.
 """
 
@@ -30,6 +30,7 @@ class Pyfuse3Features:
     lseek: bool  # Operations.lseek is called
     init_flags: bool  # Operations.extra_init_flags is honoured
     request_filter: bool  # pyfuse3.set_request_filter exists (patch 0005)
+    passthrough: bool  # pyfuse3.backing_open and FileInfo.backing_id (FUSE passthrough)
 
     @classmethod
     def of(cls, pyfuse3: ModuleType) -> Pyfuse3Features:
@@ -40,7 +41,13 @@ class Pyfuse3Features:
             hasattr(operations, "lseek"),
             hasattr(pyfuse3, "negotiated_init_flags"),
             hasattr(pyfuse3, "set_request_filter"),
+            hasattr(pyfuse3, "backing_open"),
         )
+
+
+def stock_build(found: Pyfuse3Features) -> str:
+    """Why a feature of the patched build is off."""
+    return f"pyfuse3 {found.version} is a stock build without it; `make setup` builds one with it"
 
 
 COMPILED_READS = "compiled_reads"
@@ -65,7 +72,7 @@ def describe(
 ) -> list[Feature]:
     """The features as `cowfs status` shows them; ``granted_init_flags`` is None before INIT,
     ``compiled_reads_off`` says why READs go through Python (None: they do not)."""
-    stock = f"pyfuse3 {found.version} is a stock build without it; `make setup` builds one with it"
+    stock = stock_build(found)
     if not found.init_flags:
         killpriv = Feature("killpriv_v2", False, stock)
     elif granted_init_flags is None:
@@ -90,14 +97,22 @@ def describe(
     ]
 
 
+# Features that are modes: shown with their detail when on too ('passthrough on (xfs reflink)').
+_MODES = frozenset({"passthrough"})
+
+
 def summary(features: list[Feature]) -> str:
-    """One line: 'fallocate, lseek on; killpriv_v2 off (the kernel did not offer it)'."""
-    on = [feature.name for feature in features if feature.enabled]
+    """One line: 'fallocate, lseek on; passthrough on (xfs reflink); killpriv_v2 off (the kernel
+    did not offer it)'."""
+    on = [feature.name for feature in features if feature.enabled and feature.name not in _MODES]
     reasons: dict[str, list[str]] = {}
     for feature in features:
         if not feature.enabled:
             reasons.setdefault(feature.detail, []).append(feature.name)
     parts = [", ".join(on) + " on"] if on else []
+    parts += [
+        f"{feature.name} on ({feature.detail})" for feature in features if feature.enabled and feature.name in _MODES
+    ]
     parts += [f"{', '.join(names)} off ({detail})" for detail, names in reasons.items()]
     return "; ".join(parts)
 

@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from . import counters, readpath
+from .clone import CloneFile
 from .features import FUSE_HANDLE_KILLPRIV_V2
 from .guest import FetchNeeded, GuestFile, GuestViews, MapNeeded, ViewFailure
 from .kernel_cache import KernelCache
@@ -32,6 +33,7 @@ from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RAN
 from .mounts import find_mount
 from .namespace import Namespace, Node, Stat
 from .partitions import Table
+from .passthrough import FUSE_PASSTHROUGH, Backings, Passthrough
 from .windows import PARTS_SUFFIX, Window, Windows, directory_stat, partition_number, partition_stat
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ _QUIET_ERRNOS = frozenset(
 
 # Read-only attribute of the mount root: how many inodes the daemon tracks (tests check it stays flat).
 NODE_COUNT_XATTR = b"user.cowfs.nodes"
+FORGETS_PER_SLICE = 2048  # a few ms of forgets between chances for other requests
 
 # How many times a read that waits for the disk lets the requests queued behind it start their own
 # disk reads first (each round is one pass of the trio scheduler, a few microseconds).
@@ -187,6 +190,10 @@ def _holds_cap_fsetid(ctx: Any) -> bool:
     return bool(ctx.uid == 0)
 
 
+def _no_passthrough(value: int) -> Any:
+    raise OSError(errno.ENOSYS, "this pyfuse3 has no FUSE passthrough")
+
+
 class CowfsOperations(pyfuse3.Operations):
     """pyfuse3 operations over a `Namespace`."""
 
@@ -203,10 +210,20 @@ class CowfsOperations(pyfuse3.Operations):
         namespace: Namespace,
         virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None,
         kernel_cache: KernelCache | None = None,
+        passthrough: Passthrough | None = None,
     ) -> None:
         super().__init__()
         self.ns = namespace
         self.kernel_cache = kernel_cache or KernelCache()
+        self.passthrough = passthrough or Passthrough.off("not asked for")
+        if self.passthrough.wanted:
+            # pyfuse3 then leaves the writeback cache off (the kernel does not combine the two).
+            self.extra_init_flags = type(self).extra_init_flags | FUSE_PASSTHROUGH
+        self._backings = Backings(
+            self.passthrough,
+            getattr(pyfuse3, "backing_open", None) or _no_passthrough,
+            getattr(pyfuse3, "backing_close", None) or _no_passthrough,
+        )
         self._open_files: dict[int, Node] = {}
         self._direct_handles: set[int] = set()  # opened with O_DIRECT
         self._writable_handles: set[int] = set()
@@ -225,6 +242,8 @@ class CowfsOperations(pyfuse3.Operations):
     def init(self) -> None:
         # Called while the kernel's INIT request is answered, and INIT resets
         # the readahead window: tune the mount from a task that runs after the reply.
+        negotiated = getattr(pyfuse3, "negotiated_init_flags", None)
+        self.passthrough.negotiated(negotiated()[1] if negotiated is not None else None)
         if self.mountpoint is not None:
             trio.lowlevel.spawn_system_task(self._tune_backing_device, self.mountpoint)
 
@@ -245,8 +264,9 @@ class CowfsOperations(pyfuse3.Operations):
             if flags & os.O_DIRECT:
                 self._direct_handles.add(handle)
             assert node.data is not None
-            # From now on the compiled read path (if any) may answer this handle's READs itself.
-            if compiled_reads:
+            # From now on the compiled read path (if any) may answer this handle's READs itself
+            # (a clone's READs come only where the kernel does not pass them through: Python's).
+            if compiled_reads and not isinstance(node.data, CloneFile):
                 readpath.register_handle(handle, node.ino, node.data.view, bool(flags & os.O_DIRECT))
         return handle
 
@@ -300,11 +320,15 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for inode, count in inode_list:
+        for done, (inode, count) in enumerate(inode_list, 1):
             try:
                 self._forget(inode, count)
             except Exception:
                 log.exception("forget(%d, %d) failed", inode, count)
+            if done % FORGETS_PER_SLICE == 0:
+                # One BATCH_FORGET can carry tens of thousands (after a reset of many names):
+                # let other requests in between, each forget is complete on its own.
+                await trio.lowlevel.checkpoint()
 
     # -- partition windows (cowfs/windows.py) ----------------------------------
 
@@ -460,9 +484,10 @@ class CowfsOperations(pyfuse3.Operations):
         if self.windows is not None and self.windows.owns(inode):
             return await self._open_window(self.windows.get(inode), flags)
         await self._prepare(self.ns.node(inode))
-        node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC))
+        writable = flags & os.O_ACCMODE != os.O_RDONLY
+        node, keep_cache = self.ns.open(inode, truncate=bool(flags & os.O_TRUNC), writable=writable)
         handle = self._new_handle(node, flags)
-        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
+        return self._file_info(handle, node, keep_cache)
 
     async def _open_window(self, window: Window, flags: int) -> pyfuse3.FileInfo:
         """A partition: a handle on its disk, its offsets moved by the partition's start; no page
@@ -486,7 +511,21 @@ class CowfsOperations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, opened=True)
         handle = self._new_handle(node, flags)
-        return pyfuse3.FileInfo(fh=handle), self._reply_entry(node)
+        return self._file_info(handle, node, keep_cache=True), self._reply_entry(node)
+
+    def _file_info(self, handle: int, node: Node, keep_cache: bool) -> pyfuse3.FileInfo:
+        """The reply to an open: in passthrough mode, the kernel serves the handle from the
+        file's clone (pyfuse3 then leaves keep_cache out, which passthrough forbids)."""
+        assert node.data is not None
+        try:
+            backing_id = self._backings.open(node.ino, node.data)
+        except BaseException:
+            self._forget_handle(handle)
+            raise
+        info = pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
+        if backing_id:
+            setattr(info, "backing_id", backing_id)  # noqa: B010 (absent from stock stubs)
+        return info
 
     @_errno_replies
     async def read(self, fh: int, off: int, size: int) -> memoryview:  # type: ignore[override]
@@ -601,7 +640,7 @@ class CowfsOperations(pyfuse3.Operations):
     @_errno_replies
     async def lseek(self, fh: int, offset: int, whence: int) -> int:
         node = self._open_files[fh]
-        if self._writers.get(node.ino):
+        if self._writers.get(node.ino) and not isinstance(node.data, CloneFile):
             # The kernel sends LSEEK without writing its cached dirty pages back first, so bytes
             # written through a handle still open for writing may not have reached us: have it
             # write them back now (we serve those WRITEs meanwhile), then answer.
@@ -631,6 +670,10 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def release(self, fh: int) -> None:
+        self._backings.release(self._open_files[fh].ino)
+        self._forget_handle(fh)
+
+    def _forget_handle(self, fh: int) -> None:
         node = self._open_files.pop(fh)
         readpath.unregister_handle(fh, node.ino)
         self._direct_handles.discard(fh)

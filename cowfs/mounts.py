@@ -68,6 +68,17 @@ def find_mount(path: Path | str) -> MountEntry | None:
     return found
 
 
+def mount_containing(path: Path | str) -> MountEntry | None:
+    """The mount that ``path`` (an existing path, symlinks resolved) is on."""
+    wanted = os.path.realpath(path)
+    found = None
+    for entry in mount_table():
+        inside = wanted == entry.mountpoint or wanted.startswith(entry.mountpoint.rstrip("/") + "/")
+        if inside and (found is None or len(entry.mountpoint) >= len(found.mountpoint)):
+            found = entry
+    return found
+
+
 def is_mounted(path: Path | str) -> bool:
     return find_mount(path) is not None
 

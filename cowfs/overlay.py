@@ -71,6 +71,11 @@ log = logging.getLogger(__name__)
 _changes = itertools.count(1)
 
 
+def next_generation() -> int:
+    """The number of a new state of a view (clone.py's views count in the same sequence)."""
+    return next(_changes)
+
+
 P = ParamSpec("P")
 R = TypeVar("R")
 

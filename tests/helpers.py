@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cowfs.clone import block_map
 from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
 from cowfs.mounts import open_pidfd, wait_for_exit
 
 COWFS = str(Path(sys.executable).parent / "cowfs")
+EXTENT_SHARED = 0x2000  # FIEMAP_EXTENT_SHARED: a block another file (the base) has too
 SOAK = bool(os.environ.get("COWFS_SOAK"))
 
 
@@ -58,10 +60,14 @@ class CommandLineMount:
     extra_args: list[str] = field(default_factory=list)
     pid: int | None = None
     allowed_log_problems: list[str] = field(default_factory=list)
+    traced: bool = True  # under `make test`'s coverage; False where tracing would distort a measure
+    expect_passthrough: bool = False  # a mount on XFS or btrfs with its store beside the base
 
     def start(self) -> None:
         argv = [COWFS, "-v", "mount", "--log-file", str(self.log), *self.extra_args, str(self.base), str(self.path)]
-        result = run(argv, check=False, timeout=60)
+        # Coverage doubles the daemon's CPU per request; without its variable the daemon runs plain.
+        env = None if self.traced else {k: v for k, v in os.environ.items() if k != "COVERAGE_PROCESS_CONFIG"}
+        result = run(argv, check=False, timeout=60, env=env)
         assert result.returncode == 0, f"cowfs mount failed: {result.stderr}"
         assert is_mounted(self.path)
         self.pid = int(json.loads(os.getxattr(self.path, "user.cowfs.control"))["pid"])
@@ -80,6 +86,18 @@ class CommandLineMount:
 
     def status(self) -> dict[str, Any]:
         return status_json(self.path)
+
+    def passthrough_problems(self) -> list[str]:
+        """Why the mount was not in passthrough mode, or reads and writes reached the daemon."""
+        status = self.status()
+        features = {feature["name"]: feature for feature in status["features"]}
+        passthrough = features.get("passthrough", {"enabled": False, "detail": "not reported"})
+        if not passthrough["enabled"]:
+            return [f"{self.path}: passthrough off ({passthrough['detail']})"]
+        requests = status["requests"]
+        if requests.get("read") or requests.get("write"):
+            return [f"{self.path}: {requests.get('read')} READ and {requests.get('write')} WRITE reached the daemon"]
+        return []
 
     def rss_kib(self, peak: bool = False) -> int:
         key = "VmHWM:" if peak else "VmRSS:"
@@ -103,6 +121,24 @@ class CommandLineMount:
             if target.endswith("(deleted)"):
                 found.append((target, st, flags))
         return found
+
+    def store_bytes_on_disk(self) -> int:
+        """Bytes of disk that the daemon's store files take of their own: the blocks that a clone
+        (passthrough mode) still shares with its base do not count.  Written back first."""
+        assert self.pid is not None
+        held = 0
+        for fd_link in Path(f"/proc/{self.pid}/fd").iterdir():
+            try:
+                if not os.readlink(fd_link).endswith("(deleted)"):
+                    continue
+                fd = os.open(fd_link, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                held += sum(extent.length for extent in block_map(fd, sync=True) if not extent.flags & EXTENT_SHARED)
+            finally:
+                os.close(fd)
+        return held
 
     def log_problems(self) -> list[str]:
         if not self.log.exists():

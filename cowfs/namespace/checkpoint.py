@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..base import BasePath
+from ..clone import FileData
 from ..overlay import FrozenView, OverlayFile
 from .model import ROOT_INO, WHITEOUT, Attrs, Invalidation, Node, Refused
 from .reset import _revert
@@ -87,7 +88,7 @@ def capture(ns: Namespace) -> tuple[NamespaceState, list[FrozenView]]:
             node.link_target,
             tuple(node.xattrs.items()) if node.xattrs is not None else None,
         )
-        if node.attrs is not None and node.data is not None:
+        if node.attrs is not None and isinstance(node.data, OverlayFile):  # (no clones: not in passthrough mode)
             views.append(node.data.freeze())
     return NamespaceState(records), views
 
@@ -161,12 +162,13 @@ def _restore_node(ns: Namespace, node: Node, record: NodeRecord, view: FrozenVie
     node.last_seen_base = None  # its next open must not keep cached pages
     if view is None:  # not a regular file (a changed file always has its bytes)
         return
-    if node.data is None:
-        node.data = _fresh_data(ns, node, view)
-    node.data.restore(view)
+    data = node.data if node.data is not None else _fresh_data(ns, node, view)
+    assert isinstance(data, OverlayFile)  # (no clones: checkpoints are not taken in passthrough mode)
+    node.data = data
+    data.restore(view)
 
 
-def _fresh_data(ns: Namespace, node: Node, view: FrozenView) -> OverlayFile:
+def _fresh_data(ns: Namespace, node: Node, view: FrozenView) -> FileData:
     """A view to restore a frozen one into: as an open would make it (so a guest view stays
     one), or a plain one where the base is no longer there."""
     if node.base_path is None:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..base import BasePath
-from ..overlay import OverlayFile
+from ..clone import FileData
 
 ROOT_INO = 1
 WHITEOUT = 0  # value in ``entries``: the base name was deleted in the mount
@@ -92,7 +92,7 @@ class Node:
     links: set[tuple[int, bytes]] = field(default_factory=set)  # (parent ino, name) of its entries; `names` only
     unlinked: bool = False
     entries: dict[bytes, int] = field(default_factory=dict)  # directories only; `names` only
-    data: OverlayFile | None = None  # regular files, while open or changed
+    data: FileData | None = None  # regular files, while open or changed
     link_target: bytes | None = None  # symlinks created in the mount
     xattrs: dict[bytes, bytes] | None = None  # None: the base's
     last_seen_base: tuple[int, int, int, int] | None = None  # for the page-cache decision

@@ -71,6 +71,7 @@ from typing import Protocol
 
 from ..base import BaseDir
 from ..checkpoints import Checkpoint, Checkpoints, name_problem
+from ..clone import CloneFile, FileData
 from ..overlay import OverlayFile
 from ..store import Store
 from . import checkpoint as checkpointing
@@ -102,11 +103,21 @@ class Namespace:
     """The merged, writable directory tree of one mount."""
 
     def __init__(
-        self, base: BaseDir, store: Store, uid: int | None = None, gid: int | None = None, views: Views | None = None
+        self,
+        base: BaseDir,
+        store: Store,
+        uid: int | None = None,
+        gid: int | None = None,
+        views: Views | None = None,
+        new_file_data: Callable[[int | None, str], FileData] | None = None,
     ) -> None:
         self.base = base
         self.store = store
         self.views = views  # --view guest: images show their guest disks (cowfs.guest)
+        # What holds a file's bytes, from its base descriptor (or None) and name: a byte overlay,
+        # or in passthrough mode a clone (cowfs.passthrough).
+        self.new_file_data = new_file_data or (lambda base_fd, name: OverlayFile(store, base_fd, name))
+        self.passthrough = new_file_data is not None  # files are clones the kernel serves: no checkpoints
         self.uid = os.geteuid() if uid is None else uid
         self.gid = os.getegid() if gid is None else gid
         self.table = NodeTable(base)
@@ -204,6 +215,7 @@ class Namespace:
         return self._stat(self.node(ino))
 
     def _stat(self, node: Node) -> Stat:
+        self._absorb_outside_writes(node)
         if node.attrs is None:
             assert node.base_path is not None
             st = self.base.lstat(node.base_path)
@@ -238,7 +250,9 @@ class Namespace:
         )
 
     @staticmethod
-    def _blocks(data: OverlayFile) -> int:
+    def _blocks(data: FileData) -> int:
+        if isinstance(data, CloneFile):
+            return data.blocks()
         base_blocks = 0
         if data.base_fd is not None and data.base_limit:
             base_blocks = min(os.fstat(data.base_fd).st_blocks, -(-data.base_limit // 512))
@@ -276,6 +290,7 @@ class Namespace:
         """Change metadata; ``may_keep_setuid``: the caller holds CAP_FSETID, so a truncate keeps
         setuid and setgid."""
         node = self.node(ino)
+        self._absorb_outside_writes(node)  # before this request's times
         attrs = self._copy_up(node)
         changed_at = now()
         if (uid is not None or gid is not None) and not node.is_dir:
@@ -315,24 +330,26 @@ class Namespace:
 
     # -- file data ------------------------------------------------------------
 
-    def _open_data(self, node: Node) -> OverlayFile:
+    def _open_data(self, node: Node) -> FileData:
         """Give a regular file its overlaid bytes (the base's, or none)."""
+        data: FileData | None
         if node.base_path is None:
-            data = OverlayFile(self.store)
+            data = self.new_file_data(None, "")
         else:
             fd = self.base.open_file(node.base_path)
             name = os.fsdecode(b"/".join(node.base_path))
             try:
-                guest = self.views.open_data(self.store, fd, name) if self.views is not None else None
+                data = self.views.open_data(self.store, fd, name) if self.views is not None else None
+                data = data or self.new_file_data(fd, name)
             except BaseException:
                 os.close(fd)
                 raise
-            data = guest or OverlayFile(self.store, fd, name=name)
-        data.key = node.ino  # who the file is to checkpoints (a rollback brings it back under its ino)
+        if isinstance(data, OverlayFile):
+            data.key = node.ino  # who the file is to checkpoints (a rollback brings it back under its ino)
         node.data = data
         return data
 
-    def open(self, ino: int, truncate: bool = False) -> tuple[Node, bool]:
+    def open(self, ino: int, truncate: bool = False, writable: bool = False) -> tuple[Node, bool]:
         """Open a regular file; return the node and whether the kernel may keep its cached pages.
         +1 open on it (`release` takes it back); no lookup-count effect."""
         node = self.node(ino)
@@ -343,18 +360,42 @@ class Namespace:
         data = node.data if node.data is not None else self._open_data(node)
         keep_cache = True
         identity = data.base_identity
-        if identity is not None and data.written.total == 0 and node.attrs is None:
+        if identity is not None and node.attrs is None and data.written.total == 0:
             seen = (identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
             keep_cache = seen == node.last_seen_base  # the base changed since last open: drop cached pages
             node.last_seen_base = seen
+        if writable and isinstance(data, CloneFile):
+            # Its writes bypass us, and a mapping may still write the clone after the last
+            # release: keep the clone from now on, as for a written file.
+            self._copy_up(node)
         node.opens += 1
         if truncate:
             self.setattr(ino, size=0)
         return node, keep_cache
 
+    def absorb_outside_writes(self) -> None:
+        """Take in what the kernel wrote to passthrough files without asking (control requests
+        look at the whole mount)."""
+        for node in list(self.nodes.values()):
+            self._absorb_outside_writes(node)
+
+    def _absorb_outside_writes(self, node: Node) -> None:
+        """A passthrough file's clone may have changed without a request: then the file is
+        changed, with the clone's times (capped at our clock, so that ctime never goes back)."""
+        if not isinstance(node.data, CloneFile):
+            return
+        st = node.data.changed_outside()
+        if st is None:
+            return
+        attrs = self._copy_up(node)
+        changed_at = now()
+        attrs.mtime_ns = min(st.st_mtime_ns, changed_at)
+        attrs.ctime_ns = max(attrs.ctime_ns, min(st.st_ctime_ns, changed_at))
+
     def release(self, ino: int) -> None:
         """-1 open; the node goes when nothing holds it any more."""
         node = self.node(ino)
+        self._absorb_outside_writes(node)
         node.opens -= 1
         if node.opens == 0 and node.data is not None and node.attrs is None:
             node.data.close()  # an untouched file holds nothing between opens
@@ -387,7 +428,7 @@ class Namespace:
                 if name != b"security.capability"
             }
 
-    def _change_data(self, node: Node, change: Callable[[OverlayFile], None]) -> None:
+    def _change_data(self, node: Node, change: Callable[[FileData], None]) -> None:
         """fallocate's changes: the bytes change like a write's."""
         if node.attrs is None:
             self._copy_up(node)
@@ -729,6 +770,11 @@ class Namespace:
         problem = name_problem(name)
         if problem is not None:
             raise Refused(problem)
+        if self.passthrough:
+            raise Refused(
+                "checkpoints need cowfs's own store, and this mount serves its files by passthrough: "
+                "mount with -o passthrough=off to take them"
+            )
         if self.checkpoints.get(name) is not None:
             raise Refused(f"checkpoint {name} exists already: pick another name, or drop it first")
         state, views = checkpointing.capture(self)
@@ -751,7 +797,7 @@ class Namespace:
     def live_data(self, key: int) -> OverlayFile | None:
         """The bytes of the file a checkpoint knows as ``key``, as the mount has them now."""
         node = self.nodes.get(key)
-        return node.data if node is not None else None
+        return node.data if node is not None and isinstance(node.data, OverlayFile) else None
 
     def _checkpoint_named(self, name: str) -> Checkpoint:
         checkpoint = self.checkpoints.get(name)

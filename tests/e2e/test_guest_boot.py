@@ -17,6 +17,7 @@ import pytest
 import cowfs
 
 from ..conftest import MountFactory
+from ..filesystems import DEFAULT
 from ..helpers import read_base, run, sha256
 from .guest import GuestAssets, GuestResult, boot, fill_byte, inspect_disk
 
@@ -87,11 +88,20 @@ def marker_in_image(image: Path, fmt: str, marker: str, tmp_path: Path) -> bool:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    ("fmt", "cache"), [("raw", "writeback"), ("raw", "none"), ("qcow2", "writeback"), ("qcow2", "none")]
+    ("fmt", "cache", "filesystem"),
+    [
+        ("raw", "writeback", DEFAULT),
+        ("raw", "none", DEFAULT),
+        ("qcow2", "writeback", DEFAULT),
+        ("qcow2", "none", DEFAULT),
+        ("qcow2", "none", "xfs"),  # passthrough mode: QEMU's O_DIRECT I/O goes straight to the clone
+    ],
+    indirect=["filesystem"],
 )
 def test_guest_writes_to_mounted_image_and_a_remount_forgets_it(
     fmt: str,
     cache: str,
+    filesystem: str,
     base_dir: Path,
     tmp_path: Path,
     mount_factory: MountFactory,

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from ..conftest import MountFactory
+from ..filesystems import ALL_FILESYSTEMS
 from ..helpers import SOAK, CommandLineMount, force_unmount, read_base, run, tree_fingerprint
 from .test_core import make_file
 
@@ -87,6 +88,8 @@ def test_uncached_reads_in_parallel_return_the_right_bytes(base_dir: Path, mount
 # -- fio: several processes on the same and different files at once --------------------------
 
 
+@pytest.mark.daemon_untraced
+@pytest.mark.filesystems(*ALL_FILESYSTEMS)  # and in passthrough mode: reads and writes the daemon never sees
 def test_fio_concurrent_random_read_write_verifies_on_two_images(base_dir: Path, mount_factory: MountFactory) -> None:
     image_size, jobs = (512 if SOAK else 64) * MiB, 4
     for name in ("a.raw", "b.raw"):
@@ -256,6 +259,7 @@ def _block(i: int) -> bytes:
     return i.to_bytes(8, "little") * 512
 
 
+@pytest.mark.daemon_untraced
 def test_a_million_scattered_writes_into_a_tebibyte_stay_small_and_correct(
     base_dir: Path, ext4_store: Path, mount_factory: MountFactory
 ) -> None:
@@ -321,13 +325,14 @@ def _median_mount_seconds(base: Path, mountpoint: Path, tries: int) -> float:
     times = []
     for _ in range(tries):
         started = time.monotonic()
-        mount = CommandLineMount(base, mountpoint, mountpoint.parent / "timing.log")
+        mount = CommandLineMount(base, mountpoint, mountpoint.parent / "timing.log", traced=False)
         mount.start()
         times.append(time.monotonic() - started)
         mount.stop()
     return statistics.median(times)
 
 
+@pytest.mark.daemon_untraced
 def test_a_hundred_thousand_files_are_all_there_and_mount_as_fast_as_none(
     base_dir: Path, tmp_path: Path, mount_factory: MountFactory
 ) -> None:

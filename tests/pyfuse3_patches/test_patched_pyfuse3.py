@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -49,7 +50,14 @@ class TinyMount:
     """tinyfs.py mounted on ``path``; ``events()`` are what its handlers saw."""
 
     def __init__(
-        self, path: Path, events_path: Path, extra_init_flags: int, default_handlers: bool, request_filter: bool
+        self,
+        path: Path,
+        events_path: Path,
+        extra_init_flags: int,
+        default_handlers: bool,
+        request_filter: bool,
+        backing: Path | None = None,
+        ask_passthrough: bool = True,
     ) -> None:
         self.path = path
         self.events_path = events_path
@@ -61,6 +69,8 @@ class TinyMount:
             self.argv.append("--default-handlers")
         if request_filter:
             self.argv.append("--filter")
+        if backing is not None:
+            self.argv += ["--backing", str(backing)] + ([] if ask_passthrough else ["--unasked"])
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -118,12 +128,17 @@ TinyMountFactory = Callable[..., TinyMount]
 def tiny_mount(tmp_path: Path) -> Iterator[TinyMountFactory]:
     started: list[TinyMount] = []
 
-    def start(extra_init_flags: int = 0, default_handlers: bool = False, request_filter: bool = False) -> TinyMount:
+    def start(
+        extra_init_flags: int = 0,
+        default_handlers: bool = False,
+        request_filter: bool = False,
+        backing: Path | None = None,
+        ask_passthrough: bool = True,
+    ) -> TinyMount:
         path = tmp_path / f"mnt{len(started)}"
         path.mkdir()
-        mount = TinyMount(
-            path, tmp_path / f"events{len(started)}.jsonl", extra_init_flags, default_handlers, request_filter
-        )
+        events = tmp_path / f"events{len(started)}.jsonl"
+        mount = TinyMount(path, events, extra_init_flags, default_handlers, request_filter, backing, ask_passthrough)
         started.append(mount)
         mount.start()
         return mount
@@ -303,3 +318,55 @@ def test_request_filter_keeps_extra_init_flags(tiny_mount: TinyMountFactory) -> 
     assert negotiated is not None and negotiated["granted"] == FUSE_HANDLE_KILLPRIV_V2
     _, probes = capability_probes_during_writes(mount)
     assert probes == 0
+
+
+FUSE_PASSTHROUGH = 1 << 37
+
+
+def test_passthrough_serves_reads_writes_and_mmap_from_the_backing_file(
+    tiny_mount: TinyMountFactory, tmp_path: Path
+) -> None:
+    require_patch(hasattr(pyfuse3, "backing_open"), "FUSE passthrough")
+    backing = tmp_path / "backing"
+    backing.write_bytes(b"b" * FILE_SIZE)
+    mount = tiny_mount(backing=backing)
+    negotiated = mount.init_event()
+    assert negotiated is not None
+    assert negotiated["offered"] & FUSE_PASSTHROUGH, "this kernel does not offer FUSE_PASSTHROUGH (Linux >= 6.9)"
+    assert negotiated["granted"] & FUSE_PASSTHROUGH
+
+    # Two handles at once share the inode's one backing file; FileInfo's default keep_cache=1
+    # would make the kernel fail the open with EIO if it were sent along.
+    reader = os.open(mount.file, os.O_RDONLY)
+    writer = os.open(mount.file, os.O_RDWR)
+    try:
+        os.pwrite(writer, b"through the mount", 100)
+        assert os.pread(reader, 17, 100) == b"through the mount"
+        with mmap.mmap(writer, FILE_SIZE) as mapping:
+            mapping[0:6] = b"mapped"
+            mapping.flush()
+        assert os.pread(reader, 6, 0) == b"mapped"
+    finally:
+        os.close(writer)
+        os.close(reader)
+    content = backing.read_bytes()
+    assert content[:6] == b"mapped" and content[100:117] == b"through the mount"
+    assert mount.events("read") == [] and mount.events("write") == [], "I/O reached the daemon"
+    # RELEASE comes after close(2) returned, so the last one may still be on its way.
+    assert wait_until(lambda: mount.events("backing_close")), "the backing file was never dropped"
+    registered = [event for event in mount.events() if event["op"].startswith("backing_")]
+    assert [event["op"] for event in registered] == ["backing_open", "backing_close"]
+    assert registered[0]["backing_id"] > 0
+
+
+def test_backing_open_is_refused_without_passthrough(tiny_mount: TinyMountFactory, tmp_path: Path) -> None:
+    """Without FUSE_PASSTHROUGH in the INIT reply the kernel refuses to register a backing
+    file: backing_open raises OSError(EPERM), which the filesystem here passes on to open(2)."""
+    require_patch(hasattr(pyfuse3, "backing_open"), "FUSE passthrough")
+    backing = tmp_path / "backing"
+    backing.write_bytes(bytes(FILE_SIZE))
+    mount = tiny_mount(backing=backing, ask_passthrough=False)
+    with pytest.raises(OSError) as failure:
+        os.open(mount.file, os.O_RDONLY)
+    assert failure.value.errno == errno.EPERM
+    assert mount.events("backing_open") == [{"op": "backing_open", "errno": errno.EPERM}]

@@ -1,6 +1,7 @@
 """A one-file pyfuse3 filesystem that records what reaches its handlers.
 
 Usage: tinyfs.py MOUNTPOINT EVENTS [--extra-init-flags N] [--default-handlers] [--filter]
+                 [--backing FILE [--unasked]]
 
 The root directory holds one regular file, ``file``, of FILE_SIZE bytes kept in
 memory. Every fallocate, lseek and getxattr request and the INIT negotiation
@@ -9,8 +10,12 @@ The lseek handler answers from a fixed layout: data in DATA_RANGES, holes
 elsewhere. With --default-handlers, fallocate and lseek are pyfuse3's
 defaults (ENOSYS). With --filter, a request filter (pyfuse3.set_request_filter)
 answers the READs at or after FILTERED_FROM itself with FILTERED_BYTE and
-records what it passed on and which replies it heard of. The script runs
-until the filesystem is unmounted.
+records what it passed on and which replies it heard of. With --backing FILE,
+the filesystem asks for FUSE_PASSTHROUGH (and for the writeback cache, which
+passthrough must turn off) and opens ``file`` with FILE as its backing file,
+registered at the first open and dropped at the last release; read and write
+requests are recorded then (with --unasked it registers the file without
+asking for FUSE_PASSTHROUGH). The script runs until the filesystem is unmounted.
 """
 
 from __future__ import annotations
@@ -41,11 +46,19 @@ FILTERED_BYTE = b"F"
 
 
 class TinyFS(pyfuse3.Operations):
-    def __init__(self, events_path: str, extra_init_flags: int) -> None:
+    def __init__(
+        self, events_path: str, extra_init_flags: int, backing: str | None = None, ask_passthrough: bool = True
+    ) -> None:
         super().__init__()
         self.extra_init_flags = extra_init_flags
         self.data = bytearray(FILE_SIZE)
         self.events = open(events_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the mount
+        self.backing = backing
+        self.backing_id = 0
+        self.open_handles = 0
+        if backing is not None and ask_passthrough:
+            self.extra_init_flags |= getattr(pyfuse3, "FUSE_PASSTHROUGH", 0)
+            self.enable_writeback_cache = True  # must give way to passthrough
 
     def record(self, op: str, **fields: Any) -> None:
         self.events.write(json.dumps({"op": op, **fields}) + "\n")
@@ -102,12 +115,29 @@ class TinyFS(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode != FILE_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=FILE_INODE)
+        if self.backing is None:
+            return pyfuse3.FileInfo(fh=FILE_INODE)
+        if not self.open_handles:
+            fd = os.open(self.backing, os.O_RDWR)
+            try:
+                self.backing_id = getattr(pyfuse3, "backing_open")(fd)  # noqa: B009 (absent from stock stubs)
+            except OSError as error:
+                self.record("backing_open", errno=error.errno)
+                raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+            finally:
+                os.close(fd)  # the kernel holds its own reference
+            self.record("backing_open", backing_id=self.backing_id)
+        self.open_handles += 1
+        info = pyfuse3.FileInfo(fh=FILE_INODE)  # keep_cache=1 by default: must be dropped
+        setattr(info, "backing_id", self.backing_id)  # noqa: B010 (absent from stock stubs)
+        return info
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        self.record("read", offset=off, size=size)
         return bytes(self.data[off : off + size])
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        self.record("write", offset=off, size=len(buf))
         if off + len(buf) > len(self.data):
             self.resize(off + len(buf))
         self.data[off : off + len(buf)] = buf
@@ -117,7 +147,11 @@ class TinyFS(pyfuse3.Operations):
         pass
 
     async def release(self, fh: int) -> None:
-        pass
+        if self.backing is not None:
+            self.open_handles -= 1
+            if not self.open_handles:
+                getattr(pyfuse3, "backing_close")(self.backing_id)  # noqa: B009 (absent from stock stubs)
+                self.record("backing_close", backing_id=self.backing_id)
 
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         self.record("fallocate", fh=fh, mode=mode, offset=offset, length=length)
@@ -217,10 +251,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("events")
     parser.add_argument("--extra-init-flags", type=lambda text: int(text, 0), default=0)
     parser.add_argument("--default-handlers", action="store_true")
+    parser.add_argument("--backing", metavar="FILE")
+    parser.add_argument("--unasked", action="store_true")
     parser.add_argument("--filter", action="store_true")
     args = parser.parse_args(argv)
     fs_class = TinyFSWithDefaultHandlers if args.default_handlers else TinyFS
-    fs = fs_class(args.events, args.extra_init_flags)
+    fs = fs_class(args.events, args.extra_init_flags, args.backing, not args.unasked)
     options = set(pyfuse3.default_options) | {"fsname=tinyfs"}
     pyfuse3.init(fs, args.mountpoint, options)
     if args.filter:

@@ -14,7 +14,7 @@ import pytest
 
 import cowfs
 
-CORE = ["cowfs.namespace", "cowfs.overlay", "cowfs.changes"]
+CORE = ["cowfs.namespace", "cowfs.overlay", "cowfs.clone", "cowfs.changes"]
 PACKAGE = Path(cowfs.__file__).parent
 
 
@@ -36,7 +36,12 @@ def test_the_cli_loads_neither_fuse_nor_trio() -> None:
 
 
 def _core_files() -> list[Path]:
-    return [*sorted((PACKAGE / "namespace").glob("*.py")), PACKAGE / "overlay.py", PACKAGE / "changes.py"]
+    return [
+        *sorted((PACKAGE / "namespace").glob("*.py")),
+        PACKAGE / "overlay.py",
+        PACKAGE / "clone.py",
+        PACKAGE / "changes.py",
+    ]
 
 
 @pytest.mark.parametrize("path", _core_files(), ids=lambda path: path.name)

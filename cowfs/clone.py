@@ -1,0 +1,372 @@
+"""A file of a passthrough mount: an unnamed reflink clone of its base.
+
+On a filesystem that shares blocks between files (XFS with reflink, btrfs), a
+view needs no range map: `CloneFile` is an ``O_TMPFILE`` in the store directory
+made with ``FICLONE`` from the base, which copies no data (the two files share
+every block until one is written; the filesystem copies on write, by block).
+The kernel then serves the clone's reads and writes itself (FUSE passthrough,
+see fuse_ops.py), so the daemon does not see them: what changed is read back
+from the clone.
+
+* Whether it changed at all: its ctime and size.  Since Linux 6.13, XFS and
+  btrfs stamp a change after a ``stat`` with a fine-grained time (multigrain
+  timestamps), so any write after `changed_outside` looked moves the ctime.
+* Which bytes changed: the block maps of clone and base (FIEMAP, the clone's
+  written back first).  A block of the clone that still maps to the base's disk
+  block at the same offset holds the base's bytes; every other block, and the
+  base's data where the clone has a hole, is a change.  So changes are whole
+  filesystem blocks, and a block rewritten with the same bytes counts as changed.
+  Nothing can make two different contents share a disk block, so no change is
+  ever missed (a deduplication tool could only make more blocks look changed).
+
+It offers the interface of `OverlayFile` that the namespace, the reports and
+the FUSE adapter use (a ``written`` map with ``ZEROS`` for hidden base bytes,
+``base_limit``, ``size``, read/write/truncate/holes, reset and adoption), and
+raises ``OSError`` with the errno a caller should see.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate
+from .overlay import BaseIdentity, OverlayFile, next_generation
+from .rangemap import ZEROS, RangeMap
+from .store import STORE_MODE
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
+FIEMAP_FLAG_SYNC = 0x1
+FIEMAP_EXTENT_LAST = 0x1
+FIEMAP_EXTENT_UNKNOWN = 0x2
+FIEMAP_EXTENT_DELALLOC = 0x4
+FIEMAP_EXTENT_ENCODED = 0x8
+FIEMAP_EXTENT_NOT_ALIGNED = 0x100
+FIEMAP_EXTENT_DATA_INLINE = 0x200
+FIEMAP_EXTENT_DATA_TAIL = 0x400
+FIEMAP_EXTENT_UNWRITTEN = 0x800
+# Extents whose disk address says nothing about their bytes: compared by content (they are small).
+_NO_ADDRESS = FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_NOT_ALIGNED | FIEMAP_EXTENT_DATA_INLINE
+_NO_ADDRESS |= FIEMAP_EXTENT_DATA_TAIL
+_FIEMAP_HEADER = struct.Struct("=QQIIII")  # fm_start, fm_length, fm_flags, fm_mapped_extents, fm_extent_count, -
+_FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")  # fe_logical, fe_physical, fe_length, -, fe_flags, -
+_EXTENTS_PER_CALL = 512
+
+
+@dataclass(frozen=True)
+class Extent:
+    """One FIEMAP extent: ``length`` bytes at ``logical`` in the file, at ``physical`` on disk."""
+
+    logical: int
+    physical: int
+    length: int
+    flags: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.logical + self.length
+
+
+def clone_into(dest_fd: int, source_fd: int) -> None:
+    """Make ``dest_fd`` share all of ``source_fd``'s blocks (FICLONE): EXDEV across
+    filesystems, EOPNOTSUPP or EINVAL where the filesystem cannot."""
+    fcntl.ioctl(dest_fd, FICLONE, source_fd)
+
+
+def block_map(fd: int, sync: bool = False) -> list[Extent]:
+    """The extents of a file (FIEMAP), in file order; ``sync`` writes its dirty pages back
+    first (on XFS a copy-on-write reaches the file's map only then)."""
+    found: list[Extent] = []
+    start = 0
+    flags = FIEMAP_FLAG_SYNC if sync else 0
+    while True:
+        request = bytearray(_FIEMAP_HEADER.size + _FIEMAP_EXTENT.size * _EXTENTS_PER_CALL)
+        _FIEMAP_HEADER.pack_into(request, 0, start, (1 << 64) - 1 - start, flags, 0, _EXTENTS_PER_CALL, 0)
+        fcntl.ioctl(fd, FIEMAP, request)
+        mapped = _FIEMAP_HEADER.unpack_from(request)[3]
+        for index in range(mapped):
+            logical, physical, length, extent_flags = _FIEMAP_EXTENT.unpack_from(
+                request, _FIEMAP_HEADER.size + index * _FIEMAP_EXTENT.size
+            )
+            found.append(Extent(logical, physical, length, extent_flags))
+        if mapped < _EXTENTS_PER_CALL or found[-1].flags & FIEMAP_EXTENT_LAST:
+            return found
+        start = found[-1].end
+        flags = 0  # written back once is enough
+
+
+def _same_blocks(clone: Extent, base: Extent) -> bool:
+    """Do the overlapping parts of two extents hold the same disk blocks at the same file offsets?"""
+    if (clone.flags | base.flags) & _NO_ADDRESS:
+        return False
+    if (clone.flags ^ base.flags) & (FIEMAP_EXTENT_UNWRITTEN | FIEMAP_EXTENT_ENCODED):
+        return False
+    if clone.flags & FIEMAP_EXTENT_ENCODED:  # compressed: the address is the whole extent's
+        return (clone.logical, clone.physical, clone.length) == (base.logical, base.physical, base.length)
+    return clone.physical - clone.logical == base.physical - base.logical
+
+
+def _pieces(extents: list[Extent], end: int) -> Iterator[tuple[int, int, Extent | None]]:
+    """``[0, end)`` cut into (start, stop, the extent there or None for a hole)."""
+    offset = 0
+    for extent in extents:
+        start, stop = max(extent.logical, offset), min(extent.end, end)
+        if stop <= start:
+            continue
+        if offset < start:
+            yield offset, start, None
+        yield start, stop, extent
+        offset = stop
+    if offset < end:
+        yield offset, end, None
+
+
+def compare_block_maps(
+    clone: list[Extent],
+    base: list[Extent],
+    size: int,
+    base_size: int,
+    same_bytes: Callable[[int, int], bool],
+) -> list[tuple[int, int, bool]]:
+    """The changed ranges of a view of ``size`` bytes that began as a clone of a base of
+    ``base_size`` bytes: (start, end, zeros) with ``zeros`` for base data the clone no longer
+    has (a hole now), else written or allocated bytes.  ``same_bytes(start, end)`` decides
+    extents that carry no disk address (inline, delayed or unknown ones)."""
+    # The base's last block reaches past its size (zeros there): compared as a whole too.
+    base_end = max([base_size] + [extent.end for extent in base if extent.logical < base_size < extent.end])
+    base_pieces = list(_pieces(base, min(size, base_end)))
+    changed: list[tuple[int, int, bool]] = []
+
+    def note(start: int, end: int, zeros: bool) -> None:
+        if changed and changed[-1][1] == start and changed[-1][2] == zeros:
+            changed[-1] = (changed[-1][0], end, zeros)
+        else:
+            changed.append((start, end, zeros))
+
+    index = 0
+    for start, stop, clone_extent in _pieces(clone, size):
+        offset = start
+        while offset < stop:
+            # The base piece at offset (past the base's size: a hole that reads zeros).
+            while index < len(base_pieces) and base_pieces[index][1] <= offset:
+                index += 1
+            if index < len(base_pieces):
+                _, base_stop, base_extent = base_pieces[index]
+                piece_end = min(stop, base_stop)
+            else:
+                base_extent, piece_end = None, stop
+            base_reads_zeros = base_extent is None or bool(base_extent.flags & FIEMAP_EXTENT_UNWRITTEN)
+            if clone_extent is None:
+                if not base_reads_zeros:
+                    note(offset, piece_end, True)
+            elif base_extent is None or not _same_blocks(clone_extent, base_extent):
+                tiny_unaddressed = clone_extent.flags & _NO_ADDRESS and piece_end - offset <= 1 << 16
+                if not (tiny_unaddressed and same_bytes(offset, piece_end)):
+                    note(offset, piece_end, False)
+            offset = piece_end
+    return changed
+
+
+class CloneFile:
+    """The bytes of one file of a passthrough mount: an unnamed clone of its base."""
+
+    def __init__(self, directory_fd: int, base_fd: int | None = None, name: str = "") -> None:
+        """A clone of ``base_fd`` (or an empty file) in the directory ``directory_fd`` (the store's)."""
+        self.name = name  # for log lines only
+        self.clone_fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, STORE_MODE, dir_fd=directory_fd)
+        if base_fd is not None:
+            try:
+                clone_into(self.clone_fd, base_fd)
+            except BaseException:
+                os.close(self.clone_fd)
+                raise
+        self.base_fd = base_fd
+        self.base_identity = BaseIdentity.of(os.fstat(base_fd)) if base_fd is not None else None
+        self.base_changed = False  # the clone never reads its base again: a base change cannot show
+        self.generation = next_generation()
+        st = os.fstat(self.clone_fd)  # this stat makes the next change of the clone move its ctime
+        self._seen = (st.st_ctime_ns, st.st_size)
+        self._unchanged_since = (self._seen, self.generation)  # a fresh clone holds exactly the base
+        self._written: tuple[tuple[tuple[int, int], int], RangeMap] | None = None
+
+    # -- what the clone holds -------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.clone_fd).st_size
+
+    @property
+    def base_limit(self) -> int:
+        """Below it the view may show base bytes (where ``written`` says nothing else)."""
+        return min(self.base_identity.size, self.size) if self.base_identity is not None else 0
+
+    @property
+    def written(self) -> RangeMap:
+        """The changed blocks as a range map (store offsets mean nothing here): written ones, and
+        ``ZEROS`` where base data became a hole."""
+        st = os.fstat(self.clone_fd)
+        key = ((st.st_ctime_ns, st.st_size), self.generation)
+        if key == self._unchanged_since:
+            return RangeMap()
+        if self._written is None or self._written[0] != key:
+            self._written = (key, self._changed_map(st.st_size))
+        return self._written[1]
+
+    def _changed_map(self, size: int) -> RangeMap:
+        base_size = self.base_identity.size if self.base_identity is not None else 0
+        base = block_map(self.base_fd) if self.base_fd is not None else []
+        changed = compare_block_maps(block_map(self.clone_fd, sync=True), base, size, base_size, self._same_bytes)
+        result = RangeMap()
+        for start, end, zeros in changed:
+            result.add(start, end, ZEROS if zeros else start)
+        return result
+
+    def _same_bytes(self, start: int, end: int) -> bool:
+        if self.base_fd is None or end > (self.base_identity.size if self.base_identity else 0):
+            return False
+        return os.pread(self.clone_fd, end - start, start) == os.pread(self.base_fd, end - start, start)
+
+    @property
+    def is_changed(self) -> bool:
+        """True once the view differs from the base (data or size)."""
+        return self.base_identity is None or self.size != self.base_identity.size or bool(self.written)
+
+    def store_blocks(self) -> int:
+        """512-byte blocks this file takes beyond what it shares with its base (whole blocks of
+        its filesystem: the written ranges end at the file's size)."""
+        block = os.fstat(self.clone_fd).st_blksize
+        taken = sum(-(-end // block) * block - start for start, end in self.written.ranges(zeros=False))
+        return taken // 512
+
+    def blocks(self) -> int:
+        """512-byte blocks of the view, shared ones included (its ``st_blocks``)."""
+        return os.fstat(self.clone_fd).st_blocks
+
+    def changed_outside(self) -> os.stat_result | None:
+        """The clone's stat if it changed since last asked (written through a passthrough
+        handle or a mapping), else None."""
+        st = os.fstat(self.clone_fd)
+        if (st.st_ctime_ns, st.st_size) == self._seen:
+            return None
+        self._seen = (st.st_ctime_ns, st.st_size)
+        self.generation = next_generation()
+        return st
+
+    def _changed_here(self) -> None:
+        """The daemon changed the clone itself: not a change from outside."""
+        st = os.fstat(self.clone_fd)
+        self._seen = (st.st_ctime_ns, st.st_size)
+        self.generation = next_generation()
+
+    # -- reading and writing (handles the kernel does not pass through) -------
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.clone_fd, max(0, size), offset)
+
+    def read_into(self, offset: int, size: int, buffer: bytearray, *, nowait: bool = False) -> memoryview:
+        """As `OverlayFile.read_into`: with ``nowait``, BlockingIOError unless all is cached."""
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return memoryview(b"")
+        view = memoryview(buffer)[: end - offset]
+        if not nowait:
+            return view[: os.preadv(self.clone_fd, (view,), offset)]
+        if os.preadv(self.clone_fd, (view,), offset, os.RWF_NOWAIT) != len(view):  # EAGAIN raises too
+            raise BlockingIOError(errno.EAGAIN, "only part of the range is cached")
+        return view
+
+    def prefetch(self, offset: int, size: int) -> None:
+        os.posix_fadvise(self.clone_fd, offset, size, os.POSIX_FADV_WILLNEED)
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        count = os.pwrite(self.clone_fd, data, offset)
+        self._changed_here()
+        return count
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.clone_fd, size)
+        self._changed_here()
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+    def zero_range(self, offset: int, length: int, keep_size: bool) -> None:
+        self._fallocate(FALLOC_FL_ZERO_RANGE | (FALLOC_FL_KEEP_SIZE if keep_size else 0), offset, length)
+
+    def allocate(self, offset: int, length: int, keep_size: bool) -> None:
+        self._fallocate(FALLOC_FL_KEEP_SIZE if keep_size else 0, offset, length)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "fallocate needs offset >= 0 and length > 0")
+        fallocate(self.clone_fd, mode, offset, length)
+        self._changed_here()
+
+    def seek_data(self, offset: int) -> int:
+        return os.lseek(self.clone_fd, offset, os.SEEK_DATA)
+
+    def seek_hole(self, offset: int) -> int:
+        if offset >= self.size:
+            raise OSError(errno.ENXIO, "past the end of the file")
+        return os.lseek(self.clone_fd, offset, os.SEEK_HOLE)
+
+    # -- the file as a whole ---------------------------------------------------
+
+    def close(self) -> None:
+        """Release the descriptors (the kernel frees the clone once no handle uses it)."""
+        for fd in (self.clone_fd, self.base_fd):
+            if fd is not None and fd >= 0:
+                os.close(fd)
+        self.clone_fd = -1
+        self.base_fd = None
+
+    def adopt_base(self, identity: BaseIdentity) -> None:
+        """The base file was rewritten (by `cowfs commit`) to hold this view's bytes: take its
+        new identity.  (Its rewritten blocks no longer match the clone's, so they keep showing
+        as changed.)"""
+        self.base_identity = identity
+        self.base_changed = False
+        self._written = None
+
+    def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
+        """Forget every change while handles are open: the same clone (the one the kernel's
+        handles use) gets the current base's blocks again."""
+        new_fd = base_fd_factory()
+        if self.base_fd is not None:
+            os.close(self.base_fd)
+        self.base_fd = new_fd
+        self.base_identity = BaseIdentity.of(os.fstat(new_fd)) if new_fd is not None else None
+        if new_fd is None:
+            os.ftruncate(self.clone_fd, 0)
+        else:
+            # The kernel refuses to clone a partial last block into the middle of a file.
+            os.ftruncate(self.clone_fd, min(self.size, os.fstat(new_fd).st_size))
+            try:
+                clone_into(self.clone_fd, new_fd)
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                _copy_whole(new_fd, self.clone_fd)  # a base on another filesystem now
+        self._changed_here()
+        self._written = None
+
+
+def _copy_whole(source: int, dest: int) -> None:
+    size = os.fstat(source).st_size
+    os.ftruncate(dest, 0)
+    offset = 0
+    while offset < size:
+        copied = os.copy_file_range(source, dest, size - offset, offset, offset)
+        if copied == 0:
+            break
+        offset += copied
+    os.ftruncate(dest, size)
+
+
+FileData = OverlayFile | CloneFile
+"""What a regular file's bytes are: a byte overlay, or (passthrough mode) a clone."""

@@ -1,0 +1,71 @@
+"""Loop-mounted XFS and btrfs filesystems for the passthrough tests (made as root).
+
+A test module that sets ``FILESYSTEMS = ALL_FILESYSTEMS`` runs each of its tests
+that use ``base_dir`` once per filesystem: ``default`` (the base and the store in
+the test's own temporary directory, as always), and on a fresh directory of an XFS
+(reflink) and a btrfs image holding both BASE_DIR and the store, where cowfs
+serves files in passthrough mode.  The images are made once per session, only
+when a test needs them, and unmounted (their loop devices detached) at its end,
+also after failures.  A machine that cannot make them fails those tests loudly.  They are
+reachable by other users (a test of passthrough as another user needs that).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+DEFAULT = "default"
+REFLINK_FILESYSTEMS = ("xfs", "btrfs")
+ALL_FILESYSTEMS = (DEFAULT, *REFLINK_FILESYSTEMS)
+IMAGE_SIZE = 2 << 30  # sparse: takes only what the tests write
+# The mkfs of each kind, quiet, and the Debian package that has it.
+_MKFS = {"xfs": (["mkfs.xfs", "-q", "-m", "reflink=1"], "xfsprogs"), "btrfs": (["mkfs.btrfs", "-q"], "btrfs-progs")}
+
+
+class LoopFilesystems:
+    """Filesystem images in a directory of their own, each loop-mounted on first use."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="cowfs-filesystems-", dir="/tmp"))
+        self.directory.chmod(0o755)
+        self._mounted: dict[str, Path] = {}
+
+    def root(self, kind: str) -> Path:
+        """The mountpoint of a ``kind`` filesystem (made now if it is the first use)."""
+        if kind not in self._mounted:
+            self._mounted[kind] = self._make(kind)
+        return self._mounted[kind]
+
+    def _make(self, kind: str) -> Path:
+        mkfs, package = _MKFS[kind]
+        if shutil.which(mkfs[0]) is None:
+            pytest.fail(f"cannot make a {kind} filesystem: {mkfs[0]} is missing (apt-get install {package})", False)
+        image = self.directory / f"{kind}.img"
+        mountpoint = self.directory / kind
+        mountpoint.mkdir()
+        with open(image, "wb") as sparse:
+            sparse.truncate(IMAGE_SIZE)
+        made = subprocess.run([*mkfs, str(image)], capture_output=True, text=True, check=False)
+        if made.returncode != 0:
+            pytest.fail(f"cannot make a {kind} filesystem: {made.stderr.strip()}", False)
+        mounted = subprocess.run(
+            ["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True, check=False
+        )
+        if mounted.returncode != 0:
+            pytest.fail(f"cannot loop-mount a {kind} filesystem (as root?): {mounted.stderr.strip()}", False)
+        mountpoint.chmod(0o755)
+        return mountpoint
+
+    def close(self) -> None:
+        """Unmount everything (the loop devices that mount made detach themselves: autoclear),
+        and remove the images."""
+        for mountpoint in self._mounted.values():
+            if subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False).returncode != 0:
+                subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+        self._mounted.clear()
+        shutil.rmtree(self.directory, ignore_errors=True)
