@@ -216,6 +216,8 @@ class ControlServer:
             return changes.checkpoint_info(namespace, checkpoint)
         if request.force:  # dirty pages of open files would otherwise reach us after the rollback
             await self.kernel_cache.invalidate(namespace.table.open_files())
+        if namespace.checkpoints.get(request.name) is not None:  # (else it says why at once)
+            await _when_closed(lambda: namespace.refuse_rollback_if_open(request.name, request.force))
         result = namespace.rollback(request.name, request.force)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("rolled back to checkpoint %s (%d inodes)", request.name, len(result.inodes))
@@ -228,6 +230,21 @@ class ControlServer:
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("committed %s into its base", request.path)
         return ResetReply(result.paths)
+
+
+async def _when_closed(check: Callable[[], None], patience: float = 0.5) -> None:
+    """``check()``, again for up to ``patience`` seconds while it refuses: a program's close()
+    returns before the kernel sends us its RELEASE, so "close, then roll back" would find the
+    file still open now and then."""
+    deadline = trio.current_time() + patience
+    while True:
+        try:
+            check()
+            return
+        except Refused:
+            if trio.current_time() >= deadline:
+                raise
+        await trio.sleep(0.01)
 
 
 async def _in_slices(job: Generator[None, None, T]) -> T:

@@ -495,6 +495,30 @@ class OverlayFile:
         view.restore(frozen)
         return view
 
+    @classmethod
+    def copied(cls, store: Store, frozen: FrozenView, key: int) -> OverlayFile:
+        """A view of a new file (``key``) that reads as ``frozen`` did, with store bytes of its
+        own: copies of the frozen view's (ZEROS ranges stay ZEROS, the base is the same)."""
+        view = cls(store, os.dup(frozen.base_fd) if frozen.base_fd is not None else None, frozen.name, key)
+        view._copy_from(frozen)
+        return view
+
+    @_locked
+    def _copy_from(self, frozen: FrozenView) -> None:
+        self.base_identity, self.base_changed = frozen.base_identity, frozen.base_changed
+        self.size, self.base_limit = frozen.size, frozen.base_limit
+        for start, end, stored in frozen.written.extents():
+            if stored == ZEROS:
+                self.written.add(start, end, ZEROS)
+                continue
+            for piece in range(start, end, 1 << 20):
+                length = min(1 << 20, end - piece)
+                fd, offset = self._store.locate(stored + piece - start)
+                data = os.pread(fd, length, offset)
+                if len(data) != length or self._append(piece, memoryview(data), replaces=False) != length:
+                    raise OSError(errno.EIO, "short read or write copying store bytes")
+        self.generation = next(_changes)
+
     @_locked
     def restore(self, frozen: FrozenView) -> None:
         """Make the view what ``frozen`` (of the same key) was: bytes only it holds come back to

@@ -56,6 +56,7 @@ class NodeRecord:
     entries: tuple[tuple[bytes, int], ...]
     link_target: bytes | None
     xattrs: tuple[tuple[bytes, bytes], ...] | None
+    data_key: int | None = None  # its bytes: the key of its frozen view (the file's first ino)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ def capture(ns: Namespace) -> tuple[NamespaceState, list[FrozenView]]:
             tuple(node.entries.items()),
             node.link_target,
             tuple(node.xattrs.items()) if node.xattrs is not None else None,
+            node.data.key if node.attrs is not None and isinstance(node.data, OverlayFile) else None,
         )
         if node.attrs is not None and isinstance(node.data, OverlayFile):  # (no clones: not in passthrough mode)
             views.append(node.data.freeze())
@@ -120,24 +122,85 @@ def restore(ns: Namespace, state: NamespaceState, views: dict[int, FrozenView]) 
         result.entries.update(node.links)
         result.entries.update((node.ino, name) for name in node.entries)
         result.inodes.add(node.ino)
-    for record in state.nodes.values():
+    records, copies = _renumbered(ns, state, views)
+    for record in records.values():
         result.entries.update(record.links)
         result.entries.update((record.ino, name) for name, _ in record.entries)
         result.inodes.add(record.ino)
     # Names first, all at once: every node listed as the checkpoint lists it, no other.
-    nodes = {record.ino: _registered(ns, record) for record in state.nodes.values()}
+    nodes = {record.ino: _registered(ns, record) for record in records.values()}
     ns.names.restore(
-        {ino: dict(record.entries) for ino, record in state.nodes.items() if record.entries},
-        {ino: (record.parent, record.name) for ino, record in state.nodes.items()},
+        {ino: dict(record.entries) for ino, record in records.items() if record.entries},
+        {ino: (record.parent, record.name) for ino, record in records.items()},
     )
-    for record in state.nodes.values():
-        _restore_node(ns, nodes[record.ino], record, views.get(record.ino))
+    for record in records.values():
+        view = views.get(record.data_key) if record.data_key is not None else None
+        _restore_node(ns, nodes[record.ino], record, view, record.ino in copies)
     for node in changed_now:
-        if node.ino not in state.nodes:
+        if node.ino not in records:
             _revert(ns, node, result)  # unchanged in the checkpoint: the base again, or gone if created
     for node in list(ns.table):
         ns.table.maybe_drop(node)
     return result
+
+
+def _renumbered(
+    ns: Namespace, state: NamespaceState, views: dict[int, FrozenView]
+) -> tuple[dict[int, NodeRecord], set[int]]:
+    """The records -- but for a file held open whose size the rollback changes -- and the numbers
+    of those files.  The kernel owns the size of a file it holds open (writeback cache) and cannot
+    be told another, so its holders keep it as it is, deleted, and the checkpoint's file comes
+    back under a new number (as a reset does, `cowfs.namespace.reset._revert`), with a copy of its
+    store bytes: the holders' view may still map some of them, and a store byte is live in one
+    view only (a file's bytes are known to the store by its first number)."""
+    held = [
+        (record, node, views[record.data_key])
+        for record in state.nodes.values()
+        if record.data_key in views
+        and (node := ns.nodes.get(record.ino)) is not None
+        and node.opens
+        and node.data is not None
+        and node.data.size != views[record.data_key].size
+    ]
+    if not held:
+        return state.nodes, set()
+    try:
+        ns.store.ensure_room(sum(view.written.total for _, _, view in held))
+    except OSError:
+        raise Refused(
+            "no room in the store for the copies this rollback needs (of files held open whose size "
+            "it changes): close them, or drop a checkpoint"
+        ) from None
+    renumber = {}
+    for record, node, _ in held:
+        renumber[record.ino] = _new_number(ns, node)
+        node.unlinked = True
+
+    def moved(ino: int) -> int:
+        return renumber.get(ino, ino)
+
+    records = {}
+    for record in state.nodes.values():
+        records[moved(record.ino)] = dataclasses.replace(
+            record,
+            ino=moved(record.ino),
+            links=frozenset((moved(parent), name) for parent, name in record.links),
+            entries=tuple((name, moved(child)) for name, child in record.entries),
+        )
+    return records, set(renumber.values())
+
+
+def _new_number(ns: Namespace, node: Node) -> int:
+    """Retire a held node from its base object (or file made in the mount); the number that
+    object gets from now on."""
+    if node.base_path is not None:
+        try:
+            st = ns.base.lstat(node.base_path)
+            ns.table.retire(node)
+            return ns.table.ino_for_base(st.st_dev, st.st_ino)
+        except OSError:  # gone from the base: a number of its own
+            pass
+    return ns.table.new_ino()
 
 
 def _registered(ns: Namespace, record: NodeRecord) -> Node:
@@ -147,14 +210,15 @@ def _registered(ns: Namespace, record: NodeRecord) -> Node:
         node = Node(record.ino, record.type, record.parent, record.name, base_path=record.base_path)
         ns.table.add(node)
     elif (node.type, node.base_path) != (record.type, record.base_path):
-        # A base object's number now names what the base has at another path: the checkpoint's is
-        # the object it held then.  (A created node's number is never another's.)
-        assert record.base_path is not None and node.base_path is not None, record.ino
+        # A base object's number now names what the base has at another path, or a reset retired
+        # the node (it has no base path then): it is the checkpoint's object again.  (A created
+        # node's number is never another's.)
+        assert record.base_path is not None, record.ino
         ns.table.follow_base(node, record.type, record.base_path)
     return node
 
 
-def _restore_node(ns: Namespace, node: Node, record: NodeRecord, view: FrozenView | None) -> None:
+def _restore_node(ns: Namespace, node: Node, record: NodeRecord, view: FrozenView | None, copy: bool) -> None:
     node.attrs = dataclasses.replace(record.attrs) if record.attrs is not None else None
     node.xattrs = dict(record.xattrs) if record.xattrs is not None else None
     node.link_target = record.link_target
@@ -162,9 +226,15 @@ def _restore_node(ns: Namespace, node: Node, record: NodeRecord, view: FrozenVie
     node.last_seen_base = None  # its next open must not keep cached pages
     if view is None:  # not a regular file (a changed file always has its bytes)
         return
-    data = node.data if node.data is not None else _fresh_data(ns, node, view)
-    assert isinstance(data, OverlayFile)  # (no clones: checkpoints are not taken in passthrough mode)
-    node.data = data
+    if copy:  # a new number, and store bytes of its own (see _renumbered)
+        node.data = OverlayFile.copied(ns.store, view, node.ino)
+        return
+    data = node.data
+    if data is None:
+        data = _fresh_data(ns, node, view)
+        assert isinstance(data, OverlayFile)  # (no clones: checkpoints are not taken in passthrough mode)
+        node.data = data
+    assert isinstance(data, OverlayFile) and data.key == view.key, (node.ino, view.key)
     data.restore(view)
 
 

@@ -117,7 +117,6 @@ class Namespace:
         # What holds a file's bytes, from its base descriptor (or None) and name: a byte overlay,
         # or in passthrough mode a clone (cowfs.passthrough).
         self.new_file_data = new_file_data or (lambda base_fd, name: OverlayFile(store, base_fd, name))
-        self.passthrough = new_file_data is not None  # files are clones the kernel serves: no checkpoints
         self.uid = os.geteuid() if uid is None else uid
         self.gid = os.getegid() if gid is None else gid
         self.table = NodeTable(base)
@@ -770,7 +769,9 @@ class Namespace:
         problem = name_problem(name)
         if problem is not None:
             raise Refused(problem)
-        if self.passthrough:
+        if getattr(self.new_file_data, "makes_clones", False) or any(
+            isinstance(node.data, CloneFile) for node in self.nodes.values()
+        ):
             raise Refused(
                 "checkpoints need cowfs's own store, and this mount serves its files by passthrough: "
                 "mount with -o passthrough=off to take them"
@@ -782,22 +783,30 @@ class Namespace:
 
     def rollback(self, name: str, force: bool = False) -> Invalidation:
         """Make the mount what it was at checkpoint ``name`` (which stays)."""
+        self.refuse_rollback_if_open(name, force)
         checkpoint = self._checkpoint_named(name)
         assert isinstance(checkpoint.state, checkpointing.NamespaceState)
-        checkpointing.refuse_if_open(self, checkpoint.state, name, force)
         result = checkpointing.restore(self, checkpoint.state, checkpoint.files)
         result.paths.append("/")
         return result
+
+    def refuse_rollback_if_open(self, name: str, force: bool = False) -> None:
+        """Refused if there is no checkpoint ``name``, or a rollback to it would change an open file
+        (and not ``force``)."""
+        checkpoint = self._checkpoint_named(name)
+        assert isinstance(checkpoint.state, checkpointing.NamespaceState)
+        checkpointing.refuse_if_open(self, checkpoint.state, name, force)
 
     def drop_checkpoint(self, name: str) -> int:
         """Forget checkpoint ``name``; the store bytes that only it held (now freed)."""
         self._checkpoint_named(name)
         return self.checkpoints.drop(name, self.live_data)
 
-    def live_data(self, key: int) -> OverlayFile | None:
-        """The bytes of the file a checkpoint knows as ``key``, as the mount has them now."""
+    def live_data(self, key: int) -> list[OverlayFile]:
+        """The bytes of the file a checkpoint knows as ``key`` (its first inode number, which only
+        that file's views have: see `cowfs.namespace.checkpoint._renumbered`), as the mount has them now."""
         node = self.nodes.get(key)
-        return node.data if node is not None and isinstance(node.data, OverlayFile) else None
+        return [node.data] if node is not None and isinstance(node.data, OverlayFile) and node.data.key == key else []
 
     def _checkpoint_named(self, name: str) -> Checkpoint:
         checkpoint = self.checkpoints.get(name)

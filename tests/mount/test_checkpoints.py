@@ -247,3 +247,23 @@ def test_unmount_with_checkpoints_frees_everything(base_dir: Path, mount_factory
     write_at(m.path / "disk.raw", 0, b"b" * MiB)
     m.stop()
     assert m.wait_for_daemon_exit()
+
+
+def test_a_file_held_open_whose_size_a_forced_rollback_changes_stays_with_its_holder(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
+    """The kernel owns the size of a file it holds open and cannot be told another: the name shows
+    the checkpoint's file (under a new inode number), the holder keeps the file as it was, deleted."""
+    m = mount_factory(_base(base_dir))
+    (m.path / "grows.txt").write_bytes(b"y" * 100)
+    api = cowfs.attach(m.path)
+    api.checkpoint("small")
+    before = os.stat(m.path / "grows.txt").st_ino
+    with open(m.path / "grows.txt", "r+b", buffering=0) as held:
+        held.write(b"z" * 8192)
+        api.rollback("small", force=True)
+        assert (m.path / "grows.txt").read_bytes() == b"y" * 100
+        assert os.stat(m.path / "grows.txt").st_ino != before
+        assert os.fstat(held.fileno()).st_nlink == 0 and os.pread(held.fileno(), 10, 8000) == b"z" * 10
+    api.rollback("small")  # again, with nothing open: the same file, the same number from now on
+    assert (m.path / "grows.txt").read_bytes() == b"y" * 100

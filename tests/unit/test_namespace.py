@@ -429,8 +429,8 @@ class NamespaceMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     @precondition(lambda self: self.taken)
     def rollback(self, data: st.DataObject) -> None:
-        """After a rollback the whole tree -- names, bytes, sizes, modes, link counts and inode
-        numbers -- is what it was when the checkpoint was taken."""
+        """After a rollback the whole tree -- names, bytes, sizes, modes, link counts and which
+        names are links of one file -- is what it was when the checkpoint was taken."""
         name = data.draw(st.sampled_from(list(self.taken)))
         expected, snapshot = self.taken[name]
         if self.handles:
@@ -445,7 +445,9 @@ class NamespaceMachine(RuleBasedStateMachine):
                 assert self._ns_tree(ROOT_INO, ()) == before
             return  # else the local copy cannot follow handles of files a rollback replaces
         self.ns.rollback(name)
-        assert self._ns_tree(ROOT_INO, ()) == expected
+        # (A file the kernel holds whose size the rollback changes shows under a new inode number,
+        # as after a reset: its holders keep it as it was, deleted.)
+        assert with_link_groups(self._ns_tree(ROOT_INO, ())) == with_link_groups(expected)
         shutil.rmtree(self.local)
         copy_tree(snapshot, self.local)
 
