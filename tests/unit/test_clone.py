@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cowfs.clone import FIEMAP_EXTENT_UNWRITTEN, CloneFile, Extent, compare_block_maps
+from cowfs.clone import FIEMAP_EXTENT_UNWRITTEN, CloneFile, Clones, Extent, compare_block_maps
 from cowfs.rangemap import ZEROS
 
 from ..filesystems import REFLINK_FILESYSTEMS, LoopFilesystems
@@ -146,8 +146,10 @@ def test_a_clone_reads_like_the_model_and_names_every_changed_block(
 ) -> None:
     base_fd, base = _base(directory)
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    clone = CloneFile(directory_fd, base_fd, "base.img")
+    clones = Clones(directory_fd)
+    clone = CloneFile(clones, base_fd, "base.img")
     try:
+        assert clone.needs_clone and clone.size == BASE_SIZE and not clone.written  # made when first needed
         assert clone.read(0, BASE_SIZE) == base and not clone.written and not clone.is_changed
         model = bytearray(base)
         for index, (kind, offset, length) in enumerate(ops):
@@ -176,6 +178,7 @@ def test_a_clone_reads_like_the_model_and_names_every_changed_block(
         assert not clone.written, "the clone shares every block with the base again"
     finally:
         clone.close()  # and its base descriptor
+        clones.close()
         os.close(directory_fd)
 
 
@@ -202,8 +205,35 @@ def test_a_clone_of_a_file_on_another_filesystem_is_refused(directory: Path, tmp
     base_fd = os.open(elsewhere, os.O_RDONLY)
     try:
         with pytest.raises(OSError) as failure:
-            CloneFile(directory_fd, base_fd)
+            CloneFile(Clones(directory_fd), base_fd)
         assert failure.value.errno in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL)
     finally:
+        os.close(base_fd)
+        os.close(directory_fd)
+
+
+def test_an_untouched_clone_is_kept_for_the_next_open_of_its_base(directory: Path) -> None:
+    base_fd, base = _base(directory)
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    clones = Clones(directory_fd)
+    try:
+        first = CloneFile(clones, os.dup(base_fd))
+        job = first.clone_job()
+        assert job is not None
+        make, key = job
+        assert first.adopt(make(), key)
+        inode = os.fstat(first.clone_fd).st_ino
+        first.close()  # nothing changed it: kept
+        second = CloneFile(clones, os.dup(base_fd))
+        assert second.clone_job() is None and os.fstat(second.clone_fd).st_ino == inode
+        second.write(0, b"changed")
+        second.close()  # changed: not kept
+        third = CloneFile(clones, os.dup(base_fd))
+        job = third.clone_job()
+        assert job is not None, "a changed clone was kept"
+        assert third.adopt(job[0](), job[1]) and third.read(0, BASE_SIZE) == base
+        third.close()
+    finally:
+        clones.close()
         os.close(base_fd)
         os.close(directory_fd)
