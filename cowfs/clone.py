@@ -53,6 +53,7 @@ FIEMAP_EXTENT_NOT_ALIGNED = 0x100
 FIEMAP_EXTENT_DATA_INLINE = 0x200
 FIEMAP_EXTENT_DATA_TAIL = 0x400
 FIEMAP_EXTENT_UNWRITTEN = 0x800
+FIEMAP_EXTENT_SHARED = 0x2000  # another file has the block too
 # Extents whose disk address says nothing about their bytes: compared by content (they are small).
 _NO_ADDRESS = FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_NOT_ALIGNED | FIEMAP_EXTENT_DATA_INLINE
 _NO_ADDRESS |= FIEMAP_EXTENT_DATA_TAIL
@@ -95,6 +96,7 @@ class Clones:
     `POOL` of them: reopening an image then costs no second clone."""
 
     POOL = 16
+    QUICK_EXTENTS = 64  # a base in at most this many extents is cloned at once (~2 ms): no thread hop
 
     def __init__(self, directory_fd: int) -> None:
         self._directory_fd = directory_fd
@@ -123,6 +125,21 @@ class Clones:
             fcntl.ioctl(fd, FICLONERANGE, _CLONE_RANGE.pack(base_fd, 0, length, 0))
         finally:
             os.close(fd)
+
+    def is_quick(self, base_fd: int) -> bool:
+        """Whether cloning ``base_fd`` takes a moment only (it has few extents; FIEMAP of at
+        most `QUICK_EXTENTS` costs microseconds)."""
+        request = bytearray(_FIEMAP_HEADER.size + _FIEMAP_EXTENT.size * self.QUICK_EXTENTS)
+        _FIEMAP_HEADER.pack_into(request, 0, 0, (1 << 64) - 1, 0, 0, self.QUICK_EXTENTS, 0)
+        try:
+            fcntl.ioctl(base_fd, FIEMAP, request)
+        except OSError:
+            return False
+        mapped = _FIEMAP_HEADER.unpack_from(request)[3]
+        if mapped < self.QUICK_EXTENTS:
+            return True
+        last_flags = _FIEMAP_EXTENT.unpack_from(request, _FIEMAP_HEADER.size + (mapped - 1) * _FIEMAP_EXTENT.size)[3]
+        return bool(last_flags & FIEMAP_EXTENT_LAST)
 
     def take(self, key: BaseKey) -> int | None:
         return self._kept.pop(key, None)
@@ -236,9 +253,10 @@ def compare_block_maps(
 
 
 class CloneFile:
-    """The bytes of one file of a passthrough mount: an unnamed clone of its base, made when it is
-    first needed (`needs_clone`: the FUSE adapter makes it in a worker thread and hands it over with
-    `adopt`; anything else that needs it meanwhile makes it at once)."""
+    """The bytes of one file of a passthrough mount: an unnamed clone of its base.  The clone of a
+    base of many extents is made when it is first needed (`needs_clone`: the FUSE adapter makes it
+    in a worker thread and hands it over with `adopt`; anything else that needs it meanwhile makes
+    it at once)."""
 
     def __init__(self, clones: Clones, base_fd: int | None = None, name: str = "") -> None:
         self.name = name  # for log lines only
@@ -246,15 +264,25 @@ class CloneFile:
         self.base_fd = base_fd
         self.base_identity = BaseIdentity.of(os.fstat(base_fd)) if base_fd is not None else None
         self.base_changed = False  # the clone never reads its base again: a base change cannot show
-        if base_fd is not None:
-            clones.probe(base_fd)  # fail now (a base on another filesystem), not at the first open
         self.generation = next_generation()
         self._clone_fd: int | None = None
         self._seen = (0, 0)
         self._unchanged_since: tuple[tuple[int, int], int] | None = None
         self._written: tuple[tuple[tuple[int, int], int], RangeMap] | None = None
-        if base_fd is None:
+        key = self.key
+        if base_fd is None or key is None:
             self._start(clones.new_file())
+            return
+        # A clone kept from the base's last open, or one made now where that takes a moment; a
+        # base of many extents is cloned at its first open, by a worker thread (`clone_job`).
+        # Either way a base that cannot be cloned (another filesystem) fails here.
+        kept = clones.take(key)
+        if kept is not None:
+            self._start(kept)
+        elif clones.is_quick(base_fd):
+            self._start(clones.make(base_fd))
+        else:
+            clones.probe(base_fd)
 
     def _start(self, fd: int) -> None:
         self._clone_fd = fd
@@ -282,7 +310,8 @@ class CloneFile:
 
     def clone_job(self) -> tuple[Callable[[], int], BaseKey] | None:
         """What a worker thread may run to make the clone, and of which state of the base (then
-        `adopt` its result); None when there is nothing to make (made, or a kept clone taken)."""
+        `adopt` its result); None when there is nothing left to make (made before, or a kept clone
+        taken)."""
         key = self.key
         if self._clone_fd is not None or key is None or self.base_fd is None:
             return None

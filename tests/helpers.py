@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cowfs.clone import block_map
+from cowfs.clone import FIEMAP_EXTENT_SHARED, block_map
 from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
 from cowfs.mounts import open_pidfd, wait_for_exit
 
 COWFS = str(Path(sys.executable).parent / "cowfs")
-EXTENT_SHARED = 0x2000  # FIEMAP_EXTENT_SHARED: a block another file (the base) has too
 SOAK = bool(os.environ.get("COWFS_SOAK"))
 
 
@@ -132,7 +131,9 @@ class CommandLineMount:
             except FileNotFoundError:
                 continue
             try:
-                held += sum(extent.length for extent in block_map(fd, sync=True) if not extent.flags & EXTENT_SHARED)
+                held += sum(
+                    extent.length for extent in block_map(fd, sync=True) if not extent.flags & FIEMAP_EXTENT_SHARED
+                )
             finally:
                 os.close(fd)
         return held
