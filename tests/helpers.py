@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cowfs.clone import FIEMAP_EXTENT_SHARED, block_map
+from cowfs.clone import FIEMAP_EXTENT_DATA_INLINE, FIEMAP_EXTENT_SHARED, block_map
 from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
 from cowfs.mounts import open_pidfd, wait_for_exit
 
@@ -103,8 +103,10 @@ class CommandLineMount:
                 return int(line.split()[1])
         raise AssertionError("no RSS line")
 
-    def store_fds(self) -> list[tuple[str, os.stat_result, int]]:
-        """(link target, stat, open flags) of the daemon's deleted store files."""
+    def store_fds(self, holding_data: bool = False) -> list[tuple[str, os.stat_result, int]]:
+        """(link target, stat, open flags) of the daemon's deleted store files; ``holding_data``:
+        only those with blocks of their own (a passthrough mount keeps the clone of a file nothing
+        changed for its next open: it shares every block with its base)."""
         assert self.pid is not None
         found = []
         for fd_link in Path(f"/proc/{self.pid}/fd").iterdir():
@@ -112,11 +114,23 @@ class CommandLineMount:
                 target = os.readlink(fd_link)
                 st = os.stat(fd_link)
                 flags = fd_flags(self.pid, int(fd_link.name))
+                if not target.endswith("(deleted)") or (holding_data and not self._own_bytes(fd_link)):
+                    continue
             except (FileNotFoundError, IndexError):
                 continue
-            if target.endswith("(deleted)"):
-                found.append((target, st, flags))
+            found.append((target, st, flags))
         return found
+
+    @staticmethod
+    def _own_bytes(path: Path) -> int:
+        """Bytes of a file in blocks no other file shares (FIEMAP, written back first; btrfs keeps
+        a small file's bytes inline, in its metadata: no block)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            shared_or_inline = FIEMAP_EXTENT_SHARED | FIEMAP_EXTENT_DATA_INLINE
+            return sum(extent.length for extent in block_map(fd, sync=True) if not extent.flags & shared_or_inline)
+        finally:
+            os.close(fd)
 
     def store_bytes_on_disk(self) -> int:
         """Bytes of disk that the daemon's store files take of their own: the blocks that a clone
@@ -125,17 +139,10 @@ class CommandLineMount:
         held = 0
         for fd_link in Path(f"/proc/{self.pid}/fd").iterdir():
             try:
-                if not os.readlink(fd_link).endswith("(deleted)"):
-                    continue
-                fd = os.open(fd_link, os.O_RDONLY)
+                if os.readlink(fd_link).endswith("(deleted)"):
+                    held += self._own_bytes(fd_link)
             except FileNotFoundError:
                 continue
-            try:
-                held += sum(
-                    extent.length for extent in block_map(fd, sync=True) if not extent.flags & FIEMAP_EXTENT_SHARED
-                )
-            finally:
-                os.close(fd)
         return held
 
     def log_problems(self) -> list[str]:
