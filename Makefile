@@ -44,8 +44,8 @@ PJDFSTEST_DEFINES := _GNU_SOURCE HAVE_SYS_SYSMACROS_H HAVE_FACCESSAT HAVE_FCHMOD
 setup: system-packages $(VENV)/.installed-dev
 
 # Without the recommended packages: qemu-system-x86 alone recommends a desktop's worth
-# (GTK, sound, OVMF, ...): 465 packages and 374 MB on a fresh Debian 12 against 198 and
-# 184 MB, and nothing here uses them (guests run -nodefaults -nographic). debconf's note
+# (GTK, sound, OVMF, ...): 465 packages and 374 MB on a fresh Debian 12 against about 200
+# and 190 MB, and nothing here uses them (guests run -nodefaults -nographic). debconf's note
 # that it cannot preconfigure without apt-utils (minimal images) is dropped, nothing else.
 system-packages:
 	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
@@ -97,8 +97,12 @@ $(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e '.[bench]'
 	@touch $@
 
+# Under coverage (pyproject.toml [tool.coverage]): the report of what no test ran comes after
+# pytest's summary, also when a test failed; make's status is pytest's.
 test: setup lint typecheck pjdfstest
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@mkdir -p build/coverage && rm -f build/coverage/data*
+	$(PY) -m coverage run -m pytest $(PYTEST_ARGS); status=$$?; \
+		$(PY) -m coverage combine -q && $(PY) -m coverage report; exit $$status
 
 # The POSIX suite run by tests/mount/test_pjdfstest.py: its .t files find the pjdfstest
 # program in a directory above them, hence the link to the vendored tests beside it.

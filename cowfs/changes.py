@@ -48,8 +48,8 @@ def base_path_text(parts: BasePath) -> str:
 
 def _data_summary(data: FileData | None) -> tuple[int, int]:
     """(bytes written, changed extents) of a file's data."""
-    if data is None:
-        return 0, 0
+    if data is None or (not data.written and data.size <= data.base_limit):
+        return 0, 0  # (most changed files of a big tree: created empty, or moved)
     return data.written.total, len(changed_ranges(data))
 
 
@@ -81,20 +81,25 @@ def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Gene
     slices = slices or Slices()
     found: list[FileChange] = []
     moved_from: set[BasePath] = set()
-    for path, node, primary in namespace.pinned_nodes():
-        change = _describe(path, node, primary)
-        if change is not None:
-            found.append(change)
-            if change.state == "renamed":
-                assert node.base_path is not None
-                moved_from.add(node.base_path)
+    deleted: list[tuple[str, BasePath]] = []
+    for path, directory, name, node in namespace.names.entries():  # one walk for both kinds
+        if node is None:
+            if directory.base_path is not None:
+                deleted.append((path, directory.base_path + (name,)))
+        else:
+            change = _describe(path, node, (node.parent, node.name) == (directory.ino, name))
+            if change is not None:
+                found.append(change)
+                if change.state == "renamed":
+                    assert node.base_path is not None
+                    moved_from.add(node.base_path)
         if slices.used_up():
             yield
-    for path, base_path in namespace.names.whiteouts():
-        if base_path not in moved_from:
-            found.append(FileChange(path, "deleted", None, None, None, None, 0, 0, 0))
-        if slices.used_up():
-            yield
+    found += [
+        FileChange(path, "deleted", None, None, None, None, 0, 0, 0)
+        for path, base_path in deleted
+        if base_path not in moved_from
+    ]
     found.sort(key=lambda change: change.path)
     return StatusReply(str(namespace.base.path), str(namespace.store.directory), *store_usage(namespace), found)
 

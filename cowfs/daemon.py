@@ -18,7 +18,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import counters
+from . import counters, heap
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
@@ -155,6 +155,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
 async def _main(report: Callable[[str | None], None], control_server: ControlServer, views: GuestViews | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signals)
+        nursery.start_soon(heap.keep_collections_short)  # no second-long pauses with a big namespace
         nursery.start_soon(control_server.serve)
         if views is not None:
             nursery.start_soon(views.stop_idle_helpers)

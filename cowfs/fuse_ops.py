@@ -79,6 +79,7 @@ _QUIET_ERRNOS = frozenset(
 
 # Read-only attribute of the mount root: how many inodes the daemon tracks (tests check it stays flat).
 NODE_COUNT_XATTR = b"user.cowfs.nodes"
+FORGETS_PER_SLICE = 2048  # a few ms of forgets between chances for other requests
 
 # How many times a read that waits for the disk lets the requests queued behind it start their own
 # disk reads first (each round is one pass of the trio scheduler, a few microseconds).
@@ -319,11 +320,15 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for inode, count in inode_list:
+        for done, (inode, count) in enumerate(inode_list, 1):
             try:
                 self._forget(inode, count)
             except Exception:
                 log.exception("forget(%d, %d) failed", inode, count)
+            if done % FORGETS_PER_SLICE == 0:
+                # One BATCH_FORGET can carry tens of thousands (after a reset of many names):
+                # let other requests in between, each forget is complete on its own.
+                await trio.lowlevel.checkpoint()
 
     # -- partition windows (cowfs/windows.py) ----------------------------------
 

@@ -36,6 +36,11 @@ append log cannot place future writes in advance, so nothing is reserved.
 ``generation`` grows on every change of the view's bytes or size, so a
 reader can tell whether anything changed between two moments.
 
+Checkpoints.  `freeze` gives a `FrozenView`: the view as it is (a snapshot of
+the map that shares its buckets, the size, the base it was opened against) at
+no data copy; `restore` makes the view that again.  The store keeps the bytes
+a frozen view holds (store.py, "Checkpoints"); ``key`` names the file to it.
+
 The compiled read path (readpath.py) reads this state from another thread:
 every method that changes it runs under the file's lock (`_locked`, or
 ``with self.view:``), and leaving the lock publishes the state to it.
@@ -55,6 +60,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, TypeVar
 
+from . import rangemap
 from .rangemap import ZEROS
 from .readpath import RangeMap, new_view
 from .store import PAGE_SIZE, Allocation, FreedRun, Store
@@ -108,13 +114,33 @@ class BaseIdentity:
         return st.st_ctime_ns != self.ctime_ns and st.st_nlink >= self.nlink
 
 
+@dataclass(frozen=True)
+class FrozenView:
+    """A file's view at a checkpoint.  It owns ``base_fd`` (a descriptor of its own): `close` it."""
+
+    key: int
+    written: rangemap.RangeMap  # shares its buckets with the live map until either changes
+    size: int
+    base_limit: int
+    base_fd: int | None
+    base_identity: BaseIdentity | None
+    base_changed: bool
+    pages: int  # store pages holding its bytes
+    name: str
+
+    def close(self) -> None:
+        if self.base_fd is not None:
+            os.close(self.base_fd)
+
+
 class OverlayFile:
     """The bytes of one file of the mount."""
 
     base_is_fd = True  # its base bytes are base_fd's, at the same offsets (the compiled path may read them)
 
-    def __init__(self, store: Store, base_fd: int | None = None, name: str = "") -> None:
+    def __init__(self, store: Store, base_fd: int | None = None, name: str = "", key: int = 0) -> None:
         self._store = store
+        self.key = key  # who the file is to checkpoints: the same for every view of one file
         self.name = name  # for log lines only
         self.base_fd = base_fd
         self.base_identity = BaseIdentity.of(os.fstat(base_fd)) if base_fd is not None else None
@@ -271,7 +297,7 @@ class OverlayFile:
         (``replaces``: over ZEROS, or bytes the store may not overwrite); the bytes that reached
         the store."""
         if self._space is None:
-            self._space = Allocation()
+            self._space = Allocation(self.key)
         done = 0
         while done < len(data):
             store, count = self._store.append(self._space, start + done, data[done:])
@@ -337,7 +363,7 @@ class OverlayFile:
             return
         self.generation = next(_changes)
         if self._space is None:
-            self._space = Allocation()
+            self._space = Allocation(self.key)
         for start, stop in pieces:
             while start < stop:
                 store, count = self._store.reserve(self._space, start, stop - start)
@@ -356,17 +382,19 @@ class OverlayFile:
         for seg_start, seg_end, store in self.written.segments(start, end):
             if store is None or store == ZEROS:
                 continue
-            if runs and runs[-1][1] == store:
+            # One run only where both the store bytes and the view bytes continue: free() finds a
+            # page's view page from the run's view offset.
+            if runs and runs[-1][1] == store and runs[-1][2] + runs[-1][1] - runs[-1][0] == seg_start:
                 runs[-1] = (runs[-1][0], store + seg_end - seg_start, runs[-1][2])
             else:
                 runs.append((store, store + seg_end - seg_start, seg_start))
         self.written.remove(start, end)
         if runs:
             assert self._space is not None
-            self._store.free(self._space, runs, self._page_in_use)
+            self._store.free(self._space, runs, self.page_in_use)
 
-    def _page_in_use(self, view_page: int, store_page: int) -> bool:
-        """Does the store page still hold bytes of the file?  (All its bytes belong to one view page.)"""
+    def page_in_use(self, view_page: int, store_page: int) -> bool:
+        """Does the store page still hold live bytes of the file?  (All its bytes belong to one view page.)"""
         for _, _, store in self.written.segments(view_page, view_page + PAGE_SIZE):
             if store is not None and store != ZEROS and store - store % PAGE_SIZE == store_page:
                 return True
@@ -444,6 +472,51 @@ class OverlayFile:
         self.base_identity = identity
         self.base_changed = False
 
+    # -- checkpoints ------------------------------------------------------------
+
+    def freeze(self) -> FrozenView:
+        """The view as it is now, sharing the map's buckets (nothing is copied)."""
+        return FrozenView(
+            self.key,
+            self.written.snapshot(),
+            self.size,
+            self.base_limit,
+            os.dup(self.base_fd) if self.base_fd is not None else None,
+            self.base_identity,
+            self.base_changed,
+            self._space.pages if self._space is not None else 0,
+            self.name,
+        )
+
+    @classmethod
+    def thawed(cls, store: Store, frozen: FrozenView) -> OverlayFile:
+        """A view of a file that has none now, as ``frozen`` had it (its bytes come back to life)."""
+        view = cls(store, None, frozen.name, frozen.key)
+        view.restore(frozen)
+        return view
+
+    @_locked
+    def restore(self, frozen: FrozenView) -> None:
+        """Make the view what ``frozen`` (of the same key) was: bytes only it holds come back to
+        life in the store, bytes only this view holds are dropped."""
+        assert frozen.key == self.key, (frozen.key, self.key)
+        old, new = self.written, frozen.written.snapshot()
+        dropped = _runs_only_in(old, new)
+        revived = _runs_only_in(new, old)
+        old_space = self._space
+        self.written = new
+        self._space = Allocation(self.key, frozen.pages) if new.total else None
+        self._store.revive(revived)
+        if dropped:
+            assert old_space is not None
+            self._store.free(old_space, dropped, self.page_in_use)
+        if self.base_fd is not None:
+            os.close(self.base_fd)
+        self.base_fd = os.dup(frozen.base_fd) if frozen.base_fd is not None else None
+        self.base_identity, self.base_changed = frozen.base_identity, frozen.base_changed
+        self.size, self.base_limit = frozen.size, frozen.base_limit
+        self.generation = next(_changes)
+
     @_locked
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         """Forget every change: the view is the (current) base again."""
@@ -454,6 +527,25 @@ class OverlayFile:
         self.base_changed = False
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size
+
+
+def _runs_only_in(first: rangemap.RangeMap, second: rangemap.RangeMap) -> list[FreedRun]:
+    """Store runs (store offset, end, view offset) of ``first`` that ``second`` does not map to
+    the same store bytes: looked for only where the two do not share buckets."""
+    runs: list[FreedRun] = []
+    for span_start, span_end in first.unshared_spans(second):
+        for start, end, store in first.segments(span_start, span_end):
+            if store is None or store == ZEROS:
+                continue
+            position = start
+            for other_start, other_end, other in second.segments(start, end):
+                if other is not None and other != ZEROS and other == store + other_start - start:
+                    if other_start > position:
+                        runs.append((store + position - start, store + other_start - start, position))
+                    position = other_end
+            if position < end:
+                runs.append((store + position - start, store + end - start, position))
+    return runs
 
 
 def _check_range(offset: int, length: int) -> None:

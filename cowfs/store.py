@@ -41,10 +41,17 @@ The account that ``--max-store`` limits is the sum of the bytes that the
 mount's range maps hold in the store (`bytes_held`): overlay files change it
 only through `append`, `reserve` and `free`, after asking `ensure_room`.
 
-Checkpoints (issue 20) hook in at `frozen_below`: store bytes at ``(log
-sequence, offset)`` below it are never overwritten in place (`may_overwrite`),
-never appended next to (an `Allocation` below it starts on fresh pages), never
-punched, and their log is not closed.  It is ``(0, 0)`` -- nothing frozen -- until checkpoints exist.
+Checkpoints (issue 20, checkpoints.py) hook in at `frozen_below`: store bytes
+at ``(log sequence, offset)`` below it are never overwritten in place
+(`may_overwrite`) and never appended next to (an `Allocation` below it starts
+on fresh pages).  It is ``(0, 0)`` -- nothing frozen -- until checkpoints exist.
+Which of the bytes a file drops a checkpoint still holds, the `retention` (the
+mount's checkpoints) says exactly: those stay where they are, *retained*
+(`bytes_retained`, counted by ``--max-store`` too) until the last checkpoint
+holding them goes (`unretain`) or a rollback makes them live again (`revive`);
+the others are freed as ever.  A store page is punched once none of its bytes
+is live or retained, and a log closed once it holds neither.  (Without a
+retention nothing below `frozen_below` is punched, nor its log closed.)
 
 `punch_hole` (also used by ``cowfs commit`` on a base file) gives a file's
 blocks back to its filesystem.
@@ -52,14 +59,16 @@ blocks back to its filesystem.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import logging
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 
@@ -92,7 +101,7 @@ def _page_up(offset: int) -> int:
 class _Log:
     """One open log: where its next fresh page goes and how many bytes in it are live."""
 
-    __slots__ = ("fd", "index", "sequence", "end", "limit", "live")
+    __slots__ = ("fd", "index", "sequence", "end", "limit", "live", "retained")
 
     def __init__(self, fd: int, index: int, sequence: int, limit: int) -> None:
         self.fd = fd
@@ -101,24 +110,40 @@ class _Log:
         self.end = 0  # page-aligned: the first page no file owns yet
         self.limit = limit  # no byte at or past this offset (the cap, or where the filesystem said EFBIG)
         self.live = 0  # bytes that range maps hold in this log
+        self.retained = 0  # bytes in this log that only checkpoints hold
 
 
 class Allocation:
     """A file's share of the store: how many store pages hold its live bytes, and where its
     last appended bytes ended (so that the next ones can follow them)."""
 
-    __slots__ = ("log_index", "sequence", "tail", "delta", "pages")
+    __slots__ = ("key", "log_index", "sequence", "tail", "delta", "pages")
 
-    def __init__(self) -> None:
+    def __init__(self, key: int = 0, pages: int = 0) -> None:
+        self.key = key  # the file's identity for checkpoints (`Retention`)
         self.log_index = 0
         self.sequence = 0  # the log's sequence when ``tail`` was set; 0: nothing to follow
         self.tail = 0  # offset in the log just past the last appended byte
         self.delta = 0  # offset in the log minus view offset of those bytes (a multiple of PAGE_SIZE)
-        self.pages = 0  # store pages holding live bytes of the file (its st_blocks)
+        self.pages = pages  # store pages holding live bytes of the file (its st_blocks)
 
 
 # A freed run of a file's store bytes: (store offset, end, view offset of its first byte).
 FreedRun = tuple[int, int, int]
+PageCheck = Callable[[int, int], bool]  # (view page, store page) -> does the page still hold a byte?
+
+
+class Retention(Protocol):
+    """What the checkpoints of a mount hold in its store (checkpoints.py).  A file is known by
+    its ``key``; a store byte always stands for the same view offset of the same key."""
+
+    def held(self, key: int, runs: Sequence[FreedRun]) -> list[FreedRun]:
+        """The parts of a file's ``runs`` that some checkpoint holds, in store order, disjoint."""
+        ...
+
+    def page_held(self, key: int, view_page: int, store_page: int) -> bool:
+        """Does some checkpoint hold a byte of this store page of the file?"""
+        ...
 
 
 class Store:
@@ -131,6 +156,8 @@ class Store:
         self.limit = limit  # bytes, None for no limit
         self.log_size = log_size
         self._bytes_held = 0  # bytes that all range maps of this mount hold in the store
+        self._bytes_retained = 0  # bytes that only checkpoints hold
+        self.retention: Retention | None = None  # the mount's checkpoints, once there are any
         self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._logs: list[_Log | None] = []  # by log index; None: a free slot
         self.log_fds: list[int] = []  # log index -> fd (-1: free); what a reader resolves offsets with
@@ -317,45 +344,102 @@ class Store:
 
     # -- freeing --------------------------------------------------------------
 
-    def free(self, space: Allocation, runs: Iterable[FreedRun], page_in_use: Callable[[int, int], bool]) -> None:
+    def free(self, space: Allocation, runs: Iterable[FreedRun], page_in_use: PageCheck) -> None:
         """A file no longer holds the store bytes of ``runs``: release them in the account and
         punch the store pages that hold none of its live bytes any more.  ``page_in_use(view page,
         store page)`` says whether a page at the end of a run still holds one (the file's map
-        must no longer hold the runs)."""
-        punch: dict[int, list[tuple[int, int]]] = {}  # log index -> page-aligned ranges to punch
-        touched: set[int] = set()
+        must no longer hold the runs).  Bytes a checkpoint holds stay, retained."""
+        runs = list(runs)
+        held = self.retention.held(space.key, runs) if self.retention is not None and runs else []
+        for store, end, _ in runs:
+            entry = self._logs[store >> STORE_LOG_SHIFT]
+            assert entry is not None and end > store, (store, end)
+            entry.live -= end - store
+            self._bytes_held -= end - store
+            assert entry.live >= 0 and self._bytes_held >= 0, (entry.live, self._bytes_held)
+        for store, end, _ in held:
+            self._retain(store, end, 1)
+        emptied = self._emptied_pages(runs, page_in_use)  # no live byte of the file left in them
+        space.pages -= sum((stop - start) // PAGE_SIZE for ranges in emptied.values() for start, stop in ranges)
+        assert space.pages >= 0, space.pages
+        if space.sequence and any(
+            start <= _page_down(space.tail - 1) < stop for start, stop in emptied.get(space.log_index, ())
+        ):
+            # Its last page is gone (or only a checkpoint holds it): the next bytes start on a
+            # fresh one, also once no checkpoint freezes that page any more.
+            space.sequence = 0
+        if held:
+            emptied = self._emptied_pages(subtract_runs(runs, held), self._still_held(space.key, page_in_use))
+        elif self.retention is not None:
+            emptied = self._emptied_pages(runs, self._still_held(space.key, page_in_use))
+        self._give_back({store >> STORE_LOG_SHIFT for store, _, _ in runs}, emptied)
+
+    def unretain(self, key: int, runs: Iterable[FreedRun], page_in_use: PageCheck) -> None:
+        """No checkpoint holds these retained bytes of file ``key`` any more, nor does the file:
+        free them (``page_in_use``: does the file's live map still hold a byte of a page)."""
+        runs = list(runs)
+        for store, end, _ in runs:
+            self._retain(store, end, -1)
+        emptied = self._emptied_pages(runs, self._still_held(key, page_in_use))
+        self._give_back({store >> STORE_LOG_SHIFT for store, _, _ in runs}, emptied)
+
+    def revive(self, runs: Iterable[FreedRun]) -> None:
+        """Retained bytes are live again (a rollback gave a file back a checkpoint's map)."""
+        for store, end, _ in runs:
+            entry = self._retain(store, end, -1)
+            entry.live += end - store
+            self._bytes_held += end - store
+
+    def _retain(self, store: int, end: int, sign: int) -> _Log:
+        entry = self._logs[store >> STORE_LOG_SHIFT]
+        assert entry is not None and end > store, (store, end)
+        entry.retained += sign * (end - store)
+        self._bytes_retained += sign * (end - store)
+        assert entry.retained >= 0 and self._bytes_retained >= 0, (entry.retained, self._bytes_retained)
+        return entry
+
+    def _still_held(self, key: int, page_in_use: PageCheck) -> PageCheck:
+        retention = self.retention
+        if retention is None:
+            return page_in_use
+        return lambda view_page, store_page: (
+            page_in_use(view_page, store_page) or retention.page_held(key, view_page, store_page)
+        )
+
+    @staticmethod
+    def _emptied_pages(runs: Iterable[FreedRun], still_used: PageCheck) -> dict[int, list[tuple[int, int]]]:
+        """log index -> page-aligned ranges, merged, of the store pages of ``runs`` that hold no
+        byte any more: those wholly inside a run, and those at a run's ends that ``still_used``
+        says are unused."""
+        ranges: dict[int, list[tuple[int, int]]] = {}
         edges: dict[int, tuple[int, int]] = {}  # store page -> (log index, view page) to check
         for store, end, view in runs:
             index, offset, stop = store >> STORE_LOG_SHIFT, store & OFFSET_MASK, end & OFFSET_MASK
-            entry = self._logs[index]
-            assert entry is not None and stop > offset, (store, end)
-            touched.add(index)
-            entry.live -= stop - offset
-            self._bytes_held -= stop - offset
-            assert entry.live >= 0 and self._bytes_held >= 0, (entry.live, self._bytes_held)
             inner_start, inner_end = _page_up(offset), _page_down(stop)
             if inner_start < inner_end:
-                punch.setdefault(index, []).append((inner_start, inner_end))
-                space.pages -= (inner_end - inner_start) // PAGE_SIZE
+                ranges.setdefault(index, []).append((inner_start, inner_end))
             for page in {_page_down(offset), _page_down(stop - 1)}:
                 if not inner_start <= page < inner_end:
                     edges[index << STORE_LOG_SHIFT | page] = (index, _page_down(view + page - offset))
         for store_page, (index, view_page) in edges.items():
-            if not page_in_use(view_page, store_page):
+            if not still_used(view_page, store_page):
                 page = store_page & OFFSET_MASK
-                punch.setdefault(index, []).append((page, page + PAGE_SIZE))
-                space.pages -= 1
-                if self._follows(space) is self._logs[index] and _page_down(space.tail - 1) == page:
-                    space.sequence = 0  # its last page is gone: the next bytes start on a fresh one
-        assert space.pages >= 0, space.pages
+                ranges.setdefault(index, []).append((page, page + PAGE_SIZE))
+        return {index: _merged(sorted(found)) for index, found in ranges.items()}
+
+    def _give_back(self, touched: set[int], pages: dict[int, list[tuple[int, int]]]) -> None:
+        """Close the logs of ``touched`` that hold nothing any more, punch ``pages`` in the others."""
+        exact = self.retention is not None  # else nothing below frozen_below is known to be free
         for index in touched:
             entry = self._logs[index]
             assert entry is not None
-            if entry.live == 0 and (entry.sequence, 0) >= self.frozen_below:
-                self._close_log(index)  # nothing in it is live: closing frees it all at once
+            if entry.live == 0 and entry.retained == 0 and (exact or (entry.sequence, 0) >= self.frozen_below):
+                self._close_log(index)  # nothing in it is held: closing frees it all at once
                 continue
             self._unpunched.setdefault(index, []).extend(
-                (start, stop) for start, stop in punch.get(index, []) if (entry.sequence, start) >= self.frozen_below
+                (start, stop)
+                for start, stop in pages.get(index, [])
+                if exact or (entry.sequence, start) >= self.frozen_below
             )
 
     def settle(self) -> None:
@@ -396,9 +480,14 @@ class Store:
         """Bytes that the mount's range maps hold in the store."""
         return self._bytes_held
 
+    @property
+    def bytes_retained(self) -> int:
+        """Bytes that only checkpoints hold (no range map of the mount any more)."""
+        return self._bytes_retained
+
     def ensure_room(self, nbytes: int) -> None:
-        """ENOSPC if ``nbytes`` more would take the store past its limit."""
-        if self.limit is not None and self._bytes_held + nbytes > self.limit:
+        """ENOSPC if ``nbytes`` more would take the store past its limit (checkpoints' bytes count)."""
+        if self.limit is not None and self._bytes_held + self._bytes_retained + nbytes > self.limit:
             raise OSError(errno.ENOSPC, "store limit reached")
 
     def statvfs(self) -> os.statvfs_result:
@@ -413,8 +502,29 @@ class Store:
             if entry is not None:
                 assert entry.index == index, (entry.index, index)
                 assert entry.end % PAGE_SIZE == 0 and entry.end <= _page_up(entry.limit), (entry.end, entry.limit)
-                assert entry.live >= 0
+                assert entry.live >= 0 and entry.retained >= 0
         assert self._bytes_held == sum(entry.live for entry in self._logs if entry is not None)
+        assert self._bytes_retained == sum(entry.retained for entry in self._logs if entry is not None)
+
+
+def subtract_runs(runs: Iterable[FreedRun], taken: Sequence[FreedRun]) -> list[FreedRun]:
+    """The parts of ``runs`` outside ``taken`` (runs of the same file, disjoint, in store order)."""
+    ordered = sorted(taken)
+    left: list[FreedRun] = []
+    for store, end, view in sorted(runs):
+        position = store
+        first = max(0, bisect.bisect_left(ordered, (store,)) - 1)  # the one before may reach into it
+        for taken_start, taken_end, _ in itertools.islice(ordered, first, None):
+            if taken_start >= end:
+                break
+            if taken_end <= position:
+                continue
+            if taken_start > position:
+                left.append((position, taken_start, view + position - store))
+            position = max(position, taken_end)
+        if position < end:
+            left.append((position, end, view + position - store))
+    return left
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -94,6 +94,7 @@ def mount_factory(
             and base.resolve().is_relative_to(scratch.resolve())
             and not any("store" in arg or "passthrough" in arg for arg in extra_args)
         )
+        mount.traced = request.node.get_closest_marker("daemon_untraced") is None
         started.append((mount, fingerprint))
         mount.start()
         return mount

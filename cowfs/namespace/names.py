@@ -137,17 +137,17 @@ class Names:
     def walk(self) -> Iterator[tuple[str, Node, bool]]:
         """(path in the mount, node, whether it is the node's primary name) of every name the
         mount changed: a file with several names comes once for each."""
-        for path, directory, name, node in self._entries():
+        for path, directory, name, node in self.entries():
             if node is not None:
                 yield path, node, (node.parent, node.name) == (directory.ino, name)
 
     def whiteouts(self) -> Iterator[tuple[str, BasePath]]:
         """(mount path, base path) of every base name the mount deleted."""
-        for path, directory, name, node in self._entries():
+        for path, directory, name, node in self.entries():
             if node is None and directory.base_path is not None:
                 yield path, directory.base_path + (name,)
 
-    def _entries(self) -> Iterator[tuple[str, Node, bytes, Node | None]]:
+    def entries(self) -> Iterator[tuple[str, Node, bytes, Node | None]]:
         """(mount path, directory, name, node or None for a whiteout) of every entry, each
         directory's in name order, a directory's own entries before those below it."""
         stack: list[tuple[str, Node]] = [("", self.table.nodes[ROOT_INO])]

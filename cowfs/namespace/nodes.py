@@ -23,6 +23,8 @@ class NodeTable:
         self._next_ino = FIRST_CREATED_INO
         self._foreign_inos: dict[tuple[int, int], int] = {}
         self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
+        # (dev, ino) of a base object -> its number since a reset retired the node that had it
+        self.renumbered: dict[tuple[int, int], int] = {}
         root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
         self.nodes: dict[int, Node] = {}
         # base path -> the nodes that have it, in the order they were registered
@@ -33,6 +35,9 @@ class NodeTable:
 
     def ino_for_base(self, dev: int, base_ino: int) -> int:
         """A stable ino for a base object: its own number where that is unique."""
+        renumbered = self.renumbered.get((dev, base_ino))
+        if renumbered is not None:
+            return renumbered
         if dev == self.base.root_stat.st_dev and base_ino == self.base.root_stat.st_ino:
             return ROOT_INO
         if dev == self.base.root_stat.st_dev and base_ino + 2 < FIRST_CREATED_INO:
@@ -78,6 +83,16 @@ class NodeTable:
         if node.data is not None:
             node.data.close()
             node.data = None
+
+    def retire(self, node: Node) -> None:
+        """The kernel holds this node's inode with a size it will not take back from us (see
+        `reset._revert`): the node stops standing for its base object, which gets a new number
+        from now on, so that the kernel meets it as a new inode."""
+        assert node.base_path is not None
+        st = self.base.lstat(node.base_path)
+        self.renumbered[(st.st_dev, st.st_ino)] = self.new_ino()
+        self._unindex(node)
+        node.base_path = None
 
     def follow_base(self, node: Node, kind: int, base_path: BasePath) -> None:
         """An unchanged node's ino now names the base object at ``base_path``."""

@@ -255,6 +255,8 @@ def _revive_displaced(ns: Namespace, parent: Node, name: bytes, result: Invalida
         return
     for displaced in ns.table.at_base_path(parent.base_path + (name,)):
         if displaced.unlinked:
+            if displaced.is_dir:  # removed when empty: its whiteouts would hide the base's names
+                _reset_directory_entries(ns, displaced, result)
             _revert(ns, displaced, result)
 
 
@@ -283,20 +285,19 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
             ns.names.unlist(directory, other_name)
             result.entries.add((other_parent, other_name))
             _revive_displaced(ns, directory, other_name, result)
+    home = node.base_path  # (before _revert, which may retire the node: see there)
     _revert(ns, node, result)
     # A base node moved here goes back to its base name: drop the whiteout there.
-    if node.base_path is not None and node.base_path != (
-        None if parent.base_path is None else parent.base_path + (name,)
-    ):
-        origin = _directory_at_base_path(ns, node.base_path[:-1])
-        there = None if origin is None else origin.entries.get(node.base_path[-1])
+    if home is not None and home != (None if parent.base_path is None else parent.base_path + (name,)):
+        origin = _directory_at_base_path(ns, home[:-1])
+        there = None if origin is None else origin.entries.get(home[-1])
         if origin is not None and there == WHITEOUT:
-            ns.names.unlist(origin, node.base_path[-1], base_is_dir=node.is_dir)  # the base has this node there
-            result.entries.add((origin.ino, node.base_path[-1]))
+            ns.names.unlist(origin, home[-1], base_is_dir=node.is_dir)  # the base has this node there
+            result.entries.add((origin.ino, home[-1]))
         elif origin is not None and there is not None and there != node.ino:
             # Something else was put at its base name (RENAME_EXCHANGE): that goes back too,
             # or the base name would show two objects.
-            _reset_name(ns, origin, node.base_path[-1], result)
+            _reset_name(ns, origin, home[-1], result)
     # This name shows its base object again: if the mount moved that elsewhere, it comes back
     # (or the object would show under two names).
     moved = _moved_away(ns, parent, name, None)
@@ -325,6 +326,14 @@ def _revert(ns: Namespace, node: Node, result: Invalidation) -> None:
         node.unlinked = True
         ns.table.maybe_drop(node)  # unless the kernel or a handle holds it
         return
+    if _kernel_would_keep_its_size(ns, node):
+        # Under the writeback cache the kernel owns the size of a regular file it holds, and no
+        # notification shrinks it: the name would show the base's bytes with the view's size.
+        # This inode stays the kernel's as a deleted file; the base object gets a new number.
+        ns.table.retire(node)
+        node.unlinked = True
+        ns.table.maybe_drop(node)
+        return
     node.attrs = None
     node.xattrs = None
     node.unlinked = False
@@ -336,6 +345,20 @@ def _revert(ns: Namespace, node: Node, result: Invalidation) -> None:
             node.data.close()
             node.data = None
     ns.table.maybe_drop(node)
+
+
+def _kernel_would_keep_its_size(ns: Namespace, node: Node) -> bool:
+    """Does the kernel hold this regular file (a lookup, or a handle open with --force) with a
+    size other than its base's?  Then its handles keep the file as it was, deleted."""
+    if node.type != stat.S_IFREG or not (node.lookups or node.opens) or node.data is None:
+        return False
+    assert node.base_path is not None
+    try:
+        st = ns.base.lstat(node.base_path)
+    except OSError:
+        return False
+    base_size = (ns.views.size(st) if ns.views is not None else None) or st.st_size
+    return st.st_nlink == 1 and base_size != node.data.size
 
 
 # -- commit ---------------------------------------------------------------------------------

@@ -243,6 +243,29 @@ def test_reset_refuses_an_open_file_unless_forced(images: Path, mount_factory: M
     assert 10 <= changes_by_path(m)["/disk.raw"]["bytes_written"] <= 4096  # type: ignore[operator]
 
 
+def test_a_forced_reset_that_changes_the_size_leaves_open_handles_the_file_as_it_was(
+    images: Path, mount_factory: MountFactory
+) -> None:
+    """The kernel owns the size of a file it has open (writeback cache) and cannot be told a
+    smaller one: the name shows the base with its size, the handle keeps the file it had, deleted."""
+    m = mount_factory(images)
+    disk = m.path / "disk.raw"
+    base_size = disk.stat().st_size
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        os.ftruncate(fd, 4096)
+        os.pwrite(fd, b"q" * 4, 0)
+        cowfs("reset", "--force", str(disk))
+        assert disk.stat().st_size == base_size and read_base(images / "disk.raw")[:4] == disk.read_bytes()[:4]
+        assert os.fstat(fd).st_size == 4096 and os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 4, 0) == b"qqqq"
+        os.pwrite(fd, b"r", 1)  # and keeps working, without bringing the name back
+        assert os.pread(fd, 2, 0) == b"qr" and disk.stat().st_size == base_size
+    finally:
+        os.close(fd)
+    assert "/disk.raw" not in changes_by_path(m)
+
+
 def test_reset_everything_brings_back_the_base_tree(images: Path, mount_factory: MountFactory) -> None:
     m = mount_factory(images)
     before = sorted(os.listdir(m.path))

@@ -121,17 +121,7 @@ class Fsx:
         self.good[offset : offset + len(data)] = data
 
 
-# Punched holes and zeroed ranges among writes and truncates make the store's page count of a file
-# go below zero (store.free: ``assert space.pages >= 0``; the store's own model test fails the same
-# way with a few hundred steps), which ends the mount; until that is fixed they run apart, as a test
-# expected to fail.
-WITHOUT_HOLES = tuple(op for op in ALL_OPS if op not in ("punch", "zero"))
-HOLES_BUG = pytest.mark.xfail(reason="the store's page count goes negative (store.free)", strict=False)
-
-
-@pytest.mark.parametrize(
-    "ops", [pytest.param(WITHOUT_HOLES, id="no-holes"), pytest.param(ALL_OPS, id="all", marks=HOLES_BUG)]
-)
+@pytest.mark.parametrize("ops", [pytest.param(ALL_OPS, id="all")])
 @pytest.mark.parametrize("seed", range(4 if SOAK else 2))
 def test_fsx_with_mmap_o_direct_and_fallocate(
     seed: int, ops: tuple[str, ...], base_dir: Path, mount_factory: MountFactory

@@ -88,6 +88,7 @@ def test_uncached_reads_in_parallel_return_the_right_bytes(base_dir: Path, mount
 # -- fio: several processes on the same and different files at once --------------------------
 
 
+@pytest.mark.daemon_untraced
 @pytest.mark.filesystems(*ALL_FILESYSTEMS)  # and in passthrough mode: reads and writes the daemon never sees
 def test_fio_concurrent_random_read_write_verifies_on_two_images(base_dir: Path, mount_factory: MountFactory) -> None:
     image_size, jobs = (512 if SOAK else 64) * MiB, 4
@@ -258,6 +259,7 @@ def _block(i: int) -> bytes:
     return i.to_bytes(8, "little") * 512
 
 
+@pytest.mark.daemon_untraced
 def test_a_million_scattered_writes_into_a_tebibyte_stay_small_and_correct(
     base_dir: Path, ext4_store: Path, mount_factory: MountFactory
 ) -> None:
@@ -323,13 +325,14 @@ def _median_mount_seconds(base: Path, mountpoint: Path, tries: int) -> float:
     times = []
     for _ in range(tries):
         started = time.monotonic()
-        mount = CommandLineMount(base, mountpoint, mountpoint.parent / "timing.log")
+        mount = CommandLineMount(base, mountpoint, mountpoint.parent / "timing.log", traced=False)
         mount.start()
         times.append(time.monotonic() - started)
         mount.stop()
     return statistics.median(times)
 
 
+@pytest.mark.daemon_untraced
 def test_a_hundred_thousand_files_are_all_there_and_mount_as_fast_as_none(
     base_dir: Path, tmp_path: Path, mount_factory: MountFactory
 ) -> None:

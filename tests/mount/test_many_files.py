@@ -36,6 +36,7 @@ def _descriptors(m: CommandLineMount) -> int:
     return len(os.listdir(f"/proc/{m.pid}/fd"))
 
 
+@pytest.mark.daemon_untraced
 @pytest.mark.timeout(7200 if SOAK else 1200)  # 200,000 files through one FUSE daemon take a while
 def test_many_created_files_renames_and_deletes_with_few_descriptors(
     base_dir: Path, mount_factory: MountFactory

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 import cowfs
 
 from ..conftest import MountFactory
-from ..filesystems import ALL_FILESYSTEMS, DEFAULT
+from ..filesystems import ALL_FILESYSTEMS
 from ..helpers import (
     COWFS,
     SOAK,
@@ -601,8 +601,7 @@ def test_random_changes_then_a_reset_give_what_the_reset_specification_says(
     """Random changes, with the kernel holding an inode whose name the changes may delete or
     replace (an O_PATH descriptor: a lookup, no open) and its caches dropped (drop_caches: it
     forgets what it can), then `cowfs reset` of one name: the whole tree is what the reset
-    oracle says, a refused reset changes nothing, and the held inode still answers.  (But for
-    the size of a regular file the kernel held: see the known problem below.)"""
+    oracle says, a refused reset changes nothing, and the held inode still answers."""
     m = mount_factory(base_dir)
     template = tmp_path / "template"
     template.mkdir()
@@ -648,11 +647,6 @@ def test_random_changes_then_a_reset_give_what_the_reset_specification_says(
                 assert view_of(after) == view_of(before), result.stderr
             else:
                 expected = expected_after_reset(before, base, key, base_home(before, base, key))
-                if held_fd is not None and stat.S_ISREG(os.fstat(held_fd).st_mode):
-                    for tree in (after, expected):  # the kernel owns that size: a known problem
-                        for path, value in tree.items():
-                            if value[-1] == os.fstat(held_fd).st_ino:
-                                tree[path] = (value[0], None, None, None, value[-1])
                 assert view_of(after) == view_of(expected), (target, result.stderr)
         finally:
             if held_fd is not None:
@@ -664,19 +658,13 @@ def test_random_changes_then_a_reset_give_what_the_reset_specification_says(
     assert m.daemon_alive()
 
 
-def test_a_reset_shows_the_base_size_of_a_file_the_kernel_holds(
-    base_dir: Path, filesystem: str, mount_factory: MountFactory, request: pytest.FixtureRequest
-) -> None:
+def test_a_reset_shows_the_base_size_of_a_file_the_kernel_holds(base_dir: Path, mount_factory: MountFactory) -> None:
     """With the writeback cache the kernel keeps its own size of a regular file for as long as
-    it holds the inode (here an O_PATH descriptor; a cwd or a --force'd handle do the same), and
-    no notification lets a server shrink it: after a reset, the name shows the base's bytes
-    with the size the file had before.  Found by the reset oracle test; not fixed yet (it
-    needs the reset name to get a new inode number while the kernel holds the old one).  A
-    passthrough mount has no writeback cache: there the size follows."""
-    if filesystem == DEFAULT:
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="known problem: the kernel owns the size of a file it holds")
-        )
+    it holds the inode (here an O_PATH descriptor; a process's cwd does the same), and no
+    notification lets a server shrink it: the reset gives the name a new inode number, the
+    held one stays a deleted file.  (Found by the reset oracle test: the name showed the base's
+    bytes with the size the file had before.)  A passthrough mount has no writeback cache: the
+    size follows there anyway."""
     (base_dir / "disk.img").write_bytes(b"disk" * 100)
     m = mount_factory(base_dir)
     held = os.open(m.path / "disk.img", os.O_PATH)
@@ -686,5 +674,6 @@ def test_a_reset_shows_the_base_size_of_a_file_the_kernel_holds(
         os.close(fd)
         run([COWFS, "reset", str(m.path / "disk.img")])
         assert (m.path / "disk.img").read_bytes() == b"disk" * 100
+        assert os.stat(m.path / "disk.img").st_size == 400 and os.fstat(held).st_nlink == 0
     finally:
         os.close(held)
