@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 import cowfs
 
 from ..conftest import MountFactory
-from ..filesystems import ALL_FILESYSTEMS
+from ..filesystems import ALL_FILESYSTEMS, DEFAULT
 from ..helpers import (
     COWFS,
     SOAK,
