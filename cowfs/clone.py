@@ -93,9 +93,11 @@ class Clones:
     """Where a mount's clones are made: unnamed files in the store directory.  `make` may run in a
     worker thread (a clone costs ~35 µs per extent of its base); the rest belongs to the trio
     thread.  A clone that nothing changed is kept for the base's next open (`keep`, `take`), up to
-    `POOL` of them: reopening an image then costs no second clone."""
+    `POOL` of them, of bases of `KEEP_FROM` bytes or more: reopening an image then costs no second
+    clone."""
 
     POOL = 16
+    KEEP_FROM = 64 << 10  # smaller bases are cloned in no time (and btrfs copies a tiny one: inline)
     QUICK_EXTENTS = 64  # a base in at most this many extents is cloned at once (~2 ms): no thread hop
 
     def __init__(self, directory_fd: int) -> None:
@@ -145,6 +147,9 @@ class Clones:
         return self._kept.pop(key, None)
 
     def keep(self, key: BaseKey, fd: int) -> None:
+        if key[2] < self.KEEP_FROM:
+            os.close(fd)
+            return
         old = self._kept.pop(key, None)
         if old is not None:
             os.close(old)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cowfs.clone import FIEMAP_EXTENT_DATA_INLINE, FIEMAP_EXTENT_SHARED, block_map
+from cowfs.clone import FIEMAP_EXTENT_SHARED, block_map
 from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
 from cowfs.mounts import open_pidfd, wait_for_exit
 
@@ -126,12 +126,10 @@ class CommandLineMount:
 
     @staticmethod
     def _own_bytes(path: Path) -> int:
-        """Bytes of a file in blocks no other file shares (FIEMAP, written back first; btrfs keeps
-        a small file's bytes inline, in its metadata: no block)."""
+        """Bytes of a file in blocks no other file shares (FIEMAP, written back first)."""
         fd = os.open(path, os.O_RDONLY)
         try:
-            shared_or_inline = FIEMAP_EXTENT_SHARED | FIEMAP_EXTENT_DATA_INLINE
-            return sum(extent.length for extent in block_map(fd, sync=True) if not extent.flags & shared_or_inline)
+            return sum(extent.length for extent in block_map(fd, sync=True) if not extent.flags & FIEMAP_EXTENT_SHARED)
         finally:
             os.close(fd)
 

@@ -216,6 +216,7 @@ def test_an_untouched_clone_is_kept_for_the_next_open_of_its_base(directory: Pat
     base_fd, base = _base(directory)
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     clones = Clones(directory_fd)
+    clones.KEEP_FROM = BASE_SIZE  # as small as the base here
     try:
         first = CloneFile(clones, os.dup(base_fd))
         assert not first.needs_clone and first.clone_job() is None  # a base of few extents: cloned at once
@@ -260,6 +261,22 @@ def test_a_base_of_many_extents_is_cloned_by_a_job(directory: Path) -> None:
         assert not clone.adopt(fd, (0, 0, 0, 0, 0)), "a clone of another state of the base"
         assert clone.adopt(fd, key) and clone.read(0, 2 * BLOCK) == bytes([1]) * BLOCK + bytes(BLOCK)
         clone.close()
+    finally:
+        clones.close()
+        os.close(base_fd)
+        os.close(directory_fd)
+
+
+def test_the_clone_of_a_small_file_is_not_kept(directory: Path) -> None:
+    base_fd, _ = _base(directory)  # below Clones.KEEP_FROM: cloned again in no time
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    clones = Clones(directory_fd)
+    try:
+        clone = CloneFile(clones, os.dup(base_fd))
+        key = clone.key
+        assert key is not None
+        clone.close()
+        assert clones.take(key) is None
     finally:
         clones.close()
         os.close(base_fd)
