@@ -165,7 +165,7 @@ def test_opens_racing_resets_never_write_the_base(base_dir: Path, mount_factory:
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        for index in range(40):
+        for index in range(16):
             force = ["--force"] if index % 2 else []
             result = run([COWFS, "reset", *force, str(view)], check=False)
             assert result.returncode == 0 or "open in the mount" in result.stderr or "not changed" in result.stderr
