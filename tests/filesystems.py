@@ -12,6 +12,7 @@ reachable by other users (a test of passthrough as another user needs that).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -27,12 +28,17 @@ IMAGE_SIZE = 2 << 30  # sparse: takes only what the tests write
 _MKFS = {"xfs": (["mkfs.xfs", "-q", "-m", "reflink=1"], "xfsprogs"), "btrfs": (["mkfs.btrfs", "-q"], "btrfs-progs")}
 
 
+PREFIX = "cowfs-filesystems-"
+
+
 class LoopFilesystems:
     """Filesystem images in a directory of their own, each loop-mounted on first use."""
 
     def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="cowfs-filesystems-", dir="/tmp"))
+        remove_stale()
+        self.directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir="/tmp"))
         self.directory.chmod(0o755)
+        (self.directory / "pid").write_text(f"{os.getpid()}\n")  # who to ask whether it is still in use
         self._mounted: dict[str, Path] = {}
         self._devices: list[str] = []
 
@@ -64,6 +70,8 @@ class LoopFilesystems:
             pytest.fail(f"cannot attach a loop device for {kind} (as root?): {attached.stderr.strip()}", False)
         device = attached.stdout.strip()
         self._devices.append(device)
+        with open(self.directory / "devices", "a") as devices:
+            devices.write(device + "\n")
         mounted = subprocess.run(["mount", device, str(mountpoint)], capture_output=True, text=True, check=False)
         if mounted.returncode != 0:
             pytest.fail(f"cannot mount a {kind} filesystem: {mounted.stderr.strip()}", False)
@@ -81,3 +89,24 @@ class LoopFilesystems:
         self._mounted.clear()
         self._devices.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def remove_stale() -> None:
+    """Take down what a test session that was killed (so its teardown never ran) left behind: the
+    filesystems of a directory whose pid file names a process that is gone."""
+    for directory in Path("/tmp").glob(PREFIX + "*"):
+        try:
+            pid = int((directory / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being made
+        if Path(f"/proc/{pid}").exists():
+            continue
+        for kind in REFLINK_FILESYSTEMS:
+            if (directory / kind).is_mount():
+                subprocess.run(["umount", "-l", str(directory / kind)], capture_output=True, check=False)
+        devices = directory / "devices"
+        for device in devices.read_text().split() if devices.exists() else []:
+            found = subprocess.run(["losetup", "-n", "-O", "BACK-FILE", device], capture_output=True, text=True)
+            if found.stdout.strip().startswith(str(directory)):  # still ours, not reused since
+                subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        shutil.rmtree(directory, ignore_errors=True)
