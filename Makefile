@@ -39,7 +39,7 @@ PJDFSTEST_DEFINES := _GNU_SOURCE HAVE_SYS_SYSMACROS_H HAVE_FACCESSAT HAVE_FCHMOD
 	HAVE_POSIX_FALLOCATE HAVE_READLINKAT HAVE_RENAMEAT HAVE_SYMLINKAT HAVE_UTIMENSAT \
 	HAVE_STRUCT_STAT_ST_ATIM HAVE_STRUCT_STAT_ST_CTIM HAVE_STRUCT_STAT_ST_MTIM
 
-.PHONY: setup system-packages test demo bench soak iotests lint typecheck clean pjdfstest
+.PHONY: setup system-packages test demo bench bench-xfs soak iotests lint typecheck clean pjdfstest
 
 setup: system-packages $(VENV)/.installed-dev
 
@@ -123,6 +123,11 @@ demo: system-packages $(VENV)/.installed
 bench: SYSTEM_PACKAGES += fuse-overlayfs  # the metadata phase compares with it
 bench: setup $(VENV)/.installed-bench
 	$(PY) -m bench $(BENCH_ARGS)
+
+# The same on a loop-mounted XFS (base, native copy and store there): cowfs in passthrough mode.
+bench-xfs: SYSTEM_PACKAGES += fuse-overlayfs
+bench-xfs: setup $(VENV)/.installed-bench
+	$(PY) -m bench.xfs $(BENCH_ARGS)
 
 soak: setup
 	COWFS_SOAK=1 $(PY) -m pytest tests/unit tests/mount $(PYTEST_ARGS)

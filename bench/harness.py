@@ -24,6 +24,7 @@ from types import FrameType
 from typing import IO
 
 from cowfs import mounts
+from cowfs.clone import FIEMAP_EXTENT_SHARED, block_map
 
 from .config import BENCH_DIR, BLOCK, IMAGE, Config, GiB
 from .results import Daemon, Machine, Versions
@@ -116,8 +117,24 @@ def holds_dev_fuse(pid: int) -> bool:
     return False
 
 
+def _shared_bytes(path: str) -> int:
+    """Bytes of a file in blocks it shares with another file (a passthrough mount's clone and its
+    base): not the store's own."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    try:
+        return sum(extent.length for extent in block_map(fd, sync=True) if extent.flags & FIEMAP_EXTENT_SHARED)
+    except OSError:  # no FIEMAP on that filesystem: nothing is shared there either
+        return 0
+    finally:
+        os.close(fd)
+
+
 def deleted_store_bytes(processes: Sequence[Process]) -> int:
-    """Allocated bytes (st_blocks*512) of deleted regular files the daemons hold open."""
+    """Allocated bytes (st_blocks*512) of deleted regular files the daemons hold open, less the
+    blocks they share (clones, on XFS and btrfs)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for process in processes:
@@ -135,7 +152,7 @@ def deleted_store_bytes(processes: Sequence[Process]) -> int:
                 continue
             if (stat.st_dev, stat.st_ino) not in seen and (stat.st_mode & 0o170000) == 0o100000:
                 seen.add((stat.st_dev, stat.st_ino))
-                total += stat.st_blocks * 512
+                total += max(0, stat.st_blocks * 512 - _shared_bytes(f"{fd_dir}/{fd}"))
     return total
 
 

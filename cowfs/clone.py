@@ -31,6 +31,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,6 +41,8 @@ from .rangemap import ZEROS, RangeMap
 from .store import STORE_MODE
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int)
+FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
+_CLONE_RANGE = struct.Struct("=qQQQ")  # src_fd, src_offset, src_length, dest_offset
 FIEMAP = 0xC020660B  # _IOWR('f', 11, struct fiemap)
 FIEMAP_FLAG_SYNC = 0x1
 FIEMAP_EXTENT_LAST = 0x1
@@ -50,6 +53,7 @@ FIEMAP_EXTENT_NOT_ALIGNED = 0x100
 FIEMAP_EXTENT_DATA_INLINE = 0x200
 FIEMAP_EXTENT_DATA_TAIL = 0x400
 FIEMAP_EXTENT_UNWRITTEN = 0x800
+FIEMAP_EXTENT_SHARED = 0x2000  # another file has the block too
 # Extents whose disk address says nothing about their bytes: compared by content (they are small).
 _NO_ADDRESS = FIEMAP_EXTENT_UNKNOWN | FIEMAP_EXTENT_DELALLOC | FIEMAP_EXTENT_NOT_ALIGNED | FIEMAP_EXTENT_DATA_INLINE
 _NO_ADDRESS |= FIEMAP_EXTENT_DATA_TAIL
@@ -76,6 +80,87 @@ def clone_into(dest_fd: int, source_fd: int) -> None:
     """Make ``dest_fd`` share all of ``source_fd``'s blocks (FICLONE): EXDEV across
     filesystems, EOPNOTSUPP or EINVAL where the filesystem cannot."""
     fcntl.ioctl(dest_fd, FICLONE, source_fd)
+
+
+BaseKey = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns of a base: one state of it
+
+
+def base_key(identity: BaseIdentity) -> BaseKey:
+    return (identity.dev, identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
+
+
+class Clones:
+    """Where a mount's clones are made: unnamed files in the store directory.  `make` may run in a
+    worker thread (a clone costs ~35 µs per extent of its base); the rest belongs to the trio
+    thread.  A clone that nothing changed is kept for the base's next open (`keep`, `take`), up to
+    `POOL` of them, of bases of `KEEP_FROM` bytes or more: reopening an image then costs no second
+    clone."""
+
+    POOL = 16
+    KEEP_FROM = 64 << 10  # smaller bases are cloned in no time (and btrfs copies a tiny one: inline)
+    QUICK_EXTENTS = 64  # a base in at most this many extents is cloned at once (~2 ms): no thread hop
+
+    def __init__(self, directory_fd: int) -> None:
+        self._directory_fd = directory_fd
+        self._kept: OrderedDict[BaseKey, int] = OrderedDict()
+
+    def new_file(self) -> int:
+        return os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, STORE_MODE, dir_fd=self._directory_fd)
+
+    def make(self, base_fd: int) -> int:
+        """A new clone of all of ``base_fd``."""
+        fd = self.new_file()
+        try:
+            clone_into(fd, base_fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def probe(self, base_fd: int) -> None:
+        """Raise what cloning ``base_fd`` would raise (EXDEV: another filesystem), at the cost of
+        one block."""
+        fd = self.new_file()
+        try:
+            size = os.fstat(base_fd).st_size
+            length = min(size, os.fstat(fd).st_blksize)  # a whole block, or the whole (short) file
+            fcntl.ioctl(fd, FICLONERANGE, _CLONE_RANGE.pack(base_fd, 0, length, 0))
+        finally:
+            os.close(fd)
+
+    def is_quick(self, base_fd: int) -> bool:
+        """Whether cloning ``base_fd`` takes a moment only (it has few extents; FIEMAP of at
+        most `QUICK_EXTENTS` costs microseconds)."""
+        request = bytearray(_FIEMAP_HEADER.size + _FIEMAP_EXTENT.size * self.QUICK_EXTENTS)
+        _FIEMAP_HEADER.pack_into(request, 0, 0, (1 << 64) - 1, 0, 0, self.QUICK_EXTENTS, 0)
+        try:
+            fcntl.ioctl(base_fd, FIEMAP, request)
+        except OSError:
+            return False
+        mapped = _FIEMAP_HEADER.unpack_from(request)[3]
+        if mapped < self.QUICK_EXTENTS:
+            return True
+        last_flags = _FIEMAP_EXTENT.unpack_from(request, _FIEMAP_HEADER.size + (mapped - 1) * _FIEMAP_EXTENT.size)[3]
+        return bool(last_flags & FIEMAP_EXTENT_LAST)
+
+    def take(self, key: BaseKey) -> int | None:
+        return self._kept.pop(key, None)
+
+    def keep(self, key: BaseKey, fd: int) -> None:
+        if key[2] < self.KEEP_FROM:
+            os.close(fd)
+            return
+        old = self._kept.pop(key, None)
+        if old is not None:
+            os.close(old)
+        self._kept[key] = fd
+        while len(self._kept) > self.POOL:
+            os.close(self._kept.popitem(last=False)[1])
+
+    def close(self) -> None:
+        for fd in self._kept.values():
+            os.close(fd)
+        self._kept.clear()
 
 
 def block_map(fd: int, sync: bool = False) -> list[Extent]:
@@ -173,32 +258,102 @@ def compare_block_maps(
 
 
 class CloneFile:
-    """The bytes of one file of a passthrough mount: an unnamed clone of its base."""
+    """The bytes of one file of a passthrough mount: an unnamed clone of its base.  The clone of a
+    base of many extents is made when it is first needed (`needs_clone`: the FUSE adapter makes it
+    in a worker thread and hands it over with `adopt`; anything else that needs it meanwhile makes
+    it at once)."""
 
-    def __init__(self, directory_fd: int, base_fd: int | None = None, name: str = "") -> None:
-        """A clone of ``base_fd`` (or an empty file) in the directory ``directory_fd`` (the store's)."""
+    def __init__(self, clones: Clones, base_fd: int | None = None, name: str = "") -> None:
         self.name = name  # for log lines only
-        self.clone_fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, STORE_MODE, dir_fd=directory_fd)
-        if base_fd is not None:
-            try:
-                clone_into(self.clone_fd, base_fd)
-            except BaseException:
-                os.close(self.clone_fd)
-                raise
+        self._clones = clones
         self.base_fd = base_fd
         self.base_identity = BaseIdentity.of(os.fstat(base_fd)) if base_fd is not None else None
         self.base_changed = False  # the clone never reads its base again: a base change cannot show
         self.generation = next_generation()
-        st = os.fstat(self.clone_fd)  # this stat makes the next change of the clone move its ctime
-        self._seen = (st.st_ctime_ns, st.st_size)
-        self._unchanged_since = (self._seen, self.generation)  # a fresh clone holds exactly the base
+        self._clone_fd: int | None = None
+        self._seen = (0, 0)
+        self._unchanged_since: tuple[tuple[int, int], int] | None = None
         self._written: tuple[tuple[tuple[int, int], int], RangeMap] | None = None
+        key = self.key
+        if base_fd is None or key is None:
+            self._start(clones.new_file())
+            return
+        # A clone kept from the base's last open, or one made now where that takes a moment; a
+        # base of many extents is cloned at its first open, by a worker thread (`clone_job`).
+        # Either way a base that cannot be cloned (another filesystem) fails here.
+        kept = clones.take(key)
+        if kept is not None:
+            self._start(kept)
+        elif clones.is_quick(base_fd):
+            self._start(clones.make(base_fd))
+        else:
+            clones.probe(base_fd)
+
+    def _start(self, fd: int) -> None:
+        self._clone_fd = fd
+        st = os.fstat(fd)  # this stat makes the next change of the clone move its ctime
+        self._seen = (st.st_ctime_ns, st.st_size)
+        if self.base_identity is not None and st.st_size == self.base_identity.size:
+            self._unchanged_since = (self._seen, self.generation)  # a fresh clone holds exactly the base
+
+    @property
+    def needs_clone(self) -> bool:
+        return self._clone_fd is None
+
+    @property
+    def key(self) -> BaseKey | None:
+        """The state of the base that the clone is (or will be) made of."""
+        return base_key(self.base_identity) if self.base_identity is not None else None
+
+    def adopt(self, fd: int, key: BaseKey) -> bool:
+        """Take ``fd``, a clone made of the base in state ``key``, unless the file has its clone
+        already or its base is another now (then the caller closes ``fd``)."""
+        if self._clone_fd is not None or key != self.key:
+            return False
+        self._start(fd)
+        return True
+
+    def clone_job(self) -> tuple[Callable[[], int], BaseKey] | None:
+        """What a worker thread may run to make the clone, and of which state of the base (then
+        `adopt` its result); None when there is nothing left to make (made before, or a kept clone
+        taken)."""
+        key = self.key
+        if self._clone_fd is not None or key is None or self.base_fd is None:
+            return None
+        kept = self._clones.take(key)
+        if kept is not None:
+            self._start(kept)
+            return None
+        base = os.dup(self.base_fd)  # its own: a reset may give the file another base meanwhile
+        clones = self._clones
+
+        def make() -> int:
+            try:
+                return clones.make(base)
+            finally:
+                os.close(base)
+
+        return make, key
+
+    @property
+    def clone_fd(self) -> int:
+        """The clone, made now if it was not yet (a kept one, else a new one)."""
+        if self._clone_fd is None:
+            assert self.base_fd is not None and self.base_identity is not None
+            key = base_key(self.base_identity)
+            fd = self._clones.take(key)
+            self._start(fd if fd is not None else self._clones.make(self.base_fd))
+            assert self._clone_fd is not None
+        return self._clone_fd
 
     # -- what the clone holds -------------------------------------------------
 
     @property
     def size(self) -> int:
-        return os.fstat(self.clone_fd).st_size
+        if self._clone_fd is None:
+            assert self.base_identity is not None
+            return self.base_identity.size
+        return os.fstat(self._clone_fd).st_size
 
     @property
     def base_limit(self) -> int:
@@ -209,7 +364,9 @@ class CloneFile:
     def written(self) -> RangeMap:
         """The changed blocks as a range map (store offsets mean nothing here): written ones, and
         ``ZEROS`` where base data became a hole."""
-        st = os.fstat(self.clone_fd)
+        if self._clone_fd is None:
+            return RangeMap()
+        st = os.fstat(self._clone_fd)
         key = ((st.st_ctime_ns, st.st_size), self.generation)
         if key == self._unchanged_since:
             return RangeMap()
@@ -239,18 +396,25 @@ class CloneFile:
     def store_blocks(self) -> int:
         """512-byte blocks this file takes beyond what it shares with its base (whole blocks of
         its filesystem: the written ranges end at the file's size)."""
-        block = os.fstat(self.clone_fd).st_blksize
+        if self._clone_fd is None:
+            return 0
+        block = os.fstat(self._clone_fd).st_blksize
         taken = sum(-(-end // block) * block - start for start, end in self.written.ranges(zeros=False))
         return taken // 512
 
     def blocks(self) -> int:
         """512-byte blocks of the view, shared ones included (its ``st_blocks``)."""
-        return os.fstat(self.clone_fd).st_blocks
+        if self._clone_fd is None:
+            assert self.base_fd is not None
+            return os.fstat(self.base_fd).st_blocks
+        return os.fstat(self._clone_fd).st_blocks
 
     def changed_outside(self) -> os.stat_result | None:
         """The clone's stat if it changed since last asked (written through a passthrough
         handle or a mapping), else None."""
-        st = os.fstat(self.clone_fd)
+        if self._clone_fd is None:
+            return None
+        st = os.fstat(self._clone_fd)
         if (st.st_ctime_ns, st.st_size) == self._seen:
             return None
         self._seen = (st.st_ctime_ns, st.st_size)
@@ -289,7 +453,10 @@ class CloneFile:
         return count
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self.clone_fd, size)
+        if size == 0 and self._clone_fd is None:
+            self._start(self._clones.new_file())  # an empty file needs no clone (O_TRUNC)
+        else:
+            os.ftruncate(self.clone_fd, size)
         self._changed_here()
 
     def punch_hole(self, offset: int, length: int) -> None:
@@ -318,12 +485,19 @@ class CloneFile:
     # -- the file as a whole ---------------------------------------------------
 
     def close(self) -> None:
-        """Release the descriptors (the kernel frees the clone once no handle uses it)."""
-        for fd in (self.clone_fd, self.base_fd):
-            if fd is not None and fd >= 0:
+        """Release the descriptors (the kernel frees the clone once no handle uses it); a clone
+        that still holds exactly its base is kept for the base's next open."""
+        fd, self._clone_fd = self._clone_fd, None
+        if fd is not None:
+            st = os.fstat(fd)
+            key = self.key
+            if key is not None and ((st.st_ctime_ns, st.st_size), self.generation) == self._unchanged_since:
+                self._clones.keep(key, fd)
+            else:
                 os.close(fd)
-        self.clone_fd = -1
-        self.base_fd = None
+        if self.base_fd is not None:
+            os.close(self.base_fd)
+            self.base_fd = None
 
     def adopt_base(self, identity: BaseIdentity) -> None:
         """The base file was rewritten (by `cowfs commit`) to hold this view's bytes: take its
@@ -341,6 +515,9 @@ class CloneFile:
             os.close(self.base_fd)
         self.base_fd = new_fd
         self.base_identity = BaseIdentity.of(os.fstat(new_fd)) if new_fd is not None else None
+        if self._clone_fd is None:  # not made yet: it will be made of the new base
+            self.generation = next_generation()
+            return
         if new_fd is None:
             os.ftruncate(self.clone_fd, 0)
         else:

@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .clone import CloneFile, FileData, clone_into
+from .clone import CloneFile, Clones, FileData, clone_into
 from .config import MountConfig
 from .features import Pyfuse3Features, stock_build
 from .mounts import mount_containing
@@ -162,6 +162,7 @@ class FileDataFactory:
         self._store = store
         self._mode = mode
         self._directory_fd = os.open(store.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._clones = Clones(self._directory_fd)
 
     @property
     def makes_clones(self) -> bool:
@@ -171,7 +172,7 @@ class FileDataFactory:
     def __call__(self, base_fd: int | None, name: str) -> FileData:
         if self._mode.active:
             try:
-                return CloneFile(self._directory_fd, base_fd, name)
+                return CloneFile(self._clones, base_fd, name)
             except OSError as error:
                 if error.errno not in _CANNOT_CLONE:
                     raise
@@ -181,6 +182,7 @@ class FileDataFactory:
         return OverlayFile(self._store, base_fd, name)
 
     def close(self) -> None:
+        self._clones.close()
         os.close(self._directory_fd)
 
 

@@ -12,6 +12,7 @@ reachable by other users (a test of passthrough as another user needs that).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -27,13 +28,19 @@ IMAGE_SIZE = 2 << 30  # sparse: takes only what the tests write
 _MKFS = {"xfs": (["mkfs.xfs", "-q", "-m", "reflink=1"], "xfsprogs"), "btrfs": (["mkfs.btrfs", "-q"], "btrfs-progs")}
 
 
+PREFIX = "cowfs-filesystems-"
+
+
 class LoopFilesystems:
     """Filesystem images in a directory of their own, each loop-mounted on first use."""
 
     def __init__(self) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="cowfs-filesystems-", dir="/tmp"))
+        remove_stale()
+        self.directory = Path(tempfile.mkdtemp(prefix=PREFIX, dir="/tmp"))
         self.directory.chmod(0o755)
+        (self.directory / "pid").write_text(f"{os.getpid()}\n")  # who to ask whether it is still in use
         self._mounted: dict[str, Path] = {}
+        self._devices: list[str] = []
 
     def root(self, kind: str) -> Path:
         """The mountpoint of a ``kind`` filesystem (made now if it is the first use)."""
@@ -53,19 +60,53 @@ class LoopFilesystems:
         made = subprocess.run([*mkfs, str(image)], capture_output=True, text=True, check=False)
         if made.returncode != 0:
             pytest.fail(f"cannot make a {kind} filesystem: {made.stderr.strip()}", False)
-        mounted = subprocess.run(
-            ["mount", "-o", "loop", str(image), str(mountpoint)], capture_output=True, text=True, check=False
+        # Direct I/O to the image: with the image's pages in the host's cache, each flush of the
+        # filesystem (its log, an unmount) waited for all of them, behind every other writer of the
+        # machine (a daemon's exit took over a minute under load).
+        attached = subprocess.run(
+            ["losetup", "--find", "--show", "--direct-io=on", str(image)], capture_output=True, text=True, check=False
         )
+        if attached.returncode != 0:
+            pytest.fail(f"cannot attach a loop device for {kind} (as root?): {attached.stderr.strip()}", False)
+        device = attached.stdout.strip()
+        self._devices.append(device)
+        with open(self.directory / "devices", "a") as devices:
+            devices.write(device + "\n")
+        mounted = subprocess.run(["mount", device, str(mountpoint)], capture_output=True, text=True, check=False)
         if mounted.returncode != 0:
-            pytest.fail(f"cannot loop-mount a {kind} filesystem (as root?): {mounted.stderr.strip()}", False)
+            pytest.fail(f"cannot mount a {kind} filesystem: {mounted.stderr.strip()}", False)
         mountpoint.chmod(0o755)
         return mountpoint
 
     def close(self) -> None:
-        """Unmount everything (the loop devices that mount made detach themselves: autoclear),
-        and remove the images."""
+        """Unmount everything, detach our loop devices (a lazily unmounted one goes when the
+        filesystem is finally let go: autoclear) and remove the images."""
         for mountpoint in self._mounted.values():
             if subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False).returncode != 0:
                 subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True, check=False)
+        for device in self._devices:
+            subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
         self._mounted.clear()
+        self._devices.clear()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def remove_stale() -> None:
+    """Take down what a test session that was killed (so its teardown never ran) left behind: the
+    filesystems of a directory whose pid file names a process that is gone."""
+    for directory in Path("/tmp").glob(PREFIX + "*"):
+        try:
+            pid = int((directory / "pid").read_text())
+        except (OSError, ValueError):
+            continue  # not one of ours, or still being made
+        if Path(f"/proc/{pid}").exists():
+            continue
+        for kind in REFLINK_FILESYSTEMS:
+            if (directory / kind).is_mount():
+                subprocess.run(["umount", "-l", str(directory / kind)], capture_output=True, check=False)
+        devices = directory / "devices"
+        for device in devices.read_text().split() if devices.exists() else []:
+            found = subprocess.run(["losetup", "-n", "-O", "BACK-FILE", device], capture_output=True, text=True)
+            if found.stdout.strip().startswith(str(directory)):  # still ours, not reused since
+                subprocess.run(["losetup", "-d", device], capture_output=True, check=False)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cowfs.clone import block_map
+from cowfs.clone import FIEMAP_EXTENT_SHARED, block_map
 from cowfs.mounts import is_mounted as is_mounted  # the one mount-table parser, for the tests too
 from cowfs.mounts import open_pidfd, wait_for_exit
 
 COWFS = str(Path(sys.executable).parent / "cowfs")
-EXTENT_SHARED = 0x2000  # FIEMAP_EXTENT_SHARED: a block another file (the base) has too
 SOAK = bool(os.environ.get("COWFS_SOAK"))
 
 
@@ -107,8 +106,10 @@ class CommandLineMount:
                 return int(line.split()[1])
         raise AssertionError("no RSS line")
 
-    def store_fds(self) -> list[tuple[str, os.stat_result, int]]:
-        """(link target, stat, open flags) of the daemon's deleted store files."""
+    def store_fds(self, holding_data: bool = False) -> list[tuple[str, os.stat_result, int]]:
+        """(link target, stat, open flags) of the daemon's deleted store files; ``holding_data``:
+        only those with blocks of their own (a passthrough mount keeps the clone of a file nothing
+        changed for its next open: it shares every block with its base)."""
         assert self.pid is not None
         found = []
         for fd_link in Path(f"/proc/{self.pid}/fd").iterdir():
@@ -116,11 +117,21 @@ class CommandLineMount:
                 target = os.readlink(fd_link)
                 st = os.stat(fd_link)
                 flags = fd_flags(self.pid, int(fd_link.name))
+                if not target.endswith("(deleted)") or (holding_data and not self._own_bytes(fd_link)):
+                    continue
             except (FileNotFoundError, IndexError):
                 continue
-            if target.endswith("(deleted)"):
-                found.append((target, st, flags))
+            found.append((target, st, flags))
         return found
+
+    @staticmethod
+    def _own_bytes(path: Path) -> int:
+        """Bytes of a file in blocks no other file shares (FIEMAP, written back first)."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return sum(extent.length for extent in block_map(fd, sync=True) if not extent.flags & FIEMAP_EXTENT_SHARED)
+        finally:
+            os.close(fd)
 
     def store_bytes_on_disk(self) -> int:
         """Bytes of disk that the daemon's store files take of their own: the blocks that a clone
@@ -129,15 +140,10 @@ class CommandLineMount:
         held = 0
         for fd_link in Path(f"/proc/{self.pid}/fd").iterdir():
             try:
-                if not os.readlink(fd_link).endswith("(deleted)"):
-                    continue
-                fd = os.open(fd_link, os.O_RDONLY)
+                if os.readlink(fd_link).endswith("(deleted)"):
+                    held += self._own_bytes(fd_link)
             except FileNotFoundError:
                 continue
-            try:
-                held += sum(extent.length for extent in block_map(fd, sync=True) if not extent.flags & EXTENT_SHARED)
-            finally:
-                os.close(fd)
         return held
 
     def log_problems(self) -> list[str]:

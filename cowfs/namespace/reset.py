@@ -285,6 +285,11 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
             ns.names.unlist(directory, other_name)
             result.entries.add((other_parent, other_name))
             _revive_displaced(ns, directory, other_name, result)
+            # What the base has there shows again: if the mount moved or linked that elsewhere, it
+            # goes back from there too (or it would show under two names).
+            moved = _moved_away(ns, directory, other_name, None)
+            if moved is not None and moved is not node:
+                _reset_name(ns, ns.nodes[moved.parent], moved.name, result)
     home = node.base_path  # (before _revert, which may retire the node: see there)
     _revert(ns, node, result)
     # A base node moved here goes back to its base name: drop the whiteout there.

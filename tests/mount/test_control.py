@@ -219,7 +219,7 @@ def test_reset_one_file_shows_the_base_and_frees_its_store(
         assert f.read(MiB) == b"B" * MiB
     assert m.status()["store_disk_bytes"] == 4096  # freed at once: a.txt's one page is left
     # (A passthrough mount holds a clone for each open file until its RELEASE comes.)
-    assert wait_until(lambda: len(m.store_fds()) == 1)
+    assert wait_until(lambda: len(m.store_fds(holding_data=True)) == 1)
     assert list(changes_by_path(m)) == ["/a.txt"]
     assert (m.path / "a.txt").read_text() == "Jello\n"
 
@@ -280,7 +280,7 @@ def test_reset_everything_brings_back_the_base_tree(images: Path, mount_factory:
     assert (m.path / "old.txt").read_text() == "old\n"
     assert (m.path / "disk.raw").open("rb").read(4) == b"BBBB"
     assert m.status()["changes"] == [] and m.status()["store_bytes"] == 0
-    assert m.store_fds() == []
+    assert m.store_fds(holding_data=True) == []
     cowfs("reset", str(m.path))  # nothing left to reset: still fine
 
 
@@ -314,7 +314,7 @@ def test_commit_writes_only_the_changes_into_the_base(images: Path, mount_factor
     finally:
         os.close(fd)
     assert content_hash(disk) == view  # the view is unchanged ...
-    assert m.status()["changes"] == [] and m.store_fds() == []  # ... and its store freed
+    assert m.status()["changes"] == [] and m.store_fds(holding_data=True) == []  # ... and its store freed
     write_at(disk, 0, b"again")  # the mount keeps working on the new base
     assert read_base(base)[:5] == b"BBBBB"
 

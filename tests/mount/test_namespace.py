@@ -557,6 +557,7 @@ def node_count(m: CommandLineMount) -> int:
     return int(os.getxattr(m.path, NODE_COUNT_XATTR))
 
 
+@pytest.mark.filesystems(DEFAULT, "xfs")  # and the backing files of passthrough handles: one reflink filesystem
 def test_no_node_leak_in_a_long_create_delete_loop(base_dir: Path, mount_factory: MountFactory) -> None:
     (base_dir / "dir").mkdir()
     for i in range(20):

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cowfs.clone import FIEMAP_EXTENT_UNWRITTEN, CloneFile, Extent, compare_block_maps
+from cowfs.clone import FIEMAP_EXTENT_UNWRITTEN, CloneFile, Clones, Extent, compare_block_maps
 from cowfs.rangemap import ZEROS
 
 from ..filesystems import REFLINK_FILESYSTEMS, LoopFilesystems
@@ -146,8 +146,10 @@ def test_a_clone_reads_like_the_model_and_names_every_changed_block(
 ) -> None:
     base_fd, base = _base(directory)
     directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    clone = CloneFile(directory_fd, base_fd, "base.img")
+    clones = Clones(directory_fd)
+    clone = CloneFile(clones, base_fd, "base.img")
     try:
+        assert clone.size == BASE_SIZE and not clone.written
         assert clone.read(0, BASE_SIZE) == base and not clone.written and not clone.is_changed
         model = bytearray(base)
         for index, (kind, offset, length) in enumerate(ops):
@@ -176,6 +178,7 @@ def test_a_clone_reads_like_the_model_and_names_every_changed_block(
         assert not clone.written, "the clone shares every block with the base again"
     finally:
         clone.close()  # and its base descriptor
+        clones.close()
         os.close(directory_fd)
 
 
@@ -202,8 +205,79 @@ def test_a_clone_of_a_file_on_another_filesystem_is_refused(directory: Path, tmp
     base_fd = os.open(elsewhere, os.O_RDONLY)
     try:
         with pytest.raises(OSError) as failure:
-            CloneFile(directory_fd, base_fd)
+            CloneFile(Clones(directory_fd), base_fd)
         assert failure.value.errno in (errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL)
     finally:
+        os.close(base_fd)
+        os.close(directory_fd)
+
+
+def test_an_untouched_clone_is_kept_for_the_next_open_of_its_base(directory: Path) -> None:
+    base_fd, base = _base(directory)
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    clones = Clones(directory_fd)
+    clones.KEEP_FROM = BASE_SIZE  # as small as the base here
+    try:
+        first = CloneFile(clones, os.dup(base_fd))
+        assert not first.needs_clone and first.clone_job() is None  # a base of few extents: cloned at once
+        inode = os.fstat(first.clone_fd).st_ino
+        key = first.key
+        assert key is not None
+        first.close()  # nothing changed it: kept
+        second = CloneFile(clones, os.dup(base_fd))
+        assert os.fstat(second.clone_fd).st_ino == inode
+        second.write(0, b"changed")
+        second.close()  # changed: not kept
+        assert clones.take(key) is None
+        third = CloneFile(clones, os.dup(base_fd))
+        assert third.read(0, BASE_SIZE) == base
+        third.close()
+    finally:
+        clones.close()
+        os.close(base_fd)
+        os.close(directory_fd)
+
+
+def test_a_base_of_many_extents_is_cloned_by_a_job(directory: Path) -> None:
+    """What a worker thread runs, handed back with `adopt` (refused once the base is another)."""
+    path = directory / "fragmented.img"
+    with open(path, "wb") as image:
+        image.truncate(4 * Clones.QUICK_EXTENTS * BLOCK)  # no speculative allocation past EOF to fill the holes
+        for index in range(2 * Clones.QUICK_EXTENTS):
+            image.seek(index * 2 * BLOCK)
+            image.write(bytes([index + 1]) * BLOCK)
+        image.flush()
+        os.fsync(image.fileno())
+    base_fd = os.open(path, os.O_RDONLY)
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    clones = Clones(directory_fd)
+    try:
+        clone = CloneFile(clones, os.dup(base_fd))
+        assert clone.needs_clone and clone.size == 4 * Clones.QUICK_EXTENTS * BLOCK and not clone.written
+        job = clone.clone_job()
+        assert job is not None
+        make, key = job
+        fd = make()
+        assert not clone.adopt(fd, (0, 0, 0, 0, 0)), "a clone of another state of the base"
+        assert clone.adopt(fd, key) and clone.read(0, 2 * BLOCK) == bytes([1]) * BLOCK + bytes(BLOCK)
+        clone.close()
+    finally:
+        clones.close()
+        os.close(base_fd)
+        os.close(directory_fd)
+
+
+def test_the_clone_of_a_small_file_is_not_kept(directory: Path) -> None:
+    base_fd, _ = _base(directory)  # below Clones.KEEP_FROM: cloned again in no time
+    directory_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    clones = Clones(directory_fd)
+    try:
+        clone = CloneFile(clones, os.dup(base_fd))
+        key = clone.key
+        assert key is not None
+        clone.close()
+        assert clones.take(key) is None
+    finally:
+        clones.close()
         os.close(base_fd)
         os.close(directory_fd)
