@@ -202,6 +202,27 @@ def _metrics_section(config: Config, results: Results) -> list[str]:
             ],
             ["  run / (mount + umount), target <= 1.2", "-", number(sessions.run_over_mount_umount, "x")],
         ]
+        if sessions.checkpoint_s is not None:
+            rows += [
+                [
+                    f"checkpoint after {sessions.checkpoint_writes:,} scattered 4k writes s, target <= 1",
+                    "-",
+                    number(sessions.checkpoint_s),
+                ],
+                [
+                    "  daemon RSS it added MiB, target <= 30",
+                    "-",
+                    mib(kib_to_bytes(sessions.checkpoint_extra_rss_kib)),
+                ],
+                ["  rollback s (after a tenth rewritten, a tenth new), target <= 1", "-", number(sessions.rollback_s)],
+                [
+                    "  store MiB written / on disk: before, after rollback and drop",
+                    "-",
+                    " / ".join(mib(value) for value in sessions.store_before or [])
+                    + ", "
+                    + " / ".join(mib(value) for value in sessions.store_after or []),
+                ],
+            ]
     metadata = results.metadata
     if metadata is not None:
         for operation, ratio in metadata.cowfs_over_fuse_overlayfs.items():

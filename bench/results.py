@@ -259,6 +259,14 @@ class Sessions:
     run_true_median_ms: float | None = None
     mount_umount_median_ms: float | None = None
     run_over_mount_umount: float | None = None  # target: at most 1.2
+    # A checkpoint after --scale-writes scattered 4 KiB writes into the sparse --scale-size image,
+    # a tenth of them rewritten and as many new ones, a rollback, and the checkpoint dropped.
+    checkpoint_writes: int | None = optional()
+    checkpoint_s: float | None = optional()  # target: at most 1 s
+    checkpoint_extra_rss_kib: int | None = optional()  # the daemon's VmRSS after it less before; target <= 30 MiB
+    rollback_s: float | None = optional()  # target: at most 1 s
+    store_before: list[int] | None = optional()  # [bytes written, bytes on disk] before the checkpoint
+    store_after: list[int] | None = optional()  # the same after the rollback and the drop: equal
 
     def summarize(self) -> None:
         self.run_true_median_ms = median_of(self.run_true_ms)

@@ -10,7 +10,7 @@ import random
 import struct
 import time
 
-from .config import BLOCK, human
+from .config import BLOCK, Config, human
 from .harness import CommandMount, deleted_store_bytes, df_free
 from .results import Scale
 from .session import Bench
@@ -20,15 +20,20 @@ log = logging.getLogger("cowfs-bench")
 MAGIC = 0xC0F5_5CA1_E000_0001  # each written block starts with it and its own block number
 
 
+def make_sparse_base(config: Config) -> None:
+    """The sparse --scale-size image, all hole (made once, kept for later runs)."""
+    config.scale_base.parent.mkdir(parents=True, exist_ok=True)
+    if not config.scale_base.exists() or config.scale_base.stat().st_size != config.scale_size:
+        config.scale_base.unlink(missing_ok=True)
+        with open(config.scale_base, "wb") as image:
+            image.truncate(config.scale_size)
+
+
 def scale_phase(bench: Bench) -> None:
     config = bench.config
     count, size = config.scale_writes, config.scale_size
     log.info("scale: %s sparse image, %d random 4 KiB writes", human(size), count)
-    config.scale_base.parent.mkdir(parents=True, exist_ok=True)
-    if not config.scale_base.exists() or config.scale_base.stat().st_size != size:
-        config.scale_base.unlink(missing_ok=True)
-        with open(config.scale_base, "wb") as image:
-            image.truncate(size)
+    make_sparse_base(config)
     rng = random.Random(4711)
     blocks = rng.sample(range(size // BLOCK), count)
     block = bytearray(rng.randbytes(BLOCK))

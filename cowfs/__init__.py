@@ -9,17 +9,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.2.0"
-__all__ = ["FileChange", "FileDiff", "Mount", "Status", "UserError", "attach", "mount"]
+__all__ = ["CheckpointInfo", "FileChange", "FileDiff", "Mount", "Status", "UserError", "attach", "mount"]
 
 if TYPE_CHECKING:
     from .api import FileDiff, Mount, Status, attach, mount
     from .errors import UserError
-    from .protocol import FileChange
+    from .protocol import CheckpointInfo, FileChange
 
 _HOMES = {
     "UserError": ".errors",
     "FileChange": ".protocol",
-    **{name: ".api" for name in __all__ if name not in ("UserError", "FileChange")},
+    "CheckpointInfo": ".protocol",
+    **{name: ".api" for name in __all__ if name not in ("UserError", "FileChange", "CheckpointInfo")},
 }
 
 

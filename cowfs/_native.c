@@ -635,6 +635,72 @@ static PyObject *rangemap_unshared_spans(RangeMapObject *self, PyObject *other)
     return iter;
 }
 
+/* Append (store, store end, view offset) to a list; -1 on error */
+static int append_run(PyObject *list, int64_t store, int64_t end, int64_t view)
+{
+    PyObject *item = Py_BuildValue("(LLL)", (long long) store, (long long) end, (long long) view);
+    int res;
+
+    if (item == NULL)
+        return -1;
+    res = PyList_Append(list, item);
+    Py_DECREF(item);
+    return res;
+}
+
+/* The runs of store bytes of bucket a that bucket b (NULL: none) does not map alike: the same
+   store bytes at the same offsets.  Ranges of both are sorted and disjoint. */
+static int bucket_runs_only_in(const Bucket *a, const Bucket *b, PyObject *list)
+{
+    for (Py_ssize_t i = 0; i < a->len; i++) {
+        int64_t start = a->starts[i], end = a->ends[i], store = a->stores[i], position = start;
+        if (store == ZEROS)
+            continue;
+        if (b != NULL) {
+            for (Py_ssize_t k = bisect_right(b->ends, b->len, start); k < b->len && b->starts[k] < end; k++) {
+                int64_t from = b->starts[k] > start ? b->starts[k] : start;
+                int64_t to = b->ends[k] < end ? b->ends[k] : end;
+                if (b->stores[k] == ZEROS || b->stores[k] + from - b->starts[k] != store + from - start)
+                    continue;
+                if (from > position && append_run(list, store + position - start, store + from - start, position) < 0)
+                    return -1;
+                position = to;
+            }
+        }
+        if (position < end && append_run(list, store + position - start, store + end - start, position) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static PyObject *rangemap_runs_only_in(RangeMapObject *self, PyObject *other)
+{
+    const MapCore *a = self->core, *b;
+    PyObject *list;
+    Py_ssize_t j = 0;
+
+    if (!PyObject_TypeCheck(other, &RangeMapType))
+        return PyErr_Format(PyExc_TypeError, "runs_only_in() needs a compiled RangeMap");
+    b = ((RangeMapObject *) other)->core;
+    list = PyList_New(0);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < a->count; i++) {
+        const Bucket *mine = a->buckets[i], *theirs = NULL;
+        while (j < b->count && b->buckets[j]->key < mine->key)
+            j++;
+        if (j < b->count && b->buckets[j]->key == mine->key)
+            theirs = b->buckets[j];
+        if (mine == theirs)
+            continue;
+        if (bucket_runs_only_in(mine, theirs, list) < 0) {
+            Py_DECREF(list);
+            return NULL;
+        }
+    }
+    return list;
+}
+
 static PyObject *rangemap_clear(RangeMapObject *self, PyObject *unused)
 {
     map_clear(self->core);
@@ -916,6 +982,8 @@ static PyMethodDef rangemap_methods[] = {
      "snapshot() -> RangeMap: the same ranges, sharing every bucket until either map changes it"},
     {"unshared_spans", (PyCFunction) rangemap_unshared_spans, METH_O,
      "unshared_spans(other): bucket-aligned, merged [start, end) spans where the maps may differ"},
+    {"runs_only_in", (PyCFunction) rangemap_runs_only_in, METH_O,
+     "runs_only_in(other) -> list of (store, store end, view offset): the store bytes only this map holds"},
     {"check_invariants", (PyCFunction) rangemap_check_invariants, METH_NOARGS,
      "check_invariants(): raise AssertionError if the documented invariants do not hold"},
     {NULL},

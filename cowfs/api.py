@@ -30,9 +30,14 @@ from typing import Any, Literal, TypeVar
 from . import control_client, mounts, transfer
 from .errors import UserError
 from .protocol import (
+    CheckpointInfo,
+    CheckpointRequest,
+    CheckpointsReply,
+    CheckpointsRequest,
     CommitDoneRequest,
     ControlInfo,
     DiffReply,
+    DroppedReply,
     Feature,
     FileChange,
     Op,
@@ -64,6 +69,8 @@ class Status:
     changes: list[FileChange]
     features: list[Feature]  # kernel features in use, or why not
     requests: dict[str, int]  # FUSE requests the daemon served, by operation
+    checkpoints: int  # how many checkpoints the mount has
+    checkpoint_bytes: int  # store bytes only checkpoints hold (--max-store counts them too)
 
     @classmethod
     def of(cls, mountpoint: Path, reply: StatusReply) -> Status:
@@ -120,6 +127,8 @@ class Mount:
         try:
             return control_client.request(self.path, self._info, message)
         except UserError as error:
+            if isinstance(message, CheckpointRequest) and not str(error).startswith(str(self.path)):
+                raise UserError(f"{self.path}: {error}") from None
             # The daemon speaks of paths in the mount ("/disk.raw:"); the user knows full paths.
             inside = getattr(message, "path", None)
             if isinstance(inside, str) and str(error).startswith(f"{inside}:"):
@@ -163,6 +172,29 @@ class Mount:
         then its open handles read the base again.  A path with no changes is
         an error; resetting everything when nothing changed is not."""
         self._request(ResetRequest("/" if path is None else self._inside(path), force))
+
+    def checkpoint(self, name: str) -> CheckpointInfo:
+        """Take a checkpoint of the whole mount (bytes, sizes, holes, names, links, metadata)
+        under a new ``name``.  It copies no data: after it, writes over bytes it holds go to new
+        store space, which `Status.checkpoint_bytes` and ``--max-store`` count."""
+        return self._reply(CheckpointInfo, self._named(Op.CHECKPOINT, name))
+
+    def rollback(self, name: str, force: bool = False) -> None:
+        """Make the mount what it was at checkpoint ``name``, which stays (roll back to it, or to
+        another one, again).  Refuses while a file it changes is open, unless ``force``: then
+        open handles see the checkpoint's state."""
+        self._request(self._named(Op.ROLLBACK, name, force))
+
+    def drop_checkpoint(self, name: str) -> int:
+        """Forget checkpoint ``name``; the store bytes this freed (those nothing else held)."""
+        return self._reply(DroppedReply, self._named(Op.DROP_CHECKPOINT, name)).freed
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """The mount's checkpoints, oldest first, with what each holds on to."""
+        return self._reply(CheckpointsReply, CheckpointsRequest()).checkpoints
+
+    def _named(self, op: Op, name: str, force: bool = False) -> CheckpointRequest:
+        return CheckpointRequest(op, name, force)  # type: ignore[arg-type]
 
     def commit(
         self, path: StrPath, progress: transfer.Progress | None = None, confirm: Callable[[Plan], bool] | None = None

@@ -22,10 +22,11 @@ import stat
 from collections.abc import Generator, Iterator
 
 from .base import BasePath
+from .checkpoints import Checkpoint
 from .clone import CloneFile, FileData
 from .namespace import Namespace, Node, Refused, change_token, identity_dict, refuse_extra_links
 from .overlay import BaseIdentity
-from .protocol import ChangeState, DiffReply, FileChange, Plan, StatusReply
+from .protocol import ChangeState, CheckpointInfo, CheckpointsReply, DiffReply, FileChange, Plan, StatusReply
 from .slices import Slices, run_whole
 
 _KINDS = {
@@ -101,7 +102,20 @@ def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Gene
         if base_path not in moved_from
     ]
     found.sort(key=lambda change: change.path)
-    return StatusReply(str(namespace.base.path), str(namespace.store.directory), *store_usage(namespace), found)
+    return summary(namespace, found)
+
+
+def summary(namespace: Namespace, found: list[FileChange] | None = None) -> StatusReply:
+    """The mount's status with ``found`` as its changes (none: the summary `cowfs list` shows,
+    which costs nothing per change but for clones that changed since last asked)."""
+    return StatusReply(
+        str(namespace.base.path),
+        str(namespace.store.directory),
+        *store_usage(namespace),
+        found or [],
+        checkpoints=len(namespace.checkpoints),
+        checkpoint_bytes=namespace.store.bytes_retained,
+    )
 
 
 def store_usage(namespace: Namespace) -> tuple[int, int, int | None]:
@@ -114,6 +128,21 @@ def store_usage(namespace: Namespace) -> tuple[int, int, int | None]:
         store.bytes_held + cloned,
         store.disk_bytes() + sum(512 * clone.store_blocks() for clone in clones),
         store.limit,
+    )
+
+
+def checkpoints(namespace: Namespace) -> CheckpointsReply:
+    """Every checkpoint of the mount, oldest first, with what it holds on to."""
+    return CheckpointsReply([checkpoint_info(namespace, checkpoint) for checkpoint in namespace.checkpoints])
+
+
+def checkpoint_info(namespace: Namespace, checkpoint: Checkpoint) -> CheckpointInfo:
+    return CheckpointInfo(
+        checkpoint.name,
+        checkpoint.created,
+        len(checkpoint.files),
+        checkpoint.bytes_mapped,
+        namespace.checkpoints.freed_by_dropping(checkpoint.name, namespace.live_data),
     )
 
 
@@ -190,9 +219,20 @@ def commit_plan(namespace: Namespace, path: str) -> Plan:
         )
     if node.opens:
         raise Refused(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
+    refuse_while_checkpoints(namespace, path)
     refuse_extra_links(node, path)
     _check_base_unchanged(namespace, node, path)
     return _plan(namespace, path, node)
+
+
+def refuse_while_checkpoints(namespace: Namespace, path: str) -> None:
+    """A commit rewrites the base file that checkpoints of the mount still show their state over."""
+    count = len(namespace.checkpoints)
+    if count:
+        raise Refused(
+            f"{path}: the mount has {count} checkpoint{'s' if count > 1 else ''}, which a commit would "
+            "change under them: drop them first (cowfs checkpoints lists them)"
+        )
 
 
 def export_plan(namespace: Namespace, path: str) -> Plan:

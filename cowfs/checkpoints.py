@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from .overlay import FrozenView, OverlayFile
 from .rangemap import ZEROS, RangeMap
-from .store import PAGE_SIZE, FreedRun, Store, subtract_runs
+from .store import PAGE_SIZE, FreedRun, PageCheck, Store, subtract_runs
 
 MAX_NAME = 255  # bytes of a checkpoint's name
 
@@ -64,7 +64,7 @@ class Checkpoint:
         return sum(view.written.total for view in self.files.values())
 
 
-LiveFiles = Callable[[int], OverlayFile | None]  # a file key -> the live view of that file, if any
+LiveFiles = Callable[[int], list[OverlayFile]]  # a file key -> the live view of that file (none or one)
 
 
 class Checkpoints:
@@ -108,8 +108,7 @@ class Checkpoints:
         freed = 0
         for key, runs in freeing.items():
             if runs:
-                live_view = live(key)
-                self._store.unretain(key, runs, live_view.page_in_use if live_view is not None else _no_page)
+                self._store.unretain(key, runs, _in_use_by(live(key)))
                 freed += sum(end - start for start, end, _ in runs)
             checkpoint.files[key].close()
         if self._by_name:
@@ -157,12 +156,14 @@ class Checkpoints:
 
     def _only_in(self, view: FrozenView, live: LiveFiles) -> list[FreedRun]:
         """The store runs of ``view`` that neither the live file nor another checkpoint maps."""
-        live_view = live(view.key)
         others = [m for m in self._maps.get(view.key, []) if m is not view.written]
-        if live_view is not None:
-            others.append(live_view.written)
-        runs = list(_store_runs(view.written, _spans_unshared_with_all(view.written, others)))
-        for other in others:
+        others += [live_view.written for live_view in live(view.key)]
+        if not others:
+            return [
+                (store, store + end - start, start) for start, end, store in view.written.extents() if store != ZEROS
+            ]
+        runs = view.written.runs_only_in(others[0])  # in the C map: in time of the buckets they do not share
+        for other in others[1:]:
             if not runs:
                 break
             taken = _union([piece for run in runs for piece in _mapped_alike(other, *run)])
@@ -170,33 +171,9 @@ class Checkpoints:
         return runs
 
 
-def _spans_unshared_with_all(frozen: RangeMap, others: list[RangeMap]) -> list[tuple[int, int]]:
-    """Where ``frozen`` may hold bytes no other map holds: outside every span it shares a bucket
-    with any other map (a shared bucket holds the same ranges)."""
-    spans = [(0, max(frozen.last_end(), 1))]
-    for other in others:
-        spans = _intersect(spans, list(frozen.unshared_spans(other)))
-    return spans
-
-
-def _intersect(first: list[tuple[int, int]], second: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    result, i, j = [], 0, 0
-    while i < len(first) and j < len(second):
-        start, end = max(first[i][0], second[j][0]), min(first[i][1], second[j][1])
-        if start < end:
-            result.append((start, end))
-        if first[i][1] < second[j][1]:
-            i += 1
-        else:
-            j += 1
-    return result
-
-
-def _store_runs(written: RangeMap, spans: list[tuple[int, int]]) -> Iterator[FreedRun]:
-    for span_start, span_end in spans:
-        for start, end, store in written.segments(span_start, span_end):
-            if store is not None and store != ZEROS:
-                yield store, store + end - start, start
+def _in_use_by(views: list[OverlayFile]) -> PageCheck:
+    """Does one of these views still hold a byte of a store page?"""
+    return lambda view_page, store_page: any(view.page_in_use(view_page, store_page) for view in views)
 
 
 def _mapped_alike(other: RangeMap, store: int, end: int, view: int) -> Iterator[FreedRun]:
@@ -219,7 +196,3 @@ def _union(runs: list[FreedRun]) -> list[FreedRun]:
                 continue
         merged.append((store, end, view))
     return merged
-
-
-def _no_page(view_page: int, store_page: int) -> bool:
-    return False

@@ -25,8 +25,8 @@ from .units import parse_size
 
 log = logging.getLogger("cowfs")
 
-CONTROL_COMMANDS = ("list", "status", "diff", "reset", "commit", "export")
-COMMANDS = ("mount", "umount", *CONTROL_COMMANDS)
+CONTROL_COMMANDS = ("list", "status", "diff", "reset", "commit", "export", "checkpoint", "rollback", "checkpoints")
+COMMANDS = ("mount", "umount", "run", *CONTROL_COMMANDS)
 
 
 def size_argument(text: str) -> int:
@@ -304,6 +304,39 @@ def _add_control_commands(commands: Any) -> None:
     )
     reset.add_argument("path", metavar="MOUNTPOINT[/PATH]", type=Path)
     reset.add_argument("--force", action="store_true", help="reset open files too: their handles see the base")
+
+    checkpoint = commands.add_parser(
+        "checkpoint",
+        help="remember the whole mount under a name, to roll back to later",
+        description="Take a checkpoint of the whole mount (bytes, sizes, holes, names, links, "
+        "metadata) under NAME. It copies no data; writes after it over bytes it holds go to new "
+        "store space, which status shows and --max-store counts. With --drop, forget checkpoint "
+        "NAME and free what only it held.",
+    )
+    checkpoint.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    checkpoint.add_argument("name", metavar="NAME")
+    checkpoint.add_argument("--drop", action="store_true", help="forget checkpoint NAME instead")
+
+    rollback = commands.add_parser(
+        "rollback",
+        help="make the mount what it was at a checkpoint",
+        description="Make the whole mount what it was when checkpoint NAME was taken; the "
+        "checkpoint stays. Refuses while a file it changes is open, unless --force (open handles "
+        "then see the checkpoint).",
+    )
+    rollback.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    rollback.add_argument("name", metavar="NAME")
+    rollback.add_argument("--force", action="store_true", help="roll back open files too")
+
+    checkpoints = commands.add_parser(
+        "checkpoints",
+        help="the checkpoints of a mount and what each holds",
+        description="List the checkpoints of a mount, oldest first: when each was taken, how "
+        "many changed files it holds, the store bytes it maps, and those only it holds (what "
+        "dropping it frees).",
+    )
+    checkpoints.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path)
+    checkpoints.add_argument("--json", action="store_true", help="stable JSON for scripts")
 
     commit = commands.add_parser(
         "commit",

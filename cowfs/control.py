@@ -37,11 +37,16 @@ import trio
 import trio.lowlevel
 
 from . import changes
+from .checkpoints import name_problem
 from .kernel_cache import KernelCache
 from .namespace import Invalidation, Namespace, Refused
 from .protocol import (
     MAX_LINE,
+    CheckpointInfo,
+    CheckpointRequest,
+    CheckpointsRequest,
     CommitDoneRequest,
+    DroppedReply,
     Feature,
     Op,
     PathRequest,
@@ -165,9 +170,13 @@ class ControlServer:
     async def _dispatch(self, request: Request) -> object:
         self.namespace.absorb_outside_writes()  # passthrough files change without telling us
         if isinstance(request, StatusRequest):
-            return await self._status() if request.changes else self._summary()
+            return await self._status() if request.changes else changes.summary(self.namespace)
         if isinstance(request, ResetRequest):
             return await self._reset(request)
+        if isinstance(request, CheckpointRequest):
+            return await self._checkpoint(request)
+        if isinstance(request, CheckpointsRequest):
+            return changes.checkpoints(self.namespace)
         if isinstance(request, CommitDoneRequest):
             return await self._commit_done(request)
         assert isinstance(request, PathRequest)
@@ -181,14 +190,6 @@ class ControlServer:
         reply = await _in_slices(changes.status_in_slices(self.namespace))
         return dataclasses.replace(reply, features=self._features(), requests=self._request_counts())
 
-    def _summary(self) -> StatusReply:
-        """The status without the list of changes (`cowfs list`): costs nothing per change (but
-        for clones that changed since last asked)."""
-        namespace = self.namespace
-        return StatusReply(
-            str(namespace.base.path), str(namespace.store.directory), *changes.store_usage(namespace), []
-        )
-
     async def _reset(self, request: ResetRequest) -> ResetReply:
         # Dirty pages of open files would otherwise reach us after the reset.
         if request.force:
@@ -199,11 +200,51 @@ class ControlServer:
         log.info("reset %s (%d inodes)", request.path, len(result.inodes))
         return ResetReply(result.paths)
 
+    async def _checkpoint(self, request: CheckpointRequest) -> CheckpointInfo | DroppedReply:
+        namespace = self.namespace
+        if request.op is Op.DROP_CHECKPOINT:
+            freed = namespace.drop_checkpoint(request.name)
+            log.info("dropped checkpoint %s (freed %d bytes)", request.name, freed)
+            return DroppedReply(freed)
+        if request.op is Op.CHECKPOINT:
+            problem = name_problem(request.name)
+            if problem is None and namespace.checkpoints.get(request.name) is None:
+                # Pages written through open files that the kernel still holds are part of the state.
+                await self.kernel_cache.invalidate(namespace.table.open_files())
+            checkpoint = namespace.checkpoint(request.name)
+            log.info("took checkpoint %s (%d files)", request.name, len(checkpoint.files))
+            return changes.checkpoint_info(namespace, checkpoint)
+        if request.force:  # dirty pages of open files would otherwise reach us after the rollback
+            await self.kernel_cache.invalidate(namespace.table.open_files())
+        if namespace.checkpoints.get(request.name) is not None:  # (else it says why at once)
+            await _when_closed(lambda: namespace.refuse_rollback_if_open(request.name, request.force))
+        result = namespace.rollback(request.name, request.force)
+        await self.kernel_cache.invalidate(result.inodes, result.entries)
+        log.info("rolled back to checkpoint %s (%d inodes)", request.name, len(result.inodes))
+        rolled_back_to = namespace.checkpoints.get(request.name)
+        assert rolled_back_to is not None
+        return changes.checkpoint_info(namespace, rolled_back_to)
+
     async def _commit_done(self, request: CommitDoneRequest) -> ResetReply:
         result = self.namespace.commit_done(request.path, request.token, request.identity)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("committed %s into its base", request.path)
         return ResetReply(result.paths)
+
+
+async def _when_closed(check: Callable[[], None], patience: float = 0.5) -> None:
+    """``check()``, again for up to ``patience`` seconds while it refuses: a program's close()
+    returns before the kernel sends us its RELEASE, so "close, then roll back" would find the
+    file still open now and then."""
+    deadline = trio.current_time() + patience
+    while True:
+        try:
+            check()
+            return
+        except Refused:
+            if trio.current_time() >= deadline:
+                raise
+        await trio.sleep(0.01)
 
 
 async def _in_slices(job: Generator[None, None, T]) -> T:

@@ -33,7 +33,17 @@ def _file_argument(path: Path) -> tuple[Mount, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    commands = {"list": _list, "status": _status, "diff": _diff, "reset": _reset, "commit": _commit, "export": _export}
+    commands = {
+        "list": _list,
+        "status": _status,
+        "diff": _diff,
+        "reset": _reset,
+        "commit": _commit,
+        "export": _export,
+        "checkpoint": _checkpoint,
+        "rollback": _rollback,
+        "checkpoints": _checkpoints,
+    }
     return commands[args.command](args)
 
 
@@ -153,9 +163,13 @@ def print_status(status: Status, out: TextIO) -> None:
     limit = f", limit {format_size(status.max_store)}" if status.max_store is not None else ""
     print(f"mount  {status.mountpoint}", file=out)
     print(f"base   {status.base_dir}", file=out)
+    held = ""
+    if status.checkpoints:
+        count = status.checkpoints
+        held = f", {format_size(status.checkpoint_bytes)} held by {count} checkpoint{'s' if count > 1 else ''}"
     print(
         f"store  {status.store_dir}: {format_size(status.store_bytes)} written, "
-        f"{format_size(status.store_disk_bytes)} on disk{limit}",
+        f"{format_size(status.store_disk_bytes)} on disk{held}{limit}",
         file=out,
     )
     kernel = [feature for feature in status.features if feature.name != COMPILED_READS]
@@ -340,4 +354,66 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         progress.finish()
     print(f"exported {args.file} to {args.dest} ({args.format})")
+    return 0
+
+
+# -- checkpoints -------------------------------------------------------------------------
+
+
+def _mountpoint(path: Path) -> Mount:
+    mount, inside = _mount_and_path(path)
+    if inside != "/":
+        raise UserError(f"{path} is inside the cowfs mount {mount.path}: name its mountpoint")
+    return mount
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    mount = _mountpoint(args.mountpoint)
+    if args.drop:
+        freed = mount.drop_checkpoint(args.name)
+        print(f"dropped checkpoint {args.name} of {mount.path}, freed {format_size(freed)}")
+        return 0
+    taken = mount.checkpoint(args.name)
+    count = taken.files
+    print(f"took checkpoint {args.name} of {mount.path} ({count} changed file{'s' if count != 1 else ''})")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    mount = _mountpoint(args.mountpoint)
+    mount.rollback(args.name, force=args.force)
+    print(f"rolled {mount.path} back to checkpoint {args.name}")
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    mount = _mountpoint(args.mountpoint)
+    found = mount.checkpoints()
+    if args.json:
+        listed = [dict(vars(checkpoint)) for checkpoint in found]
+        print(json.dumps({"mountpoint": str(mount.path), "checkpoints": listed}, indent=2))
+        return 0
+    if not found:
+        print(f"no checkpoints in {mount.path}")
+        return 0
+    rows = [("NAME", "TAKEN", "FILES", "MAPPED", "ONLY IN IT")]
+    for checkpoint in found:
+        taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(checkpoint.taken))
+        rows.append(
+            (
+                checkpoint.name,
+                taken,
+                str(checkpoint.files),
+                format_size(checkpoint.bytes_mapped),
+                format_size(checkpoint.bytes_alone),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for cells in rows:
+        print(
+            "  ".join(
+                f"{cell:<{width}}" if index < 2 else f"{cell:>{width}}"
+                for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
     return 0

@@ -495,14 +495,38 @@ class OverlayFile:
         view.restore(frozen)
         return view
 
+    @classmethod
+    def copied(cls, store: Store, frozen: FrozenView, key: int) -> OverlayFile:
+        """A view of a new file (``key``) that reads as ``frozen`` did, with store bytes of its
+        own: copies of the frozen view's (ZEROS ranges stay ZEROS, the base is the same)."""
+        view = cls(store, os.dup(frozen.base_fd) if frozen.base_fd is not None else None, frozen.name, key)
+        view._copy_from(frozen)
+        return view
+
+    @_locked
+    def _copy_from(self, frozen: FrozenView) -> None:
+        self.base_identity, self.base_changed = frozen.base_identity, frozen.base_changed
+        self.size, self.base_limit = frozen.size, frozen.base_limit
+        for start, end, stored in frozen.written.extents():
+            if stored == ZEROS:
+                self.written.add(start, end, ZEROS)
+                continue
+            for piece in range(start, end, 1 << 20):
+                length = min(1 << 20, end - piece)
+                fd, offset = self._store.locate(stored + piece - start)
+                data = os.pread(fd, length, offset)
+                if len(data) != length or self._append(piece, memoryview(data), replaces=False) != length:
+                    raise OSError(errno.EIO, "short read or write copying store bytes")
+        self.generation = next(_changes)
+
     @_locked
     def restore(self, frozen: FrozenView) -> None:
         """Make the view what ``frozen`` (of the same key) was: bytes only it holds come back to
         life in the store, bytes only this view holds are dropped."""
         assert frozen.key == self.key, (frozen.key, self.key)
         old, new = self.written, frozen.written.snapshot()
-        dropped = _runs_only_in(old, new)
-        revived = _runs_only_in(new, old)
+        dropped = old.runs_only_in(new)
+        revived = new.runs_only_in(old)
         old_space = self._space
         self.written = new
         self._space = Allocation(self.key, frozen.pages) if new.total else None
@@ -527,25 +551,6 @@ class OverlayFile:
         self.base_changed = False
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size
-
-
-def _runs_only_in(first: rangemap.RangeMap, second: rangemap.RangeMap) -> list[FreedRun]:
-    """Store runs (store offset, end, view offset) of ``first`` that ``second`` does not map to
-    the same store bytes: looked for only where the two do not share buckets."""
-    runs: list[FreedRun] = []
-    for span_start, span_end in first.unshared_spans(second):
-        for start, end, store in first.segments(span_start, span_end):
-            if store is None or store == ZEROS:
-                continue
-            position = start
-            for other_start, other_end, other in second.segments(start, end):
-                if other is not None and other != ZEROS and other == store + other_start - start:
-                    if other_start > position:
-                        runs.append((store + position - start, store + other_start - start, position))
-                    position = other_end
-            if position < end:
-                runs.append((store + position - start, store + end - start, position))
-    return runs
 
 
 def _check_range(offset: int, length: int) -> None:

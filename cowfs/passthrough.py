@@ -164,6 +164,11 @@ class FileDataFactory:
         self._directory_fd = os.open(store.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._clones = Clones(self._directory_fd)
 
+    @property
+    def makes_clones(self) -> bool:
+        """Whether the files it makes now are clones (checkpoints need byte overlays)."""
+        return self._mode.active
+
     def __call__(self, base_fd: int | None, name: str) -> FileData:
         if self._mode.active:
             try:

@@ -59,6 +59,10 @@ class Op(StrEnum):
     COMMIT_PLAN = "commit_plan"
     COMMIT_DONE = "commit_done"
     EXPORT_PLAN = "export_plan"
+    CHECKPOINT = "checkpoint"
+    ROLLBACK = "rollback"
+    DROP_CHECKPOINT = "drop_checkpoint"
+    CHECKPOINTS = "checkpoints"
 
 
 # -- checked access to decoded JSON --------------------------------------------------
@@ -182,7 +186,21 @@ class CommitDoneRequest:
     op: Literal[Op.COMMIT_DONE] = Op.COMMIT_DONE
 
 
-Request = StatusRequest | PathRequest | ResetRequest | CommitDoneRequest
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """checkpoint, rollback and drop_checkpoint: one checkpoint by name."""
+
+    op: Literal[Op.CHECKPOINT, Op.ROLLBACK, Op.DROP_CHECKPOINT]
+    name: str
+    force: bool = False  # rollback: open files too
+
+
+@dataclass(frozen=True)
+class CheckpointsRequest:
+    op: Literal[Op.CHECKPOINTS] = Op.CHECKPOINTS
+
+
+Request = StatusRequest | PathRequest | ResetRequest | CommitDoneRequest | CheckpointRequest | CheckpointsRequest
 
 
 def decode_request(line: bytes) -> Request:
@@ -196,6 +214,11 @@ def decode_request(line: bytes) -> Request:
         return StatusRequest(listed is not False)
     if op is Op.RESET:
         return ResetRequest(_get(record, "path", str), bool(_get(record, "force", bool, optional=True)))
+    if op in (Op.CHECKPOINT, Op.ROLLBACK, Op.DROP_CHECKPOINT):
+        force = bool(_get(record, "force", bool, optional=True))
+        return CheckpointRequest(op, _get(record, "name", str), force)
+    if op is Op.CHECKPOINTS:
+        return CheckpointsRequest()
     if op is Op.COMMIT_DONE:
         token = record.get("token")
         if not isinstance(token, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in token):
@@ -263,6 +286,8 @@ class StatusReply:
     changes: list[FileChange]
     features: list[Feature] = field(default_factory=list)
     requests: dict[str, int] = field(default_factory=dict)  # FUSE requests served, by operation
+    checkpoints: int = 0  # how many the mount has
+    checkpoint_bytes: int = 0  # store bytes only checkpoints hold (counted by max_store too)
 
     @classmethod
     def from_wire(cls, value: Any) -> StatusReply:
@@ -283,6 +308,8 @@ class StatusReply:
                 for f in map(lambda item: _object(item, "a feature"), features)
             ],
             _int_dict(record.get("requests") or {}, "requests"),
+            _get(record, "checkpoints", int, optional=True) or 0,
+            _get(record, "checkpoint_bytes", int, optional=True) or 0,
         )
 
 
@@ -365,6 +392,50 @@ class Plan:
     @property
     def written_bytes(self) -> int:
         return sum(end - start for start, end in self.written)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint of a mount and what it holds on to."""
+
+    name: str
+    taken: float  # seconds since the epoch
+    files: int  # changed files it holds
+    bytes_mapped: int  # store bytes its files map (shared with the mount or other checkpoints, or not)
+    bytes_alone: int  # store bytes that only it holds: dropping it frees them
+
+    @classmethod
+    def from_wire(cls, value: Any) -> CheckpointInfo:
+        record = _object(value, "a checkpoint")
+        taken = _get(record, "taken", (int, float))
+        return cls(
+            _get(record, "name", str),
+            float(taken),
+            _get(record, "files", int),
+            _get(record, "bytes_mapped", int),
+            _get(record, "bytes_alone", int),
+        )
+
+
+@dataclass(frozen=True)
+class CheckpointsReply:
+    checkpoints: list[CheckpointInfo]  # oldest first
+
+    @classmethod
+    def from_wire(cls, value: Any) -> CheckpointsReply:
+        items = _object(value, "a list of checkpoints").get("checkpoints")
+        if not isinstance(items, list):
+            raise ProtocolError("field 'checkpoints' must be a list")
+        return cls([CheckpointInfo.from_wire(item) for item in items])
+
+
+@dataclass(frozen=True)
+class DroppedReply:
+    freed: int  # store bytes dropping the checkpoint freed
+
+    @classmethod
+    def from_wire(cls, value: Any) -> DroppedReply:
+        return cls(_get(_object(value, "a dropped checkpoint"), "freed", int))
 
 
 @dataclass(frozen=True)

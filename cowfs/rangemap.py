@@ -24,7 +24,9 @@ references (16,384 of them for 1,000,000 ranges over 1 TiB), and afterwards
 whichever map changes a bucket first copies that bucket alone.  So a snapshot
 costs memory in proportion to what changes after it.  A map changes in place
 only the buckets in its ``_owned`` set (made or copied since its last
-snapshot); `unshared_spans` says where two maps may differ.
+snapshot); `unshared_spans` says where two maps may differ, and
+`runs_only_in` which store bytes one holds that the other does not (in time
+proportional to the buckets they do not share).
 
 Invariants (checked by `check_invariants`):
   * within a bucket: ``starts[i] < ends[i] <= starts[i+1]``, and when
@@ -174,6 +176,36 @@ class RangeMap:
             for key in sorted(self._buckets.keys() | other._buckets.keys())
             if self._buckets.get(key) is not other._buckets.get(key)
         )
+
+    def runs_only_in(self, other: RangeMap) -> list[tuple[int, int, int]]:
+        """``(store offset, store end, view offset)`` of every run of store bytes this map holds
+        that ``other`` does not map alike (the same store bytes at the same offsets), in offset
+        order; only the buckets the two do not share are looked at."""
+        runs: list[tuple[int, int, int]] = []
+        for key in sorted(self._buckets):
+            mine, theirs = self._buckets[key], other._buckets.get(key)
+            if mine is theirs:
+                continue
+            for start, end, store in zip(*mine, strict=True):
+                if store == ZEROS:
+                    continue
+                position = start
+                if theirs is not None:
+                    their_starts, their_ends, their_stores = theirs
+                    k = bisect_right(their_ends, start)
+                    while k < len(their_starts) and their_starts[k] < end:
+                        overlap_start, overlap_end = max(their_starts[k], start), min(their_ends[k], end)
+                        their_store = their_stores[k]
+                        if their_store != ZEROS and their_store + overlap_start - their_starts[k] == (
+                            store + overlap_start - start
+                        ):
+                            if overlap_start > position:
+                                runs.append((store + position - start, store + overlap_start - start, position))
+                            position = overlap_end
+                        k += 1
+                if position < end:
+                    runs.append((store + position - start, store + end - start, position))
+        return runs
 
     def last_end(self) -> int:
         """End of the highest range, or 0 when empty."""

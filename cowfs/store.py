@@ -327,9 +327,13 @@ class Store:
 
     def may_overwrite(self, store: int) -> bool:
         """May a write replace these store bytes where they are (no checkpoint holds them)?"""
+        return not self._is_frozen(store)
+
+    def _is_frozen(self, store: int) -> bool:
+        """Were these store bytes allocated before the newest checkpoint (which may hold them)?"""
         entry = self._logs[store >> STORE_LOG_SHIFT]
         assert entry is not None
-        return (entry.sequence, store & OFFSET_MASK) >= self.frozen_below
+        return (entry.sequence, store & OFFSET_MASK) < self.frozen_below
 
     def overwrite(self, store: int, data: memoryview) -> int:
         """Write over bytes a file holds in the store already; the bytes written."""
@@ -350,7 +354,9 @@ class Store:
         store page)`` says whether a page at the end of a run still holds one (the file's map
         must no longer hold the runs).  Bytes a checkpoint holds stay, retained."""
         runs = list(runs)
-        held = self.retention.held(space.key, runs) if self.retention is not None and runs else []
+        # A checkpoint holds only bytes allocated before it: none at or past frozen_below.
+        frozen = [run for run in runs if self._is_frozen(run[0])] if self.retention is not None else []
+        held = self.retention.held(space.key, frozen) if self.retention is not None and frozen else []
         for store, end, _ in runs:
             entry = self._logs[store >> STORE_LOG_SHIFT]
             assert entry is not None and end > store, (store, end)
@@ -359,19 +365,19 @@ class Store:
             assert entry.live >= 0 and self._bytes_held >= 0, (entry.live, self._bytes_held)
         for store, end, _ in held:
             self._retain(store, end, 1)
-        emptied = self._emptied_pages(runs, page_in_use)  # no live byte of the file left in them
-        space.pages -= sum((stop - start) // PAGE_SIZE for ranges in emptied.values() for start, stop in ranges)
+        emptied, count = self._emptied_pages(runs, page_in_use)  # no live byte of the file left in them
+        space.pages -= count
         assert space.pages >= 0, space.pages
-        if space.sequence and any(
-            start <= _page_down(space.tail - 1) < stop for start, stop in emptied.get(space.log_index, ())
-        ):
+        tail_page = _page_down(space.tail - 1)
+        if space.sequence and any(start <= tail_page < stop for start, stop in emptied.get(space.log_index, ())):
             # Its last page is gone (or only a checkpoint holds it): the next bytes start on a
             # fresh one, also once no checkpoint freezes that page any more.
             space.sequence = 0
-        if held:
-            emptied = self._emptied_pages(subtract_runs(runs, held), self._still_held(space.key, page_in_use))
-        elif self.retention is not None:
-            emptied = self._emptied_pages(runs, self._still_held(space.key, page_in_use))
+        if frozen:  # pages where a checkpoint may hold bytes: punched only where none does
+            emptied, _ = self._emptied_pages([run for run in runs if not self._is_frozen(run[0])], page_in_use)
+            maybe_free, _ = self._emptied_pages(subtract_runs(frozen, held), self._still_held(space.key, page_in_use))
+            for index, ranges in maybe_free.items():
+                emptied.setdefault(index, []).extend(ranges)
         self._give_back({store >> STORE_LOG_SHIFT for store, _, _ in runs}, emptied)
 
     def unretain(self, key: int, runs: Iterable[FreedRun], page_in_use: PageCheck) -> None:
@@ -380,7 +386,7 @@ class Store:
         runs = list(runs)
         for store, end, _ in runs:
             self._retain(store, end, -1)
-        emptied = self._emptied_pages(runs, self._still_held(key, page_in_use))
+        emptied, _ = self._emptied_pages(runs, self._still_held(key, page_in_use))
         self._give_back({store >> STORE_LOG_SHIFT for store, _, _ in runs}, emptied)
 
     def revive(self, runs: Iterable[FreedRun]) -> None:
@@ -407,25 +413,30 @@ class Store:
         )
 
     @staticmethod
-    def _emptied_pages(runs: Iterable[FreedRun], still_used: PageCheck) -> dict[int, list[tuple[int, int]]]:
-        """log index -> page-aligned ranges, merged, of the store pages of ``runs`` that hold no
-        byte any more: those wholly inside a run, and those at a run's ends that ``still_used``
-        says are unused."""
+    def _emptied_pages(runs: Iterable[FreedRun], still_used: PageCheck) -> tuple[dict[int, list[tuple[int, int]]], int]:
+        """(log index -> page-aligned ranges, and how many pages they are) of the store pages of
+        ``runs`` that hold no byte any more: those wholly inside a run (no other run has bytes
+        there), and those at a run's ends that ``still_used`` says are unused.  Unmerged:
+        `settle` merges what it punches."""
         ranges: dict[int, list[tuple[int, int]]] = {}
         edges: dict[int, tuple[int, int]] = {}  # store page -> (log index, view page) to check
+        count = 0
         for store, end, view in runs:
             index, offset, stop = store >> STORE_LOG_SHIFT, store & OFFSET_MASK, end & OFFSET_MASK
-            inner_start, inner_end = _page_up(offset), _page_down(stop)
+            inner_start, inner_end = -(-offset // PAGE_SIZE) * PAGE_SIZE, stop - stop % PAGE_SIZE
             if inner_start < inner_end:
                 ranges.setdefault(index, []).append((inner_start, inner_end))
-            for page in {_page_down(offset), _page_down(stop - 1)}:
+                count += (inner_end - inner_start) // PAGE_SIZE
+            first, last = offset - offset % PAGE_SIZE, (stop - 1) - (stop - 1) % PAGE_SIZE
+            for page in (first, last) if first != last else (first,):
                 if not inner_start <= page < inner_end:
                     edges[index << STORE_LOG_SHIFT | page] = (index, _page_down(view + page - offset))
         for store_page, (index, view_page) in edges.items():
             if not still_used(view_page, store_page):
                 page = store_page & OFFSET_MASK
                 ranges.setdefault(index, []).append((page, page + PAGE_SIZE))
-        return {index: _merged(sorted(found)) for index, found in ranges.items()}
+                count += 1
+        return ranges, count
 
     def _give_back(self, touched: set[int], pages: dict[int, list[tuple[int, int]]]) -> None:
         """Close the logs of ``touched`` that hold nothing any more, punch ``pages`` in the others."""

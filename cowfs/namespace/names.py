@@ -124,6 +124,21 @@ class Names:
         except OSError:
             return False
 
+    def restore(self, entries: dict[int, dict[bytes, int]], primary: dict[int, tuple[int, bytes]]) -> None:
+        """A rollback (`cowfs.namespace.checkpoint`): every directory's entries as ``entries``
+        has them (none where it has none), the links that follow, and the primary names of
+        ``primary``.  Link counts come back with the checkpoint's metadata."""
+        for node in self.table:
+            node.entries, node.links = {}, set()
+        for ino, listing in entries.items():
+            self.table.nodes[ino].entries = dict(listing)
+            for name, child in listing.items():
+                if child != WHITEOUT:
+                    self.table.nodes[child].links.add((ino, name))
+        for ino, (parent, name) in primary.items():
+            node = self.table.nodes[ino]
+            node.parent, node.name = parent, name
+
     # -- link counts ----------------------------------------------------------------
 
     @staticmethod

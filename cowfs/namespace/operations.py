@@ -70,11 +70,13 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Protocol
 
 from ..base import BaseDir
+from ..checkpoints import Checkpoint, Checkpoints, name_problem
 from ..clone import CloneFile, FileData
 from ..overlay import OverlayFile
 from ..store import Store
+from . import checkpoint as checkpointing
 from . import reset as resetting
-from .model import ROOT_INO, WHITEOUT, Attrs, Invalidation, Node, Place, Stat, now
+from .model import ROOT_INO, WHITEOUT, Attrs, Invalidation, Node, Place, Refused, Stat, now
 from .names import Names
 from .nodes import NodeTable
 
@@ -119,6 +121,7 @@ class Namespace:
         self.gid = os.getegid() if gid is None else gid
         self.table = NodeTable(base)
         self.names = Names(self.table, base)
+        self.checkpoints = Checkpoints(store)
 
     @property
     def nodes(self) -> dict[int, Node]:
@@ -340,6 +343,8 @@ class Namespace:
             except BaseException:
                 os.close(fd)
                 raise
+        if isinstance(data, OverlayFile):
+            data.key = node.ino  # who the file is to checkpoints (a rollback brings it back under its ino)
         node.data = data
         return data
 
@@ -757,10 +762,64 @@ class Namespace:
         """The CLI wrote the changes of ``path`` into its base: adopt that as the new base."""
         return resetting.commit_done(self, path, token, new_identity)
 
+    # -- checkpoints (`cowfs.namespace.checkpoint`) -----------------------------------
+
+    def checkpoint(self, name: str) -> Checkpoint:
+        """Take a checkpoint of the whole mount under a new ``name``."""
+        problem = name_problem(name)
+        if problem is not None:
+            raise Refused(problem)
+        if getattr(self.new_file_data, "makes_clones", False) or any(
+            isinstance(node.data, CloneFile) for node in self.nodes.values()
+        ):
+            raise Refused(
+                "checkpoints need cowfs's own store, and this mount serves its files by passthrough: "
+                "mount with -o passthrough=off to take them"
+            )
+        if self.checkpoints.get(name) is not None:
+            raise Refused(f"checkpoint {name} exists already: pick another name, or drop it first")
+        state, views = checkpointing.capture(self)
+        return self.checkpoints.add(name, state, views)
+
+    def rollback(self, name: str, force: bool = False) -> Invalidation:
+        """Make the mount what it was at checkpoint ``name`` (which stays)."""
+        self.refuse_rollback_if_open(name, force)
+        checkpoint = self._checkpoint_named(name)
+        assert isinstance(checkpoint.state, checkpointing.NamespaceState)
+        result = checkpointing.restore(self, checkpoint.state, checkpoint.files)
+        result.paths.append("/")
+        return result
+
+    def refuse_rollback_if_open(self, name: str, force: bool = False) -> None:
+        """Refused if there is no checkpoint ``name``, or a rollback to it would change an open file
+        (and not ``force``)."""
+        checkpoint = self._checkpoint_named(name)
+        assert isinstance(checkpoint.state, checkpointing.NamespaceState)
+        checkpointing.refuse_if_open(self, checkpoint.state, name, force)
+
+    def drop_checkpoint(self, name: str) -> int:
+        """Forget checkpoint ``name``; the store bytes that only it held (now freed)."""
+        self._checkpoint_named(name)
+        return self.checkpoints.drop(name, self.live_data)
+
+    def live_data(self, key: int) -> list[OverlayFile]:
+        """The bytes of the file a checkpoint knows as ``key`` (its first inode number, which only
+        that file's views have: see `cowfs.namespace.checkpoint._renumbered`), as the mount has them now."""
+        node = self.nodes.get(key)
+        return [node.data] if node is not None and isinstance(node.data, OverlayFile) and node.data.key == key else []
+
+    def _checkpoint_named(self, name: str) -> Checkpoint:
+        checkpoint = self.checkpoints.get(name)
+        if checkpoint is None:
+            problem = name_problem(name)
+            raise Refused(problem or f"no checkpoint {name} in this mount (cowfs checkpoints lists them)")
+        return checkpoint
+
     # -- the end -------------------------------------------------------------------
 
     def close(self) -> None:
         """Release every node's descriptors and store space (at unmount)."""
+        self.checkpoints.close()
         for node in self.nodes.values():
             if node.data is not None:
                 node.data.close()

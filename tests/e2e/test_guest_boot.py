@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import cowfs
+
 from ..conftest import MountFactory
 from ..filesystems import DEFAULT
 from ..helpers import read_base, run, sha256
@@ -183,3 +185,39 @@ def test_a_guests_trim_frees_the_store_and_reads_as_zeros(
     store_bytes = mount.status()["store_bytes"]
     # 1 MiB of pattern and a marker page were written, then all but the pattern's edges trimmed.
     assert store_bytes <= (1 << 20) - (trim_end - trim_start) + 3 * 65536, store_bytes
+
+
+@pytest.mark.e2e
+def test_a_guest_rolled_back_to_a_checkpoint_finds_what_it_wrote_before_and_not_after(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory, guest_assets: GuestAssets, guest_accel: list[str]
+) -> None:
+    """The guest writes marker A and powers off; checkpoint; it boots and writes B elsewhere;
+    rollback; it boots again: A is there, B is not, and the qcow2 image checks clean."""
+    base = make_base_disk(base_dir, "qcow2")
+    mount = mount_factory(base_dir)
+    disk = mount.path / base.name
+    api = cowfs.attach(mount.path)
+    first, second = new_marker("cowfs-before"), new_marker("cowfs-after")
+    second_offset = OFFSET + 4 * MiB
+
+    def run_guest(action: str, marker: str, offset: int) -> GuestResult:
+        return boot(
+            guest_assets,
+            disk,
+            action=action,
+            marker=marker,
+            offset=offset,
+            timeout=BOOT_TIMEOUT,
+            accel=guest_accel,
+            disk_format="qcow2",
+        )
+
+    expect_report(run_guest("write", first, OFFSET), "write", "ok")
+    api.checkpoint("a-written")
+    expect_report(run_guest("write", second, second_offset), "write", "ok")
+    expect_report(run_guest("check", second, second_offset), "check", "present")
+    api.rollback("a-written")
+    expect_report(run_guest("check", first, OFFSET), "check", "present")
+    expect_report(run_guest("check", second, second_offset), "check", "absent")
+    run(["qemu-img", "check", "-q", str(disk)])
+    assert api.drop_checkpoint("a-written") == 0  # the mount holds what it held again

@@ -110,6 +110,23 @@ operations: st.SearchStrategy[Operation] = st.one_of(
 )
 
 
+# Checkpoints of the whole mount among them: ("checkpoint",), ("rollback", which), ("drop", which).
+operations_and_checkpoints: st.SearchStrategy[Operation] = st.one_of(
+    operations,
+    st.tuples(  # bytes of files that exist change between checkpoints more often
+        st.just("write"),
+        st.sampled_from(["disk.img", "dir/inner.img", "inner-hard.img"]),
+        st.integers(0, 30_000),
+        st.binary(min_size=1, max_size=5000),
+        st.just(0),
+    ),
+    st.tuples(st.just("checkpoint")),
+    st.tuples(st.just("rollback"), st.integers(0, 3)),
+    st.tuples(st.just("rollback"), st.integers(0, 3)),
+    st.tuples(st.just("drop"), st.integers(0, 3)),
+)
+
+
 def apply(root: Path, op: Operation) -> tuple[str, object]:
     """Run one operation under ``root``; the result is comparable across filesystems."""
     kind, *args = op
@@ -183,6 +200,7 @@ def test_random_operations_match_a_local_copy(
     base_dir: Path, tmp_path: Path, filesystem: str, mount_factory: MountFactory
 ) -> None:
     m = mount_factory(base_dir)
+    handle = cowfs.attach(m.path)
     local_root = tmp_path / "local"
     local_root.mkdir()
     template = tmp_path / "template"
@@ -195,7 +213,7 @@ def test_random_operations_match_a_local_copy(
         database=None,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
     )
-    @given(st.lists(operations, min_size=10, max_size=60 if SOAK else 30))
+    @given(st.lists(operations_and_checkpoints, min_size=10, max_size=60 if SOAK else 30))
     def run_sequence(ops: list[Operation]) -> None:
         # A fresh tree per example, added to the live base: the mount shows it because it
         # never touched that name, and the local copy starts from the same bytes.
@@ -206,10 +224,36 @@ def test_random_operations_match_a_local_copy(
         assert wait_until(lambda: (m.path / name).exists(), timeout=5)
         mounted, local = m.path / name, local_root / name
         assert snapshot(mounted) == snapshot(local)
-        for step, op in enumerate(ops):
-            got, expected = apply(mounted, op), apply(local, op)
-            assert got == expected, f"step {step} {op}: mount gave {got}, a local directory {expected}"
-        assert snapshot(mounted) == snapshot(local)
+        checkpoints: list[tuple[str, Path]] = []  # (name, the local copy then)
+        try:
+            for step, op in enumerate(ops):
+                if op[0] in ("checkpoint", "rollback", "drop") and filesystem != DEFAULT:
+                    continue  # a passthrough mount has no checkpoints
+                if op[0] == "checkpoint":
+                    checkpoints.append((f"{name}-{step}", tmp_path / f"{name}-{step}"))
+                    handle.checkpoint(checkpoints[-1][0])
+                    run(["cp", "-a", str(local), str(checkpoints[-1][1])])
+                elif op[0] == "rollback" and checkpoints:
+                    checkpoint, then = checkpoints[int(str(op[1])) % len(checkpoints)]
+                    handle.rollback(checkpoint, force=True)  # (a close's RELEASE may still be on its way)
+                    run(["rm", "-rf", str(local)])
+                    run(["cp", "-a", str(then), str(local)])
+                    assert snapshot(mounted) == snapshot(local), f"step {step}: rollback to {checkpoint}"
+                elif op[0] == "drop" and checkpoints:
+                    checkpoint, then = checkpoints.pop(int(str(op[1])) % len(checkpoints))
+                    handle.drop_checkpoint(checkpoint)
+                    run(["rm", "-rf", str(then)])
+                elif op[0] not in ("checkpoint", "rollback", "drop"):
+                    got, expected = apply(mounted, op), apply(local, op)
+                    assert got == expected, f"step {step} {op}: mount gave {got}, a local directory {expected}"
+            assert snapshot(mounted) == snapshot(local)
+            status = handle.status(changes=False)
+            assert status.checkpoints == len(checkpoints)
+        finally:
+            for checkpoint, then in checkpoints:
+                handle.drop_checkpoint(checkpoint)
+                run(["rm", "-rf", str(then)])
+        assert handle.status(changes=False).checkpoint_bytes == 0
 
     def snapshot(root: Path) -> dict[str, tuple[object, ...]]:
         """What a user sees; btrfs gives every directory one link, so a mount of a base on btrfs

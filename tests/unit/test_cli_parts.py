@@ -92,6 +92,15 @@ def test_bare_form_becomes_mount(argv: list[str], expected: list[str]) -> None:
     assert with_mount_command(argv) == expected
 
 
+@pytest.mark.parametrize("command", ["run", "checkpoint", "rollback", "checkpoints"])
+def test_a_command_is_a_command_even_where_a_file_has_its_name(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / command).write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert with_mount_command([command, "x"]) == [command, "x"]
+
+
 @pytest.mark.parametrize(
     ("argv", "words", "command"),
     [

@@ -26,6 +26,7 @@ from cowfs import changes
 from cowfs.base import BaseDir
 from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Invalidation, Namespace, Node, Refused, identity_dict
 from cowfs.namespace import reset as resetting
+from cowfs.namespace.checkpoint import NamespaceState
 from cowfs.overlay import BaseIdentity
 from cowfs.slices import Slices
 from cowfs.store import Store
@@ -85,6 +86,9 @@ class NamespaceMachine(RuleBasedStateMachine):
         self.ns = Namespace(self.base, self.store)
         self.kernel_lookups: Counter[int] = Counter()  # what the "kernel" holds
         self.handles: list[tuple[Node, int]] = []  # (namespace node, local fd)
+        # name -> (the namespace's tree then, a copy of the local tree then), oldest first
+        self.taken: dict[str, tuple[dict[tuple[bytes, ...], tuple[object, ...]], Path]] = {}
+        self.checkpoints_made = 0
 
     def teardown(self) -> None:
         try:
@@ -289,6 +293,22 @@ class NamespaceMachine(RuleBasedStateMachine):
         size = os.fstat(local_fd).st_size
         assert node.data.read(0, size + 10) == os.pread(local_fd, size + 10, 0)
 
+    @rule(path=paths, offset=offsets, payload=payloads)
+    def write_file(self, path: tuple[bytes, ...], offset: int, payload: bytes) -> None:
+        """Open, write and close at once (bytes change more often between checkpoints)."""
+        if self._through_symlink(path):
+            return
+        local = self._local(path)
+        if not local.is_file() or local.is_symlink():
+            return
+        node = self._resolve(path)
+        self.ns.open(node.ino)
+        self.ns.write(node, offset, payload)
+        self.ns.release(node.ino)
+        fd = os.open(local, os.O_WRONLY)
+        os.pwrite(fd, payload, offset)
+        os.close(fd)
+
     @rule(data=st.data(), size=st.integers(0, 9000))
     @precondition(lambda self: self.handles)
     def ftruncate(self, data: st.DataObject, size: int) -> None:
@@ -395,11 +415,88 @@ class NamespaceMachine(RuleBasedStateMachine):
         assert changes.diff(self.ns, mount_path).ranges == []
         assert all(change.bytes_written == 0 for change in changes.status(self.ns).changes if change.path == mount_path)
 
+    @rule()
+    def checkpoint(self) -> None:
+        name = f"cp{self.checkpoints_made}"
+        self.checkpoints_made += 1
+        self.ns.checkpoint(name)
+        snapshot = self.tmp / name
+        copy_tree(self.local, snapshot)
+        self.taken[name] = (self._ns_tree(ROOT_INO, ()), snapshot)
+        with pytest.raises(Refused, match="exists already"):
+            self.ns.checkpoint(name)
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.taken)
+    def rollback(self, data: st.DataObject) -> None:
+        """After a rollback the whole tree -- names, bytes, sizes, modes, link counts and which
+        names are links of one file -- is what it was when the checkpoint was taken."""
+        name = data.draw(st.sampled_from(list(self.taken)))
+        expected, snapshot = self.taken[name]
+        if self.handles:
+            checkpoint = self.ns.checkpoints.get(name)
+            assert checkpoint is not None and isinstance(checkpoint.state, NamespaceState)
+            recorded = checkpoint.state.nodes
+            if any(node.attrs is not None or node.ino in recorded for node, _ in self.handles):
+                # An open file it would change refuses a rollback (without --force), and nothing changes.
+                before = self._ns_tree(ROOT_INO, ())
+                with pytest.raises(Refused, match="open in the mount"):
+                    self.ns.rollback(name)
+                assert self._ns_tree(ROOT_INO, ()) == before
+            return  # else the local copy cannot follow handles of files a rollback replaces
+        self.ns.rollback(name)
+        # (A file the kernel holds whose size the rollback changes shows under a new inode number,
+        # as after a reset: its holders keep it as it was, deleted.)
+        assert with_link_groups(self._ns_tree(ROOT_INO, ())) == with_link_groups(expected)
+        shutil.rmtree(self.local)
+        copy_tree(snapshot, self.local)
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.taken)
+    def close_all_and_rollback(self, data: st.DataObject) -> None:
+        for node, local_fd in self.handles:
+            self.ns.release(node.ino)
+            os.close(local_fd)
+        self.handles.clear()
+        self.rollback(data)
+
+    @rule(data=st.data())
+    @precondition(lambda self: self.taken)
+    def drop_checkpoint(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(list(self.taken)))
+        retained = self.store.bytes_retained
+        assert self.ns.drop_checkpoint(name) == retained - self.store.bytes_retained
+        shutil.rmtree(self.taken.pop(name)[1])
+        with pytest.raises(Refused, match="no checkpoint"):
+            self.ns.rollback(name)
+
     # -- checks -----------------------------------------------------------------
 
     @invariant()
     def namespace_invariants_hold(self) -> None:
         self.ns.check_invariants()
+
+    @invariant()
+    def store_account_is_exact(self) -> None:
+        """Live bytes are what the files' maps hold; retained ones, what only checkpoints hold."""
+        live = {
+            store + i
+            for node in self.ns.nodes.values()
+            if node.data is not None
+            for start, end, store in node.data.written.extents()
+            if store >= 0
+            for i in range(end - start)
+        }
+        frozen = {
+            store + i
+            for checkpoint in self.ns.checkpoints
+            for view in checkpoint.files.values()
+            for start, end, store in view.written.extents()
+            if store >= 0
+            for i in range(end - start)
+        }
+        assert self.store.bytes_held == len(live)
+        assert self.store.bytes_retained == len(frozen - live)
 
     @invariant()
     def trees_match(self) -> None:

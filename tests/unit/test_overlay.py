@@ -434,8 +434,8 @@ def test_checkpoints_rollbacks_and_drops_keep_every_view_and_the_account_exact(
 
     views = [fresh(0), fresh(1)]
 
-    def live(key: int) -> OverlayFile | None:
-        return views[key - 1][0]
+    def live(key: int) -> list[OverlayFile]:
+        return [views[key - 1][0]]
 
     try:
         for step, (kind, index, offset, length, flag) in enumerate(ops):
@@ -504,14 +504,14 @@ def test_a_page_with_bytes_of_two_checkpoints_stays_until_neither_needs_it() -> 
         checkpoints.add("c2", None, [view.freeze()])
         view.punch_hole(100, 100)
         assert store.bytes_held == 0 and store.bytes_retained == 200 and store.disk_bytes() == 4096
-        assert checkpoints.drop("c1", lambda key: view) == 100
+        assert checkpoints.drop("c1", lambda key: [view]) == 100
         assert store.bytes_retained == 100 and store.disk_bytes() == 4096
         c2 = checkpoints.get("c2")
         assert c2 is not None
         view.restore(c2.files[7])
         assert view.read(0, 200) == bytes(100) + b"b" * 100
         assert store.bytes_held == 100 and store.bytes_retained == 0
-        assert checkpoints.drop("c2", lambda key: view) == 0
+        assert checkpoints.drop("c2", lambda key: [view]) == 0
         view.close()
         assert store.log_count == 0 and store.bytes_held == 0
         store.close()
@@ -536,7 +536,7 @@ def test_store_space_after_rollback_and_drop_is_what_it_was_before_the_checkpoin
         assert booted is not None
         view.restore(booted.files[1])
         assert view.read(0, view.size) == expected
-        assert checkpoints.drop("booted", lambda key: view) == 0  # the live view holds it all again
+        assert checkpoints.drop("booted", lambda key: [view]) == 0  # the live view holds it all again
         assert (store.bytes_held, store.bytes_retained, store.disk_bytes(), view.store_blocks()) == before
         view.close()
         store.close()
@@ -554,7 +554,7 @@ def test_after_a_checkpoint_held_its_emptied_last_page_a_file_starts_a_fresh_one
         checkpoints.add("c", None, [view.freeze()])
         view.truncate(0)
         other.write(0, b"o")  # keeps the log open
-        checkpoints.drop("c", lambda key: view if key == 1 else other)
+        checkpoints.drop("c", lambda key: [view if key == 1 else other])
         view.write(1165, b"b")
         store.settle()
         assert view.read(1165, 1) == b"b"

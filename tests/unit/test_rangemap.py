@@ -262,6 +262,36 @@ def test_snapshots_share_buckets_and_never_see_each_others_changes(
             outside = _without([(0, max(first.last_end(), second.last_end(), 1))], spans)
             for start, end in outside:
                 assert list(first.segments(start, end)) == list(second.segments(start, end))
+            assert _joined(first.runs_only_in(second)) == _joined(_store_runs_not_in(first, second))
+
+
+def _store_runs_not_in(first: Any, second: Any) -> list[tuple[int, int, int]]:
+    """The oracle of runs_only_in: every store run of ``first`` less what ``second`` maps alike,
+    looked for everywhere."""
+    runs = []
+    for start, end, store in first.extents():
+        if store == ZEROS:
+            continue
+        position = start
+        for other_start, other_end, other in second.segments(start, end):
+            if other is not None and other != ZEROS and other == store + other_start - start:
+                if other_start > position:
+                    runs.append((store + position - start, store + other_start - start, position))
+                position = other_end
+        if position < end:
+            runs.append((store + position - start, store + end - start, position))
+    return runs
+
+
+def _joined(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Runs in view order, those that continue each other (store and view offsets) joined."""
+    joined: list[tuple[int, int, int]] = []
+    for store, end, view in sorted(runs, key=lambda run: run[2]):
+        if joined and joined[-1][1] == store and joined[-1][2] + joined[-1][1] - joined[-1][0] == view:
+            joined[-1] = (joined[-1][0], end, joined[-1][2])
+        else:
+            joined.append((store, end, view))
+    return joined
 
 
 @pytest.mark.parametrize("RangeMap", IMPLEMENTATIONS)
@@ -287,3 +317,19 @@ def test_a_snapshot_of_a_million_ranges_is_a_dict_of_buckets_and_a_write_copies_
     assert after_write - snapshot_bytes < 64 * 1024, after_write - snapshot_bytes  # one bucket of ~62 ranges
     assert list(subject.unshared_spans(frozen)) == [(0, BUCKET_SIZE)]
     assert next(frozen.segments(0, 1)) == (0, 1, 0) and next(subject.segments(0, 1)) == (0, 1, 1 << 40)
+
+
+@pytest.mark.parametrize("RangeMap", IMPLEMENTATIONS)
+def test_runs_only_in_finds_the_bytes_a_change_replaced_and_nothing_else(RangeMap: Any) -> None:  # noqa: N803
+    first = RangeMap()
+    first.add(0, 3 * 4096, 1000)
+    first.add(BUCKET_SIZE, BUCKET_SIZE + 10, 90000)  # a bucket the change leaves shared
+    first.add(4 * 4096, 5 * 4096, ZEROS)
+    second = first.snapshot()
+    second.remove(4096, 8192)  # the middle of a range is replaced
+    second.add(4096, 8192, 50000)
+    second.remove(4 * 4096, 5 * 4096)
+    assert first.runs_only_in(second) == [(1000 + 4096, 1000 + 8192, 4096)]
+    assert second.runs_only_in(first) == [(50000, 54096, 4096)]
+    assert first.runs_only_in(first) == []
+    assert first.runs_only_in(RangeMap()) == [(1000, 1000 + 3 * 4096, 0), (90000, 90010, BUCKET_SIZE)]
