@@ -688,7 +688,8 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def release(self, fh: int) -> None:
-        self._backings.release(self._open_files[fh].ino)
+        if fh not in self._window_handles:  # a partition's handle is always the daemon's
+            self._backings.release(self._open_files[fh].ino)
         self._forget_handle(fh)
 
     def _forget_handle(self, fh: int) -> None:

@@ -48,9 +48,9 @@ def guest_args(assets: GuestAssets, action: str, marker: str, console: Path) -> 
     ]
 
 
-def example_env(scratch: Path, accel: list[str], cowfs_on_path: bool = False) -> dict[str, str]:
+def example_env(example_tmp: Path, accel: list[str], cowfs_on_path: bool = False) -> dict[str, str]:
     """The scripts find cowfs through $COWFS, or on PATH."""
-    env = dict(os.environ, TMPDIR=str(scratch), MEMORY="256", ACCEL=accel[-1])
+    env = dict(os.environ, TMPDIR=str(example_tmp), MEMORY="256", ACCEL=accel[-1])
     if cowfs_on_path:
         env["PATH"] = f"{Path(COWFS).parent}:{env['PATH']}"
         env.pop("COWFS", None)
@@ -59,17 +59,17 @@ def example_env(scratch: Path, accel: list[str], cowfs_on_path: bool = False) ->
     return env
 
 
-def assert_nothing_left(scratch: Path, image_dir: Path) -> None:
-    assert list(scratch.iterdir()) == [], "the example left files or mountpoints behind"
-    assert not [entry for entry in mount_table() if str(scratch) in entry.mountpoint]
+def assert_nothing_left(example_tmp: Path, image_dir: Path) -> None:
+    assert list(example_tmp.iterdir()) == [], "the example left files or mountpoints behind"
+    assert not [entry for entry in mount_table() if str(example_tmp) in entry.mountpoint]
     assert str(image_dir) not in run(["losetup", "--list", "--noheadings"]).stdout
-    assert str(scratch) not in run(["losetup", "--list", "--noheadings"]).stdout
+    assert str(example_tmp) not in run(["losetup", "--list", "--noheadings"]).stdout
 
 
 @pytest.fixture
-def scratch(tmp_path: Path) -> Iterator[Path]:
+def example_tmp(tmp_path: Path) -> Iterator[Path]:
     """The examples' $TMPDIR; whatever a failing example leaves there is cleaned up."""
-    path = tmp_path / "scratch"
+    path = tmp_path / "example_tmp"
     path.mkdir()
     yield path
     # Innermost first: filesystems on loop devices, the loop devices, then cowfs mounts.
@@ -88,12 +88,12 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.mark.e2e
 def test_disposable_vm_forgets_what_the_vm_wrote(
-    base_dir: Path, tmp_path: Path, scratch: Path, guest_assets: GuestAssets, guest_accel: list[str]
+    base_dir: Path, tmp_path: Path, example_tmp: Path, guest_assets: GuestAssets, guest_accel: list[str]
 ) -> None:
     base = make_base_disk(base_dir, "qcow2")
     before = sha256(base)
     marker = new_marker("cowfs-example")
-    env = example_env(scratch, guest_accel)
+    env = example_env(example_tmp, guest_accel)
     for action, found in (("write", "ok"), ("check", "absent")):
         console = tmp_path / f"console-{action}.log"
         run(
@@ -118,12 +118,12 @@ def test_disposable_vm_forgets_what_the_vm_wrote(
             "pattern": found,
             "marker": found,
         }
-        assert_nothing_left(scratch, base_dir)
+        assert_nothing_left(example_tmp, base_dir)
     assert sha256(base) == before
 
 
 @pytest.mark.e2e
-def test_disposable_vm_unmounts_when_killed(base_dir: Path, scratch: Path, guest_accel: list[str]) -> None:
+def test_disposable_vm_unmounts_when_killed(base_dir: Path, example_tmp: Path, guest_accel: list[str]) -> None:
     base = make_base_disk(base_dir, "raw")
     # No kernel and no bootable disk: the firmware waits forever, like a VM in use.
     script = subprocess.Popen(
@@ -137,17 +137,17 @@ def test_disposable_vm_unmounts_when_killed(base_dir: Path, scratch: Path, guest
             "-monitor",
             "none",
         ],
-        env=example_env(scratch, guest_accel, cowfs_on_path=True),
+        env=example_env(example_tmp, guest_accel, cowfs_on_path=True),
         stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
 
         def vm_running() -> bool:
-            return any(is_mounted(path) for path in scratch.iterdir())
+            return any(is_mounted(path) for path in example_tmp.iterdir())
 
         assert wait_until(vm_running, timeout=60)
-        mountpoint = next(scratch.iterdir())
+        mountpoint = next(example_tmp.iterdir())
         assert wait_until(lambda: (mountpoint / base.name).exists() and _has_qemu_child(script.pid), timeout=60)
         os.killpg(script.pid, signal.SIGTERM)  # as a terminal's Ctrl-C or a service stop does (its own group)
         assert script.wait(timeout=60) == 143
@@ -155,7 +155,7 @@ def test_disposable_vm_unmounts_when_killed(base_dir: Path, scratch: Path, guest
         if script.poll() is None:
             os.killpg(script.pid, signal.SIGKILL)
             script.wait()
-    assert_nothing_left(scratch, base_dir)
+    assert_nothing_left(example_tmp, base_dir)
 
 
 def _has_qemu_child(pid: int) -> bool:
@@ -165,29 +165,29 @@ def _has_qemu_child(pid: int) -> bool:
 
 @pytest.mark.e2e
 def test_inspect_image_pokes_and_cleans_up(
-    base_dir: Path, tmp_path: Path, scratch: Path, guest_accel: list[str]
+    base_dir: Path, tmp_path: Path, example_tmp: Path, guest_accel: list[str]
 ) -> None:
     base = make_ext4_image(base_dir, tmp_path)
     before = sha256(base)
     before_bytes = read_base(base)
-    env = example_env(scratch, guest_accel, cowfs_on_path=True)
+    env = example_env(example_tmp, guest_accel, cowfs_on_path=True)
     script = str(EXAMPLES / "inspect-image.sh")
     poke = 'cat etc/hostname && echo poked > etc/hostname && cat "$FS/etc/hostname" && rm doomed.txt && ls'
     result = run([script, str(base_dir), base.name, "sh", "-c", poke], env=env)
     assert result.stdout.split() == ["base-image", "poked", "big.bin", "etc", "lost+found"], result.stderr
-    assert_nothing_left(scratch, base_dir)
+    assert_nothing_left(example_tmp, base_dir)
     # The next look sees the pristine image again; a failing command's status comes back.
     again = run([script, str(base_dir), base.name, "sh", "-c", "cat etc/hostname; ls; exit 3"], env=env, check=False)
     assert again.returncode == 3
     assert again.stdout.split() == ["base-image", "big.bin", "doomed.txt", "etc", "lost+found"]
-    assert_nothing_left(scratch, base_dir)
+    assert_nothing_left(example_tmp, base_dir)
     assert read_base(base) == before_bytes
     assert sha256(base) == before
 
 
 @pytest.mark.e2e
 def test_inspect_image_opens_a_partition(
-    base_dir: Path, tmp_path: Path, scratch: Path, mount_factory: MountFactory, guest_accel: list[str]
+    base_dir: Path, tmp_path: Path, example_tmp: Path, mount_factory: MountFactory, guest_accel: list[str]
 ) -> None:
     image = base_dir / "disk.raw"
     run(["qemu-img", "create", "-q", "-f", "raw", str(image), "64M"])
@@ -199,21 +199,21 @@ def test_inspect_image_opens_a_partition(
     run(["mkfs.ext4", "-q", "-F", "-E", f"offset={start * 512}", "-d", str(seed), str(image), "32M"])
     result = run(
         [str(EXAMPLES / "inspect-image.sh"), str(base_dir), "disk.raw", "cat", "in-partition-2"],
-        env=dict(example_env(scratch, guest_accel), PARTITION="2"),
+        env=dict(example_env(example_tmp, guest_accel), PARTITION="2"),
     )
     assert result.stdout == "found\n"
-    assert_nothing_left(scratch, base_dir)
+    assert_nothing_left(example_tmp, base_dir)
 
 
 @pytest.mark.e2e
 def test_ci_vm_test_passes_fails_and_times_out(
-    base_dir: Path, tmp_path: Path, scratch: Path, guest_assets: GuestAssets, guest_accel: list[str]
+    base_dir: Path, tmp_path: Path, example_tmp: Path, guest_assets: GuestAssets, guest_accel: list[str]
 ) -> None:
     base = make_base_disk(base_dir, "raw")
     before = sha256(base)
     marker = new_marker("cowfs-ci")
     script = str(EXAMPLES / "ci-vm-test.sh")
-    env = example_env(scratch, guest_accel)
+    env = example_env(example_tmp, guest_accel)
 
     def ci(expect: str, action: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
         console = tmp_path / "unused-console.log"  # the script sends the console to its own file
@@ -229,13 +229,13 @@ def test_ci_vm_test_passes_fails_and_times_out(
     passed = ci("COWFS-GUEST-REPORT action=write status=ok .*marker=ok", "write")
     assert passed.returncode == 0, passed.stderr
     assert passed.stdout == f"ci-vm-test: PASS ({base.name})\n"
-    assert_nothing_left(scratch, base_dir)
+    assert_nothing_left(example_tmp, base_dir)
     # Every run starts from the same image: the first run's marker is gone.
     failed = ci("COWFS-GUEST-REPORT action=check status=ok .*marker=present", "check")
     assert failed.returncode == 1
     assert "marker=absent" in failed.stderr and "FAIL: no line matching" in failed.stderr
-    assert_nothing_left(scratch, base_dir)
+    assert_nothing_left(example_tmp, base_dir)
     timed_out = ci("never", "check", TIMEOUT="1")
     assert timed_out.returncode == 124 and "did not power off within 1s" in timed_out.stderr
-    assert_nothing_left(scratch, base_dir)
+    assert_nothing_left(example_tmp, base_dir)
     assert sha256(base) == before

@@ -32,7 +32,7 @@ def base(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def scratch(tmp_path: Path) -> Iterator[Path]:
+def run_tmp(tmp_path: Path) -> Iterator[Path]:
     """The temporary directory `cowfs run` makes its mountpoint in (TMPDIR); checked empty afterwards."""
     path = tmp_path / "tmp"
     path.mkdir()
@@ -43,23 +43,23 @@ def scratch(tmp_path: Path) -> Iterator[Path]:
     assert list(path.iterdir()) == []
 
 
-def _environment(scratch: Path) -> dict[str, str]:
+def _environment(run_tmp: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key != "XDG_RUNTIME_DIR"}
-    return {**env, "TMPDIR": str(scratch)}
+    return {**env, "TMPDIR": str(run_tmp)}
 
 
-def _cowfs_run(scratch: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return run([COWFS, "run", *argv], check=False, timeout=timeout, env=_environment(scratch))
+def _cowfs_run(run_tmp: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return run([COWFS, "run", *argv], check=False, timeout=timeout, env=_environment(run_tmp))
 
 
 def _daemon_pid(info_file: Path) -> int:
     return int(json.loads(info_file.read_text())["pid"])
 
 
-def _assert_nothing_left(scratch: Path, daemon: int) -> None:
+def _assert_nothing_left(run_tmp: Path, daemon: int) -> None:
     assert wait_for_pid_exit(daemon, 30), "the daemon is still running"
-    assert not [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(scratch) in line]
-    assert list(scratch.iterdir()) == [], "the temporary mountpoint is still there"
+    assert not [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(run_tmp) in line]
+    assert list(run_tmp.iterdir()) == [], "the temporary mountpoint is still there"
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def _assert_nothing_left(scratch: Path, daemon: int) -> None:
     ids=["0", "3", "255", "signal"],
 )
 def test_run_exits_with_the_commands_status_and_leaves_nothing(
-    base: Path, scratch: Path, tmp_path: Path, script: str, status: int
+    base: Path, run_tmp: Path, tmp_path: Path, script: str, status: int
 ) -> None:
     out = tmp_path / "out"
     command = (
@@ -76,29 +76,29 @@ def test_run_exits_with_the_commands_status_and_leaves_nothing(
         f'echo "{{}} $COWFS_MOUNT" > {out} && cat {{}}/a.txt >> {out} && echo changed > {{}}/a.txt && '
         f"cat {{}}/a.txt >> {out} && {script}"
     )
-    result = _cowfs_run(scratch, str(base), "--", "sh", "-c", command)
+    result = _cowfs_run(run_tmp, str(base), "--", "sh", "-c", command)
     assert result.returncode == status, result.stderr
     assert result.stderr == ""
     words, hello, changed = out.read_text().splitlines()
     mountpoint, environment = words.split()
-    assert mountpoint == environment and Path(mountpoint).parent == scratch
+    assert mountpoint == environment and Path(mountpoint).parent == run_tmp
     assert Path(mountpoint).name.startswith("cowfs-run-")
     assert (hello, changed) == ("hello", "changed")
     assert read_base(base / "a.txt") == b"hello\n"
-    _assert_nothing_left(scratch, _daemon_pid(Path(f"{out}.info")))
+    _assert_nothing_left(run_tmp, _daemon_pid(Path(f"{out}.info")))
 
 
-def test_every_placeholder_in_every_word_is_the_mountpoint(base: Path, scratch: Path, tmp_path: Path) -> None:
+def test_every_placeholder_in_every_word_is_the_mountpoint(base: Path, run_tmp: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    result = _cowfs_run(scratch, str(base), "--", "sh", "-c", f'printf "%s\\n" "$@" > {out}', "sh", "{}", "x{}y{}z")
+    result = _cowfs_run(run_tmp, str(base), "--", "sh", "-c", f'printf "%s\\n" "$@" > {out}', "sh", "{}", "x{}y{}z")
     assert result.returncode == 0, result.stderr
     first, second = out.read_text().splitlines()
-    assert first.startswith(str(scratch / "cowfs-run-"))
+    assert first.startswith(str(run_tmp / "cowfs-run-"))
     assert second == f"x{first}y{first}z"
 
 
 def test_run_killed_with_sigkill_takes_mount_daemon_store_and_command_along(
-    base: Path, scratch: Path, tmp_path: Path
+    base: Path, run_tmp: Path, tmp_path: Path
 ) -> None:
     """The test of the issue: write into the mount, then kill -9 `cowfs run` from inside."""
     info, survivor = tmp_path / "info", tmp_path / "survivor"
@@ -109,24 +109,24 @@ def test_run_killed_with_sigkill_takes_mount_daemon_store_and_command_along(
             f"df --output=used -B1 {store} | tail -1 > {tmp_path / 'used'}; "
             f"kill -9 $PPID; sleep 2; touch {survivor}"
         )
-        result = _cowfs_run(scratch, "--store", str(store), str(base), "--", "sh", "-c", command)
+        result = _cowfs_run(run_tmp, "--store", str(store), str(base), "--", "sh", "-c", command)
         assert result.returncode == -signal.SIGKILL
         assert int((tmp_path / "used").read_text()) >= 16 * MiB  # the writes were in the store
-        _assert_nothing_left(scratch, _daemon_pid(info))
+        _assert_nothing_left(run_tmp, _daemon_pid(info))
         assert wait_until(lambda: os.statvfs(store).f_bfree == os.statvfs(store).f_blocks, timeout=10)
     assert not wait_until(survivor.exists, timeout=3), "the command outlived cowfs run"
     assert read_base(base / "disk.raw") == bytes(32 * MiB)
 
 
 def test_a_signal_sent_to_cowfs_run_reaches_the_command_which_still_has_its_mount(
-    base: Path, scratch: Path, tmp_path: Path
+    base: Path, run_tmp: Path, tmp_path: Path
 ) -> None:
     """A CI timeout's kill: the command gets it, may still use the mount, and its status is the result."""
     out, ready = tmp_path / "out", tmp_path / "ready"
     command = f"trap 'cat {{}}/a.txt > {out}; exit 7' TERM; touch {ready}; while :; do sleep 0.05; done"
     runner = subprocess.Popen(
         [COWFS, "run", str(base), "--", "sh", "-c", command],
-        env=_environment(scratch),
+        env=_environment(run_tmp),
         start_new_session=True,
         stderr=subprocess.PIPE,
         text=True,
@@ -141,10 +141,10 @@ def test_a_signal_sent_to_cowfs_run_reaches_the_command_which_still_has_its_moun
             runner.wait()
     assert out.read_text() == "hello\n"
     assert runner.stderr is not None and runner.stderr.read() == ""
-    assert list(scratch.iterdir()) == []
+    assert list(run_tmp.iterdir()) == []
 
 
-def test_ctrl_c_at_the_terminal_reaches_the_command_not_the_daemon(base: Path, scratch: Path, tmp_path: Path) -> None:
+def test_ctrl_c_at_the_terminal_reaches_the_command_not_the_daemon(base: Path, run_tmp: Path, tmp_path: Path) -> None:
     """In a terminal of its own: ^C goes to the foreground process group (cowfs run and the command),
     not to the daemon, so the command's handler still reads the mount."""
     out = tmp_path / "out"
@@ -157,7 +157,7 @@ def test_ctrl_c_at_the_terminal_reaches_the_command_not_the_daemon(base: Path, s
     command = f"trap 'cat {{}}/a.txt > {out}; exit 5' INT; echo ready; while :; do sleep 0.05; done"
     runner = subprocess.Popen(
         [COWFS, "run", str(base), "--", "sh", "-c", command],
-        env=_environment(scratch),
+        env=_environment(run_tmp),
         stdin=terminal,
         stdout=terminal,
         stderr=terminal,
@@ -177,19 +177,19 @@ def test_ctrl_c_at_the_terminal_reaches_the_command_not_the_daemon(base: Path, s
             runner.wait()
         os.close(master)
     assert out.read_text() == "hello\n"
-    assert list(scratch.iterdir()) == []
+    assert list(run_tmp.iterdir()) == []
 
 
-def test_a_daemon_that_dies_leaves_no_dead_mount(base: Path, scratch: Path, tmp_path: Path) -> None:
+def test_a_daemon_that_dies_leaves_no_dead_mount(base: Path, run_tmp: Path, tmp_path: Path) -> None:
     info = tmp_path / "info"
     command = (
         f"getfattr --absolute-names --only-values -n user.cowfs.control {{}} > {info}; "
         f"""kill -9 $(sed 's/.*"pid": \\([0-9]*\\).*/\\1/' {info}); ls {{}}; exit 4"""
     )
-    result = _cowfs_run(scratch, str(base), "--", "sh", "-c", command)
+    result = _cowfs_run(run_tmp, str(base), "--", "sh", "-c", command)
     assert result.returncode == 4
     assert result.stderr.startswith("ls: cannot open directory")  # the command saw the daemon die
-    _assert_nothing_left(scratch, _daemon_pid(info))
+    _assert_nothing_left(run_tmp, _daemon_pid(info))
 
 
 @pytest.mark.parametrize(
@@ -213,28 +213,28 @@ def test_a_daemon_that_dies_leaves_no_dead_mount(base: Path, scratch: Path, tmp_
     ],
 )
 def test_bad_input_to_run_gets_one_line_and_mounts_nothing(
-    base: Path, scratch: Path, argv: list[str], status: int, expected: str
+    base: Path, run_tmp: Path, argv: list[str], status: int, expected: str
 ) -> None:
     words = [word.replace("{base}", str(base)) for word in argv]
-    result = _cowfs_run(scratch, *words)
+    result = _cowfs_run(run_tmp, *words)
     assert (result.returncode, result.stdout) == (status, "")
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("cowfs: "), result.stderr
-    assert list(scratch.iterdir()) == []
+    assert list(run_tmp.iterdir()) == []
 
 
-def test_global_foreground_flag_is_refused_for_run(base: Path, scratch: Path) -> None:
-    result = run([COWFS, "-f", "run", str(base), "--", "true"], check=False, env=_environment(scratch))
+def test_global_foreground_flag_is_refused_for_run(base: Path, run_tmp: Path) -> None:
+    result = run([COWFS, "-f", "run", str(base), "--", "true"], check=False, env=_environment(run_tmp))
     assert result.returncode == 1 and "-f does not apply" in result.stderr
-    assert list(scratch.iterdir()) == []
+    assert list(run_tmp.iterdir()) == []
 
 
-def test_a_command_in_the_mount_that_cannot_be_run_gets_126_after_cleaning_up(base: Path, scratch: Path) -> None:
-    result = _cowfs_run(scratch, str(base), "--", "{}/a.txt")
+def test_a_command_in_the_mount_that_cannot_be_run_gets_126_after_cleaning_up(base: Path, run_tmp: Path) -> None:
+    result = _cowfs_run(run_tmp, str(base), "--", "{}/a.txt")
     assert result.returncode == 126
     assert result.stderr.startswith("cowfs: ") and "Permission denied" in result.stderr
     assert len(result.stderr.splitlines()) == 1
-    assert list(scratch.iterdir()) == []
+    assert list(run_tmp.iterdir()) == []
 
 
 def test_an_ordinary_user_runs_and_kills_a_session(
@@ -242,13 +242,13 @@ def test_an_ordinary_user_runs_and_kills_a_session(
 ) -> None:
     """As nobody, through the setuid fusermount3, with the system Python's stock pyfuse3."""
     argv, cowfs_env = cowfs_for_others
-    base, scratch = visible_tmp / "base", visible_tmp / "tmp"
+    base, run_tmp = visible_tmp / "base", visible_tmp / "tmp"
     base.mkdir()
-    scratch.mkdir()
+    run_tmp.mkdir()
     (base / "a.txt").write_text("hello\n")
-    os.chown(scratch, NOBODY, NOBODY)
-    env = {**_environment(scratch), **cowfs_env}
-    out, info = scratch / "out", scratch / "info"
+    os.chown(run_tmp, NOBODY, NOBODY)
+    env = {**_environment(run_tmp), **cowfs_env}
+    out, info = run_tmp / "out", run_tmp / "info"
     with dev_fuse_open_to_all():
         script = f"echo changed > {{}}/a.txt; cat {{}}/a.txt > {out}; exit 9"
         result = run(as_user(NOBODY, NOBODY, [*argv, "run", str(base), "--", "sh", "-c", script]), check=False, env=env)
@@ -263,5 +263,5 @@ def test_an_ordinary_user_runs_and_kills_a_session(
         assert result.returncode == -signal.SIGKILL, result.stderr
         daemon = _daemon_pid(info)
         info.unlink()
-        _assert_nothing_left(scratch, daemon)
+        _assert_nothing_left(run_tmp, daemon)
     assert read_base(base / "a.txt") == b"hello\n"

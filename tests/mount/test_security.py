@@ -109,8 +109,9 @@ def test_ordinary_user_mounts_writes_and_unmounts(
             # Debian's pyfuse3 is a stock build: cowfs runs on it and says which features are off.
             status = json.loads(as_them(*cowfs_argv, "status", "--json", str(mnt)))
             features = {f["name"]: f for f in status["features"]}
-            assert sorted(features) == ["compiled_reads", "fallocate", "killpriv_v2", "lseek"]
+            assert sorted(features) == ["compiled_reads", "fallocate", "killpriv_v2", "lseek", "passthrough"]
             assert not any(f["enabled"] for f in features.values())
+            assert "is a stock build without it" in features["passthrough"]["detail"]
             assert "is a stock build without it" in features["fallocate"]["detail"]
             reads_off = features["compiled_reads"]["detail"]  # READs in Python: no request filter, or no module
             assert "stock build without request filters" in reads_off or "is not built" in reads_off, reads_off
