@@ -28,7 +28,7 @@ import logging
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +100,6 @@ class _NodeCount:
         return 1 + sum(len(copy.namespace.nodes) for copy in self._copies.all())
 
 
-@dataclass
-class Removal:
-    """What removing a copy changed, for the kernel cache invalidation that follows it."""
-
-    inodes: set[int] = field(default_factory=set)
-
-
 class Copies:
     """The copies of a ``--copies`` mount, behind the interface the FUSE adapter uses."""
 
@@ -132,7 +125,9 @@ class Copies:
         )
         self.store = _AllStores(self, store_dir)
         self.nodes = _NodeCount(self)
-        self.pending_invalidation: set[int] = set()  # inodes of removed copies, for the kernel to drop
+        # What the kernel must forget of removed copies: their files' pages and every name in them
+        # (so that it lets go of their inodes, and the copies can close).
+        self.pending_invalidation = Invalidation()
 
     # -- the copies -----------------------------------------------------------------
 
@@ -174,7 +169,12 @@ class Copies:
         for checkpoint in list(namespace.checkpoints):
             namespace.drop_checkpoint(checkpoint.name)
         result: Invalidation = namespace.reset("/", force=True)
-        self.pending_invalidation |= result.inodes
+        self.pending_invalidation.inodes |= result.inodes
+        self.pending_invalidation.entries |= result.entries
+        for node in namespace.nodes.values():
+            if not node.is_root:
+                self.pending_invalidation.entries.add((node.parent, node.name))
+                self.pending_invalidation.entries.update(node.links)
         removed.store.settle()
         self._touch_root()
         self._forget_if_unheld(removed)

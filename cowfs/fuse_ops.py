@@ -32,7 +32,7 @@ from .guest import FetchNeeded, GuestFile, GuestViews, MapNeeded, ViewFailure
 from .kernel_cache import KernelCache
 from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .mounts import find_mount
-from .namespace import Namespace, Node, Stat
+from .namespace import Invalidation, Namespace, Node, Stat
 from .partitions import Table
 from .passthrough import FUSE_PASSTHROUGH, Backings, Passthrough
 from .windows import PARTS_SUFFIX, Window, Windows, directory_stat, partition_number, partition_stat
@@ -469,11 +469,11 @@ class CowfsOperations(pyfuse3.Operations):
     @_errno_replies
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.ns.rmdir(parent_inode, name)
-        if isinstance(self.ns, Copies) and self.ns.pending_invalidation:
-            # A removed copy: open handles of its files must not read their cached pages (after
-            # the reply: the kernel holds the directory's locks until then).
-            inodes, self.ns.pending_invalidation = self.ns.pending_invalidation, set()
-            trio.lowlevel.spawn_system_task(self.kernel_cache.invalidate, inodes)
+        if isinstance(self.ns, Copies) and self.ns.pending_invalidation.inodes:
+            # A removed copy: open handles of its files must not read their cached pages, and the
+            # kernel must let go of its names (after the reply: until then it holds the directory's locks).
+            forget, self.ns.pending_invalidation = self.ns.pending_invalidation, Invalidation()
+            trio.lowlevel.spawn_system_task(self.kernel_cache.invalidate, forget.inodes, forget.entries)
 
     @_errno_replies
     async def rename(
