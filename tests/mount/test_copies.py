@@ -17,7 +17,7 @@ import pytest
 import cowfs
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, SOAK, read_base, run, sha256, wait_until, write_at
+from ..helpers import SOAK, cowfs_command, read_base, sha256, wait_until, write_at
 
 MiB = 1 << 20
 
@@ -28,11 +28,6 @@ def _base(base_dir: Path, size: int = 4 * MiB) -> Path:
     (base_dir / "dir").mkdir()
     (base_dir / "dir" / "inner.txt").write_text("inner\n")
     return base_dir
-
-
-def _cowfs(*argv: str) -> tuple[int, str, str]:
-    result = run([COWFS, *argv], check=False)
-    return result.returncode, result.stdout, result.stderr
 
 
 def test_copies_are_made_and_thrown_away_with_mkdir_and_rmdir_and_are_independent(
@@ -105,22 +100,22 @@ def test_each_copy_has_its_own_status_diff_reset_checkpoints_export_and_limit(
     finally:
         os.close(fd)
     write_at(m.path / "b" / "disk.raw", 0, b"b" * MiB)  # b has its own 2 MiB
-    status = json.loads(_cowfs("status", "--json", str(m.path / "a"))[1])
+    status = json.loads(cowfs_command("status", "--json", str(m.path / "a"))[1])
     assert [change["path"] for change in status["changes"]] == ["/disk.raw"] and status["store_bytes"] == 2 * MiB
-    code, out, _ = _cowfs("diff", "--json", str(m.path / "b" / "disk.raw"))
+    code, out, _ = cowfs_command("diff", "--json", str(m.path / "b" / "disk.raw"))
     assert code == 0 and json.loads(out)["ranges"] == [[0, MiB]]
-    assert _cowfs("checkpoint", str(m.path / "b"), "mine")[0] == 0
-    code, out, _ = _cowfs("checkpoints", "--json", str(m.path / "a"))
+    assert cowfs_command("checkpoint", str(m.path / "b"), "mine")[0] == 0
+    code, out, _ = cowfs_command("checkpoints", "--json", str(m.path / "a"))
     assert json.loads(out)["checkpoints"] == []  # a's are its own
-    assert _cowfs("export", str(m.path / "b" / "disk.raw"), str(tmp_path / "b.raw"))[0] == 0
+    assert cowfs_command("export", str(m.path / "b" / "disk.raw"), str(tmp_path / "b.raw"))[0] == 0
     assert (tmp_path / "b.raw").read_bytes()[:MiB] == b"b" * MiB
-    assert _cowfs("reset", str(m.path / "a"))[1] == f"threw away every change of {m.path / 'a'}\n"
+    assert cowfs_command("reset", str(m.path / "a"))[1] == f"threw away every change of {m.path / 'a'}\n"
     assert (m.path / "a" / "disk.raw").read_bytes() == read_base(base_dir / "disk.raw")
     assert (m.path / "b" / "disk.raw").read_bytes()[:MiB] == b"b" * MiB
-    code, out, _ = _cowfs("list")
+    code, out, _ = cowfs_command("list")
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
     assert rows[str(m.path)] == "live" and rows[str(m.path / "a")] == rows[str(m.path / "b")] == "copy"
-    code, out, _ = _cowfs("status", str(m.path))
+    code, out, _ = cowfs_command("status", str(m.path))
     assert out.splitlines()[-3].split() == ["COPY", "WRITTEN", "ON", "DISK", "CHANGES", "CHECKPOINTS"]
 
 
@@ -154,7 +149,7 @@ def test_what_the_copies_directory_refuses(base_dir: Path, tmp_path: Path, mount
         (["diff", str(m.path / "nope" / "disk.raw")], "no copy nope"),
         (["mount", "--copies", "--view", "guest", str(base_dir), str(tmp_path)], "copies and view guest"),
     ]:
-        code, out, err = _cowfs(*argv)
+        code, out, err = cowfs_command(*argv)
         assert code != 0 and out == "" and len(err.splitlines()) == 1 and said in err, (argv, err)
 
 
