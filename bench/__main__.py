@@ -25,7 +25,10 @@ What it does, in order (the phases are workloads.PHASES):
      pwrite()s through the mount, write rate of the first vs the last 10 %, daemon RSS, and a
      read-back spot check;
   6. sessions (cowfs only, skipped with a --mount-cmd stand-in): `cowfs run BASE -- true` against
-     `cowfs mount` + `cowfs umount`, --mounts times each;
+     `cowfs mount` + `cowfs umount`, --mounts times each; a checkpoint after --scale-writes
+     scattered writes into the sparse scale image and a rollback after a tenth rewritten and a
+     tenth new (not with --skip-scale); 50 copies of a 256 MiB image in one --copies mount (how
+     soon each is ready, the daemon's RSS, the page cache 8 of them fill when read);
   7. guest views (skipped with --skip-guestviews or a --mount-cmd stand-in; bench/guestviews.py);
   8. metadata (skipped with --skip-metadata or a --mount-cmd stand-in; bench/metadata.py): create,
      stat, rename and delete 50,000 small files (5,000 with --quick) in a cowfs mount, in

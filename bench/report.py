@@ -223,6 +223,26 @@ def _metrics_section(config: Config, results: Results) -> list[str]:
                     + " / ".join(mib(value) for value in sessions.store_after or []),
                 ],
             ]
+        if sessions.copies is not None:
+            rows += [
+                [
+                    f"--copies: a new copy ready ms (median / max of {sessions.copies}), target <= 20",
+                    "-",
+                    f"{number(sessions.copy_ready_median_ms)} / {number(sessions.copy_ready_max_ms)}",
+                ],
+                [
+                    f"  daemon RSS MiB with {sessions.copies} copies (VmRSS / VmHWM), target <= 60",
+                    "-",
+                    f"{mib(kib_to_bytes(sessions.copies_daemon_rss_kib))} / "
+                    f"{mib(kib_to_bytes(sessions.copies_daemon_hwm_kib))}",
+                ],
+                [
+                    "  Cached MiB grown: 8 copies of 256 MiB read in full, opened to read / to write",
+                    "-",
+                    f"{mib(kib_to_bytes(sessions.cached_growth_read_only_kib))} / "
+                    f"{mib(kib_to_bytes(sessions.cached_growth_read_write_kib))}",
+                ],
+            ]
     metadata = results.metadata
     if metadata is not None:
         for operation, ratio in metadata.cowfs_over_fuse_overlayfs.items():

@@ -267,11 +267,23 @@ class Sessions:
     rollback_s: float | None = optional()  # target: at most 1 s
     store_before: list[int] | None = optional()  # [bytes written, bytes on disk] before the checkpoint
     store_after: list[int] | None = optional()  # the same after the rollback and the drop: equal
+    # A --copies mount of a 256 MiB image: 50 copies made one after another, each then written to
+    # (1 MiB) and read (16 MiB); then 8 of them read in full, to read and to write.
+    copies: int | None = optional()
+    copy_ready_ms: list[float] = field(default_factory=list)  # mkdir until its image can be read; target <= 20
+    copy_ready_median_ms: float | None = None
+    copy_ready_max_ms: float | None = None
+    copies_daemon_rss_kib: int | None = optional()  # VmRSS with them all; target <= 60 MiB
+    copies_daemon_hwm_kib: int | None = optional()
+    cached_growth_read_only_kib: int | None = optional()  # Cached in /proc/meminfo: 8 copies read, O_RDONLY
+    cached_growth_read_write_kib: int | None = optional()  # the same opened O_RDWR (the page cache of each copy)
 
     def summarize(self) -> None:
         self.run_true_median_ms = median_of(self.run_true_ms)
         self.mount_umount_median_ms = median_of(self.mount_umount_ms)
         self.run_over_mount_umount = ratio_of(self.run_true_median_ms, self.mount_umount_median_ms)
+        self.copy_ready_median_ms = median_of(self.copy_ready_ms)
+        self.copy_ready_max_ms = max(self.copy_ready_ms) if self.copy_ready_ms else None
 
 
 @dataclass(kw_only=True)

@@ -1,7 +1,9 @@
 """cowfs's sessions (issue 20), measured on cowfs alone: `cowfs run -- true` against `cowfs mount` +
 `cowfs umount` of the same base (target: at most 1.2x); a checkpoint and a rollback after
 --scale-writes scattered 4 KiB writes into the sparse --scale-size image (targets: 1 s each, 30 MiB
-more daemon RSS, the store as before once rolled back and dropped)."""
+more daemon RSS, the store as before once rolled back and dropped); 50 copies of a 256 MiB image in
+one --copies mount (a new copy ready in 20 ms, 60 MiB daemon RSS in all), and how much the page
+cache grows when 8 of them are read in full."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 
 import cowfs
+from cowfs import mounts
 
 from .config import BLOCK, human
 from .harness import CommandMount, lazy_unmount, mounts_at_or_below
@@ -44,6 +47,7 @@ def sessions_phase(bench: Bench) -> None:
     _run_rows(bench, sessions)
     if not bench.config.skip_scale:
         _checkpoint_rows(bench, sessions)
+    _copies_rows(bench, sessions)
 
 
 def _run_rows(bench: Bench, sessions: Sessions) -> None:
@@ -125,3 +129,80 @@ def _pwrite_blocks(file: Path, numbers: list[int], block: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+COPIES = 50
+COPY_IMAGE_SIZE = 256 << 20
+
+
+def _copies_rows(bench: Bench, sessions: Sessions) -> None:
+    config = bench.config
+    base = config.work / "copies-base"
+    image = base / "disk.raw"
+    if not image.exists() or image.stat().st_size != COPY_IMAGE_SIZE:
+        base.mkdir(parents=True, exist_ok=True)
+        with open(image, "wb") as out:
+            for _ in range(COPY_IMAGE_SIZE >> 20):
+                out.write(os.urandom(1 << 20))
+    mountpoint = config.run_dir / "copies-mnt"
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, TMPDIR=str(config.store))
+    log.info("sessions: %d copies of a %s image in one --copies mount", COPIES, human(COPY_IMAGE_SIZE))
+    if _timed(bench, [_cowfs(), "mount", "--copies", str(base), str(mountpoint)], env) is None:
+        return
+    try:
+        daemon = mounts.control_info(mountpoint).pid
+        for index in range(COPIES):
+            started = time.perf_counter()
+            (mountpoint / f"c{index}").mkdir()
+            with open(mountpoint / f"c{index}" / "disk.raw", "rb") as disk:
+                disk.read(4096)
+            sessions.copy_ready_ms.append(round((time.perf_counter() - started) * 1e3, 3))
+        with open(image, "rb") as warm:  # the base's own pages: cached once, whatever the copies do
+            while warm.read(1 << 20):
+                pass
+        # Copies that changed nothing yet: 8 read to read (no page cache of their own), 8 others
+        # opened to write (the page cache of each).
+        for first, flags, field in (
+            (0, os.O_RDONLY, "cached_growth_read_only_kib"),
+            (8, os.O_RDWR, "cached_growth_read_write_kib"),
+        ):
+            before = _cached_kib()
+            for index in range(first, first + 8):
+                fd = os.open(mountpoint / f"c{index}" / "disk.raw", flags)
+                try:
+                    while os.read(fd, 1 << 20):
+                        pass
+                finally:
+                    os.close(fd)
+            setattr(sessions, field, _cached_kib() - before)
+        rng = random.Random(51)
+        for index in range(COPIES):  # then each copy written to (1 MiB) and read (16 MiB)
+            fd = os.open(mountpoint / f"c{index}" / "disk.raw", os.O_RDWR)
+            try:
+                for _ in range(16):
+                    os.pwrite(fd, rng.randbytes(BLOCK * 16), rng.randrange(COPY_IMAGE_SIZE // BLOCK - 16) * BLOCK)
+                os.pread(fd, 16 << 20, 0)
+            finally:
+                os.close(fd)
+        sessions.copies = COPIES
+        sessions.copies_daemon_rss_kib = _status_kib(daemon, "VmRSS")
+        sessions.copies_daemon_hwm_kib = _status_kib(daemon, "VmHWM")
+    finally:
+        if _timed(bench, [_cowfs(), "umount", str(mountpoint)], env) is None:
+            for left in mounts_at_or_below(mountpoint):
+                lazy_unmount(left)
+
+
+def _status_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _cached_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Cached:"):
+            return int(line.split()[1])
+    return 0

@@ -17,6 +17,7 @@ Errors a user can fix raise `cowfs.UserError` with a one-line message.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from .protocol import (
     CheckpointsRequest,
     CommitDoneRequest,
     ControlInfo,
+    CopyStatus,
     DiffReply,
     DroppedReply,
     Feature,
@@ -71,6 +73,7 @@ class Status:
     requests: dict[str, int]  # FUSE requests the daemon served, by operation
     checkpoints: int  # how many checkpoints the mount has
     checkpoint_bytes: int  # store bytes only checkpoints hold (--max-store counts them too)
+    copies: list[CopyStatus]  # a --copies mount's own status: each of its copies
 
     @classmethod
     def of(cls, mountpoint: Path, reply: StatusReply) -> Status:
@@ -86,7 +89,18 @@ class Status:
         record["changes"] = [dict(vars(change)) for change in self.changes]
         record["features"] = [dict(vars(feature)) for feature in self.features]
         record["requests"] = dict(self.requests)
+        record["copies"] = [dict(vars(copy)) for copy in self.copies]
         return record
+
+
+def open_path(path: StrPath) -> tuple[Mount, str]:
+    """The mount (in a --copies mount: the copy) that ``path`` is in, and the path inside it."""
+    root, inside = locate(path)
+    info = mounts.control_info(root)
+    if info.copies and inside != "/":
+        name, _, rest = inside[1:].partition("/")
+        return Mount(root / name), "/" + rest
+    return Mount(root), inside
 
 
 def locate(path: StrPath) -> tuple[Path, str]:
@@ -115,15 +129,27 @@ class Mount:
 
     def __init__(self, mountpoint: StrPath) -> None:
         root, inside = locate(mountpoint)
-        if inside != "/":
-            raise UserError(f"{mountpoint} is inside the cowfs mount {root}, not its mountpoint")
-        self.path = root
         self._info: ControlInfo = mounts.control_info(root)
+        self.copy = ""  # in a --copies mount, the copy this handle is about (MOUNTPOINT/NAME)
+        if inside != "/":
+            if not self._info.copies or "/" in inside[1:]:
+                what = "a copy of it" if self._info.copies else "its mountpoint"
+                raise UserError(f"{mountpoint} is inside the cowfs mount {root}, not {what}")
+            self.copy = inside[1:]
+        self.root = root  # the mountpoint
+        self.path = root / self.copy if self.copy else root
 
     def __repr__(self) -> str:
         return f"<cowfs.Mount {self.path}>"
 
+    @property
+    def holds_copies(self) -> bool:
+        """A --copies mount's own handle (its copies are ``Mount(path / NAME)``)."""
+        return self._info.copies and not self.copy
+
     def _request(self, message: Request) -> Any:
+        if self.copy:
+            message = dataclasses.replace(message, copy=self.copy)
         try:
             return control_client.request(self.path, self._info, message)
         except UserError as error:
@@ -150,8 +176,8 @@ class Mount:
         """A path inside the mount: relative to it, or absolute under it."""
         text = os.fspath(path)
         if os.path.isabs(text):
-            root, inside = locate(text)
-            if root != self.path:
+            mount, inside = open_path(text)
+            if mount.path != self.path:
                 raise UserError(f"{text} is not in the mount {self.path}")
             return inside
         return "/" + text.lstrip("/")

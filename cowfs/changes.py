@@ -24,9 +24,19 @@ from collections.abc import Generator, Iterator
 from .base import BasePath
 from .checkpoints import Checkpoint
 from .clone import CloneFile, FileData
+from .copies import Copies
 from .namespace import Namespace, Node, Refused, change_token, identity_dict, refuse_extra_links
 from .overlay import BaseIdentity
-from .protocol import ChangeState, CheckpointInfo, CheckpointsReply, DiffReply, FileChange, Plan, StatusReply
+from .protocol import (
+    ChangeState,
+    CheckpointInfo,
+    CheckpointsReply,
+    CopyStatus,
+    DiffReply,
+    FileChange,
+    Plan,
+    StatusReply,
+)
 from .slices import Slices, run_whole
 
 _KINDS = {
@@ -128,6 +138,30 @@ def store_usage(namespace: Namespace) -> tuple[int, int, int | None]:
         store.bytes_held + cloned,
         store.disk_bytes() + sum(512 * clone.store_blocks() for clone in clones),
         store.limit,
+    )
+
+
+def copies_status(copies: Copies) -> StatusReply:
+    """A --copies mount's status: its store usage in all, and each copy's."""
+    listed = []
+    for name in copies.names():
+        copy = copies.copy(name)
+        assert copy is not None
+        held, on_disk, _ = store_usage(copy.namespace)
+        changed = sum(1 for _ in copy.namespace.names.entries())
+        store = copy.store
+        listed.append(CopyStatus(name, held, on_disk, len(copy.namespace.checkpoints), store.bytes_retained, changed))
+    every = list(copies.all())
+    return StatusReply(
+        str(copies.base.path),
+        str(copies.store_dir),
+        sum(copy.store.bytes_held for copy in every),
+        sum(copy.store.disk_bytes() for copy in every),
+        copies.limit,
+        [],
+        checkpoints=sum(len(copy.namespace.checkpoints) for copy in every),
+        checkpoint_bytes=sum(copy.store.bytes_retained for copy in every),
+        copies=listed,
     )
 
 

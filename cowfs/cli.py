@@ -73,6 +73,7 @@ _FLAG_OPTIONS = {
     "allow_root": ("allow_root", True),
     "noexec": ("noexec", True),
     "exec": ("noexec", False),
+    "copies": ("copies", True),
 }
 # Always so in a cowfs mount (permissions are checked by the kernel; no devices, no setuid).
 _ALWAYS_SO = {"rw", "default_permissions", "nodev", "nosuid"}
@@ -135,7 +136,7 @@ class _MountOptions(argparse.Action):
                 raise argparse.ArgumentError(
                     self,
                     f"unknown mount option {option!r}: cowfs takes store=, "
-                    "max_store=, log_file=, view=, passthrough=, allow_other, allow_root, noexec",
+                    "max_store=, log_file=, view=, passthrough=, copies, allow_other, allow_root, noexec",
                 )
 
 
@@ -240,6 +241,12 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         "(XFS, btrfs), the kernel serves file I/O from clones at native speed; off: never",
     )
     parser.add_argument(
+        "--copies",
+        action="store_true",
+        help="MOUNTPOINT starts empty; mkdir MOUNTPOINT/NAME makes NAME a fresh copy of BASE_DIR, "
+        "rmdir MOUNTPOINT/NAME throws it away (each copy has its own store, status, checkpoints)",
+    )
+    parser.add_argument(
         "--allow-other",
         action="store_true",
         help="let other users in (with normal permission checks; needs user_allow_other "
@@ -262,7 +269,7 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
         action=_MountOptions,
         dest="options",
         help="comma-separated, as in fstab: store=DIR, max_store=SIZE, log_file=FILE, view=VIEW, "
-        "passthrough=auto|off, allow_other, allow_root, noexec; rw, default_permissions, nofail, _netdev, "
+        "passthrough=auto|off, copies, allow_other, allow_root, noexec; rw, default_permissions, nofail, _netdev, "
         "x-systemd.* and the like are accepted and ignored; ro is refused",
     )
     parser.set_defaults(noexec=False)
@@ -475,7 +482,8 @@ def check_mount_arguments(args: argparse.Namespace) -> MountConfig:
         args.allow_root,
         args.noexec,
         args.view,
-        passthrough=args.passthrough != "off",
+        passthrough=args.passthrough != "off" and not args.copies,
+        copies=args.copies,
     )
 
 
@@ -483,6 +491,8 @@ def check_base_dir(args: argparse.Namespace) -> Path:
     """The options that exclude each other, and BASE_DIR: resolved, or UserError."""
     if args.allow_other and args.allow_root:
         raise UserError("allow_other and allow_root exclude each other: allow_other already lets root in")
+    if args.copies and args.view == "guest":
+        raise UserError("copies and view guest do not go together (yet): mount the guest view on its own")
     base_dir = _directory(args.base_dir, "BASE_DIR")
     if not os.access(base_dir, os.R_OK | os.X_OK):
         raise UserError(f"BASE_DIR {base_dir} is not readable")

@@ -19,3 +19,4 @@ class MountConfig:
     view: str = "file"  # "guest": images show as their guest disks (cowfs.guest)
     remove_mountpoint: bool = False  # a temporary mountpoint (cowfs run): the daemon removes it at the end
     passthrough: bool = True  # where possible (passthrough.py); False: -o passthrough=off
+    copies: bool = False  # --copies: MOUNTPOINT/NAME made by mkdir is a copy of BASE_DIR (copies.py)

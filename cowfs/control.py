@@ -38,6 +38,7 @@ import trio.lowlevel
 
 from . import changes
 from .checkpoints import name_problem
+from .copies import Copies
 from .kernel_cache import KernelCache
 from .namespace import Invalidation, Namespace, Refused
 from .protocol import (
@@ -76,7 +77,7 @@ class ControlServer:
 
     def __init__(
         self,
-        namespace: Namespace,
+        namespace: Namespace | Copies,
         kernel_cache: KernelCache,
         features: Callable[[], list[Feature]] = list,
         request_counts: Callable[[], dict[str, int]] = dict,
@@ -167,41 +168,58 @@ class ControlServer:
             message = f"internal error in the cowfs daemon ({type(error).__name__}); see its log"
         return iter([error_reply(message)])
 
+    def _namespace(self, copy: str) -> Namespace:
+        """The namespace a request is about: the mount's, or in a --copies mount the copy it names."""
+        if not isinstance(self.namespace, Copies):
+            if copy:
+                raise Refused("not a --copies mount: there is no copy to name")
+            return self.namespace
+        if not copy:
+            raise Refused("this mount holds copies: name one, as MOUNTPOINT/NAME")
+        found = self.namespace.copy(copy)
+        if found is None:
+            raise Refused(f"no copy {copy} in this mount (cowfs status MOUNTPOINT lists them)")
+        return found.namespace
+
     async def _dispatch(self, request: Request) -> object:
         self.namespace.absorb_outside_writes()  # passthrough files change without telling us
         if isinstance(request, StatusRequest):
-            return await self._status() if request.changes else changes.summary(self.namespace)
+            if isinstance(self.namespace, Copies) and not request.copy:
+                return self._with_counts(changes.copies_status(self.namespace))
+            namespace = self._namespace(request.copy)
+            if not request.changes:
+                return changes.summary(namespace)
+            return self._with_counts(await _in_slices(changes.status_in_slices(namespace)))
+        namespace = self._namespace(request.copy)
         if isinstance(request, ResetRequest):
-            return await self._reset(request)
+            return await self._reset(namespace, request)
         if isinstance(request, CheckpointRequest):
-            return await self._checkpoint(request)
+            return await self._checkpoint(namespace, request)
         if isinstance(request, CheckpointsRequest):
-            return changes.checkpoints(self.namespace)
+            return changes.checkpoints(namespace)
         if isinstance(request, CommitDoneRequest):
-            return await self._commit_done(request)
+            return await self._commit_done(namespace, request)
         assert isinstance(request, PathRequest)
         if request.op is Op.DIFF:
-            return changes.diff(self.namespace, request.path)
+            return changes.diff(namespace, request.path)
         if request.op is Op.COMMIT_PLAN:
-            return changes.commit_plan(self.namespace, request.path)
-        return changes.export_plan(self.namespace, request.path)
+            return changes.commit_plan(namespace, request.path)
+        return changes.export_plan(namespace, request.path)
 
-    async def _status(self) -> StatusReply:
-        reply = await _in_slices(changes.status_in_slices(self.namespace))
+    def _with_counts(self, reply: StatusReply) -> StatusReply:
         return dataclasses.replace(reply, features=self._features(), requests=self._request_counts())
 
-    async def _reset(self, request: ResetRequest) -> ResetReply:
+    async def _reset(self, namespace: Namespace, request: ResetRequest) -> ResetReply:
         # Dirty pages of open files would otherwise reach us after the reset.
         if request.force:
-            await self.kernel_cache.invalidate(self.namespace.table.open_files())
+            await self.kernel_cache.invalidate(namespace.table.open_files())
         result = Invalidation()
-        await _in_slices(self.namespace.reset_in_slices(request.path, request.force, result))
+        await _in_slices(namespace.reset_in_slices(request.path, request.force, result))
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("reset %s (%d inodes)", request.path, len(result.inodes))
         return ResetReply(result.paths)
 
-    async def _checkpoint(self, request: CheckpointRequest) -> CheckpointInfo | DroppedReply:
-        namespace = self.namespace
+    async def _checkpoint(self, namespace: Namespace, request: CheckpointRequest) -> CheckpointInfo | DroppedReply:
         if request.op is Op.DROP_CHECKPOINT:
             freed = namespace.drop_checkpoint(request.name)
             log.info("dropped checkpoint %s (freed %d bytes)", request.name, freed)
@@ -225,8 +243,8 @@ class ControlServer:
         assert rolled_back_to is not None
         return changes.checkpoint_info(namespace, rolled_back_to)
 
-    async def _commit_done(self, request: CommitDoneRequest) -> ResetReply:
-        result = self.namespace.commit_done(request.path, request.token, request.identity)
+    async def _commit_done(self, namespace: Namespace, request: CommitDoneRequest) -> ResetReply:
+        result = namespace.commit_done(request.path, request.token, request.identity)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("committed %s into its base", request.path)
         return ResetReply(result.paths)

@@ -9,11 +9,12 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import mounts
-from .api import FileDiff, Mount, Status, locate
+from .api import FileDiff, Mount, Status, open_path
 from .errors import UserError
 from .features import COMPILED_READS, summary
 from .protocol import Feature, Plan
@@ -21,8 +22,7 @@ from .units import format_size
 
 
 def _mount_and_path(path: Path) -> tuple[Mount, str]:
-    root, inside = locate(path)
-    return Mount(root), inside
+    return open_path(path)
 
 
 def _file_argument(path: Path) -> tuple[Mount, str]:
@@ -76,6 +76,8 @@ def list_mounts() -> list[dict[str, Any]]:
                 store_bytes=status.store_bytes,
                 max_store=status.max_store,
             )
+            if mounts.control_info(mountpoint).copies:
+                row["copies"] = [dict(vars(copy)) for copy in status.copies]
         except UserError as error:
             if mounts.is_dead(mountpoint):
                 row.update(state="dead", clear=f"cowfs umount {mountpoint}")
@@ -101,26 +103,23 @@ def print_mounts(found: list[dict[str, Any]], out: TextIO) -> None:
     rows = [("MOUNTPOINT", "STATE", "PID", "WRITTEN", "LIMIT", "BASE", "STORE")]
     for row in found:
         live = row["state"] == "live"
+        limit = (format_size(row["max_store"]) if row["max_store"] is not None else "none") if live else "-"
         rows.append(
             (
                 row["mountpoint"],
                 row["state"],
                 str(row["pid"]) if live else "-",
                 format_size(row["store_bytes"]) if live else "-",
-                (format_size(row["max_store"]) if row["max_store"] is not None else "none") if live else "-",
+                limit,
                 row["base_dir"] or "-",
                 row["store_dir"] or "-",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for cells in rows:
-        print(
-            "  ".join(
-                f"{cell:<{width}}" if index in (0, 1, 5, 6) else f"{cell:>{width}}"
-                for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip(),
-            file=out,
-        )
+        for copy in row.get("copies", []):  # a --copies mount: each copy, with its own limit
+            rows.append(
+                (f"{row['mountpoint']}/{copy['name']}", "copy", "", format_size(copy["store_bytes"]), limit, "", "")
+            )
+    print_table(rows, {0, 1, 5, 6}, out)
     for row in found:
         if row["state"] == "dead":
             print(f"{row['mountpoint']}: its daemon is gone; clear it with {row['clear']}", file=out)
@@ -139,7 +138,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(status.as_json(), sys.stdout)
     else:
-        print_status(status, sys.stdout)
+        print_status(status, sys.stdout, copies=mount.holds_copies)
     return 0
 
 
@@ -159,7 +158,35 @@ def print_json(record: dict[str, Any], out: TextIO) -> None:
     print(text, file=out)
 
 
-def print_status(status: Status, out: TextIO) -> None:
+def print_table(rows: Sequence[tuple[str, ...]], left: set[int], out: TextIO) -> None:
+    """Columns as wide as their widest cell, those in ``left`` aligned left, the others right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for cells in rows:
+        print(
+            "  ".join(
+                f"{cell:<{width}}" if index in left else f"{cell:>{width}}"
+                for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip(),
+            file=out,
+        )
+
+
+def print_copies(status: Status, out: TextIO) -> None:
+    """A --copies mount's copies, each with what it holds."""
+    if not status.copies:
+        print(f"no copies: mkdir {status.mountpoint}/NAME makes one", file=out)
+        return
+    rows = [("COPY", "WRITTEN", "ON DISK", "CHANGES", "CHECKPOINTS")]
+    for copy in status.copies:
+        held = f"{copy.checkpoints} ({format_size(copy.checkpoint_bytes)})" if copy.checkpoints else "-"
+        rows.append(
+            (copy.name, format_size(copy.store_bytes), format_size(copy.store_disk_bytes), str(copy.changes), held)
+        )
+    print(file=out)
+    print_table(rows, {0}, out)
+
+
+def print_status(status: Status, out: TextIO, copies: bool = False) -> None:
     limit = f", limit {format_size(status.max_store)}" if status.max_store is not None else ""
     print(f"mount  {status.mountpoint}", file=out)
     print(f"base   {status.base_dir}", file=out)
@@ -178,6 +205,9 @@ def print_status(status: Status, out: TextIO) -> None:
     read_path = next((feature for feature in status.features if feature.name == COMPILED_READS), None)
     if read_path is not None:
         print(f"reads  {_read_path(read_path, status.requests)}", file=out)
+    if copies:
+        print_copies(status, out)
+        return
     if not status.changes:
         print("no changes", file=out)
         return
@@ -361,9 +391,12 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _mountpoint(path: Path) -> Mount:
+    """The mount whose checkpoints a command is about: a mountpoint, or a copy (MOUNTPOINT/NAME)."""
     mount, inside = _mount_and_path(path)
     if inside != "/":
         raise UserError(f"{path} is inside the cowfs mount {mount.path}: name its mountpoint")
+    if mount.holds_copies:
+        raise UserError(f"{path} holds copies, each with checkpoints of its own: name one, as {path}/NAME")
     return mount
 
 
@@ -408,12 +441,5 @@ def _checkpoints(args: argparse.Namespace) -> int:
                 format_size(checkpoint.bytes_alone),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for cells in rows:
-        print(
-            "  ".join(
-                f"{cell:<{width}}" if index < 2 else f"{cell:>{width}}"
-                for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-        )
+    print_table(rows, {0, 1}, sys.stdout)
     return 0

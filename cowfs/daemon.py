@@ -22,6 +22,7 @@ from . import counters, heap
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
+from .copies import Copies
 from .features import Pyfuse3Features, describe, install_compiled_reads, log_missing
 from .fuse_ops import CowfsOperations
 from .guest import GuestViews
@@ -100,7 +101,11 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     passthrough = plan(config, found)
     views = GuestViews(base) if config.view == "guest" else None
     file_data = FileDataFactory(store, passthrough)
-    namespace = Namespace(base, store, views=views, new_file_data=file_data)
+    namespace: Namespace | Copies
+    if config.copies:  # (no passthrough, no guest view: the CLI saw to it)
+        namespace = Copies(base, config.store_dir, config.max_store)
+    else:
+        namespace = Namespace(base, store, views=views, new_file_data=file_data)
     compiled_reads_off: str | None = "not mounted yet"  # why READs go through Python (None: they do not)
     kernel_cache = KernelCache()
     control_server = ControlServer(
@@ -110,10 +115,11 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
     )
     control = ControlInfo(
-        os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir), config.max_store
+        os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir), config.max_store, config.copies
     ).to_json()
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache, passthrough)
     operations.mountpoint = str(config.mountpoint)
+    operations.untouched_direct = config.copies
     operations.guest_views = views
     operations.windows = Windows() if views is not None else None
     try:

@@ -26,12 +26,13 @@ import trio
 
 from . import counters, readpath
 from .clone import CloneFile
+from .copies import Copies
 from .features import FUSE_HANDLE_KILLPRIV_V2
 from .guest import FetchNeeded, GuestFile, GuestViews, MapNeeded, ViewFailure
 from .kernel_cache import KernelCache
 from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .mounts import find_mount
-from .namespace import Namespace, Node, Stat
+from .namespace import Invalidation, Namespace, Node, Stat
 from .partitions import Table
 from .passthrough import FUSE_PASSTHROUGH, Backings, Passthrough
 from .windows import PARTS_SUFFIX, Window, Windows, directory_stat, partition_number, partition_stat
@@ -207,7 +208,7 @@ class CowfsOperations(pyfuse3.Operations):
 
     def __init__(
         self,
-        namespace: Namespace,
+        namespace: Namespace | Copies,
         virtual_xattrs: Callable[[], dict[bytes, bytes]] | None = None,
         kernel_cache: KernelCache | None = None,
         passthrough: Passthrough | None = None,
@@ -235,6 +236,9 @@ class CowfsOperations(pyfuse3.Operations):
         self._read_buffer = bytearray(READ_AHEAD_KIB * 1024)
         self._reads_started = 0  # READ requests so far (a waiting read checks for newer ones)
         self.mountpoint: str | None = None  # set by the daemon: used to tune the mount's readahead
+        # --copies: files a copy has not changed, opened to read, bypass the mount's page cache, so
+        # that N copies reading the same base bytes keep one copy of them cached (the base's).
+        self.untouched_direct = False
         self.guest_views: GuestViews | None = None  # set by the daemon under --view guest
         self.windows: Windows | None = None  # partition windows, under --view guest
         self._window_handles: dict[int, Window] = {}  # file handle -> the partition it opened
@@ -465,6 +469,11 @@ class CowfsOperations(pyfuse3.Operations):
     @_errno_replies
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
         self.ns.rmdir(parent_inode, name)
+        if isinstance(self.ns, Copies) and self.ns.pending_invalidation.inodes:
+            # A removed copy: open handles of its files must not read their cached pages, and the
+            # kernel must let go of its names (after the reply: until then it holds the directory's locks).
+            forget, self.ns.pending_invalidation = self.ns.pending_invalidation, Invalidation()
+            trio.lowlevel.spawn_system_task(self.kernel_cache.invalidate, forget.inodes, forget.entries)
 
     @_errno_replies
     async def rename(
@@ -492,7 +501,10 @@ class CowfsOperations(pyfuse3.Operations):
         except BaseException:
             self._forget_handle(handle)
             raise
-        return self._file_info(handle, node, keep_cache)
+        info = self._file_info(handle, node, keep_cache)
+        if self.untouched_direct and not writable and node.attrs is None:
+            info.direct_io = True  # (see untouched_direct)
+        return info
 
     async def _make_clone(self, node: Node) -> None:
         """A passthrough file gets its clone at its first open, in a worker thread: a clone costs

@@ -88,6 +88,8 @@ class Passthrough:
 
 def plan(config: MountConfig, found: Pyfuse3Features) -> Passthrough:
     """Decide, before mounting, whether to ask the kernel for passthrough."""
+    if config.copies:
+        return Passthrough.off("--copies serves every copy through the daemon")
     if not config.passthrough:
         return Passthrough.off("turned off with -o passthrough=off")
     if not found.passthrough:

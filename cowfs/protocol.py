@@ -108,6 +108,12 @@ def _ranges(value: Any, key: str) -> list[tuple[int, int]]:
     return ranges
 
 
+def _list(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ProtocolError(f"field {key!r} must be a list")
+    return value
+
+
 def _int_dict(value: Any, key: str) -> dict[str, int]:
     record = _object(value, key)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in record.values()):
@@ -127,6 +133,7 @@ class ControlInfo:
     base_dir: str
     store_dir: str
     max_store: int | None
+    copies: bool = False  # a --copies mount: MOUNTPOINT/NAME is copy NAME (requests name it in ``copy``)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -140,6 +147,7 @@ class ControlInfo:
             _get(record, "base_dir", str),
             _get(record, "store_dir", str),
             _get(record, "max_store", int, optional=True),
+            bool(_get(record, "copies", bool, optional=True)),
         )
 
 
@@ -155,10 +163,15 @@ def read_control_info(mountpoint: Path) -> ControlInfo:
 # -- requests -----------------------------------------------------------------------------
 
 
+# Every request but status names, in a --copies mount, the copy it is about (``copy``): its paths
+# are in that copy ("/disk.raw").  A status with no copy is the whole mount's, listing its copies.
+
+
 @dataclass(frozen=True)
 class StatusRequest:
     changes: bool = True  # False: only the mount's summary (cowfs list), with no changes listed
     op: Literal[Op.STATUS] = Op.STATUS
+    copy: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,7 @@ class PathRequest:
 
     op: Literal[Op.DIFF, Op.COMMIT_PLAN, Op.EXPORT_PLAN]
     path: str
+    copy: str = ""
 
 
 @dataclass(frozen=True)
@@ -174,6 +188,7 @@ class ResetRequest:
     path: str  # "/" for everything
     force: bool = False
     op: Literal[Op.RESET] = Op.RESET
+    copy: str = ""
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,7 @@ class CommitDoneRequest:
     token: list[int]  # the plan's token
     identity: dict[str, int]  # the base file's identity after the commit
     op: Literal[Op.COMMIT_DONE] = Op.COMMIT_DONE
+    copy: str = ""
 
 
 @dataclass(frozen=True)
@@ -193,11 +209,13 @@ class CheckpointRequest:
     op: Literal[Op.CHECKPOINT, Op.ROLLBACK, Op.DROP_CHECKPOINT]
     name: str
     force: bool = False  # rollback: open files too
+    copy: str = ""
 
 
 @dataclass(frozen=True)
 class CheckpointsRequest:
     op: Literal[Op.CHECKPOINTS] = Op.CHECKPOINTS
+    copy: str = ""
 
 
 Request = StatusRequest | PathRequest | ResetRequest | CommitDoneRequest | CheckpointRequest | CheckpointsRequest
@@ -209,22 +227,24 @@ def decode_request(line: bytes) -> Request:
         op = Op(str(record.get("op")))
     except ValueError:
         raise ProtocolError(f"unknown control request {record.get('op')!r}") from None
+    copy = _get(record, "copy", str, optional=True) or ""
     if op is Op.STATUS:
         listed = _get(record, "changes", bool, optional=True)
-        return StatusRequest(listed is not False)
+        return StatusRequest(listed is not False, copy=copy)
     if op is Op.RESET:
-        return ResetRequest(_get(record, "path", str), bool(_get(record, "force", bool, optional=True)))
+        return ResetRequest(_get(record, "path", str), bool(_get(record, "force", bool, optional=True)), copy=copy)
     if op in (Op.CHECKPOINT, Op.ROLLBACK, Op.DROP_CHECKPOINT):
         force = bool(_get(record, "force", bool, optional=True))
-        return CheckpointRequest(op, _get(record, "name", str), force)
+        return CheckpointRequest(op, _get(record, "name", str), force, copy)
     if op is Op.CHECKPOINTS:
-        return CheckpointsRequest()
+        return CheckpointsRequest(copy=copy)
     if op is Op.COMMIT_DONE:
         token = record.get("token")
         if not isinstance(token, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in token):
             raise ProtocolError("field 'token' must be a list of integers")
-        return CommitDoneRequest(_get(record, "path", str), token, _int_dict(record.get("identity"), "identity"))
-    return PathRequest(op, _get(record, "path", str))
+        identity = _int_dict(record.get("identity"), "identity")
+        return CommitDoneRequest(_get(record, "path", str), token, identity, copy=copy)
+    return PathRequest(op, _get(record, "path", str), copy)
 
 
 # -- replies ------------------------------------------------------------------------------
@@ -277,6 +297,30 @@ class Feature:
 
 
 @dataclass(frozen=True)
+class CopyStatus:
+    """One copy of a --copies mount, in the mount's status."""
+
+    name: str
+    store_bytes: int
+    store_disk_bytes: int
+    checkpoints: int
+    checkpoint_bytes: int
+    changes: int  # changed paths
+
+    @classmethod
+    def from_wire(cls, value: Any) -> CopyStatus:
+        record = _object(value, "a copy")
+        return cls(
+            _get(record, "name", str),
+            _get(record, "store_bytes", int),
+            _get(record, "store_disk_bytes", int),
+            _get(record, "checkpoints", int),
+            _get(record, "checkpoint_bytes", int),
+            _get(record, "changes", int),
+        )
+
+
+@dataclass(frozen=True)
 class StatusReply:
     base_dir: str
     store_dir: str
@@ -288,6 +332,7 @@ class StatusReply:
     requests: dict[str, int] = field(default_factory=dict)  # FUSE requests served, by operation
     checkpoints: int = 0  # how many the mount has
     checkpoint_bytes: int = 0  # store bytes only checkpoints hold (counted by max_store too)
+    copies: list[CopyStatus] = field(default_factory=list)  # a --copies mount's status: each copy
 
     @classmethod
     def from_wire(cls, value: Any) -> StatusReply:
@@ -310,6 +355,7 @@ class StatusReply:
             _int_dict(record.get("requests") or {}, "requests"),
             _get(record, "checkpoints", int, optional=True) or 0,
             _get(record, "checkpoint_bytes", int, optional=True) or 0,
+            [CopyStatus.from_wire(item) for item in _list(record.get("copies") or [], "copies")],
         )
 
 

@@ -88,7 +88,8 @@ def run_command(args: argparse.Namespace, command: list[str]) -> int:
             args.noexec,
             args.view,
             remove_mountpoint=True,
-            passthrough=args.passthrough != "off",
+            passthrough=args.passthrough != "off" and not args.copies,
+            copies=args.copies,
         )
         daemon = cli.start_daemon(config, args, child_setup=_daemon_setup(os.getpid()))
         pending = _PASSED_ON & signal.sigpending()

@@ -34,6 +34,12 @@ def run(
     )
 
 
+def cowfs_command(*argv: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a `cowfs` command."""
+    result = run([COWFS, *argv], check=False)
+    return result.returncode, result.stdout, result.stderr
+
+
 def status_json(mountpoint: Path) -> dict[str, Any]:
     """What `cowfs status --json MOUNTPOINT` says."""
     status: dict[str, Any] = json.loads(run([COWFS, "status", "--json", str(mountpoint)]).stdout)

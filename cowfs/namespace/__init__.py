@@ -10,6 +10,7 @@ for the control channel; it knows neither FUSE nor the control protocol.
 """
 
 from .model import ROOT_INO, WHITEOUT, Attrs, Invalidation, Node, Place, Refused, Stat
+from .nodes import InoRange
 from .operations import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
 from .reset import change_token, identity_dict, refuse_extra_links, split_mount_path
 
@@ -19,6 +20,7 @@ __all__ = [
     "ROOT_INO",
     "WHITEOUT",
     "Attrs",
+    "InoRange",
     "Invalidation",
     "Namespace",
     "Node",

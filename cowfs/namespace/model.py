@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from ..base import BasePath
 from ..clone import FileData
 
-ROOT_INO = 1
+ROOT_INO = 1  # the root of a mount's namespace (a copy's root is its range's first number + 1)
 WHITEOUT = 0  # value in ``entries``: the base name was deleted in the mount
 FIRST_CREATED_INO = 1 << 62  # inos of nodes created in the mount; base inos stay below
 _CLOCK_REALTIME_COARSE = 5  # Linux's clock id; Python's time module does not name it
@@ -96,6 +96,7 @@ class Node:
     link_target: bytes | None = None  # symlinks created in the mount
     xattrs: dict[bytes, bytes] | None = None  # None: the base's
     last_seen_base: tuple[int, int, int, int] | None = None  # for the page-cache decision
+    is_root: bool = False  # the namespace's root: always there, never dropped
 
     @property
     def is_dir(self) -> bool:
@@ -103,7 +104,7 @@ class Node:
 
     @property
     def pinned(self) -> bool:
-        return bool(self.links) or self.ino == ROOT_INO
+        return bool(self.links) or self.is_root
 
     @property
     def held_by_base_names(self) -> bool:

@@ -21,7 +21,7 @@ import stat
 from collections.abc import Iterator
 
 from ..base import BaseDir, BasePath
-from .model import ROOT_INO, WHITEOUT, Node
+from .model import WHITEOUT, Node
 from .nodes import NodeTable
 
 
@@ -165,7 +165,7 @@ class Names:
     def entries(self) -> Iterator[tuple[str, Node, bytes, Node | None]]:
         """(mount path, directory, name, node or None for a whiteout) of every entry, each
         directory's in name order, a directory's own entries before those below it."""
-        stack: list[tuple[str, Node]] = [("", self.table.nodes[ROOT_INO])]
+        stack: list[tuple[str, Node]] = [("", self.table.nodes[self.table.root_ino])]
         while stack:
             path, directory = stack.pop()
             for name in sorted(directory.entries):
@@ -216,7 +216,7 @@ class Names:
         # No directory is its own ancestor: walking up from any pinned node reaches the root.
         for node in nodes.values():
             seen: set[int] = set()
-            while node.pinned and node.ino != ROOT_INO:
+            while node.pinned and not node.is_root:
                 assert node.ino not in seen, f"directory cycle through {node.ino}"
                 seen.add(node.ino)
                 node = nodes[min(node.links)[0]]

@@ -10,22 +10,37 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from ..base import BaseDir, BasePath
 from .model import FIRST_CREATED_INO, ROOT_INO, Node
 
 
+@dataclass(frozen=True)
+class InoRange:
+    """The inode numbers a namespace hands out: its base objects' own numbers (+ 2) below
+    ``first_created``, numbers it makes up from there to ``end``.  A mount has the whole 64-bit
+    space; each copy of a ``--copies`` mount a range of its own (cowfs.copies), so that no two
+    copies ever give the kernel the same number."""
+
+    first: int = 0  # the root is first + 1
+    first_created: int = FIRST_CREATED_INO
+    end: int = 3 << 62  # (guest views' partition windows number theirs from 3 << 62 up)
+
+
 class NodeTable:
     """ino -> node for every node the kernel, a handle or a change holds."""
 
-    def __init__(self, base: BaseDir) -> None:
+    def __init__(self, base: BaseDir, inos: InoRange | None = None) -> None:
         self.base = base
-        self._next_ino = FIRST_CREATED_INO
+        self.inos = inos or InoRange()
+        self.root_ino = self.inos.first + ROOT_INO
+        self._next_ino = self.inos.first_created
         self._foreign_inos: dict[tuple[int, int], int] = {}
         self._reused_inos: dict[tuple[int, int, BasePath], int] = {}
         # (dev, ino) of a base object -> its number since a reset retired the node that had it
         self.renumbered: dict[tuple[int, int], int] = {}
-        root = Node(ROOT_INO, stat.S_IFDIR, ROOT_INO, b"", base_path=())
+        root = Node(self.root_ino, stat.S_IFDIR, self.root_ino, b"", base_path=(), is_root=True)
         self.nodes: dict[int, Node] = {}
         # base path -> the nodes that have it, in the order they were registered
         self._by_base_path: dict[BasePath, dict[int, Node]] = {}
@@ -39,9 +54,9 @@ class NodeTable:
         if renumbered is not None:
             return renumbered
         if dev == self.base.root_stat.st_dev and base_ino == self.base.root_stat.st_ino:
-            return ROOT_INO
-        if dev == self.base.root_stat.st_dev and base_ino + 2 < FIRST_CREATED_INO:
-            return base_ino + 2  # never 1 (the root) and never a created ino
+            return self.root_ino
+        if dev == self.base.root_stat.st_dev and self.inos.first + base_ino + 2 < self.inos.first_created:
+            return self.inos.first + base_ino + 2  # never the root's and never a created ino
         key = (dev, base_ino)
         if key not in self._foreign_inos:
             self._foreign_inos[key] = self.new_ino()
@@ -57,6 +72,8 @@ class NodeTable:
 
     def new_ino(self) -> int:
         self._next_ino += 1
+        if self._next_ino >= self.inos.end:
+            raise OSError(errno.ENOSPC, "out of inode numbers")
         return self._next_ino
 
     # -- the table ------------------------------------------------------------

@@ -76,9 +76,9 @@ from ..overlay import OverlayFile
 from ..store import Store
 from . import checkpoint as checkpointing
 from . import reset as resetting
-from .model import ROOT_INO, WHITEOUT, Attrs, Invalidation, Node, Place, Refused, Stat, now
+from .model import WHITEOUT, Attrs, Invalidation, Node, Place, Refused, Stat, now
 from .names import Names
-from .nodes import NodeTable
+from .nodes import InoRange, NodeTable
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class Namespace:
         gid: int | None = None,
         views: Views | None = None,
         new_file_data: Callable[[int | None, str], FileData] | None = None,
+        inos: InoRange | None = None,
     ) -> None:
         self.base = base
         self.store = store
@@ -119,7 +120,7 @@ class Namespace:
         self.new_file_data = new_file_data or (lambda base_fd, name: OverlayFile(store, base_fd, name))
         self.uid = os.geteuid() if uid is None else uid
         self.gid = os.getegid() if gid is None else gid
-        self.table = NodeTable(base)
+        self.table = NodeTable(base, inos)
         self.names = Names(self.table, base)
         self.checkpoints = Checkpoints(store)
 
@@ -605,7 +606,7 @@ class Namespace:
         while True:
             if node.ino == candidate.ino:
                 return True
-            if node.ino == ROOT_INO:
+            if node.is_root:
                 return False
             node = self.nodes[node.parent]
 
@@ -722,7 +723,7 @@ class Namespace:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the model of the module docstring does not hold (for tests)."""
-        root = self.nodes.get(ROOT_INO)
+        root = self.nodes.get(self.table.root_ino)
         assert root is not None and root.is_dir and root.pinned, "the root must be a pinned directory"
         self.table.check_invariants()
         self.names.check_invariants()

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from ..base import BasePath
 from ..overlay import BaseIdentity
 from ..slices import Slices
-from .model import ROOT_INO, WHITEOUT, Invalidation, Node, Place, Refused
+from .model import WHITEOUT, Invalidation, Node, Place, Refused
 
 if TYPE_CHECKING:
     from .operations import Namespace
@@ -66,7 +66,7 @@ def resolve(ns: Namespace, path: str) -> Place | None:
     parts = split_mount_path(path)
     if not parts:
         return None
-    directory = ns.nodes[ROOT_INO]
+    directory = ns.nodes[ns.table.root_ino]
     node: Node | None = None
     try:
         for name in parts[:-1]:
@@ -90,7 +90,7 @@ def _drop_unheld(ns: Namespace, directory: Node, node: Node | None) -> None:
     """Drop a node and its directories up to the root where nothing holds them."""
     if node is not None:
         ns.table.maybe_drop(node)
-    while directory.ino != ROOT_INO:
+    while not directory.is_root:
         parent = ns.nodes.get(directory.parent)
         ns.table.maybe_drop(directory)
         if parent is None:
@@ -124,7 +124,7 @@ def reset_in_slices(
     slices = slices or Slices()
     place = resolve(ns, path)
     if place is None:
-        root = ns.nodes[ROOT_INO]
+        root = ns.nodes[ns.table.root_ino]
         everything = yield from _changed_below(ns, root, path, force, slices)
         yield from _reset_each(ns, everything, result, slices)
         _reset_directory_entries(ns, root, result)
@@ -134,7 +134,7 @@ def reset_in_slices(
                 _revert(ns, node, result)
             if slices.used_up():
                 yield
-        result.inodes.add(ROOT_INO)
+        result.inodes.add(root.ino)
         return
     moved = _moved_away(ns, place.parent, place.name, place.node)
     if place.name not in place.parent.entries and moved is None:

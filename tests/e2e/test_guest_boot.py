@@ -221,3 +221,31 @@ def test_a_guest_rolled_back_to_a_checkpoint_finds_what_it_wrote_before_and_not_
     expect_report(run_guest("check", second, second_offset), "check", "absent")
     run(["qemu-img", "check", "-q", str(disk)])
     assert api.drop_checkpoint("a-written") == 0  # the mount holds what it held again
+
+
+@pytest.mark.e2e
+def test_two_guests_from_two_copies_of_one_mount_see_only_their_own_writes(
+    base_dir: Path, mount_factory: MountFactory, guest_assets: GuestAssets, guest_accel: list[str]
+) -> None:
+    """One daemon, one --copies mount, two copies booted at once."""
+    base = make_base_disk(base_dir, "raw")
+    before = read_base(base)
+    mount = mount_factory(base_dir, "--copies")
+    for name in ("first", "second"):
+        (mount.path / name).mkdir()
+    disks = [mount.path / name / base.name for name in ("first", "second")]
+    markers = [new_marker("cowfs-copy-one"), new_marker("cowfs-copy-two")]
+
+    def run_guest(index: int, action: str, marker: str) -> GuestResult:
+        return guest(guest_assets, guest_accel, disks[index], action, marker)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for result in pool.map(run_guest, [0, 1], ["write", "write"], markers):
+            expect_report(result, "write", "ok")
+        crossed = list(pool.map(run_guest, [0, 1], ["check", "check"], [markers[1], markers[0]]))
+        own = list(pool.map(run_guest, [0, 1], ["check", "check"], markers))
+    for result in crossed:
+        expect_report(result, "check", "absent")
+    for result in own:
+        expect_report(result, "check", "present")
+    assert read_base(base) == before

@@ -13,7 +13,7 @@ import pytest
 import cowfs
 
 from ..conftest import MountFactory
-from ..helpers import COWFS, CommandLineMount, read_base, run, tree_snapshot, write_at
+from ..helpers import CommandLineMount, cowfs_command, read_base, tree_snapshot, write_at
 
 MiB = 1 << 20
 
@@ -33,11 +33,6 @@ def _inodes(root: Path) -> dict[str, int]:
     return {str(path.relative_to(root)): path.lstat().st_ino for path in sorted(root.rglob("*"))}
 
 
-def _cowfs(*argv: str) -> tuple[int, str, str]:
-    result = run([COWFS, *argv], check=False)
-    return result.returncode, result.stdout, result.stderr
-
-
 def test_rollback_gives_back_bytes_sizes_holes_names_links_and_metadata(
     base_dir: Path, mount_factory: MountFactory
 ) -> None:
@@ -47,7 +42,7 @@ def test_rollback_gives_back_bytes_sizes_holes_names_links_and_metadata(
     (root / "created.txt").write_text("made before\n")
     os.chmod(root / "notes.txt", 0o600)
     expected, inodes = tree_snapshot(root), _inodes(root)
-    code, out, err = _cowfs("checkpoint", str(root), "booted")
+    code, out, err = cowfs_command("checkpoint", str(root), "booted")
     assert (code, err) == (0, "") and out == f"took checkpoint booted of {root} (3 changed files)\n"
     # Everything changes: bytes, sizes, holes, names, links, metadata, attributes.
     write_at(root / "disk.raw", 0, b"B" * 8192)
@@ -62,7 +57,7 @@ def test_rollback_gives_back_bytes_sizes_holes_names_links_and_metadata(
     os.setxattr(root / "disk.raw", "user.note", b"later")
     os.chmod(root / "dir", 0o700)
     assert tree_snapshot(root) != expected
-    code, out, err = _cowfs("rollback", str(root), "booted")
+    code, out, err = cowfs_command("rollback", str(root), "booted")
     assert (code, err) == (0, "") and out == f"rolled {root} back to checkpoint booted\n"
     assert tree_snapshot(root) == expected
     assert _inodes(root) == inodes  # the same inode numbers, for names the kernel still knows too
@@ -144,12 +139,12 @@ def test_open_files_refuse_a_rollback_unless_forced_and_then_see_the_checkpoint(
     write_at(m.path / "disk.raw", 0, b"after!")
     (m.path / "new.txt").write_text("new")
     with open(m.path / "disk.raw", "rb", buffering=0) as held, open(m.path / "new.txt", "rb", buffering=0) as new:
-        code, out, err = _cowfs("rollback", str(m.path), "c")
+        code, out, err = cowfs_command("rollback", str(m.path), "c")
         assert code != 0 and out == "" and len(err.splitlines()) == 1
         assert "open in the mount (disk.raw, new.txt)" in err and "--force" in err
         assert (m.path / "new.txt").exists()  # nothing changed
         assert os.pread(held.fileno(), 6, 0) == b"after!"
-        assert _cowfs("rollback", "--force", str(m.path), "c")[0] == 0
+        assert cowfs_command("rollback", "--force", str(m.path), "c")[0] == 0
         assert os.pread(held.fileno(), 6, 0) == b"before"  # the handle sees the checkpoint
         assert not (m.path / "new.txt").exists()  # created since: gone, but its handle keeps its data
         assert os.pread(new.fileno(), 3, 0) == b"new" and os.fstat(new.fileno()).st_nlink == 0
@@ -181,7 +176,7 @@ def test_bad_input_gets_one_line_and_changes_nothing(base_dir: Path, mount_facto
         (["checkpoints"], "required: MOUNTPOINT"),
     ]
     for argv, expected in cases:
-        code, out, err = _cowfs(*argv)
+        code, out, err = cowfs_command(*argv)
         assert code != 0 and out == "" and len(err.splitlines()) == 1 and expected in err, (argv, code, err)
         assert err.startswith("cowfs: ")
     assert (tree_snapshot(m.path), [c.name for c in api.checkpoints()], api.status(changes=False).store_bytes) == before
@@ -190,24 +185,24 @@ def test_bad_input_gets_one_line_and_changes_nothing(base_dir: Path, mount_facto
 def test_checkpoints_lists_what_each_holds_and_status_shows_it(base_dir: Path, mount_factory: MountFactory) -> None:
     m = mount_factory(_base(base_dir))
     write_at(m.path / "disk.raw", 0, b"a" * MiB)
-    assert _cowfs("checkpoint", str(m.path), "first")[0] == 0
+    assert cowfs_command("checkpoint", str(m.path), "first")[0] == 0
     write_at(m.path / "disk.raw", 0, b"b" * MiB)
-    assert _cowfs("checkpoint", str(m.path), "second")[0] == 0
-    code, out, _ = _cowfs("checkpoints", "--json", str(m.path))
+    assert cowfs_command("checkpoint", str(m.path), "second")[0] == 0
+    code, out, _ = cowfs_command("checkpoints", "--json", str(m.path))
     listed = json.loads(out)
     assert code == 0 and listed["mountpoint"] == str(m.path)
     first, second = listed["checkpoints"]
     assert (first["name"], first["files"], first["bytes_mapped"], first["bytes_alone"]) == ("first", 1, MiB, MiB)
     assert (second["name"], second["bytes_mapped"], second["bytes_alone"]) == ("second", MiB, 0)
-    code, out, _ = _cowfs("checkpoints", str(m.path))
+    code, out, _ = cowfs_command("checkpoints", str(m.path))
     header, row_first, row_second = out.splitlines()
     assert header.split() == ["NAME", "TAKEN", "FILES", "MAPPED", "ONLY", "IN", "IT"]
     assert row_first.split()[0] == "first" and row_first.endswith("1  1.0 MiB     1.0 MiB")
-    code, out, _ = _cowfs("status", str(m.path))
+    code, out, _ = cowfs_command("status", str(m.path))
     assert "1.0 MiB held by 2 checkpoints" in out.splitlines()[2]
-    status = json.loads(_cowfs("status", "--json", str(m.path))[1])
+    status = json.loads(cowfs_command("status", "--json", str(m.path))[1])
     assert (status["checkpoints"], status["checkpoint_bytes"]) == (2, MiB)
-    code, out, _ = _cowfs("checkpoint", "--drop", str(m.path), "first")
+    code, out, _ = cowfs_command("checkpoint", "--drop", str(m.path), "first")
     assert out == f"dropped checkpoint first of {m.path}, freed 1.0 MiB\n"
 
 
@@ -215,7 +210,7 @@ def test_a_commit_waits_for_the_checkpoints_to_go(base_dir: Path, mount_factory:
     m = mount_factory(_base(base_dir))
     write_at(m.path / "notes.txt", 0, b"NEW")
     cowfs.attach(m.path).checkpoint("c")
-    code, _, err = _cowfs("commit", "--yes", str(m.path / "notes.txt"))
+    code, _, err = cowfs_command("commit", "--yes", str(m.path / "notes.txt"))
     assert code != 0 and "the mount has 1 checkpoint" in err and len(err.splitlines()) == 1
     assert read_base(base_dir / "notes.txt") == b"base notes\n"
 
