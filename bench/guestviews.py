@@ -1,4 +1,4 @@
-"""Guest views (issue 19), measured inside one `--view guest` mount: the base image as a qcow2
+"""Guest views, measured inside one `--view guest` mount: the base image as a qcow2
 read through its guest view (the "cowfs" column) against the same bytes as a raw file's view in the
 same mount (the "native" column).  Targets: random 4 KiB reads at depth 1 >= 0.6x, one-pass
 sequential 1 MiB reads >= 0.5x, a re-read at raw-view speed (1.0x), opening a view <= 50 ms.

@@ -1,4 +1,4 @@
-"""Metadata speed (issue 22): creating, stat'ing, renaming and deleting many small files, in a
+"""Metadata speed: creating, stat'ing, renaming and deleting many small files, in a
 cowfs mount, in fuse-overlayfs over the same base, and in a plain directory of the store's own
 filesystem (the native case).  Target: cowfs creates 50,000 small files at least as fast as
 fuse-overlayfs.  Also the daemon's memory per changed name.

@@ -1,4 +1,4 @@
-"""Many changed names in one mount (issue 22, part 3), on cowfs alone: a mount with N changed names
+"""Many changed names in one mount, on cowfs alone: a mount with N changed names
 (half created empty files, a quarter deleted base files, a quarter renamed base directories:
 changes that hold no descriptor), then `cowfs status --json` and `cowfs reset` of the whole mount,
 end to end, while another thread sends requests on an untouched file and keeps its longest wait.

@@ -252,7 +252,7 @@ class Scale:
 
 @dataclass(kw_only=True)
 class Sessions:
-    """cowfs's sessions (issue 20), on cowfs alone."""
+    """cowfs's sessions, on cowfs alone."""
 
     run_true_ms: list[float] = field(default_factory=list)  # `cowfs run BASE -- true`, end to end
     mount_umount_ms: list[float] = field(default_factory=list)  # `cowfs mount` + `cowfs umount`
@@ -288,7 +288,7 @@ class Sessions:
 
 @dataclass(kw_only=True)
 class Metadata:
-    """Many small files (issue 22): seconds per operation on cowfs, fuse-overlayfs and the store's
+    """Many small files: seconds per operation on cowfs, fuse-overlayfs and the store's
     own filesystem (native), and cowfs's memory per changed name."""
 
     files: int
@@ -312,7 +312,7 @@ class Metadata:
 
 @dataclass(kw_only=True)
 class NamesScale:
-    """Many changed names in one mount (issue 22, part 3), on cowfs alone."""
+    """Many changed names in one mount, on cowfs alone."""
 
     changed: int  # names changed in the mount before status and reset
     change_s: float | None = None  # making the changes through the mount

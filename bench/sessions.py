@@ -1,4 +1,4 @@
-"""cowfs's sessions (issue 20), measured on cowfs alone: `cowfs run -- true` against `cowfs mount` +
+"""cowfs's sessions, measured on cowfs alone: `cowfs run -- true` against `cowfs mount` +
 `cowfs umount` of the same base (target: at most 1.2x); a checkpoint and a rollback after
 --scale-writes scattered 4 KiB writes into the sparse --scale-size image (targets: 1 s each, 30 MiB
 more daemon RSS, the store as before once rolled back and dropped); 50 copies of a 256 MiB image in

@@ -41,7 +41,7 @@ The account that ``--max-store`` limits is the sum of the bytes that the
 mount's range maps hold in the store (`bytes_held`): overlay files change it
 only through `append`, `reserve` and `free`, after asking `ensure_room`.
 
-Checkpoints (issue 20, checkpoints.py) hook in at `frozen_below`: store bytes
+Checkpoints (checkpoints.py) hook in at `frozen_below`: store bytes
 at ``(log sequence, offset)`` below it are never overwritten in place
 (`may_overwrite`) and never appended next to (an `Allocation` below it starts
 on fresh pages).  It is ``(0, 0)`` -- nothing frozen -- until checkpoints exist.

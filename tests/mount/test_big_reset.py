@@ -1,4 +1,4 @@
-"""A reset of many changed names never freezes the mount (issue 22): the daemon resets in slices
+"""A reset of many changed names never freezes the mount: the daemon resets in slices
 and serves FUSE requests in between, so a program using an untouched file of the mount waits at
 most `BOUND` behind it.  20,000 changed names in `make test`, 200,000 in `make soak`."""
 

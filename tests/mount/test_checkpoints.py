@@ -1,4 +1,4 @@
-"""Named checkpoints of a mount and rolling back to them, through a real mount (issue 20):
+"""Named checkpoints of a mount and rolling back to them, through a real mount:
 `cowfs checkpoint`, `rollback`, `checkpoints`, `checkpoint --drop`, and the Python API."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A --copies mount (issue 20): mkdir makes a copy of BASE_DIR, rmdir throws it away; copies are
+"""A --copies mount: mkdir makes a copy of BASE_DIR, rmdir throws it away; copies are
 independent, each with its own store, status, checkpoints and inode numbers."""
 
 from __future__ import annotations

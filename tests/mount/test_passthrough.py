@@ -1,4 +1,4 @@
-"""Passthrough mode (issue 18): on XFS and btrfs each file is served by the kernel from an unnamed
+"""Passthrough mode: on XFS and btrfs each file is served by the kernel from an unnamed
 reflink clone of its base.  What only this mode has to prove: the choice of mode and its reasons,
 that no sequence of opens can write a base, one backing per inode, writes through a mapping after
 close, the store freed at unmount and SIGKILL, df, reset of open files, and block-granular diffs.
