@@ -184,17 +184,32 @@ static int copy_log_fds(PyObject *owner, LogsCore *logs)
 }
 
 /* Copy the owner's state into the view (under its lock) */
+/* The owner (a new reference); NULL if it is gone, with an exception set only on an error */
+static PyObject *view_owner(ViewObject *self)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *owner;
+
+    if (PyWeakref_GetRef(self->owner, &owner) < 0)
+        return NULL;
+    return owner;
+#else
+    PyObject *owner = PyWeakref_GetObject(self->owner); /* borrowed; deprecated from 3.13 on */
+
+    return owner == NULL || owner == Py_None ? NULL : Py_NewRef(owner);
+#endif
+}
+
 static int view_publish(ViewObject *self)
 {
     ViewCore *v = self->core;
-    PyObject *owner = PyWeakref_GetObject(self->owner);
+    PyObject *owner = view_owner(self);
     PyObject *written, *identity;
     int64_t size, base_limit;
     int base_fd, base_changed, base_in_python;
 
-    if (owner == Py_None)
-        return 0; /* gone: nothing to publish */
-    Py_INCREF(owner);
+    if (owner == NULL)
+        return PyErr_Occurred() ? -1 : 0; /* gone: nothing to publish */
     written = PyObject_GetAttr(owner, str_written);
     identity = PyObject_GetAttr(owner, str_base_identity);
     if (written == NULL || identity == NULL)
