@@ -97,12 +97,18 @@ extern PyTypeObject RangeMapType;
 
 /* ---- storelogs.c: log index -> fd ---- */
 
+#define LOGS_INLINE 16 /* logs a table holds in place: a store has a handful */
 #define LOG_CHUNK 1024
 #define LOG_CHUNKS (1 << (63 - STORE_LOG_SHIFT - 10)) /* 512 chunks: every log index of an int64 */
 
 typedef struct {
+    _Atomic(atomic_int *) chunks[LOG_CHUNKS]; /* chunk i: logs i * LOG_CHUNK ... (below LOGS_INLINE unused) */
+} LogsMore;
+
+typedef struct {
     atomic_long refs;
-    _Atomic(atomic_int *) chunks[LOG_CHUNKS];
+    atomic_int first[LOGS_INLINE];
+    _Atomic(LogsMore *) more; /* allocated when a log past the first ones gets an fd */
 } LogsCore;
 
 typedef struct {

@@ -8,6 +8,10 @@
  * into it when it publishes); a shared StoreLogs only under the lock of every
  * view that uses it.  The READ server reads entries under a view's lock, and
  * every entry is an atomic, so a reader never sees a torn fd.
+ *
+ * Memory: the first LOGS_INLINE logs are held in place (a store has a
+ * handful), so a file's table costs a few dozen bytes; the 512-chunk table
+ * for the others is allocated only when one of them gets an fd.
  */
 #include "native.h"
 
@@ -15,9 +19,14 @@
 
 LogsCore *logs_new(void)
 {
-    LogsCore *l = PyMem_RawCalloc(1, sizeof(LogsCore));
-    if (l != NULL)
-        atomic_init(&l->refs, 1);
+    LogsCore *l = PyMem_RawMalloc(sizeof(LogsCore));
+
+    if (l == NULL)
+        return NULL;
+    atomic_init(&l->refs, 1);
+    for (int i = 0; i < LOGS_INLINE; i++)
+        atomic_init(&l->first[i], -1);
+    atomic_init(&l->more, NULL);
     return l;
 }
 
@@ -28,29 +37,58 @@ void logs_ref(LogsCore *l)
 
 void logs_unref(LogsCore *l)
 {
-    if (l != NULL && atomic_fetch_sub(&l->refs, 1) == 1) {
+    LogsMore *more;
+
+    if (l == NULL || atomic_fetch_sub(&l->refs, 1) != 1)
+        return;
+    more = atomic_load(&l->more);
+    if (more != NULL) {
         for (int i = 0; i < LOG_CHUNKS; i++)
-            PyMem_RawFree(atomic_load(&l->chunks[i]));
-        PyMem_RawFree(l);
+            PyMem_RawFree(atomic_load(&more->chunks[i]));
+        PyMem_RawFree(more);
     }
+    PyMem_RawFree(l);
 }
 
 /* The fd of a log, or -1 */
 int logs_get(LogsCore *l, int64_t index)
 {
+    LogsMore *more;
     atomic_int *chunk;
 
+    if (index >= 0 && index < LOGS_INLINE)
+        return atomic_load_explicit(&l->first[index], memory_order_relaxed);
     if (index < 0 || index >= (int64_t) LOG_CHUNKS * LOG_CHUNK)
         return -1;
-    chunk = atomic_load_explicit(&l->chunks[index / LOG_CHUNK], memory_order_acquire);
+    more = atomic_load_explicit(&l->more, memory_order_acquire);
+    if (more == NULL)
+        return -1;
+    chunk = atomic_load_explicit(&more->chunks[index / LOG_CHUNK], memory_order_acquire);
     return chunk == NULL ? -1 : atomic_load_explicit(&chunk[index % LOG_CHUNK], memory_order_relaxed);
 }
 
 /* With the GIL (one writer); -1 on no memory */
 int logs_set(LogsCore *l, int64_t index, int fd)
 {
-    atomic_int *chunk = atomic_load(&l->chunks[index / LOG_CHUNK]);
+    LogsMore *more;
+    atomic_int *chunk;
 
+    if (index < LOGS_INLINE) {
+        atomic_store_explicit(&l->first[index], fd, memory_order_relaxed);
+        return 0;
+    }
+    more = atomic_load(&l->more);
+    if (more == NULL) {
+        if (fd < 0)
+            return 0;
+        more = PyMem_RawMalloc(sizeof(LogsMore));
+        if (more == NULL)
+            return -1;
+        for (int i = 0; i < LOG_CHUNKS; i++)
+            atomic_init(&more->chunks[i], NULL);
+        atomic_store_explicit(&l->more, more, memory_order_release);
+    }
+    chunk = atomic_load(&more->chunks[index / LOG_CHUNK]);
     if (chunk == NULL) {
         if (fd < 0)
             return 0;
@@ -59,7 +97,7 @@ int logs_set(LogsCore *l, int64_t index, int fd)
             return -1;
         for (int i = 0; i < LOG_CHUNK; i++)
             atomic_init(&chunk[i], -1);
-        atomic_store_explicit(&l->chunks[index / LOG_CHUNK], chunk, memory_order_release);
+        atomic_store_explicit(&more->chunks[index / LOG_CHUNK], chunk, memory_order_release);
     }
     atomic_store_explicit(&chunk[index % LOG_CHUNK], fd, memory_order_relaxed);
     return 0;
