@@ -102,7 +102,7 @@ static int bucket_reserve(Bucket *b, Py_ssize_t need)
 
     if (need <= b->cap)
         return 0;
-    cap = b->cap ? b->cap : 4;
+    cap = b->cap ? b->cap : 1; /* most files have a range or two: grow from one */
     while (cap < need)
         cap += cap / 2 + 1;
     mem = PyMem_RawMalloc((size_t) cap * 3 * sizeof(int64_t));
@@ -147,7 +147,7 @@ static int bucket_splice(Bucket *b, Py_ssize_t i, Py_ssize_t j, Py_ssize_t n, co
 static int map_insert_bucket(MapCore *m, Py_ssize_t index, Bucket *b)
 {
     if (m->count == m->cap) {
-        Py_ssize_t cap = m->cap ? m->cap * 2 : 8;
+        Py_ssize_t cap = m->cap ? m->cap * 2 : 1; /* most files use one bucket */
         Bucket **mem = PyMem_RawRealloc(m->buckets, (size_t) cap * sizeof(Bucket *));
         if (mem == NULL)
             return -1;
