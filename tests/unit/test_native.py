@@ -1,4 +1,4 @@
-"""The compiled READ server (cowfs/_native.c) on its own, with no FUSE mount.
+"""The compiled READ server (cowfs/native/) on its own, with no FUSE mount.
 
 Its request filter is called here the way pyfuse3's reader thread calls it (through ctypes,
 with the function pointers of the capsule), with READ and WRITE requests built byte by byte;
