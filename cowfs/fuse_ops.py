@@ -238,7 +238,7 @@ class CowfsOperations(pyfuse3.Operations):
     def serve_guest_views(self, views: GuestViews) -> None:
         """--view guest: images shown as their guest disks, with partition windows."""
         self.guest_views = views
-        self.windows = WindowTree(self.ns, views.prepare_node)
+        self.windows = WindowTree(self.ns, views)
 
     def init(self) -> None:
         # Called while the kernel's INIT request is answered, and INIT resets

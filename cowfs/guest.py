@@ -307,6 +307,16 @@ class GuestViews:
         if self.needs_prepare(st):
             await self.prepare(node.base_path)
 
+    async def read(self, current: Callable[[], FileData | None], offset: int, size: int) -> bytes:
+        """Bytes of a file's view (``current``: its data, which a reset may replace meanwhile),
+        fetched through QEMU first where it is a guest view's."""
+        data = current()
+        assert data is not None
+        try:
+            return bytes(data.read(offset, size))
+        except FetchNeeded as need:
+            return bytes(await read_fetching(self.base, current, offset, size, need))
+
     async def prepare(self, parts: BasePath) -> None:
         """Make ``size`` and ``open_data`` answer for the base file at ``parts`` (they do not wait)."""
         try:

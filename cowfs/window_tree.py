@@ -13,24 +13,24 @@ from __future__ import annotations
 import errno
 import functools
 import stat
-from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from .copies import Copies
-from .guest import FetchNeeded, read_fetching
 from .namespace import Namespace, Node, Stat
 from .partitions import Table
 from .windows import PARTS_SUFFIX, Window, Windows, directory_stat, partition_number, partition_stat
 
-Prepare = Callable[[Node], Awaitable[None]]  # make a node's guest view answer (`GuestViews.prepare_node`)
+if TYPE_CHECKING:  # (guest views run QEMU helpers with trio: this module loads neither)
+    from .guest import GuestViews
 
 
 class WindowTree:
     """The ``.parts`` directories and partition files of a mount, served over its namespace."""
 
-    def __init__(self, namespace: Namespace | Copies, prepare: Prepare) -> None:
+    def __init__(self, namespace: Namespace | Copies, views: GuestViews) -> None:
         self.ns = namespace
         self.windows = Windows()
-        self._prepare = prepare
+        self._views = views
 
     def owns(self, ino: int) -> bool:
         return self.windows.owns(ino)
@@ -123,7 +123,7 @@ class WindowTree:
         """A partition opened: its disk's node, opened (`released` when its handle goes)."""
         window = self.windows.get(ino)
         window.check_open(flags)
-        await self._prepare(self.ns.node(window.disk_ino))
+        await self._views.prepare_node(self.ns.node(window.disk_ino))
         node, _ = self.ns.open(window.disk_ino)
         self.windows.opened(window)
         return node, window
@@ -139,7 +139,7 @@ class WindowTree:
         node = self.ns.node(disk_ino)
         if node.type != stat.S_IFREG:
             return None
-        await self._prepare(node)
+        await self._views.prepare_node(node)
         size = self.ns.getattr(disk_ino).size
         generation = node.data.generation if node.data is not None else None
         return await self.windows.table(disk_ino, generation, functools.partial(self._disk_bytes, disk_ino), size)
@@ -147,18 +147,11 @@ class WindowTree:
     async def _disk_bytes(self, disk_ino: int, offset: int, length: int) -> bytes:
         """Bytes of a disk file's view, for its partition table."""
         node = self.ns.node(disk_ino)
-        await self._prepare(node)
+        await self._views.prepare_node(node)
         seen = node.last_seen_base  # reading the table is no open by the kernel: keep its cache decision
         node, _ = self.ns.open(disk_ino)
         try:
-            data = node.data
-            assert data is not None
-            try:
-                return bytes(data.read(offset, length))
-            except FetchNeeded as need:
-                return bytes(
-                    await read_fetching(self.ns.base, lambda: self.ns.node(disk_ino).data, offset, length, need)
-                )
+            return await self._views.read(lambda: self.ns.node(disk_ino).data, offset, length)
         finally:
             self.ns.release(disk_ino)
             node.last_seen_base = seen
