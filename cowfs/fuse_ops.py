@@ -1,13 +1,16 @@
-"""The FUSE adapter: translates kernel requests into namespace calls.
+"""The FUSE adapter: decodes kernel requests, calls the core, encodes the replies.
 
-It owns only what is FUSE-specific: file handles, directory snapshots for
-readdir, cache flags and timeouts, and turning errors into errno replies in
-one place (`_errno_replies`).  Every handler runs in the trio thread and
-calls the namespace synchronously, with no await in between, so each request
-is atomic with respect to the others (the concurrency model of
-docs/design.md).  Reads and writes are plain pread/pwrite on the page cache:
-a thread hop would cost more than the call.  The one await is in `read`,
-before any state is touched, when its bytes must come from the disk.
+It owns only what is FUSE-specific: handle numbers (and registering them with the compiled read
+path), directory snapshots for readdir, cache flags and timeouts, what the kernel is told to
+invalidate, and turning errors into errno replies in one place (`_errno_replies`).  What a
+request means it asks the core: the namespace (or `Copies`), `FileHandles` (which node and which
+bytes a handle's request is about), `WindowTree` (partition windows), `GuestViews` (images).
+Every handler runs in the trio thread and calls the namespace synchronously, with no await in
+between, so each request is atomic with respect to the others (the concurrency model of
+docs/design.md).  Reads and writes are plain pread/pwrite on the page cache: a thread hop would
+cost more than the call.  Where a handler awaits (a guest view prepared or fetched through QEMU,
+a cold disk's bytes, a clone made in a worker thread, the kernel told to write back or drop
+pages), other requests run meanwhile: what it needs after the await it looks up again.
 """
 
 from __future__ import annotations
@@ -24,14 +27,14 @@ import pyfuse3
 import trio
 
 from . import counters, readpath
+from .backing_device import BDI_SETTINGS, READ_AHEAD_KIB, tune_backing_device
 from .clone import CloneFile
 from .copies import Copies
 from .features import FUSE_HANDLE_KILLPRIV_V2
 from .guest import FetchNeeded, GuestViews, ViewFailure, read_fetching, seek_mapping
 from .handles import FileHandles
 from .kernel_cache import KernelCache
-from .linux import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
-from .mounts import find_mount
+from .linux import CAP_FSETID, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, holds_capability
 from .namespace import Invalidation, Namespace, Node, Stat
 from .passthrough import FUSE_PASSTHROUGH, Backings, Passthrough
 from .window_tree import WindowTree
@@ -43,19 +46,6 @@ log = logging.getLogger(__name__)
 # changes files), so the kernel may cache entries and attributes only briefly.
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
-
-# Kernel settings of the mount's backing device (/sys/class/bdi/MAJ:MIN/;
-# root only, else the kernel defaults stay):
-#  * read_ahead_kb: sequential reads arrive as readahead requests of at most
-#    this size; the default 128 KiB costs one round trip per 128 KiB, and
-#    1 MiB (the largest FUSE request libfuse allows) quarters the requests;
-#  * max_ratio: the share of the system's dirty-page budget that this mount's
-#    writeback cache may hold.  FUSE's default (1 %, with strict_limit) makes
-#    writers wait for our writeback after a few MiB (seq write ~0.9 GB/s,
-#    4k rand write -30 %).  Half leaves the other half for the store's own
-#    dirty pages, which our writeback makes; strict_limit stays on.
-READ_AHEAD_KIB = 1024
-BDI_SETTINGS = {"read_ahead_kb": str(READ_AHEAD_KIB), "max_ratio": "50"}
 
 # Errors that are a normal answer, not worth a log line above debug.
 _QUIET_ERRNOS = frozenset(
@@ -157,35 +147,11 @@ def _entry(st: Stat) -> pyfuse3.EntryAttributes:
     return entry
 
 
-def tune_backing_device(mountpoint: str, settings: dict[str, str]) -> None:
-    """Apply ``settings`` to the mount's bdi (each one left as is where not permitted)."""
-    # From mountinfo: a stat would ask this very daemon, which may still be answering INIT.
-    entry = find_mount(mountpoint)
-    if entry is None:
-        return
-    for name, value in settings.items():
-        try:
-            with open(f"/sys/class/bdi/{entry.device}/{name}", "w") as setting:
-                setting.write(value)
-        except OSError as error:
-            log.debug("%s of the mount stays at the kernel default: %s", name, error)
-
-
-_CAP_FSETID = 4  # linux/capability.h
-
-
 def _holds_cap_fsetid(ctx: Any) -> bool:
-    """Whether the process that sent the request has CAP_FSETID in its effective set (the kernel
-    does not say so for a truncate: libfuse 3.14 drops its FATTR_KILL_SUIDGID).  When the process
-    is gone already, being root stands in for it."""
-    try:
-        with open(f"/proc/{ctx.pid}/status", "rb") as status:
-            for line in status:
-                if line.startswith(b"CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_FSETID & 1)
-    except (OSError, ValueError):
-        pass
-    return bool(ctx.uid == 0)
+    """Whether the process that sent the request has CAP_FSETID (the kernel does not say so for
+    a truncate: libfuse 3.14 drops its FATTR_KILL_SUIDGID); once it is gone, being root stands in."""
+    holds = holds_capability(ctx.pid, CAP_FSETID)
+    return bool(ctx.uid == 0) if holds is None else holds
 
 
 def _no_passthrough(value: int) -> Any:
