@@ -51,7 +51,7 @@ class WindowTree:
             raise
         if not made:
             self.ns.forget(disk.ino, 1)  # the directory holds its one lookup already
-        window.lookups += 1
+        self.windows.looked_up(window)
         return directory_stat(window, self.ns.getattr(disk.ino))
 
     async def lookup_partition(self, directory_ino: int, name: bytes) -> Stat:
@@ -64,7 +64,7 @@ class WindowTree:
         if partition is None:
             raise OSError(errno.ENOENT, "no such partition")
         window, _ = self.windows.window(directory.disk_ino, directory.disk_parent, directory.disk_name, partition)
-        window.lookups += 1
+        self.windows.looked_up(window)
         return partition_stat(window, self.ns.getattr(window.disk_ino))
 
     def forget(self, ino: int, count: int) -> None:

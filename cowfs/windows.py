@@ -178,6 +178,9 @@ class Windows:
         self._tables.pop(window.disk_ino, None)
         return window
 
+    def looked_up(self, window: Window) -> None:
+        window.lookups += 1
+
     def opened(self, window: Window) -> None:
         window.opens += 1
 
