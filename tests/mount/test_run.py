@@ -119,7 +119,7 @@ def test_run_killed_with_sigkill_takes_mount_daemon_store_and_command_along(
     assert read_base(base / "disk.raw") == bytes(32 * MiB)
 
 
-def _end_session(runner: subprocess.Popen[str]) -> None:
+def _end_session(runner: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
     """Whatever the test's outcome, end the session we started: cowfs run and the command it ran
     (a failed test must not leave the command looping)."""
     with contextlib.suppress(ProcessLookupError):
