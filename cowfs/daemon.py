@@ -31,7 +31,6 @@ from .namespace import Namespace
 from .passthrough import FileDataFactory, plan
 from .protocol import CONTROL_XATTR, ControlInfo
 from .store import Store
-from .windows import Windows
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +119,8 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     operations = CowfsOperations(namespace, lambda: {CONTROL_XATTR.encode(): control}, kernel_cache, passthrough)
     operations.mountpoint = str(config.mountpoint)
     operations.untouched_direct = config.copies
-    operations.guest_views = views
-    operations.windows = Windows() if views is not None else None
+    if views is not None:
+        operations.serve_guest_views(views)
     try:
         pyfuse3.init(operations, str(config.mountpoint), fuse_options(config))
     except RuntimeError:

@@ -41,6 +41,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -51,11 +52,17 @@ from .qemu_helper import GuestDisk, open_guest_disk
 from .rangemap import ZEROS
 from .store import Store
 
+if TYPE_CHECKING:
+    from .clone import FileData
+    from .namespace import Node
+
 log = logging.getLogger(__name__)
 
 IDLE_SECONDS = 10.0  # a helper no file uses stops after this long
 MAX_IDLE_HELPERS = 8  # and beyond this many unused ones, the least recently used stop at once
 MAX_FETCH = 4 << 20  # one read's fetch (FUSE reads are at most 1 MiB)
+# A read fetches again only when a reset brought base bytes back while it awaited the first fetch.
+MAX_GUEST_FETCHES = 8
 
 Identity = tuple[int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
 
@@ -288,6 +295,28 @@ class GuestViews:
         image = self._known.get(identity_of(st), _UNKNOWN)
         return image is _UNKNOWN or (image is not None and image.size < 0 and image.failure is None)
 
+    async def prepare_node(self, node: Node) -> None:
+        """Learn, before the namespace needs it, whether ``node``'s base file is an image and its
+        guest disk's size (the first time an image is seen, a QEMU helper tells)."""
+        if node.base_path is None or node.data is not None or node.is_dir:
+            return
+        try:
+            st = self.base.lstat(node.base_path)
+        except OSError:
+            return  # the namespace answers that itself
+        if self.needs_prepare(st):
+            await self.prepare(node.base_path)
+
+    async def read(self, current: Callable[[], FileData | None], offset: int, size: int) -> bytes:
+        """Bytes of a file's view (``current``: its data, which a reset may replace meanwhile),
+        fetched through QEMU first where it is a guest view's."""
+        data = current()
+        assert data is not None
+        try:
+            return bytes(data.read(offset, size))
+        except FetchNeeded as need:
+            return bytes(await read_fetching(self.base, current, offset, size, need))
+
     async def prepare(self, parts: BasePath) -> None:
         """Make ``size`` and ``open_data`` answer for the base file at ``parts`` (they do not wait)."""
         try:
@@ -366,6 +395,37 @@ class GuestViews:
             if image is not None and image.disk is not None:
                 image.disk.kill_now()
                 image.disk = None
+
+
+async def read_fetching(
+    base: BaseDir, current: Callable[[], FileData | None], offset: int, size: int, need: FetchNeeded
+) -> memoryview:
+    """A guest view's read that raised ``need``: fetch its base bytes through QEMU (an await), then
+    read with them from the file's data as it is then (``current``: a reset may have replaced it).
+    The pieces are worked out again after the await; the fetched bytes stay right (the image never
+    changes), so a second fetch is needed only when a reset brought back base bytes."""
+    for _ in range(MAX_GUEST_FETCHES):
+        fetched = await need.image.fetch(base, need.start, need.end)
+        data = current()
+        if not isinstance(data, GuestFile):
+            raise OSError(errno.EIO, "the file changed kind while it was read")
+        try:
+            return data.read_fetched(offset, size, bytearray(size), (need.start, fetched))
+        except FetchNeeded as again:
+            need = again
+    raise OSError(errno.EIO, "a guest view's read kept needing other bytes")
+
+
+async def seek_mapping(base: BaseDir, current: Callable[[], FileData | None], offset: int, whence: int) -> int:
+    """SEEK_DATA or SEEK_HOLE from ``offset`` in a file's data (``current``); a guest view first
+    learns as much of its allocation map as the answer needs."""
+    while True:
+        data = current()
+        assert data is not None
+        try:
+            return data.seek_data(offset) if whence == os.SEEK_DATA else data.seek_hole(offset)
+        except MapNeeded as need:
+            await need.image.fetch_map(base, need.offset)
 
 
 def _unused_since(moment: float, idle: list[GuestImage]) -> list[GuestImage]:

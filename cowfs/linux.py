@@ -20,3 +20,18 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+CAP_FSETID = 4  # linux/capability.h
+
+
+def holds_capability(pid: int, capability: int) -> bool | None:
+    """Whether process ``pid`` has ``capability`` in its effective set; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> capability & 1)
+    except (OSError, ValueError):
+        pass
+    return None

@@ -21,11 +21,13 @@ sizes that long too).
 from __future__ import annotations
 
 import errno
+import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from .linux import FALLOC_FL_KEEP_SIZE
 from .namespace import Stat
 from .partitions import Partition, Table, read_table
 
@@ -67,6 +69,50 @@ class Window:
     @property
     def name(self) -> bytes:
         return self.disk_name + PARTS_SUFFIX if self.is_dir else b"p%d" % self.number
+
+    # What a request on a partition's handle means on its disk: a block device's answers.
+
+    def check_open(self, flags: int) -> None:
+        """O_TRUNC is refused: the kernel would take the file for empty (with the writeback cache
+        it keeps its own idea of a file's size)."""
+        if self.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if flags & os.O_TRUNC:
+            raise OSError(errno.EINVAL, "a partition's size is its table's: open it without O_TRUNC")
+
+    def span(self, offset: int, length: int) -> tuple[int, int]:
+        """(disk offset, length clipped at the partition's end: 0 from there on) of a range."""
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        return self.start + offset, max(0, min(length, self.size - offset))
+
+    def write_span(self, offset: int, length: int) -> tuple[int, int]:
+        """As `span`, for a change of bytes: none of the range inside the partition is ENOSPC."""
+        disk_offset, length = self.span(offset, length)
+        if not length:
+            raise OSError(errno.ENOSPC, "past the end of the partition")
+        return disk_offset, length
+
+    def fallocate_span(self, mode: int, offset: int, length: int) -> tuple[int, int]:
+        """As `write_span`; only the modes that keep the size (a partition's is its table's)."""
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise OSError(errno.EOPNOTSUPP, "a partition's size is its table's")
+        return self.write_span(offset, length)
+
+    def seek_start(self, offset: int) -> int:
+        """The disk offset a SEEK_DATA/SEEK_HOLE from ``offset`` starts at (ENXIO outside)."""
+        if not 0 <= offset < self.size:
+            raise OSError(errno.ENXIO, "past the end of the partition")
+        return self.start + offset
+
+    def seek_found(self, disk_offset: int, whence: int) -> int:
+        """The answer to that seek, given what the disk's seek found: the partition's end is a hole."""
+        found = disk_offset - self.start
+        if found < self.size:
+            return found
+        if whence == os.SEEK_DATA:
+            raise OSError(errno.ENXIO, "no more data in the partition")
+        return self.size
 
 
 @dataclass
@@ -131,6 +177,9 @@ class Windows:
             return self._maybe_drop(directory) if directory is not None else None
         self._tables.pop(window.disk_ino, None)
         return window
+
+    def looked_up(self, window: Window) -> None:
+        window.lookups += 1
 
     def opened(self, window: Window) -> None:
         window.opens += 1

@@ -3,6 +3,7 @@ not even when `cowfs run` is killed with SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -118,6 +119,14 @@ def test_run_killed_with_sigkill_takes_mount_daemon_store_and_command_along(
     assert read_base(base / "disk.raw") == bytes(32 * MiB)
 
 
+def _end_session(runner: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    """Whatever the test's outcome, end the session we started: cowfs run and the command it ran
+    (a failed test must not leave the command looping)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait()
+
+
 def test_a_signal_sent_to_cowfs_run_reaches_the_command_which_still_has_its_mount(
     base: Path, run_tmp: Path, tmp_path: Path
 ) -> None:
@@ -136,9 +145,7 @@ def test_a_signal_sent_to_cowfs_run_reaches_the_command_which_still_has_its_moun
         runner.send_signal(signal.SIGTERM)
         assert runner.wait(timeout=30) == 7
     finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
+        _end_session(runner)
     assert out.read_text() == "hello\n"
     assert runner.stderr is not None and runner.stderr.read() == ""
     assert list(run_tmp.iterdir()) == []
@@ -172,9 +179,7 @@ def test_ctrl_c_at_the_terminal_reaches_the_command_not_the_daemon(base: Path, r
         os.write(master, b"\x03")
         assert runner.wait(timeout=30) == 5
     finally:
-        if runner.poll() is None:
-            runner.kill()
-            runner.wait()
+        _end_session(runner)
         os.close(master)
     assert out.read_text() == "hello\n"
     assert list(run_tmp.iterdir()) == []

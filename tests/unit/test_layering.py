@@ -14,7 +14,16 @@ import pytest
 
 import cowfs
 
-CORE = ["cowfs.namespace", "cowfs.overlay", "cowfs.clone", "cowfs.changes"]
+CORE = [
+    "cowfs.namespace",
+    "cowfs.overlay",
+    "cowfs.clone",
+    "cowfs.changes",
+    # What the FUSE adapter asks about open handles and partition windows.
+    "cowfs.handles",
+    "cowfs.windows",
+    "cowfs.window_tree",
+]
 PACKAGE = Path(cowfs.__file__).parent
 
 
@@ -41,6 +50,9 @@ def _core_files() -> list[Path]:
         PACKAGE / "overlay.py",
         PACKAGE / "clone.py",
         PACKAGE / "changes.py",
+        PACKAGE / "handles.py",
+        PACKAGE / "windows.py",
+        PACKAGE / "window_tree.py",
     ]
 
 
