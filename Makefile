@@ -80,12 +80,12 @@ $(PYFUSE3_INSTALLED): $(PYFUSE3_SDIST) $(PYFUSE3_PATCH_DIR)/series $(PYFUSE3_PAT
 	@touch $@
 
 # cowfs itself, editable; after the patched pyfuse3, so that pip sees the dependency as satisfied.
-# Its compiled read path (cowfs/_native.c) is optional for `pip install .`, but not here: the
+# Its compiled read path (cowfs/native/*.c) is optional for `pip install .`, but not here: the
 # tests need it.
-$(VENV)/.installed: pyproject.toml setup.py cowfs/_native.c $(PYFUSE3_INSTALLED)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard cowfs/native/*.[ch]) $(PYFUSE3_INSTALLED)
 	$(PIP) install -e .
 	@$(PY) -c 'import cowfs._native' 2>/dev/null || \
-		{ echo "cowfs/_native.c did not build: $(PIP) install -v -e . shows why"; exit 1; }
+		{ echo "cowfs._native (cowfs/native/*.c) did not build: $(PIP) install -v -e . shows why"; exit 1; }
 	@touch $@
 
 # The extras, each for the targets that need it (pyproject.toml: test, dev, bench).

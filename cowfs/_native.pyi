@@ -1,4 +1,4 @@
-"""Types of the compiled module cowfs/_native.c (see its header and cowfs/readpath.py)."""
+"""Types of the compiled module cowfs._native (C sources in cowfs/native/, see native.h; and cowfs/readpath.py)."""
 
 from collections.abc import Iterator
 from types import TracebackType

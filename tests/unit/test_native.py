@@ -1,4 +1,4 @@
-"""The compiled READ server (cowfs/_native.c) on its own, with no FUSE mount.
+"""The compiled READ server (cowfs/native/) on its own, with no FUSE mount.
 
 Its request filter is called here the way pyfuse3's reader thread calls it (through ctypes,
 with the function pointers of the capsule), with READ and WRITE requests built byte by byte;
@@ -13,6 +13,7 @@ import errno
 import os
 import struct
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -313,3 +314,95 @@ def test_handles_and_busy_marks_are_forgotten(server: Server, store: Store) -> N
     server.replied(unique)
     server.replied(unique + 1000)  # replies to requests it never marked: nothing happens
     overlay.close()
+
+
+def test_store_logs_keep_every_log_index_in_place_or_past_it() -> None:
+    """The first logs sit in the table itself, the others in chunks made on their first fd: an fd
+    set on either side reads back, an index never set or cleared reads -1, and one out of range
+    is refused."""
+    logs = native.StoreLogs()
+    last = (1 << (63 - native.STORE_LOG_SHIFT)) - 1
+    indices = [0, 1, 15, 16, 17, 1023, 1024, 1025, last]
+    assert [logs.get(index) for index in indices] == [-1] * len(indices)
+    for fd, index in enumerate(indices, start=3):
+        logs.set(index, fd)
+    assert [logs.get(index) for index in indices] == list(range(3, 3 + len(indices)))
+    assert [logs.get(index) for index in (2, 18, 1022, 2048, last - 1)] == [-1] * 5
+    logs.set(16, -1)
+    logs.set(1, -7)  # any negative fd: none
+    assert (logs.get(16), logs.get(1), logs.get(17)) == (-1, -1, 7)
+    for bad in (-1, last + 1):
+        with pytest.raises(ValueError):
+            logs.set(bad, 3)
+        with pytest.raises(ValueError):
+            logs.get(bad)
+
+
+class _Owner:
+    """The state an OverlayFile publishes into its view, set by hand: no base, one range map."""
+
+    base_fd = None
+    base_identity = None
+    base_changed = False
+    base_is_fd = True
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.base_limit = 0
+        self.written = readpath.RangeMap()
+        self.log_fds: list[int] = []
+
+
+def test_a_file_reads_its_store_bytes_from_any_log_its_table_gains_or_loses(server: Server, tmp_path: Path) -> None:
+    """A file's log table starts with nothing past its first logs: its reads (store bytes, holes,
+    EOF) are served before and after a far log gets an fd, and once that log's fd is gone a read
+    that needs it goes to Python instead of using a stale fd."""
+    near, far = 0, 40  # far: past the logs a table holds in place
+    logs = {index: os.open(tmp_path / f"log{index}", os.O_RDWR | os.O_CREAT, 0o600) for index in (near, far)}
+    os.pwrite(logs[near], b"n" * 8192, 0)
+    os.pwrite(logs[far], b"f" * 8192, 0)
+    owner = _Owner(size=3 * 4096 + 100)
+    owner.written.add(0, 4096, near << native.STORE_LOG_SHIFT)
+    owner.log_fds = [logs[near]]
+    view = native.View(owner)
+    view.publish()
+    native.register_handle(1, INO, view, False)
+    try:
+        expected_near = b"n" * 4096 + bytes(2 * 4096 + 100)  # a hole after the store bytes, then EOF
+        assert server.served(1, 0, 1 << 16) == (0, expected_near)
+        with view:  # the file's second range lands in the far log
+            owner.written.add(2 * 4096, 3 * 4096, far << native.STORE_LOG_SHIFT)
+            owner.log_fds = [logs[near]] + [-1] * (far - 1) + [logs[far]]
+        assert view.published["log0_fd"] == logs[near]
+        expected = b"n" * 4096 + bytes(4096) + b"f" * 4096 + bytes(100)
+        assert server.served(1, 0, 1 << 16) == (0, expected)
+        assert server.served(1, 3 * 4096 + 100, 4096) == (0, b""), "at EOF: empty"
+        with view:  # the far log is closed
+            owner.log_fds = [logs[near]] + [-1] * far
+        assert server.served(1, 0, 4096) == (0, b"n" * 4096)
+        _, taken = server.read(1, 2 * 4096, 4096)
+        assert not taken, "a store offset in a log without an fd goes to Python"
+    finally:
+        native.unregister_handle(1, INO)
+        for fd in logs.values():
+            os.close(fd)
+
+
+def test_an_open_file_costs_little_memory_in_c(store: Store) -> None:
+    """What the compiled path keeps per file (its view: the lock, the published state, its log
+    table) is small, also when the store has a log open: a mount with many files pays for it per
+    name.  tracemalloc sees the module's memory (PyMem_Raw*)."""
+    writer = OverlayFile(store)
+    writer.write(0, b"x")  # a log is open, as in a mount that holds data
+    assert max(writer.log_fds) >= 0
+    count = 2000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        files = [OverlayFile(store) for _ in range(count)]
+        per_file = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    for each in [*files, writer]:
+        each.close()
+    assert per_file < 1500, f"{per_file:.0f} bytes per empty file"
