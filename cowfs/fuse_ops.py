@@ -310,24 +310,38 @@ class CowfsOperations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: Any) -> bytes:
         return self.ns.readlink(inode)
 
+    def _refuse_window_names(self, *names: tuple[int, bytes]) -> None:
+        """A ``.parts`` tree follows its disk's table: nothing is made, removed or renamed in it."""
+        if self.windows is not None and any(self.windows.windows.claims(parent, name) for parent, name in names):
+            raise OSError(errno.EPERM, "partition windows follow their disk's table")
+
+    def _refuse_window(self, inode: int) -> None:
+        if self.windows is not None and self.windows.owns(inode):
+            raise OSError(errno.EPERM, "a partition window has no names or attributes of its own to change")
+
     @_errno_replies
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._refuse_window_names((parent_inode, name))
         return self._reply_entry(self.ns.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
     @_errno_replies
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._refuse_window_names((parent_inode, name))
         return self._reply_entry(self.ns.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_errno_replies
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._refuse_window_names((parent_inode, name))
         return self._reply_entry(self.ns.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_errno_replies
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._refuse_window_names((parent_inode, name))
         self.ns.unlink(parent_inode, name)
 
     @_errno_replies
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self._refuse_window_names((parent_inode, name))
         self.ns.rmdir(parent_inode, name)
         if isinstance(self.ns, Copies) and self.ns.pending_invalidation.inodes:
             # A removed copy: open handles of its files must not read their cached pages, and the
@@ -339,10 +353,13 @@ class CowfsOperations(pyfuse3.Operations):
     async def rename(
         self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any
     ) -> None:
+        self._refuse_window_names((parent_inode_old, name_old), (parent_inode_new, name_new))
         self.ns.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @_errno_replies
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        self._refuse_window(inode)
+        self._refuse_window_names((new_parent_inode, new_name))
         await self._prepare(self.ns.node(inode))
         return self._reply_entry(self.ns.link(inode, new_parent_inode, new_name))
 
@@ -386,6 +403,7 @@ class CowfsOperations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._refuse_window_names((parent_inode, name))
         node = self.ns.create(parent_inode, name, mode, ctx.uid, ctx.gid, opened=True)
         handle = self._new_handle(node, flags)
         return self._file_info(handle, node, keep_cache=True), self._reply_entry(node)
@@ -594,10 +612,12 @@ class CowfsOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
         if inode == pyfuse3.ROOT_INODE and (name in self._virtual_xattrs() or name == NODE_COUNT_XATTR):
             raise OSError(errno.EPERM, "read-only attribute")
+        self._refuse_window(inode)
         self.ns.setxattr(inode, name, value)
 
     @_errno_replies
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         if inode == pyfuse3.ROOT_INODE and (name in self._virtual_xattrs() or name == NODE_COUNT_XATTR):
             raise OSError(errno.EPERM, "read-only attribute")
+        self._refuse_window(inode)
         self.ns.removexattr(inode, name)

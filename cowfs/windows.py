@@ -134,6 +134,15 @@ class Windows:
     def owns(self, ino: int) -> bool:
         return ino >= FIRST_WINDOW_INO
 
+    def claims(self, parent: int, name: bytes) -> bool:
+        """Whether ``name`` in ``parent`` is the windows': a name in a ``.parts`` directory, or a
+        ``.parts`` directory the kernel knows (it looks a name up before changing it)."""
+        if self.owns(parent):
+            return True
+        return name.endswith(PARTS_SUFFIX) and any(
+            window.is_dir and window.disk_parent == parent and window.name == name for window in self._by_ino.values()
+        )
+
     def get(self, ino: int) -> Window:
         window = self._by_ino.get(ino)
         if window is None:

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,35 @@ def test_an_ordinary_user_reads_a_partition_with_fuse2fs(
             for path in (fs, mnt):
                 if is_mounted(path):
                     run(["fusermount3", "-u", "-z", str(path)], check=False)
+
+
+def test_the_windows_tree_refuses_every_change_to_its_names(base_dir: Path, mount_factory: MountFactory) -> None:
+    """NAME.parts mirrors the disk's table: names are not made, removed, renamed or linked there,
+    and a window has no extended attributes to set (EPERM, as in the directory of copies)."""
+    disks(base_dir)
+    m = mount_factory(base_dir, "--view", "guest")
+    parts = m.path / "disk.raw.parts"
+    window = parts / "p1"
+    refusals: dict[str, Callable[[], object]] = {
+        "mkdir": lambda: os.mkdir(parts / "new"),
+        "create": lambda: os.close(os.open(parts / "new", os.O_CREAT | os.O_WRONLY, 0o644)),
+        "mknod": lambda: os.mkfifo(parts / "fifo"),
+        "symlink": lambda: os.symlink("p1", parts / "link"),
+        "unlink": lambda: os.unlink(window),
+        "rmdir": lambda: os.rmdir(parts),
+        "rename out": lambda: os.rename(window, m.path / "p1"),
+        "rename in": lambda: os.rename(m.path / "notes.txt", parts / "notes.txt"),
+        "link out": lambda: os.link(window, m.path / "p1"),
+        "link in": lambda: os.link(m.path / "notes.txt", parts / "notes.txt"),
+        "setxattr": lambda: os.setxattr(window, "user.note", b"x"),
+        "removexattr": lambda: os.removexattr(window, "user.note"),
+    }
+    answers: dict[str, int | None] = {}
+    for what, attempt in refusals.items():
+        try:
+            attempt()
+            answers[what] = 0
+        except OSError as error:
+            answers[what] = error.errno
+    assert answers == {what: errno.EPERM for what in refusals}
+    assert os.listdir(parts) == ["p1"] and "p1" not in os.listdir(m.path)

@@ -66,3 +66,13 @@ def test_window_inodes_and_their_lifetime() -> None:
 @pytest.mark.parametrize(("name", "number"), [(b"p1", 1), (b"p12", 12), (b"p0", None), (b"p01", None), (b"x1", None)])
 def test_partition_names(name: bytes, number: int | None) -> None:
     assert partition_number(name) == number
+
+
+def test_the_windows_claim_their_names_and_nothing_else() -> None:
+    windows = Windows()
+    directory, _ = windows.window(disk_ino=7, disk_parent=1, disk_name=b"disk.raw")
+    assert windows.claims(1, b"disk.raw.parts")
+    assert windows.claims(directory.ino, b"p1") and windows.claims(directory.ino, b"anything")
+    assert not windows.claims(1, b"disk.raw")  # the disk itself is the namespace's
+    assert not windows.claims(1, b"other.parts")  # a name the user may make
+    assert not windows.claims(2, b"disk.raw.parts")  # the same name in another directory
