@@ -10,6 +10,7 @@ import mmap
 import multiprocessing
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -282,7 +283,15 @@ def test_pip_install_without_a_compiler_runs_the_python_read_path(tmp_path: Path
     # pyfuse3 and trio as this machine has them (pyfuse3 itself needs a compiler to install).
     site_packages = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
     (site_packages / "dependencies.pth").write_text(str(Path(pyfuse3.__file__).parent.parent) + "\n")
-    source = Path(__file__).resolve().parents[2]
+    # From a copy of the project's own files: a build/ left by an earlier build would ship its module,
+    # and the install must not leave one in the checkout.
+    checkout = Path(__file__).resolve().parents[2]
+    source = tmp_path / "source"
+    listed = run(["git", "-C", str(checkout), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]).stdout
+    for name in filter(None, listed.split("\0")):
+        if (checkout / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(checkout / name, source / name)
     install = run(
         [str(venv / "bin" / "pip"), "install", "--no-deps", str(source)],
         check=False,
