@@ -203,7 +203,7 @@ class ControlServer:
         if request.op is Op.DIFF:
             return changes.diff(namespace, request.path)
         if request.op is Op.COMMIT_PLAN:
-            return changes.commit_plan(namespace, request.path)
+            return await _when_closed(lambda: changes.commit_plan(namespace, request.path))
         return changes.export_plan(namespace, request.path)
 
     def _with_counts(self, reply: StatusReply) -> StatusReply:
@@ -250,15 +250,15 @@ class ControlServer:
         return ResetReply(result.paths)
 
 
-async def _when_closed(check: Callable[[], None], patience: float = 0.5) -> None:
-    """``check()``, again for up to ``patience`` seconds while it refuses: a program's close()
-    returns before the kernel sends us its RELEASE, so "close, then roll back" would find the
-    file still open now and then."""
+async def _when_closed(attempt: Callable[[], T], patience: float = 0.5) -> T:
+    """``attempt()``, again for up to ``patience`` seconds while it refuses: a program's close()
+    returns before the kernel sends us its RELEASE, so "close, then roll back" (or commit: the
+    commit reads the changes through the mount, closes, then asks again) would find the file
+    still open now and then."""
     deadline = trio.current_time() + patience
     while True:
         try:
-            check()
-            return
+            return attempt()
         except Refused:
             if trio.current_time() >= deadline:
                 raise

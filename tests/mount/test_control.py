@@ -10,11 +10,13 @@ import json
 import mmap
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cowfs.api import Mount
 from cowfs.units import format_size
 
 from ..conftest import MountFactory
@@ -317,6 +319,23 @@ def test_commit_writes_only_the_changes_into_the_base(images: Path, mount_factor
     assert m.status()["changes"] == [] and m.store_fds(holding_data=True) == []  # ... and its store freed
     write_at(disk, 0, b"again")  # the mount keeps working on the new base
     assert read_base(base)[:5] == b"BBBBB"
+
+
+@pytest.mark.base_may_change
+def test_a_commit_waits_a_moment_for_a_file_just_closed(images: Path, mount_factory: MountFactory) -> None:
+    """close(2) returns before the kernel sends RELEASE: a commit right after a close (or the commit's
+    own read of the changes, then its second look) must not take the file for open."""
+    m = mount_factory(images)
+    disk = m.path / "a.txt"
+    write_at(disk, 0, b"H")
+    holder = os.open(disk, os.O_RDONLY)
+    closing = threading.Timer(0.2, os.close, [holder])  # a release that arrives late
+    closing.start()
+    try:
+        Mount(m.path).commit("a.txt")
+    finally:
+        closing.join()
+    assert read_base(images / "a.txt")[:1] == b"H"
 
 
 @pytest.mark.base_may_change
