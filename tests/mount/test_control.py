@@ -322,9 +322,12 @@ def test_commit_writes_only_the_changes_into_the_base(images: Path, mount_factor
 
 
 @pytest.mark.base_may_change
-def test_a_commit_waits_a_moment_for_a_file_just_closed(images: Path, mount_factory: MountFactory) -> None:
-    """close(2) returns before the kernel sends RELEASE: a commit right after a close (or the commit's
-    own read of the changes, then its second look) must not take the file for open."""
+@pytest.mark.parametrize("operation", ["commit", "reset"])
+def test_commit_and_reset_wait_a_moment_for_a_file_just_closed(
+    images: Path, mount_factory: MountFactory, operation: str
+) -> None:
+    """close(2) returns before the kernel sends RELEASE: a commit or reset right after a close (or
+    the commit's own read of the changes, then its second look) must not take the file for open."""
     m = mount_factory(images)
     disk = m.path / "a.txt"
     write_at(disk, 0, b"H")
@@ -332,10 +335,12 @@ def test_a_commit_waits_a_moment_for_a_file_just_closed(images: Path, mount_fact
     closing = threading.Timer(0.2, os.close, [holder])  # a release that arrives late
     closing.start()
     try:
-        Mount(m.path).commit("a.txt")
+        getattr(Mount(m.path), operation)("a.txt")
     finally:
         closing.join()
-    assert read_base(images / "a.txt")[:1] == b"H"
+    assert m.status()["changes"] == []
+    assert disk.read_bytes() == (images / "a.txt").read_bytes()  # committed into the base, or reset to it
+    assert disk.read_bytes() == (b"Hello\n" if operation == "commit" else b"hello\n")
 
 
 @pytest.mark.base_may_change
