@@ -25,7 +25,7 @@ from .base import BasePath
 from .checkpoints import Checkpoint
 from .clone import CloneFile, FileData
 from .copies import Copies
-from .namespace import Namespace, Node, Refused, change_token, identity_dict, refuse_extra_links
+from .namespace import Namespace, Node, Refused, StillOpen, change_token, identity_dict, refuse_extra_links
 from .overlay import BaseIdentity
 from .protocol import (
     ChangeState,
@@ -252,7 +252,7 @@ def commit_plan(namespace: Namespace, path: str) -> Plan:
             f"{path.lstrip('/')} CHILD.qcow2, then qemu-img commit CHILD.qcow2 once the image is not mounted"
         )
     if node.opens:
-        raise Refused(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
+        raise StillOpen(f"{path}: open in the mount ({node.opens} handle(s)): close it before committing")
     refuse_while_checkpoints(namespace, path)
     refuse_extra_links(node, path)
     _check_base_unchanged(namespace, node, path)

@@ -30,7 +30,7 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Awaitable, Callable, Generator, Iterator
 from typing import TypeVar
 
 import trio
@@ -40,7 +40,7 @@ from . import changes
 from .checkpoints import name_problem
 from .copies import Copies
 from .kernel_cache import KernelCache
-from .namespace import Invalidation, Namespace, Refused
+from .namespace import Invalidation, Namespace, Refused, StillOpen
 from .protocol import (
     MAX_LINE,
     CheckpointInfo,
@@ -51,6 +51,7 @@ from .protocol import (
     Feature,
     Op,
     PathRequest,
+    Plan,
     ProtocolError,
     Request,
     ResetReply,
@@ -203,7 +204,11 @@ class ControlServer:
         if request.op is Op.DIFF:
             return changes.diff(namespace, request.path)
         if request.op is Op.COMMIT_PLAN:
-            return changes.commit_plan(namespace, request.path)
+
+            async def plan() -> Plan:
+                return changes.commit_plan(namespace, request.path)
+
+            return await _when_closed(plan)
         return changes.export_plan(namespace, request.path)
 
     def _with_counts(self, reply: StatusReply) -> StatusReply:
@@ -214,7 +219,11 @@ class ControlServer:
         if request.force:
             await self.kernel_cache.invalidate(namespace.table.open_files())
         result = Invalidation()
-        await _in_slices(namespace.reset_in_slices(request.path, request.force, result))
+
+        async def reset() -> None:  # refuses an open file before it changes anything: may run again
+            await _in_slices(namespace.reset_in_slices(request.path, request.force, result))
+
+        await _when_closed(reset)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("reset %s (%d inodes)", request.path, len(result.inodes))
         return ResetReply(result.paths)
@@ -235,7 +244,11 @@ class ControlServer:
         if request.force:  # dirty pages of open files would otherwise reach us after the rollback
             await self.kernel_cache.invalidate(namespace.table.open_files())
         if namespace.checkpoints.get(request.name) is not None:  # (else it says why at once)
-            await _when_closed(lambda: namespace.refuse_rollback_if_open(request.name, request.force))
+
+            async def check() -> None:
+                namespace.refuse_rollback_if_open(request.name, request.force)
+
+            await _when_closed(check)
         result = namespace.rollback(request.name, request.force)
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("rolled back to checkpoint %s (%d inodes)", request.name, len(result.inodes))
@@ -250,16 +263,16 @@ class ControlServer:
         return ResetReply(result.paths)
 
 
-async def _when_closed(check: Callable[[], None], patience: float = 0.5) -> None:
-    """``check()``, again for up to ``patience`` seconds while it refuses: a program's close()
-    returns before the kernel sends us its RELEASE, so "close, then roll back" would find the
-    file still open now and then."""
+async def _when_closed(attempt: Callable[[], Awaitable[T]], patience: float = 0.5) -> T:
+    """``attempt()``, again for up to ``patience`` seconds while it refuses: a program's close()
+    returns before the kernel sends us its RELEASE, so "close, then roll back" (or commit: the
+    commit reads the changes through the mount, closes, then asks again) would find the file
+    still open now and then."""
     deadline = trio.current_time() + patience
     while True:
         try:
-            check()
-            return
-        except Refused:
+            return await attempt()
+        except StillOpen:
             if trio.current_time() >= deadline:
                 raise
         await trio.sleep(0.01)

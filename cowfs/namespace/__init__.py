@@ -9,7 +9,7 @@ and `model`, the records they share.  The core raises ``OSError`` for FUSE and `
 for the control channel; it knows neither FUSE nor the control protocol.
 """
 
-from .model import ROOT_INO, WHITEOUT, Attrs, Invalidation, Node, Place, Refused, Stat
+from .model import ROOT_INO, WHITEOUT, Attrs, Invalidation, Node, Place, Refused, Stat, StillOpen
 from .nodes import InoRange
 from .operations import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
 from .reset import change_token, identity_dict, refuse_extra_links, split_mount_path
@@ -27,6 +27,7 @@ __all__ = [
     "Place",
     "Refused",
     "Stat",
+    "StillOpen",
     "change_token",
     "identity_dict",
     "refuse_extra_links",

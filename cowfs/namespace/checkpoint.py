@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from ..base import BasePath
 from ..clone import FileData
 from ..overlay import FrozenView, OverlayFile
-from .model import WHITEOUT, Attrs, Invalidation, Node, Refused
+from .model import WHITEOUT, Attrs, Invalidation, Node, Refused, StillOpen
 from .reset import _revert
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def refuse_if_open(ns: Namespace, state: NamespaceState, name: str, force: bool)
     if open_nodes:
         names = ", ".join(node.name.decode(errors="replace") for node in open_nodes[:3])
         more = f" and {len(open_nodes) - 3} more" if len(open_nodes) > 3 else ""
-        raise Refused(
+        raise StillOpen(
             f"checkpoint {name}: open in the mount ({names}{more}): close it first, or use --force "
             "(open handles then see the checkpoint)"
         )

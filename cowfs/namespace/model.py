@@ -21,6 +21,11 @@ class Refused(Exception):
     user (the control server sends it as the error reply)."""
 
 
+class StillOpen(Refused):
+    """Refused because a file is open in the mount (it may have been closed a moment ago: the
+    kernel sends RELEASE after close(2) returned)."""
+
+
 def now() -> int:
     """Timestamps from the clock the kernel stamps FUSE inodes with (coarse, updated each tick).
     The kernel sets ctime and mtime itself on chown and writes (writeback cache), so a daemon

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from ..base import BasePath
 from ..overlay import BaseIdentity
 from ..slices import Slices
-from .model import WHITEOUT, Invalidation, Node, Place, Refused
+from .model import WHITEOUT, Invalidation, Node, Place, Refused, StillOpen
 
 if TYPE_CHECKING:
     from .operations import Namespace
@@ -230,7 +230,7 @@ def _check_not_open(nodes: list[Node], path: str, force: bool) -> None:
     if open_nodes and not force:
         names = ", ".join(os.fsdecode(node.name) for node in open_nodes[:3])
         more = f" and {len(open_nodes) - 3} more" if len(open_nodes) > 3 else ""
-        raise Refused(
+        raise StillOpen(
             f"{path}: open in the mount ({names}{more}): close it first, or use --force "
             "(open handles then see the base)"
         )

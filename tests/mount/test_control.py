@@ -10,11 +10,13 @@ import json
 import mmap
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from cowfs.api import Mount
 from cowfs.units import format_size
 
 from ..conftest import MountFactory
@@ -317,6 +319,28 @@ def test_commit_writes_only_the_changes_into_the_base(images: Path, mount_factor
     assert m.status()["changes"] == [] and m.store_fds(holding_data=True) == []  # ... and its store freed
     write_at(disk, 0, b"again")  # the mount keeps working on the new base
     assert read_base(base)[:5] == b"BBBBB"
+
+
+@pytest.mark.base_may_change
+@pytest.mark.parametrize("operation", ["commit", "reset"])
+def test_commit_and_reset_wait_a_moment_for_a_file_just_closed(
+    images: Path, mount_factory: MountFactory, operation: str
+) -> None:
+    """close(2) returns before the kernel sends RELEASE: a commit or reset right after a close (or
+    the commit's own read of the changes, then its second look) must not take the file for open."""
+    m = mount_factory(images)
+    disk = m.path / "a.txt"
+    write_at(disk, 0, b"H")
+    holder = os.open(disk, os.O_RDONLY)
+    closing = threading.Timer(0.2, os.close, [holder])  # a release that arrives late
+    closing.start()
+    try:
+        getattr(Mount(m.path), operation)("a.txt")
+    finally:
+        closing.join()
+    assert m.status()["changes"] == []
+    assert disk.read_bytes() == (images / "a.txt").read_bytes()  # committed into the base, or reset to it
+    assert disk.read_bytes() == (b"Hello\n" if operation == "commit" else b"hello\n")
 
 
 @pytest.mark.base_may_change
