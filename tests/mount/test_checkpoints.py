@@ -262,3 +262,41 @@ def test_a_file_held_open_whose_size_a_forced_rollback_changes_stays_with_its_ho
         assert os.fstat(held.fileno()).st_nlink == 0 and os.pread(held.fileno(), 10, 8000) == b"z" * 10
     api.rollback("small")  # again, with nothing open: the same file, the same number from now on
     assert (m.path / "grows.txt").read_bytes() == b"y" * 100
+
+
+def test_a_base_file_put_back_twice_while_the_kernel_holds_it_comes_home_with_the_base_bytes(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
+    """Base file b truncated, then rolled back to a checkpoint of the untouched mount while the
+    kernel holds it: b gets a new inode number (the held one stays a deleted file).  Then b moved
+    into a directory, a byte written past its end, and that directory reset: b is back at its
+    base name with the base's bytes and size, under a newer number again.  (The soak state
+    machine's sequence, through the kernel.)"""
+    (base_dir / "b").write_bytes(b"base b")
+    (base_dir / "a").mkdir()
+    (base_dir / "a" / "b").write_bytes(b"base a/b")
+    m = mount_factory(base_dir)
+    root = m.path
+    assert cowfs_command("checkpoint", str(root), "cp0")[0] == 0
+    first = os.open(root / "b", os.O_PATH)
+    try:
+        os.close(os.open(root / "b", os.O_WRONLY | os.O_TRUNC))
+        code, _, err = cowfs_command("rollback", str(root), "cp0")
+        assert (code, err) == (0, "")
+        assert (root / "b").read_bytes() == b"base b"
+        assert os.stat(root / "b").st_ino != os.fstat(first).st_ino and os.fstat(first).st_nlink == 0
+        second = os.open(root / "b", os.O_PATH)
+        try:
+            os.rename(root / "b", root / "a" / "a")
+            write_at(root / "a" / "a", 6, b"\0")
+            code, _, err = cowfs_command("reset", str(root / "a"))
+            assert (code, err) == (0, "")
+            assert sorted(os.listdir(root)) == ["a", "b"] and os.listdir(root / "a") == ["b"]
+            assert (root / "b").read_bytes() == b"base b" and os.stat(root / "b").st_size == 6
+            assert os.stat(root / "b").st_ino not in (os.fstat(first).st_ino, os.fstat(second).st_ino)
+            assert os.fstat(second).st_nlink == 0
+        finally:
+            os.close(second)
+    finally:
+        os.close(first)
+    m.stop()
