@@ -99,10 +99,15 @@ def refuse_if_open(ns: Namespace, state: NamespaceState, name: str, force: bool)
     """Refused if a rollback to ``state`` would change a file some handle holds open."""
     if force:
         return
+    # An untouched file is changed too when the checkpoint shows its base object under another
+    # number (a reset renumbered it since): its handle would be left on a node no name shows.
+    base_paths = {record.base_path for record in state.nodes.values() if record.base_path is not None}
     open_nodes = [
         node
         for node in ns.table
-        if node.opens and not node.is_dir and (node.ino in state.nodes or node.attrs is not None or node.unlinked)
+        if node.opens
+        and not node.is_dir
+        and (node.ino in state.nodes or node.attrs is not None or node.unlinked or node.base_path in base_paths)
     ]
     if open_nodes:
         names = ", ".join(node.name.decode(errors="replace") for node in open_nodes[:3])

@@ -24,7 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cowfs import changes
 from cowfs.base import BaseDir
-from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Invalidation, Namespace, Node, Refused, identity_dict
+from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Invalidation, Namespace, Node, Refused, StillOpen, identity_dict
 from cowfs.namespace import reset as resetting
 from cowfs.namespace.checkpoint import NamespaceState
 from cowfs.overlay import BaseIdentity
@@ -1014,3 +1014,25 @@ def _check_base_file_b_went_home_from_a(machine: NamespaceMachine) -> None:
     machine.store_account_is_exact()
     machine.trees_match()
     assert (machine.local / "b").read_bytes() == b"base b" and not (machine.local / "a" / "a").exists()
+
+
+def test_a_rollback_refuses_when_a_file_a_reset_renumbered_is_open() -> None:
+    """b changed and checkpointed; a reset while the kernel holds b with another size gives the base
+    object a new number; that new node is opened.  A rollback would bring back b's old node and
+    leave the handle on a node no name shows: it must refuse, as for any open file it changes."""
+    machine = NamespaceMachine()
+    try:
+        machine.write_file(offset=6, path=(b"b",), payload=b"\x00")  # 7 bytes over the base's 6
+        machine.checkpoint()
+        held = machine.ns.lookup(ROOT_INO, b"b")  # the kernel holds b, 7 bytes long
+        machine.ns.reset("/b")
+        renumbered = machine.ns.lookup(ROOT_INO, b"b")
+        assert renumbered.ino != held.ino
+        node, _ = machine.ns.open(renumbered.ino)
+        with pytest.raises(StillOpen):
+            machine.ns.refuse_rollback_if_open("cp0")
+        machine.ns.release(node.ino)
+        machine.ns.forget(renumbered.ino, 1)
+        machine.ns.forget(held.ino, 1)
+    finally:
+        machine.teardown()
