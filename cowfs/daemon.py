@@ -165,7 +165,12 @@ async def _main(report: Callable[[str | None], None], control_server: ControlSer
         if views is not None:
             nursery.start_soon(views.stop_idle_helpers)
         report(None)
-        await pyfuse3.main()
+        try:
+            await pyfuse3.main()
+        except* ConnectionAbortedError:
+            # The kernel aborted the connection (fusectl's abort, or an unmount racing our reads
+            # on some kernels): the mount is gone, as after an unmount.
+            log.info("the kernel aborted the FUSE connection: the mount is gone")
         if views is not None:
             await views.aclose()
         nursery.cancel_scope.cancel()

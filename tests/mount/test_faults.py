@@ -3,6 +3,7 @@ underneath, and QEMU refused when it tries to write a mounted base.  (SIGKILL is
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -13,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from cowfs.mounts import mount_table
 
 from ..conftest import MountFactory
 from ..filesystems import ALL_FILESYSTEMS, DEFAULT
@@ -95,6 +98,42 @@ def test_signal_or_lazy_umount_while_writing_unmounts_cleanly(
         _assert_clean_exit(m, store)
         if how != "umount -l":
             assert f"received {how}: unmounting" in m.log.read_text()
+    finally:
+        _stop(writer)
+
+
+@contextlib.contextmanager
+def _fuse_connections() -> Iterator[Path]:
+    """/sys/fs/fuse/connections, with fusectl mounted there for the test if it was not."""
+    connections = Path("/sys/fs/fuse/connections")
+    mounted_here = not any(entry.fstype == "fusectl" for entry in mount_table())
+    if mounted_here:
+        run(["mount", "-t", "fusectl", "fusectl", str(connections)])
+    try:
+        yield connections
+    finally:
+        if mounted_here:
+            run(["umount", str(connections)])
+
+
+def test_a_connection_the_kernel_aborts_ends_the_daemon_cleanly(
+    base_dir: Path, tmp_path: Path, mount_factory: MountFactory
+) -> None:
+    """fusectl's abort ends the connection under the daemon while a program writes: the daemon ends
+    as after an unmount (exit, store freed, no traceback), whichever error its reads of /dev/fuse get."""
+    make_file(base_dir / "disk.raw", 16 * MiB)
+    store = tmp_path / "store"
+    store.mkdir()
+    m = mount_factory(base_dir, "--store", str(store))
+    writer = _start_writer(m.path / "disk.raw")
+    try:
+        with _fuse_connections() as connections:
+            (connections / str(os.minor(os.stat(m.path).st_dev)) / "abort").write_text("1")
+            assert m.wait_for_daemon_exit(timeout=30), "the daemon did not exit"
+        log = m.log.read_text()
+        assert f"unmounted {m.path}" in log, log
+        assert "main loop failed" not in log and "Traceback" not in log, log
+        assert os.listdir(store) == []
     finally:
         _stop(writer)
 
