@@ -173,7 +173,9 @@ def test_untouched_files_read_through_a_copy_bypass_its_page_cache(base_dir: Pat
     reads_for_a_full_read(os.O_RDONLY)
     assert reads_for_a_full_read(os.O_RDONLY) >= 4  # 4 MiB again, from the daemon
     reads_for_a_full_read(os.O_RDWR)
-    assert reads_for_a_full_read(os.O_RDWR) == 0  # from the page cache
+    # From the page cache: at most one page read again (seen once under load, when the kernel's
+    # attributes timed out between the reads), against the full 4 MiB the read-only handles fetch.
+    assert reads_for_a_full_read(os.O_RDWR) <= 1
 
 
 def _random_writes(seed: int, size: int, count: int) -> list[tuple[int, bytes]]:
