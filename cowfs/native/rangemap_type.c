@@ -88,6 +88,19 @@ static PyObject *rangemap_snapshot(RangeMapObject *self, PyObject *unused)
     return (PyObject *) copy;
 }
 
+/* Append (start, end) to a list; -1 on error */
+static int append_span(PyObject *list, int64_t start, int64_t end)
+{
+    PyObject *item = Py_BuildValue("(LL)", (long long) start, (long long) end);
+    int res;
+
+    if (item == NULL)
+        return -1;
+    res = PyList_Append(list, item);
+    Py_DECREF(item);
+    return res;
+}
+
 static PyObject *rangemap_unshared_spans(RangeMapObject *self, PyObject *other)
 {
     const MapCore *a = self->core, *b;
@@ -121,27 +134,17 @@ static PyObject *rangemap_unshared_spans(RangeMapObject *self, PyObject *other)
             p_end = (key + 1) << BUCKET_SHIFT;
             continue;
         }
-        if (pending) {
-            PyObject *item = Py_BuildValue("(LL)", (long long) p_start, (long long) p_end);
-            if (item == NULL || PyList_Append(list, item) < 0) {
-                Py_XDECREF(item);
-                Py_DECREF(list);
-                return NULL;
-            }
-            Py_DECREF(item);
+        if (pending && append_span(list, p_start, p_end) < 0) {
+            Py_DECREF(list);
+            return NULL;
         }
         pending = 1;
         p_start = key << BUCKET_SHIFT;
         p_end = (key + 1) << BUCKET_SHIFT;
     }
-    if (pending) {
-        PyObject *item = Py_BuildValue("(LL)", (long long) p_start, (long long) p_end);
-        if (item == NULL || PyList_Append(list, item) < 0) {
-            Py_XDECREF(item);
-            Py_DECREF(list);
-            return NULL;
-        }
-        Py_DECREF(item);
+    if (pending && append_span(list, p_start, p_end) < 0) {
+        Py_DECREF(list);
+        return NULL;
     }
     iter = PyObject_GetIter(list);
     Py_DECREF(list);

@@ -272,6 +272,16 @@ fail:
     return -1;
 }
 
+/* Publish, count the change, and let the READ thread in again (the caller holds the lock) */
+static int view_publish_and_unlock(ViewObject *self)
+{
+    int res = view_publish(self);
+
+    atomic_fetch_add(&self->core->changes, 1);
+    pthread_mutex_unlock(&self->core->lock);
+    return res;
+}
+
 static void view_lock_from_python(ViewCore *v)
 {
     if (pthread_mutex_trylock(&v->lock) != 0) {
@@ -298,9 +308,7 @@ static PyObject *view_exit(ViewObject *self, PyObject *args)
     if (--self->depth > 0)
         Py_RETURN_FALSE;
     /* Also when the block raised: what it changed before the error stays changed */
-    res = view_publish(self);
-    atomic_fetch_add(&self->core->changes, 1);
-    pthread_mutex_unlock(&self->core->lock);
+    res = view_publish_and_unlock(self);
     if (res < 0)
         return NULL;
     Py_RETURN_FALSE;
@@ -311,9 +319,7 @@ static PyObject *view_publish_method(ViewObject *self, PyObject *unused)
     int res;
 
     view_lock_from_python(self->core);
-    res = view_publish(self);
-    atomic_fetch_add(&self->core->changes, 1);
-    pthread_mutex_unlock(&self->core->lock);
+    res = view_publish_and_unlock(self);
     if (res < 0)
         return NULL;
     Py_RETURN_NONE;
