@@ -41,6 +41,18 @@ the map that shares its buckets, the size, the base it was opened against) at
 no data copy; `restore` makes the view that again.  The store keeps the bytes
 a frozen view holds (store.py, "Checkpoints"); ``key`` names the file to it.
 
+Parking.  A file whose metadata or name changed in the mount but whose bytes
+are still its base's lives as long as the mount, yet needs the base's
+descriptor only while it is open: `park_base` closes it (the namespace parks
+such a file when its last handle is released) and `held_base` opens the base
+again by its path, by ``reopen_base`` (at the next open, or the next read of
+base bytes).  The file opened again must be the one the view started from,
+unmodified (same device, inode, size and times); otherwise the view fails with
+EIO, as one whose held base was modified does.  So ``chmod -R`` or renaming
+many base files does not grow the daemon's descriptors.  A file with changed
+bytes keeps its base open: it must show the base it was changed against even
+if that is replaced.
+
 The compiled read path (readpath.py) reads this state from another thread:
 every method that changes it runs under the file's lock (`_locked`, or
 ``with self.view:``), and leaving the lock publishes the state to it.
@@ -51,6 +63,7 @@ errno a caller should see.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import itertools
@@ -142,9 +155,12 @@ class OverlayFile:
         self._store = store
         self.key = key  # who the file is to checkpoints: the same for every view of one file
         self.name = name  # for log lines only
-        self.base_fd = base_fd
+        self.base_fd = base_fd  # None: no base, or parked
         self.base_identity = BaseIdentity.of(os.fstat(base_fd)) if base_fd is not None else None
         self.base_changed = False
+        # How to open the base again after `park_base` (set by whoever knows its path); None: never parked.
+        self.reopen_base: Callable[[], int] | None = None
+        self.base_blocks = os.fstat(base_fd).st_blocks if base_fd is not None else 0  # for stat while parked
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size
         self.written = RangeMap()
@@ -237,10 +253,59 @@ class OverlayFile:
                 pieces.append((None, seg_start, seg_end, 0))
         return pieces
 
-    def _base_for_read(self) -> int:
-        assert self.base_fd is not None and self.base_identity is not None
+    @property
+    def base_parked(self) -> bool:
+        return self.base_fd is None and self.base_identity is not None
+
+    @_locked
+    def park_base(self) -> None:
+        """Close the base's descriptor until a read needs it again (see "Parking")."""
+        if self.base_fd is None or self.reopen_base is None or self.base_changed or self.is_changed:
+            return
+        if not self.base_is_fd:  # a guest view's base is the image QEMU reads: it stays
+            return
+        fd, self.base_fd = self.base_fd, None
+        os.close(fd)
+
+    def held_base(self, *, modified_ok: bool = False) -> int:
+        """The base's descriptor, opened again if parked; EIO if the base is no longer the
+        file the view started from (``modified_ok``: the same file, whatever its bytes now)."""
+        if self.base_fd is not None:
+            return self.base_fd
+        assert self.base_identity is not None and self.reopen_base is not None
         if self.base_changed:
             raise OSError(errno.EIO, "base file changed under the mount")
+        problem: str | None
+        try:
+            fd = self.reopen_base()
+        except OSError as error:
+            if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise  # not about the file (EMFILE, ENOMEM, ...): the next read tries again
+            fd, problem = -1, "deleted"
+        else:
+            st = os.fstat(fd)
+            problem = None
+            if (st.st_dev, st.st_ino) != (self.base_identity.dev, self.base_identity.ino):
+                problem = "replaced"
+            elif not modified_ok and self.base_identity.modified_in(st):
+                problem = "modified"
+        if problem is not None:
+            if fd >= 0:
+                os.close(fd)
+            with self.view:
+                self.base_changed = True
+            log.error("base file %s was %s while mounted; its view now fails with EIO", self.name, problem)
+            raise OSError(errno.EIO, "base file changed under the mount")
+        with self.view:
+            self.base_fd = fd
+        return fd
+
+    def _base_for_read(self) -> int:
+        assert self.base_identity is not None
+        if self.base_changed:
+            raise OSError(errno.EIO, "base file changed under the mount")
+        if self.base_fd is None:
+            return self.held_base()  # (checks the identity as it opens)
         if self.base_identity.modified_in(os.fstat(self.base_fd)):
             with self.view:
                 self.base_changed = True
@@ -476,12 +541,16 @@ class OverlayFile:
 
     def freeze(self) -> FrozenView:
         """The view as it is now, sharing the map's buckets (nothing is copied)."""
+        base_fd = None
+        if self.base_identity is not None:
+            with contextlib.suppress(OSError):  # replaced: base_changed now says so
+                base_fd = os.dup(self.held_base(modified_ok=True))
         return FrozenView(
             self.key,
             self.written.snapshot(),
             self.size,
             self.base_limit,
-            os.dup(self.base_fd) if self.base_fd is not None else None,
+            base_fd,
             self.base_identity,
             self.base_changed,
             self._space.pages if self._space is not None else 0,
@@ -537,6 +606,7 @@ class OverlayFile:
         if self.base_fd is not None:
             os.close(self.base_fd)
         self.base_fd = os.dup(frozen.base_fd) if frozen.base_fd is not None else None
+        self.base_blocks = os.fstat(self.base_fd).st_blocks if self.base_fd is not None else 0
         self.base_identity, self.base_changed = frozen.base_identity, frozen.base_changed
         self.size, self.base_limit = frozen.size, frozen.base_limit
         self.generation = next(_changes)
@@ -548,6 +618,7 @@ class OverlayFile:
         self.generation = next(_changes)
         self.base_fd = base_fd_factory()
         self.base_identity = BaseIdentity.of(os.fstat(self.base_fd)) if self.base_fd is not None else None
+        self.base_blocks = os.fstat(self.base_fd).st_blocks if self.base_fd is not None else 0
         self.base_changed = False
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size

@@ -92,6 +92,7 @@ def capture(ns: Namespace) -> tuple[NamespaceState, list[FrozenView]]:
         )
         if node.attrs is not None and isinstance(node.data, OverlayFile):  # (no clones: not in passthrough mode)
             views.append(node.data.freeze())
+            ns.park_if_idle(node)
     return NamespaceState(records), views
 
 
@@ -241,6 +242,7 @@ def _restore_node(ns: Namespace, node: Node, record: NodeRecord, view: FrozenVie
         node.data = data
     assert isinstance(data, OverlayFile) and data.key == view.key, (node.ino, view.key)
     data.restore(view)
+    ns.park_if_idle(node)
 
 
 def _fresh_data(ns: Namespace, node: Node, view: FrozenView) -> FileData:

@@ -62,6 +62,7 @@ daemon ``close``; `cowfs.changes` only reads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -176,10 +177,15 @@ class Namespace:
     def _holds_base_object(node: Node, st: os.stat_result) -> bool:
         """Is ``st`` the base object this node holds open?  An open descriptor keeps its inode
         number from being reused, so then a name with that number is another hard link of it."""
-        if node.unlinked or node.data is None or node.data.base_fd is None:
+        data = node.data
+        if node.unlinked or data is None or data.base_identity is None:
             return False
-        held = os.fstat(node.data.base_fd)
-        return (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino)
+        identity = data.base_identity
+        if (identity.dev, identity.ino) != (st.st_dev, st.st_ino):
+            return False
+        # A parked base descriptor does not hold the number: then the object must also look
+        # the same (an object made under a reused number has other times).
+        return data.base_fd is not None or (st.st_ctime_ns, st.st_mtime_ns) == (identity.ctime_ns, identity.mtime_ns)
 
     def lookup(self, parent_ino: int, name: bytes) -> Node:
         """The node a name shows; +1 lookup on it."""
@@ -254,8 +260,9 @@ class Namespace:
         if isinstance(data, CloneFile):
             return data.blocks()
         base_blocks = 0
-        if data.base_fd is not None and data.base_limit:
-            base_blocks = min(os.fstat(data.base_fd).st_blocks, -(-data.base_limit // 512))
+        if data.base_identity is not None and data.base_limit:
+            held = os.fstat(data.base_fd).st_blocks if data.base_fd is not None else data.base_blocks
+            base_blocks = min(held, -(-data.base_limit // 512))
         return base_blocks + data.store_blocks()
 
     def _copy_up(self, node: Node) -> Attrs:
@@ -265,6 +272,7 @@ class Namespace:
             st = self.base.lstat(node.base_path)
             if node.type == stat.S_IFREG and node.data is None:
                 self._open_data(node)
+                self.park_if_idle(node)
             elif node.type == stat.S_IFLNK:
                 node.link_target = self.base.readlink(node.base_path)
             node.attrs = self._attrs_from_base(st)
@@ -309,6 +317,7 @@ class Namespace:
             if size < 0:
                 raise OSError(errno.EINVAL, "negative size")
             if size != node.data.size:
+                self._unpark(node.data)
                 node.data.truncate(size)
             attrs.mtime_ns = changed_at
         if mode is not None:
@@ -346,8 +355,26 @@ class Namespace:
                 raise
         if isinstance(data, OverlayFile):
             data.key = node.ino  # who the file is to checkpoints (a rollback brings it back under its ino)
+            if node.base_path is not None:
+                data.reopen_base = lambda: self.base.open_file(node.base_path or ())
         node.data = data
         return data
+
+    @staticmethod
+    def _unpark(data: FileData | None) -> None:
+        """Hold a parked file's base again (before it is opened, or its bytes change: a changed
+        file keeps the base it was changed against).  A base replaced or modified meanwhile:
+        the file's reads of base bytes fail with EIO from now on (``held_base`` logs it)."""
+        if isinstance(data, OverlayFile) and data.base_parked:
+            with contextlib.suppress(OSError):
+                data.held_base()
+
+    @staticmethod
+    def park_if_idle(node: Node) -> None:
+        """A changed file that no handle holds keeps no base descriptor (OverlayFile, "Parking"):
+        the daemon's descriptors do not grow with the number of changed files."""
+        if not node.opens and isinstance(node.data, OverlayFile):
+            node.data.park_base()
 
     def open(self, ino: int, truncate: bool = False, writable: bool = False) -> tuple[Node, bool]:
         """Open a regular file; return the node and whether the kernel may keep its cached pages.
@@ -358,6 +385,7 @@ class Namespace:
         if node.type != stat.S_IFREG:
             raise OSError(errno.EACCES, "not a regular file")
         data = node.data if node.data is not None else self._open_data(node)
+        self._unpark(data)  # open, it holds its base (and QEMU's lock bytes on it) again
         keep_cache = True
         identity = data.base_identity
         if identity is not None and node.attrs is None and data.written.total == 0:
@@ -400,6 +428,7 @@ class Namespace:
         if node.opens == 0 and node.data is not None and node.attrs is None:
             node.data.close()  # an untouched file holds nothing between opens
             node.data = None
+        self.park_if_idle(node)
         self._maybe_drop(node)
 
     def write(self, node: Node, offset: int, data: bytes) -> int:

@@ -378,9 +378,13 @@ def commit_done(ns: Namespace, path: str, token: list[int], new_identity: dict[s
         raise Refused(f"{path}: no such file in the mount")
     data = node.data
     refuse_extra_links(node, path)
-    if data is None or data.base_fd is None:
+    if data is None or data.base_identity is None:
         raise Refused(f"{path}: reset or replaced in the mount while committing")
-    identity = BaseIdentity.of(os.fstat(data.base_fd))
+    try:
+        identity = BaseIdentity.of(os.fstat(data.held_base(modified_ok=True)))
+    except OSError:
+        raise Refused(f"{path}: its base file was replaced during the commit (by someone else?)") from None
+    ns.park_if_idle(node)
     if identity_dict(identity) != new_identity:
         raise Refused(f"{path}: its base file changed during the commit (by someone else?)")
     if change_token(node) != token or node.opens:
@@ -407,6 +411,7 @@ def _adopt(ns: Namespace, node: Node, result: Invalidation) -> None:
     node.data = None
     if _metadata_changed(ns, node):
         ns._open_data(node)
+        ns.park_if_idle(node)
         return
     result.entries.update(node.links)
     ns.names.unlist_all(node)

@@ -318,6 +318,41 @@ def test_base_replaced_under_a_changed_file_keeps_the_old_bytes(
         os.close(fd)
 
 
+@pytest.mark.base_may_change
+@pytest.mark.parametrize("how", ["renamed over", "modified in place"])
+def test_base_changed_under_a_closed_file_whose_metadata_changed_gives_eio(
+    how: str, base_dir: Path, filesystem: str, mount_factory: MountFactory
+) -> None:
+    """A file changed only in metadata does not hold its base while closed (so chmod -R of a
+    big tree needs no descriptor per file): a base replaced or modified meanwhile is never
+    shown as the file's bytes, mixed or whole -- reads of it fail with EIO.  (Passthrough mode
+    keeps the base it first saw, as for a file with changed bytes.)"""
+    old = make_file(base_dir / "disk.raw", 2 * MiB, seed=1)
+    m = mount_factory(base_dir)
+    m.allowed_log_problems = _CHANGED_BASE_LOG + ["was replaced while mounted"]
+    os.chmod(m.path / "disk.raw", 0o600)
+    if how == "renamed over":
+        make_file(base_dir / "replacement", 2 * MiB, seed=2)
+        os.replace(base_dir / "replacement", base_dir / "disk.raw")
+    else:
+        with open(base_dir / "disk.raw", "r+b") as base:
+            base.write(b"new bytes")
+    fd = os.open(m.path / "disk.raw", os.O_RDONLY)
+    try:
+        if filesystem != DEFAULT:
+            assert os.pread(fd, 4 * MiB, 0) == old
+            return
+        with pytest.raises(OSError) as failure:
+            os.pread(fd, 4096, 0)
+        assert failure.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    assert (m.path / "disk.raw").stat().st_mode & 0o777 == 0o600
+    errors = [line for line in m.log.read_text().splitlines() if " ERROR " in line]
+    word = "replaced" if how == "renamed over" else "modified"
+    assert any("disk.raw" in line and f"{word} while mounted" in line for line in errors), errors
+
+
 # -- QEMU's own image locking protects a mounted base ----------------------------------------
 
 

@@ -108,6 +108,35 @@ def test_a_daemon_with_few_descriptors_still_takes_thousands_of_changed_files(
     assert all((m.path / f"f{number:04d}").read_bytes() == _content(number) for number in range(2000))
 
 
+def test_chmod_and_rename_of_thousands_of_base_files_hold_no_descriptor_each(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
+    """A base file whose metadata or name changed (chmod -R, mv) used to hold its base open for
+    the life of the mount: at the open-file limit the next chmod failed with EMFILE."""
+    count = 2000
+    for number in range(count):
+        (base_dir / f"b{number:04d}").write_bytes(_content(number))
+    m = mount_factory(base_dir)
+    assert m.pid is not None
+    resource.prlimit(m.pid, resource.RLIMIT_NOFILE, (64, 64))
+    (m.path / "moved").mkdir()
+    for number in range(count):
+        path = m.path / f"b{number:04d}"
+        os.chmod(path, 0o600)
+        if number % 2:
+            os.rename(path, m.path / "moved" / path.name)
+    for number in range(count):
+        path = m.path / ("moved" if number % 2 else "") / f"b{number:04d}"
+        assert path.read_bytes() == _content(number), path
+        assert path.stat().st_mode & 0o777 == 0o600
+    with open(m.path / "b0000", "r+b") as f:  # and a write to one of them
+        f.write(b"F")
+    assert (m.path / "b0000").read_bytes() == b"F" + _content(0)[1:]
+    states = Counter(change["state"] for change in status_json(m.path)["changes"])
+    assert states == {"modified": count // 2, "renamed": count // 2, "created": 1}, states
+    assert _descriptors(m) <= FD_BOUND
+
+
 @pytest.mark.parametrize("full", ["store filesystem", "max-store"])
 def test_a_full_store_fails_new_files_with_enospc_not_eio(
     full: str, base_dir: Path, tmp_path: Path, mount_factory: MountFactory

@@ -228,6 +228,60 @@ def test_modified_base_gives_eio_not_a_mix(base_file: Path, tmp_path: Path) -> N
         store.close()
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("change", [None, "modified", "replaced", "deleted"])
+def test_a_parked_base_opens_again_only_as_the_file_it_was(change: str | None, base_file: Path, tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    overlay = OverlayFile(store, os.open(base_file, os.O_RDONLY), name="base.img")
+    overlay.reopen_base = lambda: os.open(base_file, os.O_RDONLY)
+    expected = base_file.read_bytes()
+    try:
+        held = _open_fds()
+        overlay.park_base()
+        assert overlay.base_parked and _open_fds() == held - 1
+        overlay.check_invariants()  # the compiled path sees no descriptor while parked
+        if change == "modified":
+            with open(base_file, "r+b") as f:
+                f.write(b"new")
+        elif change == "replaced":
+            replacement = tmp_path / "replacement"
+            replacement.write_bytes(expected)  # the same bytes, another file
+            os.replace(replacement, base_file)
+        elif change == "deleted":
+            base_file.unlink()
+        if change is None:
+            assert overlay.read(0, BASE_SIZE) == expected  # opened again as it reads
+            assert not overlay.base_parked and _open_fds() == held
+        else:
+            with pytest.raises(OSError) as error:
+                overlay.read(0, 100)
+            assert error.value.errno == errno.EIO and overlay.base_changed
+            assert _open_fds() == held - 1
+        overlay.check_invariants()
+    finally:
+        overlay.close()
+        store.close()
+
+
+def test_a_file_with_changed_bytes_keeps_its_base(base_file: Path, tmp_path: Path) -> None:
+    """Its view must stay the base it was changed against, even if that is replaced."""
+    store = Store(tmp_path)
+    overlay = OverlayFile(store, os.open(base_file, os.O_RDONLY), name="base.img")
+    overlay.reopen_base = lambda: os.open(base_file, os.O_RDONLY)
+    try:
+        overlay.truncate(BASE_SIZE - 1)
+        overlay.park_base()
+        assert not overlay.base_parked
+        frozen = overlay.freeze()
+        frozen.close()
+    finally:
+        overlay.close()
+        store.close()
+
+
 def test_rangemap_examples() -> None:
     assert doctest.testmod(rangemap).failed == 0
 
