@@ -225,6 +225,10 @@ class Copies:
         copy.root.lookups += 1
         return copy.root
 
+    def owns_name(self, parent_ino: int, name: bytes) -> bool:
+        copy = self._by_index.get(parent_ino >> COPY_SHIFT) if parent_ino != ROOT_INO else None
+        return copy is not None and copy.namespace.owns_name(parent_ino, name)
+
     def forget(self, ino: int, count: int) -> None:
         if ino == ROOT_INO:
             return

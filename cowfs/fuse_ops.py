@@ -42,10 +42,14 @@ from .windows import PARTS_SUFFIX
 
 log = logging.getLogger(__name__)
 
-# Names in the mount may change under us (BASE_DIR is live, `cowfs reset`
-# changes files), so the kernel may cache entries and attributes only briefly.
+# Names and metadata that follow BASE_DIR may change under us (BASE_DIR is live), so the kernel
+# may cache them only briefly.  What the mount owns (a name created, moved or changed in it; the
+# metadata of a changed node) changes only through the kernel, or by a control request that
+# tells the kernel (reset, rollback, commit invalidate what they change): the kernel keeps those
+# longer, which saves a LOOKUP or GETATTR per stat of a file made in the mount.
 ENTRY_TIMEOUT = 1.0
 ATTR_TIMEOUT = 1.0
+OWNED_TIMEOUT = 60.0
 
 # Errors that are a normal answer, not worth a log line above debug.
 _QUIET_ERRNOS = frozenset(
@@ -128,7 +132,7 @@ def _settle_store(operations: CowfsOperations) -> None:
         log.warning("store: freed pages not punched: %s", error)
 
 
-def _entry(st: Stat) -> pyfuse3.EntryAttributes:
+def _entry(st: Stat, name_owned: bool = False) -> pyfuse3.EntryAttributes:
     entry = pyfuse3.EntryAttributes()
     entry.st_ino = st.ino
     entry.st_mode = st.mode
@@ -142,8 +146,8 @@ def _entry(st: Stat) -> pyfuse3.EntryAttributes:
     entry.st_atime_ns = st.atime_ns
     entry.st_mtime_ns = st.mtime_ns
     entry.st_ctime_ns = st.ctime_ns
-    entry.entry_timeout = ENTRY_TIMEOUT
-    entry.attr_timeout = ATTR_TIMEOUT
+    entry.entry_timeout = OWNED_TIMEOUT if name_owned else ENTRY_TIMEOUT
+    entry.attr_timeout = OWNED_TIMEOUT if st.owned else ATTR_TIMEOUT
     return entry
 
 
@@ -229,7 +233,8 @@ class CowfsOperations(pyfuse3.Operations):
         return handle
 
     def _reply_entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        return _entry(self.ns.getattr(node.ino))
+        """The entry of a name just made in the mount."""
+        return _entry(self.ns.getattr(node.ino), name_owned=True)
 
     # -- names -------------------------------------------------------------
 
@@ -239,7 +244,7 @@ class CowfsOperations(pyfuse3.Operations):
 
     @_errno_replies
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return _entry(await self._lookup(parent_inode, name))
+        return _entry(await self._lookup(parent_inode, name), self.ns.owns_name(parent_inode, name))
 
     async def _lookup(self, parent_inode: int, name: bytes) -> Stat:
         """What a name shows, +1 lookup on it (a window's, or the namespace's)."""
@@ -559,7 +564,7 @@ class CowfsOperations(pyfuse3.Operations):
                 st = await self._lookup(parent_ino, name)
             except OSError:
                 continue  # gone since opendir (or unreadable: a refused image)
-            if not self.readdir_reply(token, name, _entry(st), index + 1):
+            if not self.readdir_reply(token, name, _entry(st, self.ns.owns_name(parent_ino, name)), index + 1):
                 self._forget(st.ino, 1)  # no reply, so the kernel will not count it
                 break
 

@@ -62,6 +62,7 @@ class Stat:
     mtime_ns: int
     ctime_ns: int
     rdev: int = 0
+    owned: bool = False  # the mount owns this metadata (it changes only through the mount)
 
 
 @dataclass

@@ -187,6 +187,12 @@ class Namespace:
         # the same (an object made under a reused number has other times).
         return data.base_fd is not None or (st.st_ctime_ns, st.st_mtime_ns) == (identity.ctime_ns, identity.mtime_ns)
 
+    def owns_name(self, parent_ino: int, name: bytes) -> bool:
+        """Does the mount own what ``name`` shows (created, moved or changed in it: it changes only
+        through the mount), rather than follow BASE_DIR?"""
+        parent = self.nodes.get(parent_ino)
+        return parent is not None and parent.entries.get(name, WHITEOUT) != WHITEOUT
+
     def lookup(self, parent_ino: int, name: bytes) -> Node:
         """The node a name shows; +1 lookup on it."""
         node = self._child(self.node(parent_ino), name)
@@ -253,6 +259,7 @@ class Namespace:
             attrs.mtime_ns,
             attrs.ctime_ns,
             attrs.rdev,
+            node.attrs is not None,
         )
 
     @staticmethod

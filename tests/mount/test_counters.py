@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
-from ..helpers import COWFS, force_unmount, is_mounted, run
+from ..conftest import MountFactory
+from ..helpers import COWFS, force_unmount, is_mounted, run, status_json
 
 PAGE = 4096
 
@@ -51,3 +53,29 @@ def test_unmount_logs_the_requests_that_writes_and_uncached_reads_made(tmp_path:
     assert 1 <= counts.get("write", 0) <= 64, counts
     assert counts.get("read", 0) >= 40, counts  # O_DIRECT reads all reach the daemon
     assert counts.get("open", 0) == 2 and counts.get("release", 0) == 2, counts
+
+
+def test_the_kernel_keeps_what_the_mount_owns_and_asks_again_for_what_follows_the_base(
+    base_dir: Path, mount_factory: MountFactory
+) -> None:
+    """A name made in the mount and a changed file's metadata change only through the mount: the
+    kernel may cache them past the short timeout of what follows BASE_DIR (so a second stat of a
+    build's outputs costs no request), while a base name still reaches the daemon again."""
+    (base_dir / "untouched").write_bytes(b"base")
+    m = mount_factory(base_dir)
+    (m.path / "made").mkdir()
+    for number in range(20):
+        (m.path / "made" / f"f{number}").write_bytes(b"mine")
+    (m.path / "untouched").stat()
+    os.sync()  # the writeback of times and sizes is done: nothing of it comes later
+    for number in range(20):
+        (m.path / "made" / f"f{number}").stat()
+    time.sleep(1.5)  # past the timeout of names and metadata that follow the base
+    before = status_json(m.path)["requests"]
+    for number in range(20):
+        (m.path / "made" / f"f{number}").stat()
+    (m.path / "untouched").stat()
+    after = status_json(m.path)["requests"]
+    asked = {op: after.get(op, 0) - before.get(op, 0) for op in ("lookup", "getattr")}
+    # One request for the base file (the status requests' own GETXATTRs on the root aside).
+    assert asked["lookup"] + asked["getattr"] == 1, asked
