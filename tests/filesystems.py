@@ -23,7 +23,7 @@ import pytest
 DEFAULT = "default"
 REFLINK_FILESYSTEMS = ("xfs", "btrfs")
 ALL_FILESYSTEMS = (DEFAULT, *REFLINK_FILESYSTEMS)
-IMAGE_SIZE = 2 << 30  # sparse: takes only what the tests write
+IMAGE_SIZE = 8 << 30  # sparse: takes only what the tests write (make soak's fio: 1 GiB of bases and their clones)
 # The mkfs of each kind, quiet, and the Debian package that has it.
 _MKFS = {"xfs": (["mkfs.xfs", "-q", "-m", "reflink=1"], "xfsprogs"), "btrfs": (["mkfs.btrfs", "-q"], "btrfs-progs")}
 

@@ -176,7 +176,10 @@ def _random_steps(rng: random.Random, files: list[File], steps: int) -> None:
                 # The kernel sends RELEASE after close(2) returned: wait until the daemon had it.
                 assert wait_until(functools.partial(_released, f.path)), "the handles were never released"
                 result = run([COWFS, "commit", "--yes", str(f.path)], check=False)
-                assert result.returncode == 0, result.stderr
+                # Steps that change nothing (a punch past the end, a truncate back to the base's
+                # size) leave the view the base's: then there is nothing to commit, rightly.
+                if f.model != f.base or "no data changes to commit" not in result.stderr:
+                    assert result.returncode == 0, result.stderr
                 f.base = bytes(f.model)
                 f.changed = False
         else:  # the base changes under the mount

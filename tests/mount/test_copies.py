@@ -23,7 +23,10 @@ MiB = 1 << 20
 
 
 def _base(base_dir: Path, size: int = 4 * MiB) -> Path:
-    (base_dir / "disk.raw").write_bytes(random.Random(1).randbytes(size))
+    rng = random.Random(1)
+    with open(base_dir / "disk.raw", "wb") as f:
+        for _ in range(0, size, 16 * MiB):  # (randbytes of more than 256 MiB overflows)
+            f.write(rng.randbytes(min(16 * MiB, size - f.tell())))
     (base_dir / "notes.txt").write_text("base notes\n")
     (base_dir / "dir").mkdir()
     (base_dir / "dir" / "inner.txt").write_text("inner\n")
