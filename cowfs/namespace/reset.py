@@ -126,7 +126,7 @@ def reset_in_slices(
     if place is None:
         root = ns.nodes[ns.table.root_ino]
         everything = yield from _changed_below(ns, root, path, force, slices)
-        yield from _reset_each(ns, everything, result, slices)
+        yield from _reset_each(ns, everything, result, slices, _created_directories(ns, everything))
         _reset_directory_entries(ns, root, result)
         root.attrs = root.xattrs = None
         for node in list(ns.table):
@@ -148,7 +148,10 @@ def reset_in_slices(
     if moved is not None:
         _check_not_open([moved], path, force)
         below += yield from _changed_below(ns, moved, path, force, slices)
-    yield from _reset_each(ns, below, result, slices)
+    doomed = _created_directories(ns, below)
+    if place.node is not None and place.node.is_dir and place.node.base_path is None:
+        doomed.add(place.node.ino)
+    yield from _reset_each(ns, below, result, slices, doomed)
     # The place may have changed while FUSE requests were served: find it again.
     place = resolve(ns, path)
     if place is not None:
@@ -186,30 +189,51 @@ def _changed_below(
     return found
 
 
+def _created_directories(ns: Namespace, entries: list[tuple[int, bytes]]) -> set[int]:
+    """The directories made in the mount that these entries show (a reset of them removes them)."""
+    doomed = set()
+    for parent_ino, name in entries:
+        node = ns.nodes.get(ns.nodes[parent_ino].entries.get(name, WHITEOUT))
+        if node is not None and node.is_dir and node.base_path is None:
+            doomed.add(node.ino)
+    return doomed
+
+
 def _reset_each(
-    ns: Namespace, entries: list[tuple[int, bytes]], result: Invalidation, slices: Slices
+    ns: Namespace, entries: list[tuple[int, bytes]], result: Invalidation, slices: Slices, doomed: set[int]
 ) -> Generator[None, None, None]:
-    # A directory's entries come together: one look at its base tells whether any of its names
-    # can be a base directory (whose link count a reset must follow), instead of one per name.
-    last_parent, base_is_dir = None, None
+    """Reset ``entries`` in their order.  ``doomed``: directories made in the mount that this
+    reset removes, and whose own entries it invalidates: the kernel then drops their unused
+    children with them, so an unopened file's entry there needs no invalidation of its own (a
+    reset of 100,000 new files in one new directory asks the kernel once, not 100,001 times)."""
+    # A directory's entries come together: one look at its base tells which of its names are
+    # base directories (whose link count a reset must follow), instead of one look per name.
+    subdirectories: dict[int, frozenset[bytes] | None] = {}
     for parent_ino, name in entries:
         parent = ns.nodes.get(parent_ino)
         if parent is not None and name in parent.entries:
-            if parent is not last_parent:
-                last_parent, base_is_dir = parent, _base_may_have_subdirectories(ns, parent)
-            _reset_name(ns, parent, name, result, base_is_dir)
+            if parent_ino not in subdirectories:
+                subdirectories[parent_ino] = _base_subdirectories(ns, parent)
+            known = subdirectories[parent_ino]
+            child = ns.nodes.get(parent.entries[name])
+            goes_with_parent = parent_ino in doomed and child is not None and not child.is_dir and not child.opens
+            _reset_name(ns, parent, name, result, None if known is None else name in known)
+            if goes_with_parent:
+                result.entries.discard((parent_ino, name))
         if slices.used_up():
             yield
-            last_parent = None  # the base may have changed meanwhile
 
 
-def _base_may_have_subdirectories(ns: Namespace, directory: Node) -> bool | None:
-    """False if the base directory behind ``directory`` has none (its link count is 2 on the
-    filesystems that count subdirectories), else None: unknown, look name by name."""
+def _base_subdirectories(ns: Namespace, directory: Node) -> frozenset[bytes] | None:
+    """The names of the subdirectories of the base directory behind ``directory`` (None:
+    unknown, look name by name).  Taken once per reset: a base directory made or removed
+    outside while the reset runs is not followed, as for any directory the mount changed."""
     if directory.base_path is None:
-        return False
+        return frozenset()
     try:
-        return False if ns.base.lstat(directory.base_path).st_nlink == 2 else None
+        if ns.base.lstat(directory.base_path).st_nlink == 2:  # none, on filesystems that count them
+            return frozenset()
+        return frozenset(name for name, _, kind in ns.base.list(directory.base_path) if kind == stat.S_IFDIR)
     except OSError:
         return None
 

@@ -205,6 +205,19 @@ def test_reset_invalidates_exactly_what_it_changed(fs: Fs) -> None:
     assert fs.namespace.store.bytes_held == 0
 
 
+def test_a_reset_of_a_new_directory_asks_the_kernel_once_for_its_unopened_files(fs: Fs) -> None:
+    """The kernel drops a directory's unused entries with the directory's own: a file held open
+    (its entry in use) and a subdirectory (maybe a working directory) still get their own."""
+    directory = fs.call("mkdir", ROOT_INO, b"new", 0o755, CTX).st_ino
+    for number in range(50):
+        fs.call("release", fs.call("create", directory, f"f{number}".encode(), 0o644, os.O_RDWR, CTX)[0].fh)
+    held = fs.call("create", directory, b"held", 0o644, os.O_RDWR, CTX)[0].fh
+    fs.call("mkdir", directory, b"sub", 0o755, CTX)
+    assert _control(fs, {"op": "reset", "path": "/", "force": True})["ok"] is True
+    assert sorted(fs.kernel_cache.entries) == [(ROOT_INO, b"new"), (directory, b"held"), (directory, b"sub")]
+    fs.call("release", held)
+
+
 @pytest.mark.parametrize(
     "line",
     [
