@@ -223,36 +223,10 @@ class ControlServer:
         async def reset() -> None:  # refuses an open file before it changes anything: may run again
             await _in_slices(namespace.reset_in_slices(request.path, request.force, result))
 
-        # The kernel forgets what each slice reset while the next slices run (in a worker
-        # thread: the two overlap); the reply waits for the last of it.
-        finished = trio.Event()
-        invalidated = [0]
-        refusal: Exception | None = None  # raised after the nursery, not as an exception group
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._invalidate_as_it_goes, result, finished, invalidated)
-            try:
-                await _when_closed(reset)
-            except Exception as error:
-                refusal = error
-            finally:
-                finished.set()
-        if refusal is not None:
-            raise refusal
-        log.info("reset %s (%d inodes)", request.path, invalidated[0])
+        await _when_closed(reset)
+        await self.kernel_cache.invalidate(result.inodes, result.entries)
+        log.info("reset %s (%d inodes)", request.path, len(result.inodes))
         return ResetReply(result.paths)
-
-    async def _invalidate_as_it_goes(self, result: Invalidation, finished: trio.Event, count: list[int]) -> None:
-        while True:
-            last = finished.is_set()
-            inodes, entries = result.take()
-            count[0] += len(inodes)
-            if inodes or entries:
-                await self.kernel_cache.invalidate(inodes, entries)
-            elif last:
-                return
-            else:
-                with trio.move_on_after(0.02):
-                    await finished.wait()
 
     async def _checkpoint(self, namespace: Namespace, request: CheckpointRequest) -> CheckpointInfo | DroppedReply:
         if request.op is Op.DROP_CHECKPOINT:

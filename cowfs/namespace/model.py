@@ -82,13 +82,6 @@ class Invalidation:
     inodes: set[int] = field(default_factory=set)  # whose pages and attributes to drop
     entries: set[tuple[int, bytes]] = field(default_factory=set)  # (parent ino, name) to forget
 
-    def take(self) -> tuple[set[int], set[tuple[int, bytes]]]:
-        """The inodes and entries gathered so far, which this then forgets (a sliced reset's
-        caller invalidates them while the reset goes on)."""
-        inodes, entries = self.inodes, self.entries
-        self.inodes, self.entries = set(), set()
-        return inodes, entries
-
 
 @dataclass(eq=False)
 class Node:

@@ -24,6 +24,7 @@ costs what it touches, not what the mount holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Generator
@@ -125,8 +126,9 @@ def reset_in_slices(
     place = resolve(ns, path)
     if place is None:
         root = ns.nodes[ns.table.root_ino]
-        everything = yield from _changed_below(ns, root, path, force, slices)
-        yield from _reset_each(ns, everything, result, slices, _created_directories(ns, everything))
+        doomed: set[int] = set()
+        everything = yield from _changed_below(ns, root, path, force, slices, doomed)
+        yield from _reset_each(ns, everything, result, slices, doomed)
         _reset_directory_entries(ns, root, result)
         root.attrs = root.xattrs = None
         for node in list(ns.table):
@@ -142,15 +144,15 @@ def reset_in_slices(
             raise Refused(f"{path}: no such file in the mount")
         raise Refused(f"{path}: not changed in the mount, nothing to reset")
     below: list[tuple[int, bytes]] = []
+    doomed = set()
     if place.node is not None and place.parent.entries.get(place.name) == place.node.ino:
         _check_not_open([place.node], path, force)
-        below += yield from _changed_below(ns, place.node, path, force, slices)
+        below += yield from _changed_below(ns, place.node, path, force, slices, doomed)
+        if place.node.is_dir and place.node.base_path is None:
+            doomed.add(place.node.ino)
     if moved is not None:
         _check_not_open([moved], path, force)
-        below += yield from _changed_below(ns, moved, path, force, slices)
-    doomed = _created_directories(ns, below)
-    if place.node is not None and place.node.is_dir and place.node.base_path is None:
-        doomed.add(place.node.ino)
+        below += yield from _changed_below(ns, moved, path, force, slices, doomed)
     yield from _reset_each(ns, below, result, slices, doomed)
     # The place may have changed while FUSE requests were served: find it again.
     place = resolve(ns, path)
@@ -163,10 +165,11 @@ def reset_in_slices(
 
 
 def _changed_below(
-    ns: Namespace, directory: Node, path: str, force: bool, slices: Slices
+    ns: Namespace, directory: Node, path: str, force: bool, slices: Slices, doomed: set[int]
 ) -> Generator[None, None, list[tuple[int, bytes]]]:
     """The entries (directory ino, name) below ``directory``, deepest first; refuses if a
-    file there is open (and not ``force``)."""
+    file there is open (and not ``force``).  Adds to ``doomed`` the directories made in the
+    mount among them (a reset removes them)."""
     found: list[tuple[int, bytes]] = []
     open_nodes: list[Node] = []
     stack = [directory.ino]
@@ -180,6 +183,8 @@ def _changed_below(
             if child is not None:
                 if child.is_dir:
                     stack.append(child.ino)
+                    if child.base_path is None:
+                        doomed.add(child.ino)
                 elif child.opens:
                     open_nodes.append(child)
             if slices.used_up():
@@ -189,16 +194,6 @@ def _changed_below(
     return found
 
 
-def _created_directories(ns: Namespace, entries: list[tuple[int, bytes]]) -> set[int]:
-    """The directories made in the mount that these entries show (a reset of them removes them)."""
-    doomed = set()
-    for parent_ino, name in entries:
-        node = ns.nodes.get(ns.nodes[parent_ino].entries.get(name, WHITEOUT))
-        if node is not None and node.is_dir and node.base_path is None:
-            doomed.add(node.ino)
-    return doomed
-
-
 def _reset_each(
     ns: Namespace, entries: list[tuple[int, bytes]], result: Invalidation, slices: Slices, doomed: set[int]
 ) -> Generator[None, None, None]:
@@ -206,36 +201,61 @@ def _reset_each(
     reset removes, and whose own entries it invalidates: the kernel then drops their unused
     children with them, so an unopened file's entry there needs no invalidation of its own (a
     reset of 100,000 new files in one new directory asks the kernel once, not 100,001 times)."""
-    # A directory's entries come together: one look at its base tells which of its names are
-    # base directories (whose link count a reset must follow), instead of one look per name.
-    subdirectories: dict[int, frozenset[bytes] | None] = {}
-    for parent_ino, name in entries:
-        parent = ns.nodes.get(parent_ino)
-        if parent is not None and name in parent.entries:
-            if parent_ino not in subdirectories:
-                subdirectories[parent_ino] = _base_subdirectories(ns, parent)
-            known = subdirectories[parent_ino]
-            child = ns.nodes.get(parent.entries[name])
-            goes_with_parent = parent_ino in doomed and child is not None and not child.is_dir and not child.opens
-            _reset_name(ns, parent, name, result, None if known is None else name in known)
-            if goes_with_parent:
-                result.entries.discard((parent_ino, name))
-        if slices.used_up():
-            yield
+    with _BaseKinds(ns) as kinds:
+        for parent_ino, name in entries:
+            parent = ns.nodes.get(parent_ino)
+            if parent is not None and name in parent.entries:
+                child = ns.nodes.get(parent.entries[name])
+                goes_with_parent = parent_ino in doomed and child is not None and not child.is_dir and not child.opens
+                _reset_name(ns, parent, name, result, kinds.is_directory(parent, name))
+                if goes_with_parent:
+                    result.entries.discard((parent_ino, name))
+            if slices.used_up():
+                yield
 
 
-def _base_subdirectories(ns: Namespace, directory: Node) -> frozenset[bytes] | None:
-    """The names of the subdirectories of the base directory behind ``directory`` (None:
-    unknown, look name by name).  Taken once per reset: a base directory made or removed
-    outside while the reset runs is not followed, as for any directory the mount changed."""
-    if directory.base_path is None:
-        return frozenset()
-    try:
-        if ns.base.lstat(directory.base_path).st_nlink == 2:  # none, on filesystems that count them
-            return frozenset()
-        return frozenset(name for name, _, kind in ns.base.list(directory.base_path) if kind == stat.S_IFDIR)
-    except OSError:
-        return None
+class _BaseKinds:
+    """Whether the base has a directory at a name (whose link count a reset must follow): a
+    directory's entries come together, so its descriptor is held while the reset goes through
+    them (one stat per name, not a walk from BASE_DIR each), and a base directory with no
+    subdirectories (link count 2, on filesystems that count them) needs none at all."""
+
+    def __init__(self, ns: Namespace) -> None:
+        self._base = ns.base
+        self._directory: Node | None = None
+        self._held = contextlib.ExitStack()
+        self._fd: int | None = None  # None: no base directory there (or unreadable)
+        self._has_subdirectories = False
+
+    def __enter__(self) -> _BaseKinds:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._held.close()
+
+    def is_directory(self, directory: Node, name: bytes) -> bool | None:
+        """True or False; None: unknown (the caller looks itself)."""
+        if directory is not self._directory:
+            self._hold(directory)
+        if self._fd is None or not self._has_subdirectories:
+            return None if self._fd is None and directory.base_path is not None else False
+        try:
+            return stat.S_ISDIR(os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError:
+            return None
+
+    def _hold(self, directory: Node) -> None:
+        self._held.close()
+        self._directory, self._fd = directory, None
+        if directory.base_path is None:
+            return
+        try:
+            self._fd = self._held.enter_context(self._base.directory(directory.base_path))
+            self._has_subdirectories = os.fstat(self._fd).st_nlink != 2
+        except OSError:
+            self._fd = None
 
 
 def _moved_away(ns: Namespace, parent: Node, name: bytes, shown: Node | None) -> Node | None:
