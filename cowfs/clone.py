@@ -507,11 +507,6 @@ class CloneFile:
         self.base_changed = False
         self._written = None
 
-    def held_base(self, *, modified_ok: bool = False) -> int:
-        """The base's descriptor (a passthrough file keeps it open: it is never parked)."""
-        assert self.base_fd is not None
-        return self.base_fd
-
     def discard_changes(self, base_fd_factory: Callable[[], int | None]) -> None:
         """Forget every change while handles are open: the same clone (the one the kernel's
         handles use) gets the current base's blocks again."""

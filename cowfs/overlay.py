@@ -160,7 +160,7 @@ class OverlayFile:
         self.base_changed = False
         # How to open the base again after `park_base` (set by whoever knows its path); None: never parked.
         self.reopen_base: Callable[[], int] | None = None
-        self.base_blocks = os.fstat(base_fd).st_blocks if base_fd is not None else 0  # for stat while parked
+        self.base_blocks = 0  # the base's st_blocks when parked (stat reads it then)
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size
         self.written = RangeMap()
@@ -265,6 +265,7 @@ class OverlayFile:
         if not self.base_is_fd:  # a guest view's base is the image QEMU reads: it stays
             return
         fd, self.base_fd = self.base_fd, None
+        self.base_blocks = os.fstat(fd).st_blocks
         os.close(fd)
 
     def held_base(self, *, modified_ok: bool = False) -> int:
@@ -606,7 +607,6 @@ class OverlayFile:
         if self.base_fd is not None:
             os.close(self.base_fd)
         self.base_fd = os.dup(frozen.base_fd) if frozen.base_fd is not None else None
-        self.base_blocks = os.fstat(self.base_fd).st_blocks if self.base_fd is not None else 0
         self.base_identity, self.base_changed = frozen.base_identity, frozen.base_changed
         self.size, self.base_limit = frozen.size, frozen.base_limit
         self.generation = next(_changes)
@@ -618,7 +618,6 @@ class OverlayFile:
         self.generation = next(_changes)
         self.base_fd = base_fd_factory()
         self.base_identity = BaseIdentity.of(os.fstat(self.base_fd)) if self.base_fd is not None else None
-        self.base_blocks = os.fstat(self.base_fd).st_blocks if self.base_fd is not None else 0
         self.base_changed = False
         self.size = self.base_identity.size if self.base_identity else 0
         self.base_limit = self.size

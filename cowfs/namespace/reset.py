@@ -224,8 +224,8 @@ class _BaseKinds:
         self._base = ns.base
         self._directory: Node | None = None
         self._held = contextlib.ExitStack()
-        self._fd: int | None = None  # None: no base directory there (or unreadable)
-        self._has_subdirectories = False
+        self._fd: int | None = None  # held while the directory has subdirectories to tell apart
+        self._otherwise: bool | None = False  # the answer without one: False (none), None (unknown)
 
     def __enter__(self) -> _BaseKinds:
         return self
@@ -237,8 +237,8 @@ class _BaseKinds:
         """True or False; None: unknown (the caller looks itself)."""
         if directory is not self._directory:
             self._hold(directory)
-        if self._fd is None or not self._has_subdirectories:
-            return None if self._fd is None and directory.base_path is not None else False
+        if self._fd is None:
+            return self._otherwise
         try:
             return stat.S_ISDIR(os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode)
         except (FileNotFoundError, NotADirectoryError):
@@ -248,14 +248,15 @@ class _BaseKinds:
 
     def _hold(self, directory: Node) -> None:
         self._held.close()
-        self._directory, self._fd = directory, None
+        self._directory, self._fd, self._otherwise = directory, None, False
         if directory.base_path is None:
             return
         try:
-            self._fd = self._held.enter_context(self._base.directory(directory.base_path))
-            self._has_subdirectories = os.fstat(self._fd).st_nlink != 2
+            fd = self._held.enter_context(self._base.directory(directory.base_path))
+            if os.fstat(fd).st_nlink != 2:
+                self._fd = fd
         except OSError:
-            self._fd = None
+            self._otherwise = None
 
 
 def _moved_away(ns: Namespace, parent: Node, name: bytes, shown: Node | None) -> Node | None:
@@ -422,13 +423,9 @@ def commit_done(ns: Namespace, path: str, token: list[int], new_identity: dict[s
         raise Refused(f"{path}: no such file in the mount")
     data = node.data
     refuse_extra_links(node, path)
-    if data is None or data.base_identity is None:
+    if data is None or data.base_fd is None:  # (a file with changed bytes is never parked)
         raise Refused(f"{path}: reset or replaced in the mount while committing")
-    try:
-        identity = BaseIdentity.of(os.fstat(data.held_base(modified_ok=True)))
-    except OSError:
-        raise Refused(f"{path}: its base file was replaced during the commit (by someone else?)") from None
-    ns.park_if_idle(node)
+    identity = BaseIdentity.of(os.fstat(data.base_fd))
     if identity_dict(identity) != new_identity:
         raise Refused(f"{path}: its base file changed during the commit (by someone else?)")
     if change_token(node) != token or node.opens:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import doctest
 import errno
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -232,13 +233,23 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@pytest.mark.parametrize("change", [None, "modified", "replaced", "deleted"])
-def test_a_parked_base_opens_again_only_as_the_file_it_was(change: str | None, base_file: Path, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _parkable(base_file: Path, tmp_path: Path) -> Iterator[OverlayFile]:
+    """An overlay of ``base_file`` that may park its base (it knows how to open it again)."""
     store = Store(tmp_path)
     overlay = OverlayFile(store, os.open(base_file, os.O_RDONLY), name="base.img")
     overlay.reopen_base = lambda: os.open(base_file, os.O_RDONLY)
-    expected = base_file.read_bytes()
     try:
+        yield overlay
+    finally:
+        overlay.close()
+        store.close()
+
+
+@pytest.mark.parametrize("change", [None, "modified", "replaced", "deleted"])
+def test_a_parked_base_opens_again_only_as_the_file_it_was(change: str | None, base_file: Path, tmp_path: Path) -> None:
+    expected = base_file.read_bytes()
+    with _parkable(base_file, tmp_path) as overlay:
         held = _open_fds()
         overlay.park_base()
         assert overlay.base_parked and _open_fds() == held - 1
@@ -261,25 +272,14 @@ def test_a_parked_base_opens_again_only_as_the_file_it_was(change: str | None, b
             assert error.value.errno == errno.EIO and overlay.base_changed
             assert _open_fds() == held - 1
         overlay.check_invariants()
-    finally:
-        overlay.close()
-        store.close()
 
 
 def test_a_file_with_changed_bytes_keeps_its_base(base_file: Path, tmp_path: Path) -> None:
     """Its view must stay the base it was changed against, even if that is replaced."""
-    store = Store(tmp_path)
-    overlay = OverlayFile(store, os.open(base_file, os.O_RDONLY), name="base.img")
-    overlay.reopen_base = lambda: os.open(base_file, os.O_RDONLY)
-    try:
+    with _parkable(base_file, tmp_path) as overlay:
         overlay.truncate(BASE_SIZE - 1)
         overlay.park_base()
         assert not overlay.base_parked
-        frozen = overlay.freeze()
-        frozen.close()
-    finally:
-        overlay.close()
-        store.close()
 
 
 def test_rangemap_examples() -> None:
