@@ -158,6 +158,10 @@ def test_ctrl_c_at_the_terminal_reaches_the_command_not_the_daemon(base: Path, r
     master, terminal = os.openpty()
 
     def own_the_terminal() -> None:
+        # A terminal's shell starts its jobs with ^C and ^\ at their defaults; a test run from a
+        # background job of a script inherits them ignored, and sh cannot trap an ignored signal.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
