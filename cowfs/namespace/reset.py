@@ -20,6 +20,17 @@ their data until closed).
 
 Each base object is found through the node table's index by base path, so a reset
 costs what it touches, not what the mount holds.
+
+What the kernel is told
+-----------------------
+A reset collects the names and inodes the kernel must forget (`Invalidation`), and
+only those the kernel may hold: a node with no lookup left (the kernel sent FORGET for
+all of them) has no inode, attributes or pages there, and no name of the kernel shows
+it; and no name whose entry was a whiteout is cached, as this daemon answers a missing
+name with ENOENT, which the kernel keeps only as a name to look up again, and the
+kernel's own unlink, rmdir and rename leave the same behind (fs/fuse/dir.c).  At
+200,000 changed names most of what a reset changes is in neither (deleted names,
+names the kernel let go): asking about them cost seconds of the kernel's time.
 """
 
 from __future__ import annotations
@@ -122,7 +133,13 @@ def reset_in_slices(
     so everything under ``path`` when the reset ends is reset, changes made by FUSE requests
     served while it ran included.  A program looking at ``path`` meanwhile sees part of it
     reset already; a file opened there meanwhile is reset as with ``force``."""
-    slices = slices or Slices()
+    yield from _reset_path(ns, path, force, result, slices or Slices())
+    _only_what_the_kernel_holds(ns, result)
+
+
+def _reset_path(
+    ns: Namespace, path: str, force: bool, result: Invalidation, slices: Slices
+) -> Generator[None, None, None]:
     place = resolve(ns, path)
     if place is None:
         root = ns.nodes[ns.table.root_ino]
@@ -199,8 +216,9 @@ def _reset_each(
 ) -> Generator[None, None, None]:
     """Reset ``entries`` in their order.  ``doomed``: directories made in the mount that this
     reset removes, and whose own entries it invalidates: the kernel then drops their unused
-    children with them, so an unopened file's entry there needs no invalidation of its own (a
-    reset of 100,000 new files in one new directory asks the kernel once, not 100,001 times)."""
+    children with them, so an unopened file's entry there needs no invalidation of its own, nor
+    its inode if that was its only name (a reset of 100,000 new files in one new directory asks
+    the kernel once, not 200,001 times)."""
     with _BaseKinds(ns) as kinds:
         for parent_ino, name in entries:
             parent = ns.nodes.get(parent_ino)
@@ -209,7 +227,10 @@ def _reset_each(
                 goes_with_parent = parent_ino in doomed and child is not None and not child.is_dir and not child.opens
                 _reset_name(ns, parent, name, result, kinds.is_directory(parent, name))
                 if goes_with_parent:
+                    assert child is not None
                     result.entries.discard((parent_ino, name))
+                    if not child.links:  # no name left: the kernel drops the inode with the entry
+                        result.inodes.discard(child.ino)
             if slices.used_up():
                 yield
 
@@ -288,9 +309,26 @@ def _reset_name(
     whether the base has a directory there, if the caller knows."""
     ino = parent.entries.get(name)
     ns.names.unlist(parent, name, base_is_dir)
-    result.entries.add((parent.ino, name))
+    if _kernel_may_cache(ns, ino):
+        result.entries.add((parent.ino, name))
     if ino is not None:
         _reset_entry(ns, parent, name, ino, result)
+
+
+def _kernel_may_cache(ns: Namespace, shown: int | None) -> bool:
+    """May the kernel hold a name whose entry was ``shown`` (a node's number, `WHITEOUT`, or
+    None: the base's entry) as it was?  Not a whiteout, nor a node it has forgotten (see
+    "What the kernel is told")."""
+    if shown is None:
+        return True
+    node = ns.nodes.get(shown) if shown != WHITEOUT else None
+    return node is not None and node.lookups > 0
+
+
+def _only_what_the_kernel_holds(ns: Namespace, result: Invalidation) -> None:
+    """Drop from ``result`` the inodes the kernel no longer holds (the root it always does)."""
+    root = ns.table.root_ino
+    result.inodes = {ino for ino in result.inodes if ino == root or _kernel_may_cache(ns, ino)}
 
 
 def _revive_displaced(ns: Namespace, parent: Node, name: bytes, result: Invalidation) -> None:
@@ -328,7 +366,8 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
         for other_parent, other_name in sorted(node.links):
             directory = ns.nodes[other_parent]
             ns.names.unlist(directory, other_name)
-            result.entries.add((other_parent, other_name))
+            if node.lookups:
+                result.entries.add((other_parent, other_name))
             _revive_displaced(ns, directory, other_name, result)
             # What the base has there shows again: if the mount moved or linked that elsewhere, it
             # goes back from there too (or it would show under two names).
@@ -343,7 +382,6 @@ def _reset_entry(ns: Namespace, parent: Node, name: bytes, ino: int, result: Inv
         there = None if origin is None else origin.entries.get(home[-1])
         if origin is not None and there == WHITEOUT:
             ns.names.unlist(origin, home[-1], base_is_dir=node.is_dir)  # the base has this node there
-            result.entries.add((origin.ino, home[-1]))
         elif origin is not None and there is not None and there != node.ino:
             # Something else was put at its base name (RENAME_EXCHANGE): that goes back too,
             # or the base name would show two objects.
@@ -438,6 +476,7 @@ def commit_done(ns: Namespace, path: str, token: list[int], new_identity: dict[s
         )
     result = Invalidation(paths=[path])
     _adopt(ns, node, result)
+    _only_what_the_kernel_holds(ns, result)
     return result
 
 

@@ -206,16 +206,39 @@ def test_reset_invalidates_exactly_what_it_changed(fs: Fs) -> None:
 
 
 def test_a_reset_of_a_new_directory_asks_the_kernel_once_for_its_unopened_files(fs: Fs) -> None:
-    """The kernel drops a directory's unused entries with the directory's own: a file held open
-    (its entry in use) and a subdirectory (maybe a working directory) still get their own."""
+    """The kernel drops a directory's unused entries, and their inodes, with the directory's own
+    entry: a file held open (its entry in use) and a subdirectory (maybe a working directory)
+    still get their own."""
     directory = fs.call("mkdir", ROOT_INO, b"new", 0o755, CTX).st_ino
     for number in range(50):
         fs.call("release", fs.call("create", directory, f"f{number}".encode(), 0o644, os.O_RDWR, CTX)[0].fh)
-    held = fs.call("create", directory, b"held", 0o644, os.O_RDWR, CTX)[0].fh
-    fs.call("mkdir", directory, b"sub", 0o755, CTX)
+    held, held_entry = fs.call("create", directory, b"held", 0o644, os.O_RDWR, CTX)
+    sub = fs.call("mkdir", directory, b"sub", 0o755, CTX).st_ino
     assert _control(fs, {"op": "reset", "path": "/", "force": True})["ok"] is True
     assert sorted(fs.kernel_cache.entries) == [(ROOT_INO, b"new"), (directory, b"held"), (directory, b"sub")]
+    assert set(fs.kernel_cache.inodes) == {ROOT_INO, directory, held_entry.st_ino, sub}  # (held: twice, --force)
+    held = held.fh
     fs.call("release", held)
+
+
+def test_a_reset_tells_the_kernel_only_of_names_and_inodes_it_may_hold(fs: Fs) -> None:
+    """A deleted name is no cached entry (ENOENT is not kept; the kernel's unlink marks its
+    entry stale), and a node the kernel forgot has no inode or name there: only the renamed
+    directory the kernel still holds is asked about, with the root."""
+    (fs.base / "kept").mkdir()
+    (fs.base / "forgotten").mkdir()
+    deleted = fs.call("lookup", ROOT_INO, b"disk.raw", CTX).st_ino
+    fs.call("unlink", ROOT_INO, b"disk.raw", CTX)
+    fs.call("forget", [(deleted, 1)])
+    kept = fs.call("lookup", ROOT_INO, b"kept", CTX).st_ino
+    fs.call("rename", ROOT_INO, b"kept", ROOT_INO, b"kept2", 0, CTX)
+    forgotten = fs.call("lookup", ROOT_INO, b"forgotten", CTX).st_ino
+    fs.call("rename", ROOT_INO, b"forgotten", ROOT_INO, b"forgotten2", 0, CTX)
+    fs.call("forget", [(forgotten, 1)])
+    assert _control(fs, {"op": "reset", "path": "/"})["ok"] is True
+    assert fs.kernel_cache.entries == [(ROOT_INO, b"kept2")]
+    assert sorted(fs.kernel_cache.inodes) == [ROOT_INO, kept]
+    assert sorted(name for name, _, _ in fs.readdir(ROOT_INO)) == [b"dir", b"disk.raw", b"forgotten", b"kept"]
 
 
 @pytest.mark.parametrize(
