@@ -10,6 +10,8 @@ from collections.abc import Iterable
 import pyfuse3
 import trio
 
+from . import readpath
+
 
 class KernelCache:
     """Invalidation of the kernel's cached pages, attributes and names."""
@@ -24,6 +26,8 @@ class KernelCache:
 
     @staticmethod
     def _invalidate_now(inodes: list[int], entries: list[tuple[int, bytes]]) -> None:
+        if readpath.invalidate(entries, inodes):
+            return  # (pyfuse3's functions take the GIL back after each: seconds for 100,000)
         for parent, name in entries:
             with contextlib.suppress(OSError):  # ENOENT: the kernel does not know it
                 pyfuse3.invalidate_entry(parent, name)

@@ -95,3 +95,10 @@ def register_handle(fh: int, ino: int, view: Any, direct: bool) -> None:
 def unregister_handle(fh: int, ino: int) -> None:
     if _native is not None:
         _native.unregister_handle(fh, ino)
+
+
+def invalidate(entries: list[tuple[int, bytes]], inodes: list[int]) -> bool:
+    """Tell the kernel to forget the names and the inodes' attributes and pages in one call
+    without the GIL, on the session fd the READ server reads; False when that is not there
+    (not built, or no request filter installed), and the caller sends them one at a time."""
+    return _native is not None and _native.invalidate(entries, inodes) is not None

@@ -24,6 +24,10 @@ static PyMethodDef native_functions[] = {
      "unregister_handle(fh, ino): fh was released"},
     {"counters", native_counters, METH_NOARGS, "counters() -> dict: what the READ server did"},
     {"reset_counters", native_reset_counters, METH_NOARGS, "reset_counters(): start counting from zero"},
+    {"invalidate", native_invalidate, METH_VARARGS,
+     "invalidate(entries, inodes, fd=-1) -> int | None: tell the kernel to forget the names (parent, name) and "
+     "the inodes' attributes and pages, all without the GIL; how many failed (not ENOENT), None when no session "
+     "fd is known yet (fd: write there instead)"},
     {"tables", native_tables, METH_NOARGS, "tables() -> dict: sizes of the handle, inode and pending tables, and the worker threads running"},
     {NULL},
 };

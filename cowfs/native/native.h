@@ -16,6 +16,8 @@
  *                    queued for Python;
  *   readserver.c     the READ server: the pyfuse3 request filter (patch
  *                    0005), its counters and the cold-read workers;
+ *   notify.c         kernel cache invalidations, a batch without the GIL,
+ *                    on the session fd the request filter reads;
  *   module.c         the module's functions and its init.
  *
  * The rules (docs/design.md, "The compiled read path"):
@@ -173,6 +175,12 @@ void unmark_busy(uint64_t unique);
 void handles_sizes(size_t *handles, size_t *inodes, size_t *pending);
 PyObject *native_register_handle(PyObject *module, PyObject *args);
 PyObject *native_unregister_handle(PyObject *module, PyObject *args);
+
+/* ---- notify.c ---- */
+
+void notify_remember_fd(int fd);
+void notify_forget_fd(void);
+PyObject *native_invalidate(PyObject *module, PyObject *args);
 
 /* ---- readserver.c ---- */
 

@@ -555,6 +555,7 @@ static int filter_request(void *data, int fd, const void *request, size_t size)
     const void *arg = in + 1;
     size_t arg_size = size - sizeof(*in);
 
+    notify_remember_fd(fd);
     switch (in->opcode) {
     case FUSE_READ:
         return serve_read(fd, in, size);
@@ -590,6 +591,7 @@ static void filter_replied(void *data, uint64_t unique)
    answer what they hold and end. */
 static void filter_stop(void *data)
 {
+    notify_forget_fd(); /* (waits for a batch of invalidations being written) */
     pthread_mutex_lock(&workers.lock);
     workers.stopping = 1;
     pthread_cond_broadcast(&workers.wake);

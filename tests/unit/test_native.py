@@ -406,3 +406,55 @@ def test_an_open_file_costs_little_memory_in_c(store: Store) -> None:
     for each in [*files, writer]:
         each.close()
     assert per_file < 1500, f"{per_file:.0f} bytes per empty file"
+
+
+INVAL_ENTRY = struct.Struct("<QII")  # fuse_notify_inval_entry_out: parent, namelen, flags
+INVAL_INODE = struct.Struct("<Qqq")  # fuse_notify_inval_inode_out: ino, off, len
+FUSE_NOTIFY_INVAL_INODE, FUSE_NOTIFY_INVAL_ENTRY = 2, 3
+
+
+def _notifications(data: bytes) -> list[tuple[int, bytes]]:
+    """(code, body) of each notification in ``data``: unique 0, the code in the error field."""
+    found = []
+    while data:
+        length, code, unique = OUT_HEADER.unpack_from(data)
+        assert unique == 0 and length <= len(data)
+        found.append((code, data[OUT_HEADER.size : length]))
+        data = data[length:]
+    return found
+
+
+def test_invalidations_go_out_as_the_kernel_reads_them_on_the_fd_the_filter_reads(tmp_path: Path) -> None:
+    assert native.invalidate([(1, b"x")], [1]) is None  # no session fd seen yet: the caller sends them itself
+    server = Server(tmp_path / "replies")
+    try:
+        server.request(FUSE_WRITE, WRITE_IN.pack(99, 0, 0, 0, 0, 0, 0))  # any request: now the fd is known
+        server.replied(server.unique)
+        assert native.invalidate([(1, b"disk.raw"), (2**63 + 5, b"\xff" * 255)], [7, 2**64 - 1]) == 0
+        written = _notifications(os.pread(server.fd, 1 << 16, 0))
+    finally:
+        server.close()
+    assert written == [
+        (FUSE_NOTIFY_INVAL_ENTRY, INVAL_ENTRY.pack(1, 8, 0) + b"disk.raw\0"),
+        (FUSE_NOTIFY_INVAL_ENTRY, INVAL_ENTRY.pack(2**63 + 5, 255, 0) + b"\xff" * 255 + b"\0"),
+        (FUSE_NOTIFY_INVAL_INODE, INVAL_INODE.pack(7, 0, 0)),  # attributes and every page
+        (FUSE_NOTIFY_INVAL_INODE, INVAL_INODE.pack(2**64 - 1, 0, 0)),
+    ]
+    assert native.invalidate([(1, b"x")], []) is None  # the filter stopped: its fd is not used again
+
+
+@pytest.mark.parametrize(
+    ("entries", "inodes", "error"),
+    [([(1, "text")], [], TypeError), ([(-1, b"x")], [], OverflowError), ([], [-1], OverflowError), (5, [], TypeError)],
+)
+def test_invalidate_refuses_what_is_no_name_or_inode(entries: object, inodes: object, error: type) -> None:
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(error):
+            native.invalidate(entries, inodes, write_end)  # type: ignore[arg-type]
+        os.set_blocking(read_end, False)
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)  # nothing was sent
+    finally:
+        os.close(read_end)
+        os.close(write_end)
