@@ -17,6 +17,7 @@ Change states of a path:
 
 from __future__ import annotations
 
+import operator
 import os
 import stat
 from collections.abc import Generator, Iterator
@@ -54,7 +55,7 @@ _KINDS = {
 
 
 def base_path_text(parts: BasePath) -> str:
-    return "/" + "/".join(os.fsdecode(part) for part in parts)
+    return "/" + os.fsdecode(b"/".join(parts))  # (b"/" is never inside a UTF-8 sequence: one decode)
 
 
 def _data_summary(data: FileData | None) -> tuple[int, int]:
@@ -93,12 +94,16 @@ def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Gene
     found: list[FileChange] = []
     moved_from: set[BasePath] = set()
     deleted: list[tuple[str, BasePath]] = []
+    parts: dict[int, BasePath] = {namespace.table.root_ino: ()}  # directory ino: its mount path's names
     for path, directory, name, node in namespace.names.entries():  # one walk for both kinds
         if node is None:
             if directory.base_path is not None:
                 deleted.append((path, directory.base_path + (name,)))
         else:
-            change = _describe(path, node, (node.parent, node.name) == (directory.ino, name))
+            here = parts[directory.ino] + (name,)  # (its mount path as names: no text to build)
+            if node.is_dir:
+                parts[node.ino] = here
+            change = _describe(path, node, node.base_path == here, (node.parent, node.name) == (directory.ino, name))
             if change is not None:
                 found.append(change)
                 if change.state == "renamed":
@@ -111,8 +116,13 @@ def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Gene
         for path, base_path in deleted
         if base_path not in moved_from
     ]
-    found.sort(key=lambda change: change.path)
+    yield
+    found.sort(key=_BY_PATH)
+    yield
     return summary(namespace, found)
+
+
+_BY_PATH = operator.attrgetter("path")
 
 
 def summary(namespace: Namespace, found: list[FileChange] | None = None) -> StatusReply:
@@ -180,30 +190,24 @@ def checkpoint_info(namespace: Namespace, checkpoint: Checkpoint) -> CheckpointI
     )
 
 
-def _describe(path: str, node: Node, primary: bool) -> FileChange | None:
+def _describe(path: str, node: Node, at_home: bool, primary: bool) -> FileChange | None:
+    """The change at ``path``, which shows ``node`` (``at_home``: at the node's base path)."""
     state: ChangeState
     if node.base_path is None:
         state, origin = "created", None
-    elif base_path_text(node.base_path) != path:
+    elif not at_home:
         # Its primary name is where it was moved; any other name is a hard link made in the mount.
         state, origin = ("renamed", base_path_text(node.base_path)) if primary else ("created", None)
     elif node.is_dir:
         return None  # a base directory at its place is pinned only because something inside changed
     else:
         state, origin = "modified", None
-    written, extents = _data_summary(node.data)
     data = node.data
-    base_size = _base_size(data) if data is not None else None
+    if data is None:  # (most changes of a big tree: moved, or created empty and closed)
+        return FileChange(path, state, _KINDS.get(node.type, "other"), origin, None, None, 0, 0, node.opens)
+    written, extents = _data_summary(data)
     return FileChange(
-        path,
-        state,
-        _KINDS.get(node.type, "other"),
-        origin,
-        data.size if data is not None else None,
-        base_size,
-        written,
-        extents,
-        node.opens,
+        path, state, _KINDS.get(node.type, "other"), origin, data.size, _base_size(data), written, extents, node.opens
     )
 
 

@@ -33,11 +33,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
-from .nbd import MAX_REQUEST, NbdClient
 from .protocol import Plan
 from .store import punch_hole
+
+if TYPE_CHECKING:
+    from .nbd import NbdClient
 
 CHUNK = 4 << 20
 SECTOR = 512  # O_DIRECT reads of the view must be aligned to it, as on a disk
@@ -404,6 +407,8 @@ def qcow2_writes(
 
 
 def _write_over_nbd(plan: Plan, view: Path, dest: Path, base_data: list[tuple[int, int]], progress: Progress) -> None:
+    from .nbd import MAX_REQUEST  # (with trio: a tenth of a second every `cowfs` command would pay)
+
     copy, zeroed = qcow2_writes(plan, base_data)
     with tempfile.TemporaryDirectory(prefix="cowfs-export-") as scratch:
         socket_path = os.path.join(scratch, "nbd.sock")
@@ -438,6 +443,8 @@ def _write_over_nbd(plan: Plan, view: Path, dest: Path, base_data: list[tuple[in
 
 
 def _connect_when_ready(server: subprocess.Popen[bytes], socket_path: str) -> NbdClient:
+    from .nbd import NbdClient
+
     deadline = time.monotonic() + 30
     while True:
         if server.poll() is not None:

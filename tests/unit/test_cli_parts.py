@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from cowfs.cli import split_run_command, with_mount_command
-from cowfs.control_cli import print_json
+from cowfs.control_cli import _change_json, print_json
 from cowfs.mounts import parse_mountinfo_line
+from cowfs.protocol import FileChange
 from cowfs.run import _make_mountpoint, _temporary_parent
 from cowfs.units import format_size, parse_size
 
@@ -151,15 +152,38 @@ def test_run_mountpoint_is_private(tmp_path: Path) -> None:
     assert _make_mountpoint(tmp_path) != mountpoint
 
 
+def _change_record(path: str, size: int | None) -> dict[str, object]:
+    return dict(vars(FileChange(path, "created", "file", None, size, None, 0, 0, 0)))
+
+
 def test_json_output_puts_each_item_of_a_long_list_on_a_line_and_stays_the_same_json() -> None:
-    short = {"mountpoint": "/m", "changes": [{"path": "/a", "size": None}], "features": []}
+    short = {"mountpoint": "/m", "changes": [_change_record("/a", None)], "features": []}
     out = io.StringIO()
     print_json(short, out)
     assert out.getvalue() == json.dumps(short, indent=2) + "\n"  # as before
-    long = short | {"changes": [{"path": f"/\0cowfs:changes\0{n}", "size": n} for n in range(1000)]}
+    changes = [_change_record(f"/\0cowfs:changes\0{n}", n) for n in range(1000)]
+    long = short | {"changes": changes, "ranges": [[n, n + 1] for n in range(100)]}
     out = io.StringIO()
     print_json(long, out)
     lines = out.getvalue().splitlines()
     assert json.loads(out.getvalue()) == long
-    assert lines[2:4] == ['  "changes": [', '    {"path": "/\\u0000cowfs:changes\\u00000", "size": 0},']
-    assert len(lines) == 1000 + 6
+    assert lines[2:4] == ['  "changes": [', "    " + json.dumps(changes[0]) + ","]
+    assert '    {"path": "/\\u0000cowfs:changes\\u00000", "state": "created"' in lines[3]
+    assert "    [99, 100]" in lines
+    assert len(lines) == 1000 + 100 + 8
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        FileChange("/new/c1", "created", "file", None, 0, None, 0, 0, 0),
+        FileChange(
+            '/d/"q"\\ \u00e9\u4e2d\U0001f600\x00\x1f\x7f', "renamed", "directory", "/\udcff\n\t", None, None, 0, 0, 3
+        ),
+        FileChange("/disk.raw", "modified", "file", None, 1 << 62, 2**64 + 1, 1 << 40, 7, 1),
+        FileChange("/gone", "deleted", None, None, None, None, 0, 0, 0),
+    ],
+)
+def test_a_change_prints_as_json_dumps_writes_it(change: FileChange) -> None:
+    record = dict(vars(change))
+    assert _change_json(record) == json.dumps(record)

@@ -84,9 +84,30 @@ def test_a_reply_cut_short_or_broken_is_a_protocol_error() -> None:
     ],
 )
 def test_a_change_with_a_wrong_field_is_a_protocol_error(change: dict[str, object], message: str) -> None:
-    record = vars(_change(1)) | change
+    row = list((vars(_change(1)) | change).values())
     with pytest.raises(ProtocolError) as error:
-        FileChange.from_wire(record)
+        FileChange.from_wire(row)
     assert str(error.value) == message
-    with pytest.raises(ProtocolError, match="field 'open_handles' must be int, not NoneType"):
-        FileChange.from_wire({key: value for key, value in vars(_change(1)).items() if key != "open_handles"})
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (vars(_change(1)), "a change must be an array of 9 fields, not dict"),
+        (_change(1).to_wire()[:-1], "a change must be an array of 9 fields, not an array of 8"),
+        ([*_change(1).to_wire(), 0], "a change must be an array of 9 fields, not an array of 10"),
+        ("/a", "a change must be an array of 9 fields, not str"),
+    ],
+)
+def test_a_change_that_is_no_array_of_its_fields_is_a_protocol_error(value: object, message: str) -> None:
+    with pytest.raises(ProtocolError) as error:
+        FileChange.from_wire(value)
+    assert str(error.value) == message
+
+
+def test_a_change_goes_on_the_wire_as_an_array_of_its_fields_in_order() -> None:
+    change = FileChange("/r", "renamed", "directory", "/d", None, None, 0, 0, 2)
+    assert change.to_wire() == ["/r", "renamed", "directory", "/d", None, None, 0, 0, 2]
+    header = json.loads(next(reply_lines(StatusReply("/b", "/s", 0, 0, None, [change]))))
+    assert header["result"]["changes"] == [change.to_wire()]
+    assert FileChange.from_wire(change.to_wire()) == change
