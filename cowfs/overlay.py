@@ -559,13 +559,6 @@ class OverlayFile:
         )
 
     @classmethod
-    def thawed(cls, store: Store, frozen: FrozenView) -> OverlayFile:
-        """A view of a file that has none now, as ``frozen`` had it (its bytes come back to life)."""
-        view = cls(store, None, frozen.name, frozen.key)
-        view.restore(frozen)
-        return view
-
-    @classmethod
     def copied(cls, store: Store, frozen: FrozenView, key: int) -> OverlayFile:
         """A view of a new file (``key``) that reads as ``frozen`` did, with store bytes of its
         own: copies of the frozen view's (ZEROS ranges stay ZEROS, the base is the same)."""
