@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import stat
 import struct
@@ -235,6 +237,43 @@ def allocated_bytes(fd: int) -> int:
             return total
 
 
+_libc = ctypes.CDLL(None, use_errno=True)  # for calls Python has no wrapper of
+
+
+def cached_pages(fd: int) -> int:
+    """How many pages of a file are in the page cache (mincore of a mapping no one touches: a
+    RWF_NOWAIT read would tell too, but it starts the readahead of what it misses)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    pages = -(-size // mmap.PAGESIZE)
+    vector = (ctypes.c_ubyte * pages)()
+    with mmap.mmap(fd, size, access=mmap.ACCESS_COPY) as mapping:
+        anchor = ctypes.c_char.from_buffer(mapping)  # the mapping's address; released before it closes
+        try:
+            if _libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vector) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del anchor
+    return sum(byte & 1 for byte in vector)
+
+
+def evict_from_page_cache(fd: int, timeout: float = 10.0) -> None:
+    """Write a file's dirty pages and drop all its pages from the page cache, and check that they
+    are gone: POSIX_FADV_DONTNEED passes over a page that reclaim or compaction holds locked at that
+    moment, so on a busy machine one call can leave pages behind (seen once in CI)."""
+    os.fsync(fd)
+    deadline = time.monotonic() + timeout
+    while True:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        left = cached_pages(fd)
+        if left == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{left} pages of the file stay in the page cache (is it on tmpfs?)")
+        time.sleep(0.02)
+
+
 def data_regions(fd: int, end: int | None = None) -> Iterator[tuple[int, int]]:
     """The (start, stop) regions of a file's first ``end`` bytes (default: all) that its
     filesystem reports as data, by SEEK_DATA/SEEK_HOLE."""
@@ -308,16 +347,8 @@ def private_tmpfs(path: Path, size: str) -> Iterator[Path]:
         run(["umount", "-l", str(path)], check=False)
 
 
-_libc = None
-
-
 def renameat2(old: Path | str, new: Path | str, flags: int = 0) -> None:
     """rename(2) with RENAME_NOREPLACE (1) / RENAME_EXCHANGE (2): Python has no wrapper."""
-    import ctypes
-
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
     at_fdcwd = -100
     if _libc.renameat2(at_fdcwd, os.fsencode(old), at_fdcwd, os.fsencode(new), flags) != 0:
         code = ctypes.get_errno()

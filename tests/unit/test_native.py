@@ -25,7 +25,7 @@ from cowfs.overlay import OverlayFile
 from cowfs.rangemap import BUCKET_SIZE
 from cowfs.store import Store
 
-from ..helpers import SOAK
+from ..helpers import SOAK, evict_from_page_cache
 from .test_overlay import BASE_SIZE, LOG_SIZE, Model, _data_flags, base_file, operations  # noqa: F401 (a fixture)
 
 try:
@@ -267,15 +267,24 @@ def test_odd_requests_go_to_python_or_get_the_right_error(server: Server, store:
         assert not taken, "a changed base: Python answers"
 
 
+# A page-cache miss need not make a RWF_NOWAIT read fail: when the disk answers within the
+# system call (a fast virtual disk whose host has the blocks cached), the kernel finds the page
+# read by the time it looks.  So a test of the cold path tries a few times until one miss is slow.
+COLD_ATTEMPTS = 50
+
+
 def test_a_cold_read_waits_in_a_worker_not_in_the_reader(server: Server, store: Store, base_file: Path) -> None:  # noqa: F811
     base_fd = os.open(base_file, os.O_RDONLY)
     with Opened(OverlayFile(store, base_fd)) as overlay:
-        os.fsync(base_fd)
-        os.posix_fadvise(base_fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
-        unique, taken = server.read(1, 0, BASE_SIZE)
-        assert taken
-        assert server.replies()[unique] == (0, overlay.read(0, BASE_SIZE))
-        assert native.counters()["cold"] == 1
+        expected = overlay.read(0, BASE_SIZE)
+        for _ in range(COLD_ATTEMPTS):
+            evict_from_page_cache(base_fd)
+            unique, taken = server.read(1, 0, BASE_SIZE)
+            assert taken
+            assert server.replies()[unique] == (0, expected)
+            if native.counters()["cold"]:
+                break
+        assert native.counters()["cold"] == 1, f"no read of {COLD_ATTEMPTS} from an emptied cache went to a worker"
 
 
 def test_parallel_cold_reads_each_get_a_worker(server: Server, store: Store, tmp_path: Path) -> None:
@@ -285,17 +294,18 @@ def test_parallel_cold_reads_each_get_a_worker(server: Server, store: Store, tmp
     big.write_bytes(os.urandom(16 << 20))
     base_fd = os.open(big, os.O_RDONLY)
     with Opened(OverlayFile(store, base_fd)) as overlay:
-        os.fsync(base_fd)
-        os.posix_fadvise(base_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        first, _ = server.read(1, 0, 4096)
-        server.replies()  # one worker now, idle again
-        os.posix_fadvise(base_fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        uniques = [server.read(1, (index + 1) << 20, 4096)[0] for index in range(8)]
-        replies = server.replies(8)
-        assert all(
-            replies[unique] == (0, overlay.read((index + 1) << 20, 4096)) for index, unique in enumerate(uniques)
-        )
-        # One worker took them all in turn before; how many more start depends on the disk's speed.
+        expected = [overlay.read((index + 1) << 20, 4096) for index in range(8)]
+        for _ in range(COLD_ATTEMPTS):
+            evict_from_page_cache(base_fd)
+            server.read(1, 0, 4096)
+            server.replies()  # one worker now, idle again (if that miss was slow)
+            evict_from_page_cache(base_fd)
+            uniques = [server.read(1, (index + 1) << 20, 4096)[0] for index in range(8)]
+            replies = server.replies(8)
+            assert [replies[unique] for unique in uniques] == [(0, data) for data in expected]
+            # One worker took them all in turn before; how many more start depends on the disk's speed.
+            if native.tables()["workers"] >= 2:
+                break
         assert native.tables()["workers"] >= 2, native.tables()
 
 
