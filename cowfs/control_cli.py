@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -145,18 +145,6 @@ def _status(args: argparse.Namespace) -> int:
 LONG_LIST = 64  # --json prints a list longer than this one compact item a line
 
 
-def _compact_encoder() -> Callable[[Any], str]:
-    """``json.dumps`` for many items: one C encoder for them all (json.dumps makes one a call,
-    half the time of 200,000 small items)."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:  # (an interpreter without the C accelerator)
-        return json.dumps
-    encode = make(
-        None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
-    )
-    return lambda item: "".join(encode(item, 0))
-
-
 _text = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
 
 
@@ -175,19 +163,15 @@ def _change_json(change: dict[str, Any]) -> str:
     )
 
 
-_ITEM_JSON: dict[str, Callable[[Any], str]] = {"changes": _change_json}  # (a status record's)
-
-
 def print_json(record: dict[str, Any], out: TextIO) -> None:
     """``--json`` output: indented by 2, but each item of a long list (changes, ranges) on a line
     of its own, compact -- Python's indenting encoder is pure Python, and took seconds for
-    200,000 changes; the compact encoder is C.  The same JSON either way."""
+    200,000 changes.  The same JSON either way."""
     long = {key: items for key, items in record.items() if isinstance(items, list) and len(items) > LONG_LIST}
     # A stand-in no value can produce (a NUL, escaped), replaced by the list's own lines.
     text = json.dumps(record | {key: f"\0cowfs:{key}\0" for key in long}, indent=2)
-    compact = _compact_encoder()
     for key, items in long.items():
-        encode = _ITEM_JSON.get(key, compact)
+        encode = _change_json if key == "changes" else json.dumps
         lines = ",\n".join(["    " + encode(item) for item in items])
         text = text.replace(json.dumps(f"\0cowfs:{key}\0"), f"[\n{lines}\n  ]", 1)
     print(text, file=out)
