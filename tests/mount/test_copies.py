@@ -178,7 +178,9 @@ def test_untouched_files_read_through_a_copy_bypass_its_page_cache(base_dir: Pat
     reads_for_a_full_read(os.O_RDWR)
     # From the page cache: at most one page read again (seen once under load, when the kernel's
     # attributes timed out between the reads), against the full 4 MiB the read-only handles fetch.
-    assert reads_for_a_full_read(os.O_RDWR) <= 1
+    # The kernel may also reclaim some of the pages in between (seen once in CI: 3 of 4 MiB read
+    # again), so the best of three reads counts: a handle that bypassed the cache fetches all each time.
+    assert min(reads_for_a_full_read(os.O_RDWR) for _ in range(3)) <= 1
 
 
 def _random_writes(seed: int, size: int, count: int) -> list[tuple[int, bytes]]:
