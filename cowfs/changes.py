@@ -142,7 +142,8 @@ def store_usage(namespace: Namespace) -> tuple[int, int, int | None]:
     """(bytes held, bytes on disk, limit) of the mount's store: its logs, and in passthrough mode
     the blocks that clones no longer share with their bases (each counted once, when they changed)."""
     store = namespace.store
-    clones = [node.data for node in namespace.nodes.values() if isinstance(node.data, CloneFile)]
+    nodes = namespace.nodes.values() if namespace.has_had_clones else ()
+    clones = [node.data for node in nodes if isinstance(node.data, CloneFile)]
     cloned = sum(clone.written.total for clone in clones)
     return (
         store.bytes_held + cloned,

@@ -119,6 +119,9 @@ class Namespace:
         # What holds a file's bytes, from its base descriptor (or None) and name: a byte overlay,
         # or in passthrough mode a clone (cowfs.passthrough).
         self.new_file_data = new_file_data or (lambda base_fd, name: OverlayFile(store, base_fd, name))
+        # Whether a file was ever a clone: if none was, nothing outside can have written one, and
+        # the control requests skip looking at every node for them (200,000 nodes: ~0.1 s each).
+        self.has_had_clones = False
         self.uid = os.geteuid() if uid is None else uid
         self.gid = os.getegid() if gid is None else gid
         self.table = NodeTable(base, inos)
@@ -364,6 +367,8 @@ class Namespace:
             data.key = node.ino  # who the file is to checkpoints (a rollback brings it back under its ino)
             if node.base_path is not None:
                 data.reopen_base = lambda: self.base.open_file(node.base_path or ())
+        if isinstance(data, CloneFile):
+            self.has_had_clones = True
         node.data = data
         return data
 
@@ -411,6 +416,8 @@ class Namespace:
     def absorb_outside_writes(self) -> None:
         """Take in what the kernel wrote to passthrough files without asking (control requests
         look at the whole mount)."""
+        if not self.has_had_clones:
+            return
         for node in list(self.nodes.values()):
             self._absorb_outside_writes(node)
 
