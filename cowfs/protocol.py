@@ -524,8 +524,9 @@ def encode_line(message: Any) -> bytes:
 
 
 def _plain(value: Any) -> Any:
-    if type(value) is FileChange:
-        return value.to_wire()
+    to_wire = getattr(value, "to_wire", None)  # a record with a form of its own on the wire
+    if to_wire is not None:
+        return to_wire()
     if hasattr(value, "__dataclass_fields__"):
         return vars(value)  # shallow: json.dumps meets nested records itself (asdict copies deeply, ~5x slower)
     raise TypeError(f"cannot send {type(value).__name__}")
@@ -565,11 +566,14 @@ def reply_lines(result: Any) -> Iterator[bytes]:
     yield line
     for items in more.values():
         start, size = 0, CHUNK_ITEMS
-        records = hasattr(items[0], "__dataclass_fields__")
+        # Plain values: the JSON encoder then never calls back into Python (a list's items are
+        # all of one type: its own `to_wire` found once, not at each of 200,000 items).
+        plain = getattr(type(items[0]), "to_wire", None)
+        if plain is None and hasattr(items[0], "__dataclass_fields__"):
+            plain = _plain
         while start < len(items):
             chunk = items[start : start + size]
-            # Plain values: the JSON encoder then never calls back into Python.
-            line = encode_line([_plain(item) for item in chunk] if records else chunk)
+            line = encode_line([plain(item) for item in chunk] if plain is not None else chunk)
             if len(line) > MAX_LINE:  # long items: fewer a line
                 if size == 1:
                     yield error_reply(f"an item of the reply is longer than {MAX_LINE} bytes")
