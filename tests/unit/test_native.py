@@ -25,7 +25,7 @@ from cowfs.overlay import OverlayFile
 from cowfs.rangemap import BUCKET_SIZE
 from cowfs.store import Store
 
-from ..helpers import SOAK, evict_from_page_cache
+from ..helpers import COLD_ATTEMPTS, SOAK, evict_from_page_cache
 from .test_overlay import BASE_SIZE, LOG_SIZE, Model, _data_flags, base_file, operations  # noqa: F401 (a fixture)
 
 try:
@@ -265,12 +265,6 @@ def test_odd_requests_go_to_python_or_get_the_right_error(server: Server, store:
         assert failure.value.errno == errno.EIO
         _, taken = server.read(3, 0, 4096)
         assert not taken, "a changed base: Python answers"
-
-
-# A page-cache miss need not make a RWF_NOWAIT read fail: when the disk answers within the
-# system call (a fast virtual disk whose host has the blocks cached), the kernel finds the page
-# read by the time it looks.  So a test of the cold path tries a few times until one miss is slow.
-COLD_ATTEMPTS = 50
 
 
 def test_a_cold_read_waits_in_a_worker_not_in_the_reader(server: Server, store: Store, base_file: Path) -> None:  # noqa: F811

@@ -21,7 +21,7 @@ from cowfs.overlay import FrozenView, OverlayFile
 from cowfs.rangemap import BUCKET_SIZE, ZEROS, RangeMap
 from cowfs.store import STORE_LOG_SHIFT, Store
 
-from ..helpers import SOAK, allocated_bytes, data_regions, evict_from_page_cache
+from ..helpers import COLD_ATTEMPTS, SOAK, allocated_bytes, data_regions, evict_from_page_cache
 
 BASE_SIZE = 20_000
 BASE_DATA = [(0, 4096), (12288, BASE_SIZE)]  # the base file's data regions; between them a hole
@@ -427,16 +427,16 @@ def test_nowait_reads_give_the_same_bytes_or_refuse_to_wait(base_file: Path, tmp
         overlay.prefetch(0, size)
         assert bytes(overlay.read_into(0, size, bytearray(size), nowait=True)) == expected
         assert overlay.base_fd is not None
-        # A miss may still be answered when the disk is quick enough (see test_native's
-        # COLD_ATTEMPTS): then with every byte, never a part; one of a few misses must refuse.
-        for _ in range(50):
+        # A miss may still be answered when the disk is quick enough (see COLD_ATTEMPTS): then
+        # with every byte, never a part; one of a few misses must refuse.
+        for _ in range(COLD_ATTEMPTS):
             evict_from_page_cache(overlay.base_fd)
             try:
                 assert bytes(overlay.read_into(0, size, bytearray(size), nowait=True)) == expected
             except BlockingIOError:
                 break
         else:
-            pytest.fail("no read of 50 from an emptied cache refused to wait")
+            pytest.fail(f"no read of {COLD_ATTEMPTS} from an emptied cache refused to wait")
         assert overlay.read(0, size) == expected
     finally:
         overlay.close()
