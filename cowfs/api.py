@@ -165,7 +165,8 @@ class Mount:
     def _reply(self, record: type[R], message: Request) -> R:
         """The daemon's answer to ``message`` as a ``record`` (a reply type with ``from_wire``)."""
         try:
-            return record.from_wire(self._request(message))  # type: ignore[attr-defined, no-any-return]
+            with control_client.collector_paused():
+                return record.from_wire(self._request(message))  # type: ignore[attr-defined, no-any-return]
         except ProtocolError as error:
             raise UserError(
                 f"{self.path}: unreadable answer from its cowfs daemon ({error}): "

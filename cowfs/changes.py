@@ -3,7 +3,7 @@
 the mount (reset, adopting a commit) is the namespace's alone.
 
 Everything here runs in the daemon's trio thread with no await inside, so
-each call is atomic with respect to FUSE requests -- but for `status_in_slices`,
+each call is atomic with respect to FUSE requests -- but for `changes_in_slices`,
 which lets them in between slices.  Paths are mount paths as
 strings (``"/sub/disk.raw"``); the results are the reply records of
 `cowfs.protocol`.
@@ -17,10 +17,9 @@ Change states of a path:
 
 from __future__ import annotations
 
-import operator
 import os
 import stat
-from collections.abc import Generator, Iterator
+from collections.abc import Iterator
 
 from .base import BasePath
 from .checkpoints import Checkpoint
@@ -38,7 +37,7 @@ from .protocol import (
     Plan,
     StatusReply,
 )
-from .slices import Slices, run_whole
+from .slices import Slices
 
 _KINDS = {
     stat.S_IFREG: "file",
@@ -83,46 +82,39 @@ def changed_ranges(data: FileData) -> list[tuple[int, int]]:
 
 def status(namespace: Namespace) -> StatusReply:
     """Every change of the mount, in path order."""
-    return run_whole(status_in_slices(namespace))
+    return summary(namespace, [change for change in changes_in_slices(namespace) if change is not None])
 
 
-def status_in_slices(namespace: Namespace, slices: Slices | None = None) -> Generator[None, None, StatusReply]:
-    """`status` as a job that yields between slices (`cowfs.slices`): FUSE requests served in
-    between may change the mount, so a status taken while it changes may show a name moved
-    meanwhile at either place."""
-    slices = slices or Slices()
-    found: list[FileChange] = []
-    moved_from: set[BasePath] = set()
-    deleted: list[tuple[str, BasePath]] = []
+def changes_in_slices(namespace: Namespace, slices: Slices | None = None) -> Iterator[FileChange | None]:
+    """Every change of the mount in path order, each as the walk finds it, and a None after each
+    slice (`cowfs.slices`; none without ``slices``): FUSE requests served in between may change
+    the mount, so a status taken while it changes may show a name moved meanwhile at either place."""
+    names = namespace.names
     parts: dict[int, BasePath] = {namespace.table.root_ino: ()}  # directory ino: its mount path's names
-    for path, directory, name, node in namespace.names.entries():  # one walk for both kinds
+    for path, directory, name, node in names.entries():
         if node is None:
-            if directory.base_path is not None:
-                deleted.append((path, directory.base_path + (name,)))
+            if directory.base_path is not None and not _shown_elsewhere(namespace, directory.base_path + (name,)):
+                yield FileChange(path, "deleted", None, None, None, None, 0, 0, 0)
         else:
-            here = parts[directory.ino] + (name,)  # (its mount path as names: no text to build)
+            # (its mount path as names: no text to build; a directory moved between slices: look up)
+            where = parts.get(directory.ino)
+            here = (names.primary_path(directory) if where is None else where) + (name,)
             if node.is_dir:
                 parts[node.ino] = here
             change = _describe(path, node, node.base_path == here, (node.parent, node.name) == (directory.ino, name))
             if change is not None:
-                found.append(change)
-                if change.state == "renamed":
-                    assert node.base_path is not None
-                    moved_from.add(node.base_path)
-        if slices.used_up():
-            yield
-    found += [
-        FileChange(path, "deleted", None, None, None, None, 0, 0, 0)
-        for path, base_path in deleted
-        if base_path not in moved_from
-    ]
-    yield
-    found.sort(key=_BY_PATH)
-    yield
-    return summary(namespace, found)
+                yield change
+        if slices is not None and slices.used_up():
+            yield None
 
 
-_BY_PATH = operator.attrgetter("path")
+def _shown_elsewhere(namespace: Namespace, base_path: BasePath) -> bool:
+    """Whether the entry a deleted base name showed has its primary name elsewhere in the mount
+    (then it is listed as renamed there, not as deleted here)."""
+    return any(
+        node.links and namespace.names.primary_path(node) != base_path
+        for node in namespace.table.at_base_path(base_path)
+    )
 
 
 def summary(namespace: Namespace, found: list[FileChange] | None = None) -> StatusReply:

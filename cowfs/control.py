@@ -43,6 +43,7 @@ from .kernel_cache import KernelCache
 from .namespace import Invalidation, Namespace, Refused, StillOpen
 from .protocol import (
     MAX_LINE,
+    PAUSE,
     CheckpointInfo,
     CheckpointRequest,
     CheckpointsRequest,
@@ -62,6 +63,7 @@ from .protocol import (
     error_reply,
     reply_lines,
 )
+from .slices import Slices
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -140,6 +142,9 @@ class ControlServer:
                 # Few replies at once: each holds its result until the client has read it all.
                 async with self._replying:
                     for reply_line in await self.answer(line):
+                        if reply_line == PAUSE:  # a slice of a streamed status's walk is over
+                            await trio.lowlevel.checkpoint()
+                            continue
                         with trio.fail_after(REPLY_TIMEOUT):  # a client that stops reading is dropped
                             await _send(connection, reply_line)
         except (OSError, trio.BrokenResourceError, trio.TooSlowError) as error:
@@ -150,24 +155,17 @@ class ControlServer:
             self._connections -= 1
 
     async def answer(self, line: bytes) -> Iterator[bytes]:
-        """The reply lines to one request line, encoded as they are taken (protocol.reply_lines);
-        never raises (but for cancellation)."""
+        """The reply lines to one request line, encoded as they are taken (protocol.reply_lines;
+        a `PAUSE` among them lets FUSE requests run); never raises (but for cancellation)."""
         try:
             request = decode_request(line)
             result = await self._dispatch(request)
             self.namespace.store.settle()  # what a reset freed, punched at once
+            if isinstance(result, _Streamed):
+                return _error_line_instead_of_raising(reply_lines(result.header, (result.key, result.items)))
             return reply_lines(result)
-        except ProtocolError as error:
-            message = f"bad control request: {error}"
-        except Refused as error:
-            message = str(error)
-        except OSError as error:
-            log.warning("control request failed: %s", error)
-            message = f"the daemon failed: {error.strerror or error}"
         except Exception as error:
-            log.exception("internal error answering a control request")
-            message = f"internal error in the cowfs daemon ({type(error).__name__}); see its log"
-        return iter([error_reply(message)])
+            return iter([error_reply(_message_for(error))])
 
     def _namespace(self, copy: str) -> Namespace:
         """The namespace a request is about: the mount's, or in a --copies mount the copy it names."""
@@ -190,7 +188,10 @@ class ControlServer:
             namespace = self._namespace(request.copy)
             if not request.changes:
                 return changes.summary(namespace)
-            return self._with_counts(await _in_slices(changes.status_in_slices(namespace)))
+            # Its changes leave as the walk finds them, in slices: the client reads the first
+            # while the daemon looks for the last.
+            items = changes.changes_in_slices(namespace, Slices())
+            return _Streamed(self._with_counts(changes.summary(namespace)), "changes", items)
         namespace = self._namespace(request.copy)
         if isinstance(request, ResetRequest):
             return await self._reset(namespace, request)
@@ -261,6 +262,37 @@ class ControlServer:
         await self.kernel_cache.invalidate(result.inodes, result.entries)
         log.info("committed %s into its base", request.path)
         return ResetReply(result.paths)
+
+
+@dataclasses.dataclass
+class _Streamed:
+    """A result with a list field whose items are found while the reply is sent."""
+
+    header: StatusReply  # the result, but for that field
+    key: str
+    items: Iterator[object | None]  # None: a slice is over (`cowfs.slices`)
+
+
+def _message_for(error: Exception) -> str:
+    """The one line an error reply says about ``error`` (logged as it deserves)."""
+    if isinstance(error, ProtocolError):
+        return f"bad control request: {error}"
+    if isinstance(error, Refused):
+        return str(error)
+    if isinstance(error, OSError):
+        log.warning("control request failed: %s", error)
+        return f"the daemon failed: {error.strerror or error}"
+    log.exception("internal error answering a control request", exc_info=error)
+    return f"internal error in the cowfs daemon ({type(error).__name__}); see its log"
+
+
+def _error_line_instead_of_raising(lines: Iterator[bytes]) -> Iterator[bytes]:
+    """``lines``, but an error while they are worked out ends them with an error line (which
+    stands in for the rest of the reply) instead of ending the connection."""
+    try:
+        yield from lines
+    except Exception as error:
+        yield error_reply(_message_for(error))
 
 
 async def _when_closed(attempt: Callable[[], Awaitable[T]], patience: float = 0.5) -> T:

@@ -6,12 +6,29 @@ nor trio: `cowfs mount` starts faster.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
 from .protocol import MAX_LINE, ControlError, ControlInfo, ProtocolError, Request, encode_line, read_reply
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Python's cycle collector paused while a reply is read and made into records: a status of
+    200,000 changes makes about a million objects, none of them in a cycle, and the collections
+    their making sets off took nearly half of the time (0.64 s with them, 0.35 s without)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def request(mountpoint: Path, info: ControlInfo, message: Request) -> Any:

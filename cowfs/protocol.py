@@ -19,8 +19,11 @@ a plan, the paths of a reset) leaves the first line empty, and the first line
 says how many items follow: ``{"ok": true, "result": {..., "changes": []},
 "more": {"changes": 200000}}``.  Then come the items of each such field, in
 the order of ``more``, as JSON arrays of items, one array a line, each line at
-most `MAX_LINE`.  An error line ``{"ok": false, ...}`` may stand in for the rest
-(an item too long to send).  The reader puts the lists back together, so
+most `MAX_LINE`.  A list the daemon sends as it finds its items (the changes of
+a status: the first of them leave before the walk has found the last) is
+announced with no count, ``"more": {"changes": null}``, and ends with an empty
+array line ``[]``.  An error line ``{"ok": false, ...}`` may stand in for the
+rest (an item too long to send).  The reader puts the lists back together, so
 callers see one result, whatever its size.
 
 Neither side trusts the other's JSON: `decode_request` and the ``from_wire``
@@ -33,7 +36,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -43,6 +46,7 @@ CONTROL_XATTR = "user.cowfs.control"
 MAX_LINE = 1 << 20  # bytes of one message, newline included
 STREAMED_ITEMS = 256  # a result's list longer than this follows its first line, in arrays of
 CHUNK_ITEMS = 1024  # at most this many items a line
+PAUSE = b""  # a "line" of `reply_lines` that is no line: the sender lets others run, sends nothing
 
 
 class ProtocolError(ValueError):
@@ -548,40 +552,67 @@ def error_reply(message: str) -> bytes:
     return encode_line({"ok": False, "error": message})
 
 
-def reply_lines(result: Any) -> Iterator[bytes]:
+def reply_lines(result: Any, streamed: tuple[str, Iterator[Any]] | None = None) -> Iterator[bytes]:
     """The lines of the reply to a request whose result is ``result`` (see "Replies of any size").
-    Lazy: each line is encoded only when asked for, so a sender can yield between lines."""
+    Lazy: each line is encoded only when asked for, so a sender can yield between lines.
+    ``streamed``: (a list field of the result, its items as they are found), sent after the
+    other lists with no count ahead; a None among the items is a pause: a `PAUSE` line."""
     record = dict(vars(result)) if hasattr(result, "__dataclass_fields__") else result
     if not isinstance(record, dict):
         yield ok_reply(record)
         return
-    more = {key: value for key, value in record.items() if isinstance(value, list) and len(value) > STREAMED_ITEMS}
-    header: dict[str, Any] = {"ok": True, "result": record | {key: [] for key in more}}
+    more: dict[str, int | None] = {
+        key: len(value) for key, value in record.items() if isinstance(value, list) and len(value) > STREAMED_ITEMS
+    }
+    if streamed is not None:
+        more[streamed[0]] = None
+    header: dict[str, Any] = {"ok": True, "result": record | dict.fromkeys(more, [])}
     if more:
-        header["more"] = {key: len(items) for key, items in more.items()}
+        header["more"] = more
     line = encode_line(header)
     if len(line) > MAX_LINE:
         yield error_reply(f"the reply is longer than {MAX_LINE} bytes")
         return
     yield line
-    for items in more.values():
-        start, size = 0, CHUNK_ITEMS
-        # Plain values: the JSON encoder then never calls back into Python (a list's items are
-        # all of one type: its own `to_wire` found once, not at each of 200,000 items).
-        plain = getattr(type(items[0]), "to_wire", None)
-        if plain is None and hasattr(items[0], "__dataclass_fields__"):
-            plain = _plain
-        while start < len(items):
-            chunk = items[start : start + size]
-            line = encode_line([plain(item) for item in chunk] if plain is not None else chunk)
-            if len(line) > MAX_LINE:  # long items: fewer a line
-                if size == 1:
-                    yield error_reply(f"an item of the reply is longer than {MAX_LINE} bytes")
-                    return
-                size = max(1, size // 4)
+    for key, count in more.items():
+        if count is not None and not (yield from _item_lines(record[key])):
+            return
+    if streamed is not None:
+        chunk: list[Any] = []
+        for item in streamed[1]:
+            if item is None:
+                yield PAUSE
                 continue
-            yield line
-            start += size
+            chunk.append(item)
+            if len(chunk) == CHUNK_ITEMS:
+                if not (yield from _item_lines(chunk)):
+                    return
+                chunk = []
+        if chunk and not (yield from _item_lines(chunk)):
+            return
+        yield b"[]\n"  # the end of a list sent with no count
+
+
+def _item_lines(items: list[Any]) -> Generator[bytes, None, bool]:
+    """Lines of JSON arrays of ``items``, each at most `MAX_LINE`; False after an error line."""
+    start, size = 0, CHUNK_ITEMS
+    # Plain values: the JSON encoder then never calls back into Python (a list's items are
+    # all of one type: its own `to_wire` found once, not at each of 200,000 items).
+    plain = getattr(type(items[0]), "to_wire", None)
+    if plain is None and hasattr(items[0], "__dataclass_fields__"):
+        plain = _plain
+    while start < len(items):
+        chunk = items[start : start + size]
+        line = encode_line([plain(item) for item in chunk] if plain is not None else chunk)
+        if len(line) > MAX_LINE:  # long items: fewer a line
+            if size == 1:
+                yield error_reply(f"an item of the reply is longer than {MAX_LINE} bytes")
+                return False
+            size = max(1, size // 4)
+            continue
+        yield line
+        start += size
+    return True
 
 
 def read_reply(next_line: Callable[[], bytes]) -> Any:
@@ -597,16 +628,19 @@ def read_reply(next_line: Callable[[], bytes]) -> Any:
     record = _object(result, "a result")
     for key, count in _object(more, "'more'").items():
         items = record.get(key)
-        if not isinstance(items, list) or not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        if not isinstance(items, list) or items or (count is not None and (type(count) is not int or count < 0)):
             raise ProtocolError(f"'more' announces {key!r} wrongly")
-        while len(items) < count:
+        while count is None or len(items) < count:
             line = next_line()
             if not line:
-                raise ProtocolError(f"the reply ended after {len(items)} of {count} items of {key!r}")
+                told = "before its end" if count is None else f"after {len(items)} of {count}"
+                raise ProtocolError(f"the reply ended {told} items of {key!r}")
             chunk = decode_line(line)
             if isinstance(chunk, dict):
                 raise ControlError(str(chunk.get("error") or "the daemon gave no reason"))
-            if not isinstance(chunk, list) or not chunk or len(items) + len(chunk) > count:
+            if chunk == [] and count is None:
+                break
+            if not isinstance(chunk, list) or not chunk or (count is not None and len(items) + len(chunk) > count):
                 raise ProtocolError(f"a broken line among the items of {key!r}")
             items.extend(chunk)
     return record

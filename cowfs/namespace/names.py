@@ -16,6 +16,7 @@ kernel forgetting it; pinning a node pins its directories up to the root.
 
 from __future__ import annotations
 
+import operator
 import os
 import stat
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from collections.abc import Iterator
 from ..base import BaseDir, BasePath
 from .model import WHITEOUT, Node
 from .nodes import NodeTable
+
+_TEXT = operator.itemgetter(0)
 
 
 class Names:
@@ -149,38 +152,58 @@ class Names:
 
     # -- walks ------------------------------------------------------------------------
 
-    def walk(self) -> Iterator[tuple[str, Node, bool]]:
-        """(path in the mount, node, whether it is the node's primary name) of every name the
-        mount changed: a file with several names comes once for each."""
-        for path, directory, name, node in self.entries():
-            if node is not None:
-                yield path, node, (node.parent, node.name) == (directory.ino, name)
-
-    def whiteouts(self) -> Iterator[tuple[str, BasePath]]:
-        """(mount path, base path) of every base name the mount deleted."""
-        for path, directory, name, node in self.entries():
-            if node is None and directory.base_path is not None:
-                yield path, directory.base_path + (name,)
-
     def entries(self) -> Iterator[tuple[str, Node, bytes, Node | None]]:
-        """(mount path, directory, name, node or None for a whiteout) of every entry, each
-        directory's in name order, a directory's own entries before those below it."""
-        stack: list[tuple[str, Node]] = [("", self.table.nodes[self.table.root_ino])]
+        """(mount path, directory, name, node or None for a whiteout) of every entry, in the
+        order of the mount paths as strings: what lies below a subdirectory comes right where
+        its path sorts among its directory's entries ("/a" < "/a-b" < "/a/c"), so a caller can
+        hand on what it finds as it goes, already sorted."""
+        root = self.table.nodes[self.table.root_ino]
+        stack = [("", root, iter(self._in_path_order(root)))]
         while stack:
-            path, directory = stack.pop()
-            for name in sorted(directory.entries):
+            path, directory, steps = stack[-1]
+            below: tuple[str, Node, Iterator[tuple[str, bytes, bool]]] | None = None
+            for text, name, is_below in steps:
                 # Read again at each step: a sliced caller lets FUSE requests change entries in between.
+                if not directory.pinned:  # removed meanwhile: nothing is left below it
+                    break
                 ino = directory.entries.get(name)
-                child_path = f"{path}/{os.fsdecode(name)}"
-                if ino == WHITEOUT:
-                    yield child_path, directory, name, None
+                if ino is None:
                     continue
-                child = self.table.nodes.get(ino) if ino is not None else None
-                if child is None:
-                    continue
-                yield child_path, directory, name, child
-                if child.is_dir:
-                    stack.append((child_path, child))
+                child = self.table.nodes.get(ino) if ino != WHITEOUT else None
+                if is_below:
+                    if child is not None and child.is_dir:  # (its text here is name + "/")
+                        below = (f"{path}/{text[:-1]}", child, iter(self._in_path_order(child)))
+                        break
+                elif ino == WHITEOUT:
+                    yield f"{path}/{text}", directory, name, None
+                elif child is not None:
+                    yield f"{path}/{text}", directory, name, child
+            if below is None:
+                stack.pop()  # walked to its end, or removed meanwhile
+            else:
+                stack.append(below)
+
+    def _in_path_order(self, directory: Node) -> list[tuple[str, bytes, bool]]:
+        """(name as text, name, whether the step is what lies below it) of a directory's entries,
+        sorted as their paths sort: a subdirectory's own name, then its contents as name + "/"."""
+        steps = []
+        nodes = self.table.nodes
+        for name, ino in directory.entries.items():
+            text = os.fsdecode(name)
+            steps.append((text, name, False))
+            child = nodes.get(ino) if ino != WHITEOUT else None
+            if child is not None and child.is_dir:
+                steps.append((text + "/", name, True))
+        steps.sort(key=_TEXT)
+        return steps
+
+    def primary_path(self, node: Node) -> BasePath:
+        """The names of a pinned node's primary path in the mount, from the root."""
+        names = []
+        while not node.is_root:
+            names.append(node.name)
+            node = self.table.nodes[node.parent]
+        return tuple(reversed(names))
 
     # -- checking -----------------------------------------------------------------------
 

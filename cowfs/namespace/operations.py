@@ -67,7 +67,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from typing import Protocol
 
 from ..base import BaseDir
@@ -780,13 +780,6 @@ class Namespace:
             if node.is_dir and node.attrs is not None:  # (the base's own counts are 2 + subdirectories)
                 subdirectories = sum(1 for _, _, kind in self.listdir(ino) if kind == stat.S_IFDIR)
                 assert node.attrs.nlink == 2 + subdirectories, f"directory {ino}: link count {node.attrs.nlink}"
-
-    # -- walking ----------------------------------------------------------------
-
-    def pinned_nodes(self) -> Iterator[tuple[str, Node, bool]]:
-        """(path in the mount, node, whether it is the node's primary name) of every name the
-        mount changed: a file with several names comes once for each."""
-        return self.names.walk()
 
     # -- control requests (`cowfs.namespace.reset`) ---------------------------------
 

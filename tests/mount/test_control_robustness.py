@@ -87,7 +87,7 @@ def test_a_silent_client_does_not_stall_others(live: CommandLineMount) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
         idle.connect("\0" + name)  # sends nothing and keeps the connection open
         started = time.monotonic()
-        assert json.loads(_exchange(name, b'{"op": "status"}\n'))["ok"] is True
+        assert json.loads(_exchange(name, b'{"op": "status"}\n').split(b"\n")[0])["ok"] is True
         (live.path / "disk.raw").write_bytes(b"w")
         assert time.monotonic() - started < 10
     assert live.daemon_alive()
@@ -101,7 +101,7 @@ def test_a_client_that_stops_reading_a_long_reply_does_not_stall_others(live: Co
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stalled:
         stalled.connect("\0" + _socket_name(live))
         stalled.sendall(b'{"op": "status"}\n')
-        assert b'"more": {"changes": 1000}' in stalled.recv(65536)  # then it reads no more
+        assert b'"more": {"changes": null}' in stalled.recv(65536)  # then it reads no more
         started = time.monotonic()
         status = ApiMount(live.path).status()  # read whole, in many lines
         assert sorted(change.path for change in status.changes) == [f"/{name}" for name in names]

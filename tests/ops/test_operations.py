@@ -26,6 +26,7 @@ from cowfs.control import ControlServer
 from cowfs.fuse_ops import NODE_COUNT_XATTR, CowfsOperations
 from cowfs.kernel_cache import KernelCache
 from cowfs.namespace import ROOT_INO, Namespace
+from cowfs.protocol import PAUSE, ControlError, read_reply
 from cowfs.store import Store
 
 
@@ -190,8 +191,12 @@ def _write(fs: Fs, name: bytes, offset: int, data: bytes) -> int:
 
 
 def _control(fs: Fs, request: dict[str, Any]) -> dict[str, Any]:
-    reply: dict[str, Any] = json.loads(b"".join(fs.run(lambda: fs.control.answer(json.dumps(request).encode()))))
-    return reply
+    """The reply to one control request, put together (`protocol.read_reply`) as a client does."""
+    lines = [line for line in fs.run(lambda: fs.control.answer(json.dumps(request).encode())) if line != PAUSE]
+    try:
+        return {"ok": True, "result": read_reply(iter([*lines, b""]).__next__)}
+    except ControlError as error:
+        return {"ok": False, "error": str(error)}
 
 
 def test_reset_invalidates_exactly_what_it_changed(fs: Fs) -> None:
@@ -258,13 +263,22 @@ def test_a_malformed_control_request_is_an_error_reply(fs: Fs, line: bytes) -> N
     assert reply["ok"] is False and reply["error"]
 
 
+@pytest.mark.parametrize(
+    "broken_part",
+    [
+        "changes_in_slices",  # before the reply's first line
+        "_describe",  # while the changes are sent, after the first line: an error line ends them
+    ],
+)
 def test_an_unexpected_error_in_a_control_handler_is_an_error_reply_and_a_logged_traceback(
-    fs: Fs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    fs: Fs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, broken_part: str
 ) -> None:
-    def broken(namespace: Namespace) -> object:
+    _write(fs, b"disk.raw", 0, b"changed")  # (a change for the walk to meet)
+
+    def broken(*args: object) -> object:
         raise AssertionError("invariant broken")
 
-    monkeypatch.setattr(changes, "status_in_slices", broken)
+    monkeypatch.setattr(changes, broken_part, broken)
     with caplog.at_level(logging.ERROR):
         reply = _control(fs, {"op": "status"})
     assert reply == {"ok": False, "error": "internal error in the cowfs daemon (AssertionError); see its log"}

@@ -801,27 +801,93 @@ def test_commit_keeps_a_mode_changed_in_the_mount(tmp_path: Path) -> None:
         ns.check_invariants()
 
 
+def test_a_status_walks_its_changes_in_path_order(tmp_path: Path) -> None:
+    """The walk hands on each change as it finds it, already in the order of the paths as text:
+    what lies below a directory among its neighbours ("/a" < "/a-b" < "/a/c" < "/a0"), names
+    that are not UTF-8 included; a deleted base name whose entry shows elsewhere is renamed there."""
+    with namespace_over(tmp_path, {"a-b": b"1", "d1": b"", "\xe9": b""}) as ns:
+        for directory in ("a", "d"):
+            (tmp_path / "base" / directory).mkdir()
+        (tmp_path / "base" / "a" / "x").write_bytes(b"2")
+        a = ns.lookup(ROOT_INO, b"a")
+        ns.create(a.ino, b"c", 0o644, 0, 0)
+        sub = ns.mkdir(a.ino, b"sub", 0o755, 0, 0)
+        ns.create(sub.ino, b"z", 0o644, 0, 0)
+        ns.create(ROOT_INO, b"a0", 0o644, 0, 0)
+        ns.create(ROOT_INO, b"\xef\xbf\xbd", 0o644, 0, 0)  # U+FFFD, after the next as text, not as bytes
+        ns.create(ROOT_INO, b"\xff", 0o644, 0, 0)
+        ns.unlink(ROOT_INO, b"a-b")
+        ns.lookup(ROOT_INO, b"d")
+        ns.rename(ROOT_INO, b"d", a.ino, b"e")
+        ns.lookup(a.ino, b"x")
+        ns.rename(a.ino, b"x", ROOT_INO, b"y")
+        ns.check_invariants()
+        found = [(change.path, change.state, change.renamed_from) for change in changes.status(ns).changes]
+        assert found == sorted(found)
+        assert found == [
+            ("/a-b", "deleted", None),
+            ("/a/c", "created", None),
+            ("/a/e", "renamed", "/d"),
+            ("/a/sub", "created", None),
+            ("/a/sub/z", "created", None),
+            ("/a0", "created", None),
+            ("/y", "renamed", "/a/x"),
+            (os.fsdecode(b"/\xff"), "created", None),
+            ("/\ufffd", "created", None),
+        ]
+
+
 def test_a_status_in_slices_survives_changes_between_its_slices(tmp_path: Path) -> None:
     """FUSE requests run between the slices of a status (cowfs.slices): names deleted meanwhile
     are left out or listed, never a crash."""
     with namespace_over(tmp_path, {}) as ns:
         for i in range(200):
             ns.forget(ns.create(ROOT_INO, f"f{i:03}".encode(), 0o644, 0, 0).ino, 1)
-        job = changes.status_in_slices(ns, Slices(0))
         deleted = 0
-        while True:
-            try:
-                next(job)
-            except StopIteration as done:
-                reply = done.value
-                break
+        listed = set()
+        for change in changes.changes_in_slices(ns, Slices(0)):
+            if change is not None:
+                listed.add(change.path)
+                continue
             for _ in range(20):  # what a FUSE request could do between two slices: ahead of the walk
                 deleted += 1
                 ns.unlink(ROOT_INO, f"f{200 - deleted:03}".encode())
             ns.check_invariants()
         assert deleted >= 40
-        listed = {change.path for change in reply.changes}
         assert {f"/f{i:03}" for i in range(200 - deleted)} <= listed <= {f"/f{i:03}" for i in range(200)}
+
+
+def test_a_status_in_slices_follows_directories_replaced_or_removed_between_its_slices(tmp_path: Path) -> None:
+    """A directory renamed away and another made in its place between the walk listing its name
+    and going below it: the walk goes below the new one; a directory removed while the walk is
+    below it: the walk leaves it.  Never a crash."""
+    with namespace_over(tmp_path, {}) as ns:
+        for i in range(31):  # (a slice of Slices(0) is 32 steps: the first pause comes after "/gone")
+            ns.forget(ns.create(ROOT_INO, f"a{i:02}".encode(), 0o644, 0, 0).ino, 1)
+        for directory in (b"gone", b"later"):
+            parent = ns.mkdir(ROOT_INO, directory, 0o755, 0, 0)
+            for i in range(40):
+                ns.forget(ns.create(parent.ino, f"f{i:02}".encode(), 0o644, 0, 0).ino, 1)
+            ns.forget(parent.ino, 1)
+        listed: list[str] = []
+        for change in changes.changes_in_slices(ns, Slices(0)):
+            if change is not None:
+                listed.append(change.path)
+            elif listed[-1] == "/gone":
+                ns.rename(ROOT_INO, b"gone", ROOT_INO, b"zz")
+                replacement = ns.mkdir(ROOT_INO, b"gone", 0o755, 0, 0)
+                ns.forget(ns.create(replacement.ino, b"new", 0o644, 0, 0).ino, 1)
+                ns.forget(replacement.ino, 1)
+            elif listed[-1].startswith("/later/"):
+                later = ns.lookup(ROOT_INO, b"later")
+                for i in range(40):
+                    ns.unlink(later.ino, f"f{i:02}".encode())
+                ns.rmdir(ROOT_INO, b"later")
+                ns.forget(later.ino, 1)
+            ns.check_invariants()
+        below_later = [path for path in listed if path.startswith("/later/")]
+        assert listed == [f"/a{i:02}" for i in range(31)] + ["/gone", "/gone/new", "/later", *below_later]
+        assert below_later == [f"/later/f{i:02}" for i in range(len(below_later))] and len(below_later) < 40
 
 
 def test_a_reset_in_slices_resets_what_fuse_requests_change_between_its_slices(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from cowfs.protocol import (
     MAX_LINE,
+    PAUSE,
     STREAMED_ITEMS,
     ControlError,
     DiffReply,
@@ -43,6 +44,25 @@ def test_a_status_of_any_size_comes_back_whole_in_lines_of_at_most_max_line(coun
     assert all(len(line) <= MAX_LINE and line.endswith(b"\n") and line.count(b"\n") == 1 for line in lines)
     assert (len(lines) == 1) == (count <= STREAMED_ITEMS)
     assert StatusReply.from_wire(_reader(lines)) == status
+
+
+def test_a_list_sent_as_its_items_are_found_comes_back_whole() -> None:
+    """A status's changes leave as the walk finds them (None: a slice is over, a PAUSE for the
+    sender), announced with no count and ended by an empty array."""
+    header = StatusReply("/base", "/store", 7, 4096, None, [])
+    found = [_change(n) for n in range(5000)]
+    items = iter([found[0], None, *found[1:3000], None, None, *found[3000:]])
+    lines = list(reply_lines(header, ("changes", items)))
+    assert lines.count(PAUSE) == 3 and lines[-1] == b"[]\n"
+    sent = [line for line in lines if line != PAUSE]
+    assert json.loads(sent[0])["more"] == {"changes": None}
+    assert all(len(line) <= MAX_LINE and line.endswith(b"\n") for line in sent)
+    assert StatusReply.from_wire(_reader(sent)) == StatusReply("/base", "/store", 7, 4096, None, found)
+    assert StatusReply.from_wire(_reader(reply_lines(header, ("changes", iter([]))))) == header
+    with pytest.raises(ProtocolError, match="ended before its end"):
+        _reader(sent[:-1])
+    with pytest.raises(ControlError, match="went wrong"):
+        _reader([*sent[:-1], b'{"ok": false, "error": "went wrong"}\n'])
 
 
 def test_long_items_go_fewer_to_a_line_and_a_diff_streams_its_ranges() -> None:
