@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -147,11 +147,11 @@ class Mount:
         """A --copies mount's own handle (its copies are ``Mount(path / NAME)``)."""
         return self._info.copies and not self.copy
 
-    def _request(self, message: Request) -> Any:
+    def _request(self, message: Request, take: Mapping[str, Callable[[Any, list[Any]], None]] = {}) -> Any:
         if self.copy:
             message = dataclasses.replace(message, copy=self.copy)
         try:
-            return control_client.request(self.path, self._info, message)
+            return control_client.request(self.path, self._info, message, take)
         except UserError as error:
             if isinstance(message, CheckpointRequest) and not str(error).startswith(str(self.path)):
                 raise UserError(f"{self.path}: {error}") from None
@@ -162,11 +162,11 @@ class Mount:
                 raise UserError(f"{full}{str(error)[len(inside) :]}") from None
             raise
 
-    def _reply(self, record: type[R], message: Request) -> R:
+    def _reply(self, record: type[R], message: Request, take: Mapping[str, Callable[[Any, list[Any]], None]] = {}) -> R:
         """The daemon's answer to ``message`` as a ``record`` (a reply type with ``from_wire``)."""
         try:
             with control_client.collector_paused():
-                return record.from_wire(self._request(message))  # type: ignore[attr-defined, no-any-return]
+                return record.from_wire(self._request(message, take))  # type: ignore[attr-defined, no-any-return]
         except ProtocolError as error:
             raise UserError(
                 f"{self.path}: unreadable answer from its cowfs daemon ({error}): "
@@ -183,10 +183,24 @@ class Mount:
             return inside
         return "/" + text.lstrip("/")
 
-    def status(self, changes: bool = True) -> Status:
+    def status(self, changes: bool = True, each: Callable[[Status, list[FileChange]], None] | None = None) -> Status:
         """Base, store usage, every changed path (however many), kernel features and request
-        counts; with ``changes=False`` only base and store usage, at once however much changed."""
-        return Status.of(self.path, self._reply(StatusReply, StatusRequest(changes)))
+        counts; with ``changes=False`` only base and store usage, at once however much changed.
+
+        ``each``: handed the changes a few at a time as they arrive, in path order, with the
+        status they belong to (its ``changes`` empty), instead of collecting them: a caller can
+        show the first of 200,000 while the daemon looks for the last.  The status returned then
+        has no changes either."""
+        if each is None:
+            return Status.of(self.path, self._reply(StatusReply, StatusRequest(changes)))
+        head: list[Status] = []  # (made from the reply's first line, once)
+
+        def take(record: Any, items: list[Any]) -> None:
+            if not head:
+                head.append(Status.of(self.path, StatusReply.from_wire(record)))
+            each(head[0], [FileChange.from_wire(item) for item in items])
+
+        return Status.of(self.path, self._reply(StatusReply, StatusRequest(changes), {"changes": take}))
 
     def diff(self, path: StrPath) -> FileDiff:
         """The byte ranges of one file that differ from (or are not backed by) its base."""

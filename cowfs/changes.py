@@ -96,11 +96,12 @@ def changes_in_slices(namespace: Namespace, slices: Slices | None = None) -> Ite
             if directory.base_path is not None and not _shown_elsewhere(namespace, directory.base_path + (name,)):
                 yield FileChange(path, "deleted", None, None, None, None, 0, 0, 0)
         else:
-            # (its mount path as names: no text to build; a directory moved between slices: look up)
-            where = parts.get(directory.ino)
-            here = (names.primary_path(directory) if where is None else where) + (name,)
-            if node.is_dir:
-                parts[node.ino] = here
+            here = None  # its mount path as names, where it matters (no text to build)
+            if node.base_path is not None or node.is_dir:
+                where = parts.get(directory.ino)  # (None: a directory moved between slices)
+                here = (names.primary_path(directory) if where is None else where) + (name,)
+                if node.is_dir:
+                    parts[node.ino] = here
             change = _describe(path, node, node.base_path == here, (node.parent, node.name) == (directory.ino, name))
             if change is not None:
                 yield change
@@ -111,10 +112,10 @@ def changes_in_slices(namespace: Namespace, slices: Slices | None = None) -> Ite
 def _shown_elsewhere(namespace: Namespace, base_path: BasePath) -> bool:
     """Whether the entry a deleted base name showed has its primary name elsewhere in the mount
     (then it is listed as renamed there, not as deleted here)."""
-    return any(
-        node.links and namespace.names.primary_path(node) != base_path
-        for node in namespace.table.at_base_path(base_path)
-    )
+    for node in namespace.table.at_base_path(base_path):  # (most often none: deleted and forgotten)
+        if node.links and namespace.names.primary_path(node) != base_path:
+            return True
+    return False
 
 
 def summary(namespace: Namespace, found: list[FileChange] | None = None) -> StatusReply:

@@ -4,6 +4,7 @@ export (their arguments are in cli.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from . import control_client, mounts
 from .api import FileDiff, Mount, Status, open_path
 from .errors import UserError
 from .features import COMPILED_READS, summary
-from .protocol import Feature, Plan
+from .protocol import Feature, FileChange, Plan
 from .units import format_size
 
 
@@ -135,11 +136,11 @@ def _status(args: argparse.Namespace) -> int:
         return _list(args)
     mount, _ = _mount_and_path(args.mountpoint)
     with control_client.collector_paused():  # (200,000 changes make a million objects, no cycle)
-        status = mount.status()
         if args.json:
-            print_json(status.as_json(), sys.stdout)
+            printer = JsonStatusPrinter(sys.stdout)
+            printer.finish(mount.status(each=printer.take))
         else:
-            print_status(status, sys.stdout, copies=mount.holds_copies)
+            print_status(mount.status(), sys.stdout, copies=mount.holds_copies)
     return 0
 
 
@@ -168,14 +169,53 @@ def print_json(record: dict[str, Any], out: TextIO) -> None:
     """``--json`` output: indented by 2, but each item of a long list (changes, ranges) on a line
     of its own, compact -- Python's indenting encoder is pure Python, and took seconds for
     200,000 changes.  The same JSON either way."""
+    print(_json_text(record), file=out)
+
+
+def _json_text(record: dict[str, Any]) -> str:
     long = {key: items for key, items in record.items() if isinstance(items, list) and len(items) > LONG_LIST}
-    # A stand-in no value can produce (a NUL, escaped), replaced by the list's own lines.
-    text = json.dumps(record | {key: f"\0cowfs:{key}\0" for key in long}, indent=2)
+    text = json.dumps(record | {key: _stand_in(key) for key in long}, indent=2)
     for key, items in long.items():
         encode = _change_json if key == "changes" else json.dumps
         lines = ",\n".join(["    " + encode(item) for item in items])
-        text = text.replace(json.dumps(f"\0cowfs:{key}\0"), f"[\n{lines}\n  ]", 1)
-    print(text, file=out)
+        text = text.replace(json.dumps(_stand_in(key)), f"[\n{lines}\n  ]", 1)
+    return text
+
+
+def _stand_in(key: str) -> str:
+    """A value no record holds (a NUL, escaped), replaced by the lines of list ``key``."""
+    return f"\0cowfs:{key}\0"
+
+
+class JsonStatusPrinter:
+    """`cowfs status --json` printed as the changes arrive (`Mount.status`'s ``each``), while the
+    daemon still walks: the same text `print_json` gives for the whole status."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.held: list[FileChange] = []  # until they are more than LONG_LIST (else printed indented)
+        self.tail: str | None = None  # what follows the changes, once their lines are being printed
+
+    def take(self, status: Status, changes: list[FileChange]) -> None:
+        if self.tail is None:
+            self.held += changes
+            if len(self.held) <= LONG_LIST:
+                return
+            changes, self.held = self.held, []
+            head, _, self.tail = _json_text(status.as_json() | {"changes": _stand_in("changes")}).partition(
+                json.dumps(_stand_in("changes"))
+            )
+            self.out.write(f"{head}[\n    ")
+        else:
+            self.out.write(",\n    ")
+        self.out.write(",\n    ".join([_change_json(vars(change)) for change in changes]))
+
+    def finish(self, status: Status) -> None:
+        """Print the rest (or, for a short list of changes, all of it)."""
+        if self.tail is None:
+            print_json(dataclasses.replace(status, changes=self.held).as_json(), self.out)
+        else:
+            print(f"\n  ]{self.tail}", file=self.out)
 
 
 def print_table(rows: Sequence[tuple[str, ...]], left: set[int], out: TextIO) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +31,38 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def request(mountpoint: Path, info: ControlInfo, message: Request) -> Any:
-    """Send one request to a mount's daemon; its whole result (however many lines it takes),
-    or UserError with the daemon's message."""
+def request(
+    mountpoint: Path, info: ControlInfo, message: Request, take: Mapping[str, Callable[[Any, list[Any]], None]] = {}
+) -> Any:
+    """Send one request to a mount's daemon; its whole result (however many lines it takes; for
+    ``take``, see `protocol.read_reply`), or UserError with the daemon's message.  What ``take``
+    raises goes through as it is (a BrokenPipeError of its output is no failure to talk)."""
+
+    def cannot_talk(error: OSError) -> UserError:
+        return UserError(f"{mountpoint}: cannot talk to the cowfs daemon ({error.strerror or error})")
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as client:
         try:
             client.connect("\0" + info.socket)
             client.sendall(encode_line(message))
-            with client.makefile("rb", buffering=1 << 20) as replies:
-                first = replies.readline(MAX_LINE + 1)
-                if not first:
-                    raise UserError(f"{mountpoint}: the cowfs daemon closed the control connection")
-                lines = iter([first])
-                return read_reply(lambda: next(lines, b"") or replies.readline(MAX_LINE + 1))
+            replies = client.makefile("rb", buffering=1 << 20)
         except OSError as error:
-            raise UserError(f"{mountpoint}: cannot talk to the cowfs daemon ({error.strerror or error})") from None
-        except ControlError as error:
-            raise UserError(str(error)) from None
-        except ProtocolError as error:
-            raise UserError(f"{mountpoint}: unreadable reply from the cowfs daemon ({error})") from None
+            raise cannot_talk(error) from None
+
+        def next_line() -> bytes:
+            try:
+                return replies.readline(MAX_LINE + 1)
+            except OSError as error:
+                raise cannot_talk(error) from None
+
+        with replies:
+            first = next_line()
+            if not first:
+                raise UserError(f"{mountpoint}: the cowfs daemon closed the control connection")
+            lines = iter([first])
+            try:
+                return read_reply(lambda: next(lines, b"") or next_line(), take)
+            except ControlError as error:
+                raise UserError(str(error)) from None
+            except ProtocolError as error:
+                raise UserError(f"{mountpoint}: unreadable reply from the cowfs daemon ({error})") from None

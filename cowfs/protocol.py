@@ -36,7 +36,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -615,9 +615,11 @@ def _item_lines(items: list[Any]) -> Generator[bytes, None, bool]:
     return True
 
 
-def read_reply(next_line: Callable[[], bytes]) -> Any:
+def read_reply(next_line: Callable[[], bytes], take: Mapping[str, Callable[[Any, list[Any]], None]] = {}) -> Any:
     """The whole result of a reply whose lines ``next_line()`` gives (b"" at the end);
-    ControlError with the daemon's message for an error reply, ProtocolError for a broken one."""
+    ControlError with the daemon's message for an error reply, ProtocolError for a broken one.
+    ``take``: for a long list field, a function handed (the result without it, the items of one
+    line) as each line arrives, instead of collecting them (the field then stays empty)."""
     reply = _object(decode_line(next_line()), "a reply")
     if reply.get("ok") is not True:
         raise ControlError(str(reply.get("error") or "the daemon gave no reason"))
@@ -642,5 +644,10 @@ def read_reply(next_line: Callable[[], bytes]) -> Any:
                 break
             if not isinstance(chunk, list) or not chunk or (count is not None and len(items) + len(chunk) > count):
                 raise ProtocolError(f"a broken line among the items of {key!r}")
-            items.extend(chunk)
+            if key in take:
+                take[key](record, chunk)
+                if count is not None:
+                    count -= len(chunk)
+            else:
+                items.extend(chunk)
     return record

@@ -56,6 +56,28 @@ def test_mount_gives_a_path_status_diff_export_reset(images: Path, tmp_path: Pat
     assert "Traceback" not in log.read_text() and " ERROR " not in log.read_text()
 
 
+def test_status_hands_on_the_changes_as_they_arrive(images: Path) -> None:
+    """`Mount.status(each=...)`: the changes a line of the reply at a time, in path order, with the
+    status they belong to; the same changes as a whole status holds."""
+    with cowfs.mount(images) as m:
+        (m.path / "new").mkdir()
+        for n in range(3000):
+            (m.path / "new" / f"{n:04}").touch()
+        whole = m.status()
+        batches: list[list[cowfs.FileChange]] = []
+        heads: list[cowfs.Status] = []
+
+        def each(status: cowfs.Status, changes: list[cowfs.FileChange]) -> None:
+            heads.append(status)
+            batches.append(changes)
+
+        status = m.status(each=each)
+        assert [change for batch in batches for change in batch] == whole.changes
+        assert len(batches) >= 3 and all(0 < len(batch) <= 1024 for batch in batches)
+        assert all(head == status and head.changes == [] for head in heads)
+        assert status.base_dir == whole.base_dir == images
+
+
 @pytest.mark.parametrize("interruption", [RuntimeError, KeyboardInterrupt])
 def test_unmounts_on_exceptions_and_ctrl_c(images: Path, tmp_path: Path, interruption: type[BaseException]) -> None:
     mountpoint = tmp_path / "mnt"

@@ -134,8 +134,11 @@ def test_foreground_works_before_and_after_mount(base_dir: Path, tmp_path: Path,
 def test_a_closed_pipe_ends_a_command_quietly(mounted: CommandLineMount, base_dir: Path, argv: list[str]) -> None:
     """A real pipe whose reader is gone: the first write gets EPIPE. The command ends as
     `cat` would, by SIGPIPE (or, for --help, which argparse writes ignoring errors, exit 0),
-    and says nothing."""
+    and says nothing (also where `status --json` prints changes as they arrive: 300 of them)."""
     (mounted.path / "disk.raw").write_bytes(b"x" * 8192)
+    (mounted.path / "new").mkdir()
+    for n in range(300):
+        (mounted.path / "new" / str(n)).touch()
     argv = [word.replace("MNT", str(mounted.path)) for word in argv]
     reader, writer = os.pipe()
     os.close(reader)

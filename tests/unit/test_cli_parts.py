@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import itertools
 import json
 import stat
 from pathlib import Path
 
 import pytest
 
+from cowfs.api import Status
 from cowfs.cli import split_run_command, with_mount_command
-from cowfs.control_cli import _change_json, print_json
+from cowfs.control_cli import LONG_LIST, JsonStatusPrinter, _change_json, print_json
 from cowfs.mounts import parse_mountinfo_line
-from cowfs.protocol import FileChange
+from cowfs.protocol import Feature, FileChange, StatusReply
 from cowfs.run import _make_mountpoint, _temporary_parent
 from cowfs.units import format_size, parse_size
 
@@ -171,6 +174,30 @@ def test_json_output_puts_each_item_of_a_long_list_on_a_line_and_stays_the_same_
     assert '    {"path": "/\\u0000cowfs:changes\\u00000", "state": "created"' in lines[3]
     assert "    [99, 100]" in lines
     assert len(lines) == 1000 + 100 + 8
+
+
+@pytest.mark.parametrize("count", [0, 1, LONG_LIST, LONG_LIST + 1, 3000])
+def test_json_printed_as_the_changes_arrive_is_the_json_of_the_whole_status(count: int) -> None:
+    """`cowfs status --json` prints the changes as the daemon sends them, a line of the reply at a
+    time: the text is the same as for the whole status, whatever the count and the batches."""
+    changes = [FileChange(f"/d/f{n:05}", "created", "file", None, n, None, n, 1, 0) for n in range(count)]
+    whole = Status.of(
+        Path("/m"),
+        StatusReply("/b", "/s", 7, 4096, None, changes, [Feature("splice", True, "")], {"read": 3}, 1, 2),
+    )
+    expected = io.StringIO()
+    print_json(whole.as_json(), expected)
+    out = io.StringIO()
+    printer = JsonStatusPrinter(out)
+    empty = dataclasses.replace(whole, changes=[])
+    start = 0
+    for size in itertools.cycle([1, 63, 2, 1024]):  # (lines of the reply carry up to 1,024)
+        if start >= count:
+            break
+        printer.take(empty, changes[start : start + size])
+        start += size
+    printer.finish(empty)
+    assert out.getvalue() == expected.getvalue()
 
 
 @pytest.mark.parametrize(
