@@ -890,6 +890,35 @@ def test_a_status_in_slices_follows_directories_replaced_or_removed_between_its_
         assert below_later == [f"/later/f{i:02}" for i in range(len(below_later))] and len(below_later) < 40
 
 
+def test_a_reset_of_many_names_in_one_base_directory_keeps_its_link_count(tmp_path: Path) -> None:
+    """Past a few hundred names of one base directory, a reset tells its subdirectories from its
+    files by one listing instead of a stat each: the directory's link count comes out right."""
+    with namespace_over(tmp_path, {}) as ns:
+        many = tmp_path / "base" / "many"
+        many.mkdir()
+        for n in range(300):
+            (many / f"f{n}").touch()
+            (many / f"d{n}").mkdir()
+        directory = ns.lookup(ROOT_INO, b"many")
+        for n in range(300):
+            ns.lookup(directory.ino, f"f{n}".encode())
+            ns.unlink(directory.ino, f"f{n}".encode())
+            moved = ns.lookup(directory.ino, f"d{n}".encode())
+            ns.rename(directory.ino, f"d{n}".encode(), directory.ino, f"r{n}".encode())
+            ns.forget(moved.ino, 1)
+        ns.check_invariants()
+        assert ns.getattr(directory.ino).nlink == 2 + 300
+        pauses = 0
+        for _ in resetting.reset_in_slices(ns, "/many", False, Invalidation(), Slices(0)):
+            pauses += 1  # a FUSE request may come in here: the count must be right meanwhile
+            ns.check_invariants()  # (the link count against the listing of the directory)
+            assert ns.getattr(directory.ino).nlink == 2 + 300
+        assert pauses > 10
+        ns.check_invariants()
+        assert ns.getattr(directory.ino).nlink == 2 + 300
+        assert sorted(name for name, _, _ in ns.listdir(directory.ino)) == sorted(os.listdir(many.as_posix().encode()))
+
+
 def test_a_reset_in_slices_resets_what_fuse_requests_change_between_its_slices(tmp_path: Path) -> None:
     """Between the slices of a reset, FUSE requests create and delete names; every slice leaves
     the namespace consistent, and whatever is changed under the path when the reset ends is reset."""
