@@ -515,6 +515,13 @@ class Namespace:
         if existing is not None:
             self._maybe_drop(existing)
             raise OSError(errno.EEXIST, "entry exists")
+        parent_stat = self._stat(parent)
+        if parent_stat.mode & stat.S_ISGID:
+            # A set-group-ID directory hands on its group, and to directories the bit (Linux's
+            # inode_init_owner); the kernel has already cleared a bit the caller may not set.
+            gid = parent_stat.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
         created_at = now()
         node = Node(
             self.table.new_ino(),

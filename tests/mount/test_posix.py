@@ -106,6 +106,17 @@ def fifo_round_trip(root: Path) -> object:
         os.close(fd)
 
 
+def set_group_id_directory(root: Path) -> object:
+    """What is made in a set-group-ID directory takes its group; a directory also the bit."""
+    os.chmod(root / "dir", 0o2775)
+    os.chown(root / "dir", -1, 1234)
+    os.mkdir(root / "dir" / "new", 0o755)
+    os.mkdir(root / "dir" / "new" / "deeper", 0o700)
+    (root / "dir" / "file").write_bytes(b"made")
+    os.symlink("file", root / "dir" / "symlink")
+    return [info(root / "dir" / name, follow=False) for name in ("new", "new/deeper", "file", "symlink")]
+
+
 def unlink_open_file(root: Path) -> object:
     fd = os.open(root / "file", os.O_RDWR)
     try:
@@ -226,6 +237,7 @@ CASES: dict[str, list[Case]] = {
             lambda r: (os.mkdir(r / "dir" / "sub" / "deep", 0o700), info(r / "dir" / "sub" / "deep")),
         ),
         ("sticky mode", lambda r: (os.mkdir(r / "sticky", 0o1777), info(r / "sticky"))),
+        ("in a set-group-ID directory", lambda r: set_group_id_directory(r)),
         ("EEXIST file", lambda r: os.mkdir(r / "file")),
         ("EEXIST directory", lambda r: os.mkdir(r / "dir")),
         ("EEXIST dangling symlink", lambda r: os.mkdir(r / "dangling")),

@@ -801,6 +801,27 @@ def test_commit_keeps_a_mode_changed_in_the_mount(tmp_path: Path) -> None:
         ns.check_invariants()
 
 
+def test_names_made_in_a_set_group_id_directory_take_its_group(tmp_path: Path) -> None:
+    """As Linux's filesystems do (inode_init_owner): what is made in a set-group-ID directory gets
+    the directory's group, and a new directory also the bit.  (Found by make soak: `chmod dir
+    02755; mkdir dir/new 0755` gave 0755 in the mount, 02755 on XFS and btrfs.)"""
+    with namespace_over(tmp_path, {}) as ns:
+        shared = ns.mkdir(ROOT_INO, b"shared", 0o755, 0, 0)
+        ns.setattr(shared.ino, mode=stat.S_IFDIR | 0o2775, gid=1234)
+        made = [
+            ns.mkdir(shared.ino, b"dir", 0o755, 0, 0),
+            ns.create(shared.ino, b"file", 0o644, 0, 0),
+            ns.mknod(shared.ino, b"fifo", stat.S_IFIFO | 0o600, 0, 0),
+            ns.symlink(shared.ino, b"link", b"file", 0, 0),
+        ]
+        plain = ns.mkdir(ROOT_INO, b"plain", 0o755, 0, 5)
+        made_plainly = ns.mkdir(plain.ino, b"dir", 0o755, 0, 5)
+        ns.check_invariants()
+        modes = [(ns.getattr(node.ino).gid, stat.S_IMODE(ns.getattr(node.ino).mode)) for node in made]
+        assert modes == [(1234, 0o2755), (1234, 0o644), (1234, 0o600), (1234, 0o777)]
+        assert (ns.getattr(made_plainly.ino).gid, stat.S_IMODE(ns.getattr(made_plainly.ino).mode)) == (5, 0o755)
+
+
 def test_a_status_walks_its_changes_in_path_order(tmp_path: Path) -> None:
     """The walk hands on each change as it finds it, already in the order of the paths as text:
     what lies below a directory among its neighbours ("/a" < "/a-b" < "/a/c" < "/a0"), names
