@@ -84,8 +84,10 @@ class ControlServer:
         kernel_cache: KernelCache,
         features: Callable[[], list[Feature]] = list,
         request_counts: Callable[[], dict[str, int]] = dict,
+        settle_forgets: Callable[[], object] = lambda: None,
     ) -> None:
         self.namespace = namespace
+        self._settle_forgets = settle_forgets
         self.kernel_cache = kernel_cache
         self._features = features
         self._request_counts = request_counts
@@ -182,6 +184,7 @@ class ControlServer:
 
     async def _dispatch(self, request: Request) -> object:
         self.namespace.absorb_outside_writes()  # passthrough files change without telling us
+        self._settle_forgets()  # what the kernel still holds decides what a reset renumbers
         if isinstance(request, StatusRequest):
             if isinstance(self.namespace, Copies) and not request.copy:
                 return self._with_counts(changes.copies_status(self.namespace))

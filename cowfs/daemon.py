@@ -18,7 +18,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import counters, heap
+from . import counters, heap, readpath
 from .base import BaseDir
 from .config import MountConfig
 from .control import ControlServer
@@ -112,6 +112,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         kernel_cache,
         lambda: [*describe(found, _granted_init_flags(found), compiled_reads_off), passthrough.feature()],
         lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
+        lambda: operations.settle_forgets(),
     )
     control = ControlInfo(
         os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir), config.max_store, config.copies
@@ -130,6 +131,8 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         return 1
     compiled_reads_off = install_compiled_reads(pyfuse3, found)
     log_missing(found, compiled_reads_off)
+    # FORGETs then reach Python gathered, not as tens of thousands of requests after a reset.
+    gathered_forgets = readpath.gather_forgets() if compiled_reads_off is None else None
     log.info(
         "mounted %s on %s, store in %s%s",
         config.base_dir,
@@ -139,7 +142,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     )
     code = 0
     try:
-        trio.run(_main, report, control_server, views)
+        trio.run(_main, report, control_server, views, operations, gathered_forgets)
     except Exception:
         log.exception("the FUSE main loop failed")
         code = 1
@@ -157,9 +160,17 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
     return code
 
 
-async def _main(report: Callable[[str | None], None], control_server: ControlServer, views: GuestViews | None) -> None:
+async def _main(
+    report: Callable[[str | None], None],
+    control_server: ControlServer,
+    views: GuestViews | None,
+    operations: CowfsOperations,
+    gathered_forgets: int | None,
+) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signals)
+        if gathered_forgets is not None:
+            nursery.start_soon(operations.apply_gathered_forgets, gathered_forgets)
         nursery.start_soon(heap.keep_collections_short)  # no second-long pauses with a big namespace
         nursery.start_soon(control_server.serve)
         if views is not None:

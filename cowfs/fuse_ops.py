@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -194,6 +194,7 @@ class CowfsOperations(pyfuse3.Operations):
         )
         self._handles = FileHandles()
         self._open_dirs: dict[int, tuple[int, list[bytes]]] = {}
+        self._gathered_forgets: list[tuple[int, int]] = []  # taken from the request filter, not applied yet
         # Read-only attributes of the mount root that the control commands use.
         self._virtual_xattrs = virtual_xattrs or dict
         self._read_buffer = bytearray(READ_AHEAD_KIB * 1024)
@@ -270,17 +271,41 @@ class CowfsOperations(pyfuse3.Operations):
         else:
             self.ns.forget(inode, count)
 
-    @_errno_replies
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for done, (inode, count) in enumerate(inode_list, 1):
+    def _forget_all(self, inode_list: Iterable[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
             try:
                 self._forget(inode, count)
             except Exception:
                 log.exception("forget(%d, %d) failed", inode, count)
-            if done % FORGETS_PER_SLICE == 0:
-                # One BATCH_FORGET can carry tens of thousands (after a reset of many names):
-                # let other requests in between, each forget is complete on its own.
+
+    @_errno_replies
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # One BATCH_FORGET can carry tens of thousands (after a reset of many names): let other
+        # requests in between, each forget is complete on its own.
+        for start in range(0, len(inode_list), FORGETS_PER_SLICE):
+            if start:
                 await trio.lowlevel.checkpoint()
+            self._forget_all(inode_list[start : start + FORGETS_PER_SLICE])
+
+    async def apply_gathered_forgets(self, ready: int) -> None:
+        """For the life of the mount: apply the FORGETs that the compiled request filter gathers
+        (`readpath.gather_forgets`, whose fd is ``ready``), a slice at a time."""
+        while True:
+            await trio.lowlevel.wait_readable(ready)
+            while self.settle_forgets(FORGETS_PER_SLICE):
+                await trio.lowlevel.checkpoint()
+
+    def settle_forgets(self, most: int | None = None) -> bool:
+        """Apply ``most`` (None: all) of the FORGETs gathered so far; whether some still wait.
+        (All before a control operation, which must see what the kernel let go.)"""
+        self._gathered_forgets += readpath.take_forgets()
+        if most is None or most >= len(self._gathered_forgets):
+            now, self._gathered_forgets = self._gathered_forgets, []
+        else:  # (in any order: a lookup count only goes down by what the kernel forgot)
+            now = self._gathered_forgets[-most:]
+            del self._gathered_forgets[-most:]
+        self._forget_all(now)
+        return bool(self._gathered_forgets)
 
     @_errno_replies
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:

@@ -76,6 +76,18 @@ def request_filter() -> object | None:
     return _native.request_filter() if _native is not None else None
 
 
+def gather_forgets() -> int | None:
+    """From now on the compiled request filter gathers FORGETs instead of passing them on, one at a
+    time, to pyfuse3; returns an fd that is readable while some wait in `take_forgets` (None when
+    the module is not built: they come as requests)."""
+    return _native.forgets_fd() if _native is not None else None
+
+
+def take_forgets() -> list[tuple[int, int]]:
+    """The (inode, count) pairs of the FORGETs gathered since the last call."""
+    return _native.take_forgets() if _native is not None else []
+
+
 def counters() -> dict[str, int]:
     """What the compiled READ server did (empty on the Python path)."""
     return dict(_native.counters()) if _native is not None else {}

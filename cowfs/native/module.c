@@ -28,6 +28,11 @@ static PyMethodDef native_functions[] = {
      "invalidate(entries, inodes, fd=-1) -> int | None: tell the kernel to forget the names (parent, name) and "
      "the inodes' attributes and pages, all without the GIL; how many failed (not ENOENT), None when no session "
      "fd is known yet (fd: write there instead)"},
+    {"forgets_fd", native_forgets_fd, METH_NOARGS,
+     "forgets_fd() -> int: an eventfd, readable while FORGETs wait in take_forgets(); from the first call on, "
+     "the request filter gathers FORGET and BATCH_FORGET instead of passing them on"},
+    {"take_forgets", native_take_forgets, METH_NOARGS,
+     "take_forgets() -> list[tuple[int, int]]: the (inode, count) pairs of the FORGETs gathered since the last call"},
     {"tables", native_tables, METH_NOARGS, "tables() -> dict: sizes of the handle, inode and pending tables, and the worker threads running"},
     {NULL},
 };

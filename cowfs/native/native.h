@@ -18,6 +18,8 @@
  *                    0005), its counters and the cold-read workers;
  *   notify.c         kernel cache invalidations, a batch without the GIL,
  *                    on the session fd the request filter reads;
+ *   forgets.c        FORGETs the request filter gathers for Python to take
+ *                    in one go;
  *   module.c         the module's functions and its init.
  *
  * The rules (docs/design.md, "The compiled read path"):
@@ -181,6 +183,13 @@ PyObject *native_unregister_handle(PyObject *module, PyObject *args);
 void notify_remember_fd(int fd);
 void notify_forget_fd(void);
 PyObject *native_invalidate(PyObject *module, PyObject *args);
+
+/* ---- forgets.c ---- */
+
+struct fuse_in_header;
+int forgets_take_request(const struct fuse_in_header *in, size_t size);
+PyObject *native_forgets_fd(PyObject *module, PyObject *unused);
+PyObject *native_take_forgets(PyObject *module, PyObject *unused);
 
 /* ---- readserver.c ---- */
 

@@ -559,6 +559,9 @@ static int filter_request(void *data, int fd, const void *request, size_t size)
     switch (in->opcode) {
     case FUSE_READ:
         return serve_read(fd, in, size);
+    case FUSE_FORGET:
+    case FUSE_BATCH_FORGET:
+        return forgets_take_request(in, size);
     case FUSE_WRITE:
     case FUSE_FALLOCATE:
         mark_busy(in->nodeid, in->unique);

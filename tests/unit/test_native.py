@@ -11,7 +11,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import struct
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -462,3 +465,52 @@ def test_invalidate_refuses_what_is_no_name_or_inode(entries: object, inodes: ob
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+FUSE_FORGET, FUSE_BATCH_FORGET = 2, 42
+FORGET_IN = struct.Struct("<Q")  # nlookup
+BATCH_FORGET_IN = struct.Struct("<II")  # count, dummy
+FORGET_ONE = struct.Struct("<QQ")  # nodeid, nlookup
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_forgets_pass_on_to_python_until_it_asks_to_gather_them(tmp_path: Path) -> None:
+    """In a fresh process (gathering, once asked for, stays on for the process)."""
+    script = (
+        "import sys; from tests.unit.test_native import *; server = Server(sys.argv[1]);"
+        " print(server.request(FUSE_FORGET, FORGET_IN.pack(1))[1]); server.close()"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "replies")],
+        cwd=Path(__file__).parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout == "False\n"
+
+
+def test_forgets_are_gathered_for_python_to_take_at_once(server: Server) -> None:
+    ready = native.forgets_fd()
+    native.take_forgets()  # (another test may have left some)
+    assert native.forgets_fd() == ready and not _readable(ready)
+    assert server.request(FUSE_FORGET, FORGET_IN.pack(3))[1]  # taken: a FORGET has no reply
+    assert _readable(ready)
+    batch = [(2**64 - 1, 1), (9, 2**64 - 1), (INO, 5)]
+    request = BATCH_FORGET_IN.pack(len(batch), 0) + b"".join(FORGET_ONE.pack(*one) for one in batch)
+    assert server.request(FUSE_BATCH_FORGET, request)[1]
+    assert not server.request(FUSE_BATCH_FORGET, BATCH_FORGET_IN.pack(4, 0) + FORGET_ONE.pack(1, 1))[1]  # short
+    assert not server.request(FUSE_FORGET, b"")[1]  # short: libfuse's checks apply
+    assert native.take_forgets() == [(INO, 3), *batch]
+    assert not _readable(ready) and native.take_forgets() == []
+    many = [(i, 1) for i in range(1, 5001)]
+    for start in range(0, len(many), 1000):
+        part = many[start : start + 1000]
+        server.request(
+            FUSE_BATCH_FORGET, BATCH_FORGET_IN.pack(len(part), 0) + b"".join(FORGET_ONE.pack(*o) for o in part)
+        )
+    assert _readable(ready) and native.take_forgets() == many
+    assert os.read(server.fd, 1) == b""  # no reply was written for any of them
