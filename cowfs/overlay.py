@@ -50,8 +50,10 @@ base bytes).  The file opened again must be the one the view started from,
 unmodified (same device, inode, size and times); otherwise the view fails with
 EIO, as one whose held base was modified does.  So ``chmod -R`` or renaming
 many base files does not grow the daemon's descriptors.  A file with changed
-bytes keeps its base open: it must show the base it was changed against even
-if that is replaced.
+bytes keeps its base open while it is one of the few most recently used (the
+namespace keeps their list): it shows the base it was changed against even if
+that is replaced; beyond those, it too is parked, and a base replaced
+meanwhile makes its reads of base bytes fail with EIO.
 
 The compiled read path (readpath.py) reads this state from another thread:
 every method that changes it runs under the file's lock (`_locked`, or
@@ -258,9 +260,12 @@ class OverlayFile:
         return self.base_fd is None and self.base_identity is not None
 
     @_locked
-    def park_base(self) -> None:
-        """Close the base's descriptor until a read needs it again (see "Parking")."""
-        if self.base_fd is None or self.reopen_base is None or self.base_changed or self.is_changed:
+    def park_base(self, *, changed_too: bool = False) -> None:
+        """Close the base's descriptor until a read needs it again (see "Parking"); a view with
+        changed bytes only with ``changed_too``."""
+        if self.base_fd is None or self.reopen_base is None or self.base_changed:
+            return
+        if self.is_changed and not changed_too:
             return
         if not self.base_is_fd:  # a guest view's base is the image QEMU reads: it stays
             return

@@ -67,6 +67,7 @@ import errno
 import logging
 import os
 import stat
+from collections import OrderedDict
 from collections.abc import Callable, Generator
 from typing import Protocol
 
@@ -85,6 +86,9 @@ log = logging.getLogger(__name__)
 
 _NAME_MAX = 255
 _LINK_MAX = 65000  # as ext4
+# Idle files whose bytes changed that keep their base open (the rest are parked): a few, so that
+# the daemon's descriptors stay under 256 + open handles whatever the number of changed files.
+HELD_BASES = 128
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -127,6 +131,9 @@ class Namespace:
         self.table = NodeTable(base, inos)
         self.names = Names(self.table, base)
         self.checkpoints = Checkpoints(store)
+        # Idle files with changed bytes that still hold their base, least recently used first.
+        self._held_bases: OrderedDict[int, Node] = OrderedDict()
+        self.held_bases_limit = HELD_BASES  # (the state machine lowers it, to park such files often)
 
     @property
     def nodes(self) -> dict[int, Node]:
@@ -329,6 +336,7 @@ class Namespace:
             if size != node.data.size:
                 self._unpark(node.data)
                 node.data.truncate(size)
+                self.park_if_idle(node)  # (a truncate by path, of a file no handle holds)
             attrs.mtime_ns = changed_at
         if mode is not None:
             attrs.mode = node.type | (mode & 0o7777)
@@ -381,12 +389,22 @@ class Namespace:
             with contextlib.suppress(OSError):
                 data.held_base()
 
-    @staticmethod
-    def park_if_idle(node: Node) -> None:
-        """A changed file that no handle holds keeps no base descriptor (OverlayFile, "Parking"):
-        the daemon's descriptors do not grow with the number of changed files."""
-        if not node.opens and isinstance(node.data, OverlayFile):
-            node.data.park_base()
+    def park_if_idle(self, node: Node) -> None:
+        """A changed file that no handle holds keeps no base descriptor (OverlayFile, "Parking"),
+        but for the `HELD_BASES` whose bytes changed that were used last: the daemon's descriptors
+        do not grow with the number of changed files."""
+        data = node.data
+        if node.opens or not isinstance(data, OverlayFile):
+            return
+        data.park_base()
+        if data.base_fd is None:
+            return
+        self._held_bases[id(node)] = node  # its bytes changed: it keeps its base while it can
+        self._held_bases.move_to_end(id(node))
+        while len(self._held_bases) > self.held_bases_limit:
+            _, oldest = self._held_bases.popitem(last=False)
+            if not oldest.opens and isinstance(oldest.data, OverlayFile):
+                oldest.data.park_base(changed_too=True)
 
     def open(self, ino: int, truncate: bool = False, writable: bool = False) -> tuple[Node, bool]:
         """Open a regular file; return the node and whether the kernel may keep its cached pages.

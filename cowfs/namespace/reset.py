@@ -43,7 +43,7 @@ from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
 from ..base import BasePath
-from ..overlay import BaseIdentity
+from ..overlay import BaseIdentity, OverlayFile
 from ..slices import Slices
 from .model import WHITEOUT, Invalidation, Node, Place, Refused, StillOpen
 
@@ -495,9 +495,13 @@ def commit_done(ns: Namespace, path: str, token: list[int], new_identity: dict[s
         raise Refused(f"{path}: no such file in the mount")
     data = node.data
     refuse_extra_links(node, path)
-    if data is None or data.base_fd is None:  # (a file with changed bytes is never parked)
+    base_fd = None if data is None else data.base_fd
+    if isinstance(data, OverlayFile) and data.base_parked:
+        with contextlib.suppress(OSError):  # opened again, as the same file whatever its bytes now
+            base_fd = data.held_base(modified_ok=True)
+    if data is None or base_fd is None:
         raise Refused(f"{path}: reset or replaced in the mount while committing")
-    identity = BaseIdentity.of(os.fstat(data.base_fd))
+    identity = BaseIdentity.of(os.fstat(base_fd))
     if identity_dict(identity) != new_identity:
         raise Refused(f"{path}: its base file changed during the commit (by someone else?)")
     if change_token(node) != token or node.opens:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from cowfs.mounts import mount_table
+from cowfs.namespace.operations import HELD_BASES
 
 from ..conftest import MountFactory
 from ..filesystems import ALL_FILESYSTEMS, DEFAULT
@@ -316,6 +317,40 @@ def test_base_replaced_under_a_changed_file_keeps_the_old_bytes(
         assert os.pread(fd, 4 * MiB, 0) == expected
     finally:
         os.close(fd)
+
+
+@pytest.mark.base_may_change
+def test_base_replaced_under_a_changed_file_no_longer_among_the_held_ones_gives_eio(
+    base_dir: Path, filesystem: str, mount_factory: MountFactory
+) -> None:
+    """Files with changed bytes keep their base open only while they are among the `HELD_BASES`
+    used last (so that the daemon's descriptors do not grow with their number): a base replaced
+    under an older one is never shown as its bytes -- reads of base bytes fail with EIO."""
+    old = make_file(base_dir / "disk.raw", 2 * MiB, seed=1)
+    recent = make_file(base_dir / "recent.raw", MiB, seed=3)
+    for number in range(HELD_BASES):
+        (base_dir / f"other{number:03d}").write_bytes(b"other")
+    m = mount_factory(base_dir)
+    m.allowed_log_problems = _CHANGED_BASE_LOG + ["was replaced while mounted"]
+    for name in ["disk.raw", *(f"other{number:03d}" for number in range(HELD_BASES)), "recent.raw"]:
+        with open(m.path / name, "r+b") as f:
+            f.write(b"mine")
+    for name in ("disk.raw", "recent.raw"):
+        make_file(base_dir / "replacement", 2 * MiB, seed=2)
+        os.replace(base_dir / "replacement", base_dir / name)
+    assert (m.path / "recent.raw").read_bytes() == b"mine" + recent[4:]  # one of the last used
+    fd = os.open(m.path / "disk.raw", os.O_RDONLY)
+    try:
+        if filesystem != DEFAULT:  # passthrough: a clone of the base as it was
+            assert os.pread(fd, 4 * MiB, 0) == b"mine" + old[4:]
+            return
+        with pytest.raises(OSError) as failure:
+            os.pread(fd, 4096, 0)
+        assert failure.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    errors = [line for line in m.log.read_text().splitlines() if " ERROR " in line]
+    assert any("disk.raw" in line and "replaced while mounted" in line for line in errors), errors
 
 
 @pytest.mark.base_may_change

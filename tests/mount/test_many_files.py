@@ -137,6 +137,26 @@ def test_chmod_and_rename_of_thousands_of_base_files_hold_no_descriptor_each(
     assert _descriptors(m) <= FD_BOUND
 
 
+def test_writes_to_thousands_of_base_files_hold_few_descriptors(base_dir: Path, mount_factory: MountFactory) -> None:
+    """A base file whose bytes changed used to hold its base open for the life of the mount: at
+    the open-file limit the next write failed with EMFILE.  Now only the few used last do."""
+    count = 2000
+    for number in range(count):
+        (base_dir / f"b{number:04d}").write_bytes(_content(number))
+    m = mount_factory(base_dir)
+    assert m.pid is not None
+    resource.prlimit(m.pid, resource.RLIMIT_NOFILE, (FD_BOUND, FD_BOUND))
+    for number in range(count):
+        with open(m.path / f"b{number:04d}", "r+b") as f:
+            f.write(b"W")
+    assert _descriptors(m) <= FD_BOUND
+    for number in range(count):
+        assert (m.path / f"b{number:04d}").read_bytes() == b"W" + _content(number)[1:], number
+    states = Counter(change["state"] for change in status_json(m.path)["changes"])
+    assert states == {"modified": count}, states
+    assert _descriptors(m) <= FD_BOUND
+
+
 @pytest.mark.parametrize("full", ["store filesystem", "max-store"])
 def test_a_full_store_fails_new_files_with_enospc_not_eio(
     full: str, base_dir: Path, tmp_path: Path, mount_factory: MountFactory

@@ -27,6 +27,7 @@ from cowfs.base import BaseDir
 from cowfs.namespace import RENAME_EXCHANGE, ROOT_INO, Invalidation, Namespace, Node, Refused, StillOpen, identity_dict
 from cowfs.namespace import reset as resetting
 from cowfs.namespace.checkpoint import NamespaceState
+from cowfs.namespace.operations import HELD_BASES
 from cowfs.overlay import BaseIdentity
 from cowfs.slices import Slices
 from cowfs.store import Store
@@ -84,6 +85,7 @@ class NamespaceMachine(RuleBasedStateMachine):
         self.base = BaseDir(self.base_path)
         self.store = Store(self.tmp / "store")
         self.ns = Namespace(self.base, self.store)
+        self.ns.held_bases_limit = 1  # files with changed bytes get parked and come back all the time
         self.kernel_lookups: Counter[int] = Counter()  # what the "kernel" holds
         self.handles: list[tuple[Node, int]] = []  # (namespace node, local fd)
         # name -> (the namespace's tree then, a copy of the local tree then), oldest first
@@ -820,6 +822,36 @@ def test_names_made_in_a_set_group_id_directory_take_its_group(tmp_path: Path) -
         modes = [(ns.getattr(node.ino).gid, stat.S_IMODE(ns.getattr(node.ino).mode)) for node in made]
         assert modes == [(1234, 0o2755), (1234, 0o644), (1234, 0o600), (1234, 0o777)]
         assert (ns.getattr(made_plainly.ino).gid, stat.S_IMODE(ns.getattr(made_plainly.ino).mode)) == (5, 0o755)
+
+
+def test_only_the_files_with_changed_bytes_used_last_hold_their_base(tmp_path: Path) -> None:
+    """The others are parked (no descriptor), read their base again by its path, and commit."""
+    names = [f"f{number:03d}" for number in range(HELD_BASES + 20)]
+    with namespace_over(tmp_path, {name: name.encode() * 3 for name in names}) as ns:
+        nodes = [ns.lookup(ROOT_INO, name.encode()) for name in names]
+        for node in nodes:
+            ns.open(node.ino, writable=True)
+            ns.write(node, 0, b"W")
+            ns.release(node.ino)
+        ns.check_invariants()
+        held = [node.data is not None and node.data.base_fd is not None for node in nodes]
+        assert held == [False] * 20 + [True] * HELD_BASES
+        for node, name in zip(nodes, names, strict=True):
+            ns.open(node.ino)
+            assert node.data is not None and node.data.read(0, 100) == b"W" + (name.encode() * 3)[1:]
+            ns.release(node.ino)
+        assert sum(node.data is not None and node.data.base_fd is not None for node in nodes) == HELD_BASES
+        first = nodes[0]
+        assert first.data is not None and first.data.base_fd is None
+        plan = changes.commit_plan(ns, "/f000")
+        with open(tmp_path / "base" / "f000", "r+b") as base:  # what `cowfs commit` writes
+            base.write(b"W")
+        ns.commit_done("/f000", plan.token, identity_dict(BaseIdentity.of((tmp_path / "base" / "f000").lstat())))
+        ns.check_invariants()
+        assert [change.path for change in changes.status(ns).changes] == [f"/{name}" for name in names[1:]]
+        for node in nodes:
+            ns.forget(node.ino, 1)
+        ns.check_invariants()
 
 
 def test_a_status_walks_its_changes_in_path_order(tmp_path: Path) -> None:
