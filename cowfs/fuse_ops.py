@@ -15,6 +15,7 @@ pages), other requests run meanwhile: what it needs after the await it looks up 
 
 from __future__ import annotations
 
+import array
 import errno
 import functools
 import logging
@@ -194,7 +195,7 @@ class CowfsOperations(pyfuse3.Operations):
         )
         self._handles = FileHandles()
         self._open_dirs: dict[int, tuple[int, list[bytes]]] = {}
-        self._gathered_forgets: list[tuple[int, int]] = []  # taken from the request filter, not applied yet
+        self._gathered_forgets = array.array("Q")  # taken from the request filter, not applied yet
         # Read-only attributes of the mount root that the control commands use.
         self._virtual_xattrs = virtual_xattrs or dict
         self._read_buffer = bytearray(READ_AHEAD_KIB * 1024)
@@ -298,14 +299,14 @@ class CowfsOperations(pyfuse3.Operations):
     def settle_forgets(self, most: int | None = None) -> bool:
         """Apply ``most`` (None: all) of the FORGETs gathered so far; whether some still wait.
         (All before a control operation, which must see what the kernel let go.)"""
-        self._gathered_forgets += readpath.take_forgets()
-        if most is None or most >= len(self._gathered_forgets):
-            now, self._gathered_forgets = self._gathered_forgets, []
-        else:  # (in any order: a lookup count only goes down by what the kernel forgot)
-            now = self._gathered_forgets[-most:]
-            del self._gathered_forgets[-most:]
-        self._forget_all(now)
-        return bool(self._gathered_forgets)
+        gathered = self._gathered_forgets  # inode, count, inode, count, ...
+        gathered.frombytes(readpath.take_forgets())
+        # (From the end, so in any order: a lookup count only goes down by what the kernel forgot.)
+        start = 0 if most is None else max(0, len(gathered) - 2 * most)
+        now = gathered[start:]
+        del gathered[start:]
+        self._forget_all(zip(now[::2], now[1::2], strict=True))
+        return bool(gathered)
 
     @_errno_replies
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:

@@ -83,9 +83,9 @@ def gather_forgets() -> int | None:
     return _native.forgets_fd() if _native is not None else None
 
 
-def take_forgets() -> list[tuple[int, int]]:
-    """The (inode, count) pairs of the FORGETs gathered since the last call."""
-    return _native.take_forgets() if _native is not None else []
+def take_forgets() -> bytes:
+    """The FORGETs gathered since the last call: native uint64s inode, count, inode, count, ..."""
+    return _native.take_forgets() if _native is not None else b""
 
 
 def counters() -> dict[str, int]:

@@ -7,7 +7,8 @@
  * a second.  Once Python asks for the eventfd (forgets_fd()), the filter takes
  * FORGET and BATCH_FORGET here (they have no reply), adds their (inode, count)
  * pairs to one list, and the eventfd is readable while the list is not empty;
- * Python takes the whole list at once (take_forgets()).  Lookup counts only
+ * Python takes the whole list at once (take_forgets(), as native-endian
+ * uint64 inode, count, inode, count, ...).  Lookup counts only
  * go down by what the kernel forgot, so applying them late is applying them
  * in another order.
  */
@@ -114,7 +115,7 @@ PyObject *native_take_forgets(PyObject *module, PyObject *unused)
 {
     Forget *items;
     size_t length;
-    PyObject *list;
+    PyObject *taken;
 
     pthread_mutex_lock(&gathered.lock);
     if (gathered.ready_fd >= 0) {
@@ -128,15 +129,9 @@ PyObject *native_take_forgets(PyObject *module, PyObject *unused)
     gathered.length = gathered.capacity = 0;
     pthread_mutex_unlock(&gathered.lock);
 
-    list = PyList_New((Py_ssize_t) length);
-    for (size_t i = 0; list != NULL && i < length; i++) {
-        PyObject *pair = Py_BuildValue("(KK)", (unsigned long long) items[i].ino, (unsigned long long) items[i].count);
-
-        if (pair == NULL)
-            Py_CLEAR(list);
-        else
-            PyList_SET_ITEM(list, (Py_ssize_t) i, pair);
-    }
+    /* One bytes object, not a tuple per FORGET: 150,000 tuples made at once set off collections
+       of the cyclic garbage collector over the young objects of a reset (8 % of its time). */
+    taken = PyBytes_FromStringAndSize((const char *) items, (Py_ssize_t) (length * sizeof *items));
     free(items);
-    return list;
+    return taken;
 }

@@ -32,7 +32,7 @@ static PyMethodDef native_functions[] = {
      "forgets_fd() -> int: an eventfd, readable while FORGETs wait in take_forgets(); from the first call on, "
      "the request filter gathers FORGET and BATCH_FORGET instead of passing them on"},
     {"take_forgets", native_take_forgets, METH_NOARGS,
-     "take_forgets() -> list[tuple[int, int]]: the (inode, count) pairs of the FORGETs gathered since the last call"},
+     "take_forgets() -> bytes: the FORGETs gathered since the last call, as native uint64 inode, count, inode, count, ..."},
     {"tables", native_tables, METH_NOARGS, "tables() -> dict: sizes of the handle, inode and pending tables, and the worker threads running"},
     {NULL},
 };
