@@ -84,7 +84,7 @@ class ControlServer:
         kernel_cache: KernelCache,
         features: Callable[[], list[Feature]] = list,
         request_counts: Callable[[], dict[str, int]] = dict,
-        settle_forgets: Callable[[], object] = lambda: None,
+        settle_forgets: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.namespace = namespace
         self._settle_forgets = settle_forgets
@@ -184,7 +184,8 @@ class ControlServer:
 
     async def _dispatch(self, request: Request) -> object:
         self.namespace.absorb_outside_writes()  # passthrough files change without telling us
-        self._settle_forgets()  # what the kernel still holds decides what a reset renumbers
+        if self._settle_forgets is not None:
+            await self._settle_forgets()  # what the kernel still holds decides what a reset renumbers
         if isinstance(request, StatusRequest):
             if isinstance(self.namespace, Copies) and not request.copy:
                 return self._with_counts(changes.copies_status(self.namespace))

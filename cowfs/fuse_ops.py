@@ -293,16 +293,20 @@ class CowfsOperations(pyfuse3.Operations):
         (`readpath.gather_forgets`, whose fd is ``ready``), a slice at a time."""
         while True:
             await trio.lowlevel.wait_readable(ready)
-            while self.settle_forgets(FORGETS_PER_SLICE):
-                await trio.lowlevel.checkpoint()
+            await self.settle_forgets()
 
-    def settle_forgets(self, most: int | None = None) -> bool:
-        """Apply ``most`` (None: all) of the FORGETs gathered so far; whether some still wait.
-        (All before a control operation, which must see what the kernel let go.)"""
+    async def settle_forgets(self) -> None:
+        """Apply every FORGET gathered so far, a slice at a time: before a control operation,
+        which must see what the kernel let go."""
+        while self._apply_forgets(FORGETS_PER_SLICE):
+            await trio.lowlevel.checkpoint()
+
+    def _apply_forgets(self, most: int) -> bool:
+        """Apply ``most`` of the FORGETs gathered so far; whether some still wait."""
         gathered = self._gathered_forgets  # inode, count, inode, count, ...
         gathered.frombytes(readpath.take_forgets())
         # (From the end, so in any order: a lookup count only goes down by what the kernel forgot.)
-        start = 0 if most is None else max(0, len(gathered) - 2 * most)
+        start = max(0, len(gathered) - 2 * most)
         now = gathered[start:]
         del gathered[start:]
         self._forget_all(zip(now[::2], now[1::2], strict=True))
