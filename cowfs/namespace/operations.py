@@ -533,11 +533,11 @@ class Namespace:
         if existing is not None:
             self._maybe_drop(existing)
             raise OSError(errno.EEXIST, "entry exists")
-        parent_stat = self._stat(parent)
-        if parent_stat.mode & stat.S_ISGID:
+        parent_attrs = self._copy_up(parent)
+        if parent_attrs.mode & stat.S_ISGID:
             # A set-group-ID directory hands on its group, and to directories the bit (Linux's
             # inode_init_owner); the kernel has already cleared a bit the caller may not set.
-            gid = parent_stat.gid
+            gid = parent_attrs.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
         created_at = now()
@@ -550,7 +550,7 @@ class Namespace:
             attrs=Attrs(mode, uid, gid, created_at, created_at, created_at, 2 if stat.S_ISDIR(mode) else 1, rdev),
         )
         self.table.add(node)
-        self._touch_dir(parent)
+        parent_attrs.mtime_ns = parent_attrs.ctime_ns = created_at
         self.names.add(node, parent, name)
         node.lookups += 1
         return node
