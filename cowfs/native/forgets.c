@@ -50,6 +50,41 @@ static int reserve(size_t more)
     return 0;
 }
 
+/* fork(): the child starts with nothing gathered and FORGETs passed on until it asks, so that a
+   daemon forked from a process that gathered does not share its eventfd or take its list. */
+static void lock_before_fork(void)
+{
+    pthread_mutex_lock(&gathered.lock);
+}
+
+static void unlock_after_fork(void)
+{
+    pthread_mutex_unlock(&gathered.lock);
+}
+
+static void forget_in_child(void)
+{
+    if (gathered.ready_fd >= 0)
+        close(gathered.ready_fd);
+    free(gathered.items);
+    gathered.ready_fd = -1;
+    gathered.items = NULL;
+    gathered.length = gathered.capacity = 0;
+    pthread_mutex_unlock(&gathered.lock);
+}
+
+int forgets_init(void)
+{
+    static int registered;
+
+    if (!registered && pthread_atfork(lock_before_fork, unlock_after_fork, forget_in_child) != 0) {
+        PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+        return -1;
+    }
+    registered = 1;
+    return 0;
+}
+
 int forgets_take_request(const struct fuse_in_header *in, size_t size)
 {
     const char *arg = (const char *) (in + 1);

@@ -49,7 +49,7 @@ PyMODINIT_FUNC PyInit__native(void)
 {
     PyObject *m;
 
-    if (view_init_names() < 0)
+    if (view_init_names() < 0 || forgets_init() < 0)
         return NULL;
     if (PyType_Ready(&RangeMapType) < 0 || PyType_Ready(&StoreLogsType) < 0 || PyType_Ready(&ViewType) < 0)
         return NULL;

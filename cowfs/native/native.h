@@ -187,6 +187,8 @@ PyObject *native_invalidate(PyObject *module, PyObject *args);
 /* ---- forgets.c ---- */
 
 struct fuse_in_header;
+/* 0, or -1 with an exception set; once per process, at import */
+int forgets_init(void);
 int forgets_take_request(const struct fuse_in_header *in, size_t size);
 PyObject *native_forgets_fd(PyObject *module, PyObject *unused);
 PyObject *native_take_forgets(PyObject *module, PyObject *unused);

@@ -518,3 +518,26 @@ def test_forgets_are_gathered_for_python_to_take_at_once(server: Server) -> None
         )
     assert _readable(ready) and _pairs(native.take_forgets()) == many
     assert os.read(server.fd, 1) == b""  # no reply was written for any of them
+
+
+def test_a_forked_child_starts_with_forgets_passed_on_and_its_own_eventfd(tmp_path: Path) -> None:
+    """A daemon forked from a process that gathered must neither share its eventfd nor take its list."""
+    script = (
+        "import os, sys; from tests.unit.test_native import *; from tests.unit.test_native import _pairs, _readable;"
+        " parent_fd = native.forgets_fd(); server = Server(sys.argv[1]);"
+        " assert server.request(FUSE_FORGET, FORGET_IN.pack(1))[1];"
+        " pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    passed_on = not server.request(FUSE_FORGET, FORGET_IN.pack(2))[1]\n"
+        "    child_fd = native.forgets_fd()\n"
+        "    gathered = server.request(FUSE_FORGET, FORGET_IN.pack(3))[1]\n"
+        "    os._exit(0 if passed_on and gathered and _pairs(native.take_forgets()) == [(INO, 3)] else 1)\n"
+        "assert os.waitpid(pid, 0)[1] == 0, 'child'\n"
+        "assert _pairs(native.take_forgets()) == [(INO, 1)] and not _readable(parent_fd)\n"
+        "server.close()"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "replies")],
+        cwd=Path(__file__).parents[2],
+        check=True,
+    )
