@@ -33,7 +33,10 @@ def now() -> int:
     return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
 
 
-@dataclass
+_S_IFDIR = stat.S_IFDIR  # (a module global: read for every name a reset or status walks)
+
+
+@dataclass(slots=True)
 class Attrs:
     """Metadata the mount owns once a node is copied up."""
 
@@ -83,7 +86,7 @@ class Invalidation:
     entries: set[tuple[int, bytes]] = field(default_factory=set)  # (parent ino, name) to forget
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     ino: int
     type: int  # stat.S_IFMT bits
@@ -106,7 +109,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.type == stat.S_IFDIR
+        return self.type == _S_IFDIR
 
     @property
     def pinned(self) -> bool:
