@@ -113,6 +113,7 @@ def _serve(config: MountConfig, report: Callable[[str | None], None]) -> int:
         lambda: [*describe(found, _granted_init_flags(found), compiled_reads_off), passthrough.feature()],
         lambda: {name: int(c["count"]) for name, c in counters.snapshot().items()},
         lambda: operations.settle_forgets(),  # (an async call)
+        lambda: operations.forgets_held(),
     )
     control = ControlInfo(
         os.getpid(), control_server.name, str(config.base_dir), str(config.store_dir), config.max_store, config.copies

@@ -16,12 +16,13 @@ pages), other requests run meanwhile: what it needs after the await it looks up 
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
@@ -196,6 +197,9 @@ class CowfsOperations(pyfuse3.Operations):
         self._handles = FileHandles()
         self._open_dirs: dict[int, tuple[int, list[bytes]]] = {}
         self._gathered_forgets = array.array("Q")  # taken from the request filter, not applied yet
+        self._forgets_holders = 0  # see forgets_held
+        self._forgets_released = trio.Event()
+        self._forgets_released.set()
         # Read-only attributes of the mount root that the control commands use.
         self._virtual_xattrs = virtual_xattrs or dict
         self._read_buffer = bytearray(READ_AHEAD_KIB * 1024)
@@ -293,7 +297,24 @@ class CowfsOperations(pyfuse3.Operations):
         (`readpath.gather_forgets`, whose fd is ``ready``), a slice at a time."""
         while True:
             await trio.lowlevel.wait_readable(ready)
+            await self._forgets_released.wait()
             await self.settle_forgets()
+
+    @contextlib.contextmanager
+    def forgets_held(self) -> Iterator[None]:
+        """Gathered FORGETs wait while this is held (a sliced reset runs): the kernel drops the
+        names the reset tells it about while the reset goes on, and applying its 100,000 FORGETs
+        meanwhile would take the trio thread from the reset.  A lookup count that goes down late
+        only keeps a node a little longer; a control request still settles them first."""
+        if not self._forgets_holders:
+            self._forgets_released = trio.Event()
+        self._forgets_holders += 1
+        try:
+            yield
+        finally:
+            self._forgets_holders -= 1
+            if not self._forgets_holders:
+                self._forgets_released.set()
 
     async def settle_forgets(self) -> None:
         """Apply every FORGET gathered so far, a slice at a time: before a control operation,

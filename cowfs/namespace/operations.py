@@ -820,6 +820,10 @@ class Namespace:
         """`reset` as a job that yields between slices (`cowfs.slices`: FUSE requests go in between)."""
         return resetting.reset_in_slices(self, path, force, result)
 
+    def take_invalidation(self, result: Invalidation) -> Invalidation:
+        """What a sliced reset has gathered in ``result`` so far, for the kernel while it goes on."""
+        return resetting.take_what_the_kernel_holds(self, result)
+
     def commit_done(self, path: str, token: list[int], new_identity: dict[str, int]) -> Invalidation:
         """The CLI wrote the changes of ``path`` into its base: adopt that as the new base."""
         return resetting.commit_done(self, path, token, new_identity)

@@ -4,7 +4,9 @@ most `BOUND` behind it.  20,000 changed names in `make test`, 200,000 in `make s
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -86,3 +88,58 @@ def test_a_reset_of_many_names_lets_requests_on_untouched_files_through(
     assert sorted(os.listdir(m.path)) == ["many", "untouched"]
     assert len(os.listdir(m.path / "many")) == files + directories
     assert untouched.read_bytes() == b"untouched"
+
+
+class _Looker(threading.Thread):
+    """Looks up names of the mount one after another, so that the kernel caches them anew while
+    a reset runs (the daemon tells the kernel what it reset while it goes on)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        super().__init__(daemon=True)
+        self.paths = paths
+        self.stop = threading.Event()
+        self.looked = 0
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for path in self.paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.lstat(path)
+                self.looked += 1
+                if self.stop.is_set():
+                    break
+
+
+@pytest.mark.timeout(3600 if SOAK else 600)
+def test_names_looked_up_while_a_reset_runs_show_the_base_after_it(base_dir: Path, mount_factory: MountFactory) -> None:
+    files = directories = CHANGED // 8
+    _make_base(base_dir, files, directories)
+    m = mount_factory(base_dir)
+    many = m.path / "many"
+    _change(m.path, CHANGED // 4, 0, 0)
+    for i in range(files):  # names the mount owns, which the kernel keeps (see fuse_ops.OWNED_TIMEOUT)
+        os.close(os.open(many / f"n{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        if i % 2:
+            os.chmod(many / f"f{i}", 0o600)
+        else:
+            (many / f"f{i}").write_bytes(b"changed")
+    for i in range(directories):
+        os.rename(many / f"d{i}", many / f"r{i}")
+    looker = _Looker([many / f"{kind}{i}" for i in range(files) for kind in ("n", "f", "d", "r")])
+    looker.start()
+    try:
+        run([COWFS, "reset", str(m.path)])
+    finally:
+        looker.stop.set()
+        looker.join()
+    assert looker.looked > 100, "the looker got too few lookups in to matter"
+    assert sorted(os.listdir(m.path)) == ["many", "untouched"]
+    for i in range(files):
+        assert not os.path.lexists(many / f"n{i}"), f"n{i} still shows"
+        with pytest.raises(FileNotFoundError):  # (through the name alone: the kernel's entry)
+            os.close(os.open(many / f"n{i}", os.O_RDONLY))
+        st = os.lstat(many / f"f{i}")
+        assert (stat.S_IMODE(st.st_mode), st.st_size) == (0o644, 0), f"f{i} still shows its change"
+        assert stat.S_ISDIR(os.lstat(many / f"d{i}").st_mode), f"d{i} is not back"
+        assert not os.path.lexists(many / f"r{i}"), f"r{i} still shows"
+    assert sorted(os.listdir(many)) == sorted(os.listdir(base_dir / "many"))
