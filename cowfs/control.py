@@ -19,7 +19,8 @@ but for reset and status, which run in slices of ~20 ms and let FUSE requests in
 between (each slice leaves the namespace consistent; `cowfs.namespace.reset` says what
 a change made meanwhile means), so that 200,000 changed names never freeze the mount.
 Kernel cache invalidation, which may wait for the kernel to write dirty pages
-back to us, runs afterwards in a worker thread.
+back to us, runs in a worker thread: afterwards, or for a reset a batch at a
+time while it goes on (`_TellingMeanwhile`).
 """
 
 from __future__ import annotations
