@@ -112,6 +112,31 @@ def fs(tmp_path: Path) -> Iterator[Fs]:
     namespace.check_invariants()
 
 
+def test_gathered_forgets_wait_while_held_and_are_applied_after(fs: Fs) -> None:
+    """While a reset holds them (`forgets_held`), FORGETs the request filter gathered are not
+    applied; once released they are.  (Put straight into the list the filter's are taken into.)"""
+    entry = fs.call("lookup", ROOT_INO, b"disk.raw", CTX)
+    ready = os.eventfd(1)  # readable, as the filter's is while FORGETs wait
+
+    async def scenario() -> None:
+        async with trio.open_nursery() as nursery:
+            with fs.ops.forgets_held():
+                fs.ops._gathered_forgets.extend([entry.st_ino, 1])
+                nursery.start_soon(fs.ops.apply_gathered_forgets, ready)
+                for _ in range(50):
+                    await trio.lowlevel.checkpoint()
+                assert fs.lookups(entry.st_ino) == 1, "a FORGET was applied while held"
+            for _ in range(50):
+                await trio.lowlevel.checkpoint()
+            assert fs.lookups(entry.st_ino) == 0, "the FORGET was not applied once released"
+            nursery.cancel_scope.cancel()
+
+    try:
+        fs.run(scenario)
+    finally:
+        os.close(ready)
+
+
 def test_lookup_counts_follow_the_kernel_and_forget_drops_nodes(fs: Fs) -> None:
     entry = fs.call("lookup", ROOT_INO, b"disk.raw", CTX)
     fs.call("lookup", ROOT_INO, b"disk.raw", CTX)
