@@ -33,9 +33,6 @@ def now() -> int:
     return time.clock_gettime_ns(_CLOCK_REALTIME_COARSE)
 
 
-_S_IFDIR = stat.S_IFDIR  # (a module global: read for every name a reset or status walks)
-
-
 @dataclass(slots=True)
 class Attrs:
     """Metadata the mount owns once a node is copied up."""
@@ -109,7 +106,7 @@ class Node:
 
     @property
     def is_dir(self) -> bool:
-        return self.type == _S_IFDIR
+        return self.type == stat.S_IFDIR
 
     @property
     def pinned(self) -> bool:

@@ -92,7 +92,9 @@ def test_a_reset_of_many_names_lets_requests_on_untouched_files_through(
 
 class _Looker(threading.Thread):
     """Looks up names of the mount one after another, so that the kernel caches them anew while
-    a reset runs (the daemon tells the kernel what it reset while it goes on)."""
+    a reset runs. The test then checks what those names show after the reset; it cannot see a
+    batch lost in the middle of one, because the kernel drops the unused names below a directory
+    whose own name it is told to drop, and every changed directory's name is told at the end."""
 
     def __init__(self, paths: list[Path]) -> None:
         super().__init__(daemon=True)
